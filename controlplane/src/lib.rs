@@ -1,0 +1,1 @@
+//! Tollgate control plane.
