@@ -1,1 +1,10 @@
-//! Tollgate control plane.
+//! Tollgate's control plane: the source of truth for configuration and the domain types the data plane uses.
+//!
+//! The data plane depends on this crate, never the reverse. Later issues add identities, budgets, policies,
+//! service tokens and prices here, behind a REST API.
+
+pub mod config;
+pub mod domain;
+
+pub use config::{Config, ConfigError, ConfigIssue};
+pub use domain::{ApiKey, ProviderKind};

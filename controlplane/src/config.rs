@@ -1,0 +1,719 @@
+//! Gateway configuration: the TOML file an operator writes, and the typed, validated form the gateway runs.
+//!
+//! Owns: parsing (`Raw*` serde structs with `deny_unknown_fields`) and validation (`TryFrom` into [`Config`]).
+//! Fails: with a list of [`ConfigIssue`]s, each naming the file, the field (a dotted path such as
+//! `providers[1].base_url`) and the reason, so `tollgate check-config` can print every problem at once.
+//! Cost: runs once at start-up and on reload, never on a request.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::domain::{ApiKey, ProviderKind};
+
+/// One problem found in a configuration file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigIssue {
+    /// The file the problem is in.
+    pub file: PathBuf,
+    /// Dotted path of the offending field, e.g. `routes[2].provider`; empty for whole-file problems.
+    pub field: String,
+    /// What is wrong, in words an operator can act on.
+    pub reason: String,
+}
+
+impl fmt::Display for ConfigIssue {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.field.is_empty() {
+            write!(f, "{}: {}", self.file.display(), self.reason)
+        } else {
+            write!(f, "{}: {}: {}", self.file.display(), self.field, self.reason)
+        }
+    }
+}
+
+/// Every problem found in one configuration file.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub struct ConfigError {
+    /// At least one issue.
+    pub issues: Vec<ConfigIssue>,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, issue) in self.issues.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "{issue}")?;
+        }
+        Ok(())
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Raw form: exactly what the file says.
+// ---------------------------------------------------------------------------------------------------------
+
+/// The file as written. Every section is optional except providers and routes.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    #[serde(default)]
+    pub server: RawServer,
+    #[serde(default)]
+    pub upstream: RawUpstream,
+    #[serde(default)]
+    pub log: RawLog,
+    #[serde(default)]
+    pub providers: Vec<RawProvider>,
+    #[serde(default)]
+    pub routes: Vec<RawRoute>,
+}
+
+/// `[server]`: the client-facing side.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawServer {
+    /// Socket addresses to listen on; `127.0.0.1:0` picks a free port (tests read it from the log).
+    pub listen: Option<Vec<String>>,
+    /// Worker threads, one pinned per core; 0 or absent means one per available core.
+    pub workers: Option<usize>,
+    /// `auto` (io_uring where the kernel allows it, else epoll), `io_uring` or `epoll`.
+    pub driver: Option<String>,
+    pub max_head_bytes: Option<usize>,
+    pub max_headers: Option<usize>,
+    pub max_body_bytes: Option<usize>,
+    pub header_timeout_ms: Option<u64>,
+    pub body_timeout_ms: Option<u64>,
+    pub idle_timeout_ms: Option<u64>,
+    pub shutdown_grace_ms: Option<u64>,
+}
+
+/// `[upstream]`: how Tollgate talks to providers.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawUpstream {
+    pub connect_timeout_ms: Option<u64>,
+    pub first_byte_timeout_ms: Option<u64>,
+    pub read_timeout_ms: Option<u64>,
+    pub pool_idle_timeout_ms: Option<u64>,
+    pub pool_max_idle_per_provider: Option<usize>,
+    pub dns_refresh_ms: Option<u64>,
+}
+
+/// `[log]`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawLog {
+    /// Write one JSON line per request to stdout (default true).
+    pub access_log: Option<bool>,
+}
+
+/// `[[providers]]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawProvider {
+    pub name: Option<String>,
+    pub kind: Option<String>,
+    pub base_url: Option<String>,
+    pub api_key_env: Option<String>,
+    pub api_key_file: Option<PathBuf>,
+    pub ca_file: Option<PathBuf>,
+    #[serde(default)]
+    pub mock_when_no_key: bool,
+}
+
+/// `[[routes]]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRoute {
+    /// The client-facing model name, or a glob (`gpt-4o*`).
+    pub model: Option<String>,
+    pub provider: Option<String>,
+    /// The model name sent upstream; absent means the client's name unchanged.
+    pub upstream_model: Option<String>,
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Typed form: what the gateway runs.
+// ---------------------------------------------------------------------------------------------------------
+
+/// A validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub upstream: UpstreamConfig,
+    pub log: LogConfig,
+    pub providers: Vec<ProviderConfig>,
+    pub routes: Vec<RouteConfig>,
+}
+
+/// Which I/O driver the workers use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DriverChoice {
+    Auto,
+    IoUring,
+    Epoll,
+}
+
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    pub listen: Vec<SocketAddr>,
+    /// 0 = one per core, resolved at start-up.
+    pub workers: usize,
+    pub driver: DriverChoice,
+    pub max_head_bytes: usize,
+    pub max_headers: usize,
+    pub max_body_bytes: usize,
+    pub header_timeout: Duration,
+    pub body_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub shutdown_grace: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct UpstreamConfig {
+    pub connect_timeout: Duration,
+    pub first_byte_timeout: Duration,
+    pub read_timeout: Duration,
+    pub pool_idle_timeout: Duration,
+    pub pool_max_idle_per_provider: usize,
+    pub dns_refresh: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct LogConfig {
+    pub access_log: bool,
+}
+
+/// Where a provider's API key comes from. The key itself is read at start-up by [`ProviderConfig::load_key`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KeySource {
+    Env(String),
+    File(PathBuf),
+    None,
+}
+
+/// A provider's base URL, split once so the data plane never parses it again.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BaseUrl {
+    pub tls: bool,
+    pub host: String,
+    pub port: u16,
+    /// Path prefix without a trailing slash (`""` for most providers); request paths are appended.
+    pub path_prefix: String,
+}
+
+impl BaseUrl {
+    /// The `Host` header value: the port is left out when it is the scheme's default.
+    pub fn host_header(&self) -> String {
+        let default = if self.tls { 443 } else { 80 };
+        if self.port == default {
+            self.host.clone()
+        } else if self.host.contains(':') {
+            format!("[{}]:{}", self.host, self.port)
+        } else {
+            format!("{}:{}", self.host, self.port)
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct ProviderConfig {
+    pub name: String,
+    pub kind: ProviderKind,
+    pub base_url: BaseUrl,
+    pub key: KeySource,
+    /// Extra PEM CA certificate(s) trusted for this provider, on top of the web PKI roots.
+    pub ca_file: Option<PathBuf>,
+    /// When no key is configured or the variable is unset, serve this provider from the bundled mock.
+    pub mock_when_no_key: bool,
+}
+
+/// Why a provider's key could not be loaded.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum KeyError {
+    #[error("environment variable {0} is not set")]
+    EnvUnset(String),
+    #[error("cannot read key file {path}: {reason}")]
+    File { path: PathBuf, reason: String },
+    #[error("key file {0} is empty")]
+    EmptyFile(PathBuf),
+    #[error("no api_key_env or api_key_file configured")]
+    NotConfigured,
+}
+
+impl ProviderConfig {
+    /// Reads the key from its source. The key never appears in the error.
+    pub fn load_key(&self) -> Result<ApiKey, KeyError> {
+        match &self.key {
+            KeySource::Env(var) => match std::env::var(var) {
+                Ok(v) if !v.trim().is_empty() => Ok(ApiKey::new(v.trim().to_owned())),
+                _ => Err(KeyError::EnvUnset(var.clone())),
+            },
+            KeySource::File(path) => match std::fs::read_to_string(path) {
+                Ok(v) if !v.trim().is_empty() => Ok(ApiKey::new(v.trim().to_owned())),
+                Ok(_) => Err(KeyError::EmptyFile(path.clone())),
+                Err(e) => Err(KeyError::File { path: path.clone(), reason: e.to_string() }),
+            },
+            KeySource::None => Err(KeyError::NotConfigured),
+        }
+    }
+}
+
+/// A client-facing model name or glob.
+#[derive(Debug, Clone)]
+pub enum ModelPattern {
+    Exact(String),
+    Glob(glob::Pattern),
+}
+
+impl ModelPattern {
+    pub fn matches(&self, model: &str) -> bool {
+        match self {
+            ModelPattern::Exact(m) => m == model,
+            ModelPattern::Glob(p) => p.matches(model),
+        }
+    }
+
+    pub fn as_str(&self) -> &str {
+        match self {
+            ModelPattern::Exact(m) => m,
+            ModelPattern::Glob(p) => p.as_str(),
+        }
+    }
+
+    pub fn is_glob(&self) -> bool {
+        matches!(self, ModelPattern::Glob(_))
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct RouteConfig {
+    pub pattern: ModelPattern,
+    /// Index into [`Config::providers`].
+    pub provider: usize,
+    pub upstream_model: Option<String>,
+}
+
+impl Config {
+    /// Reads, parses and validates a file; every problem is reported, not just the first.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            issues: vec![ConfigIssue { file: path.to_owned(), field: String::new(), reason: e.to_string() }],
+        })?;
+        Config::parse(path, &text)
+    }
+
+    /// Parses and validates `text`, naming `path` in errors.
+    pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
+        let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError {
+            issues: vec![toml_issue(path, text, &e)],
+        })?;
+        Config::try_from(Located { file: path, raw })
+    }
+
+    /// The first route whose pattern matches `model`: exact names are tried before globs, then file order.
+    pub fn route_for(&self, model: &str) -> Option<&RouteConfig> {
+        self.routes
+            .iter()
+            .find(|r| !r.pattern.is_glob() && r.pattern.matches(model))
+            .or_else(|| self.routes.iter().find(|r| r.pattern.is_glob() && r.pattern.matches(model)))
+    }
+}
+
+fn toml_issue(path: &Path, text: &str, e: &toml::de::Error) -> ConfigIssue {
+    let mut reason = e.message().to_owned();
+    if let Some(span) = e.span() {
+        let line = text[..span.start.min(text.len())].matches('\n').count() + 1;
+        reason = format!("line {line}: {reason}");
+    }
+    ConfigIssue { file: path.to_owned(), field: String::new(), reason }
+}
+
+/// A raw config together with the file it came from, so validation errors can name it.
+#[derive(Debug)]
+pub struct Located<'a> {
+    pub file: &'a Path,
+    pub raw: RawConfig,
+}
+
+struct Issues<'a> {
+    file: &'a Path,
+    list: Vec<ConfigIssue>,
+}
+
+impl Issues<'_> {
+    fn push(&mut self, field: impl Into<String>, reason: impl Into<String>) {
+        self.list.push(ConfigIssue { file: self.file.to_owned(), field: field.into(), reason: reason.into() });
+    }
+}
+
+const MAX_TIMEOUT_MS: u64 = 24 * 3600 * 1000;
+
+fn ms(issues: &mut Issues<'_>, field: &str, v: Option<u64>, default: u64) -> Duration {
+    let v = v.unwrap_or(default);
+    if v == 0 || v > MAX_TIMEOUT_MS {
+        issues.push(field, format!("must be between 1 and {MAX_TIMEOUT_MS} milliseconds, got {v}"));
+    }
+    Duration::from_millis(v)
+}
+
+impl TryFrom<Located<'_>> for Config {
+    type Error = ConfigError;
+
+    fn try_from(located: Located<'_>) -> Result<Config, ConfigError> {
+        let Located { file, raw } = located;
+        let mut is = Issues { file, list: Vec::new() };
+
+        // [server]
+        let s = raw.server;
+        let mut listen = Vec::new();
+        for (i, a) in s.listen.unwrap_or_else(|| vec!["127.0.0.1:8080".to_owned()]).iter().enumerate() {
+            match a.parse::<SocketAddr>() {
+                Ok(addr) => listen.push(addr),
+                Err(_) => is.push(format!("server.listen[{i}]"), format!("{a:?} is not an IP:port socket address")),
+            }
+        }
+        if listen.is_empty() && is.list.is_empty() {
+            is.push("server.listen", "needs at least one address");
+        }
+        let driver = match s.driver.as_deref().unwrap_or("auto") {
+            "auto" => DriverChoice::Auto,
+            "io_uring" => DriverChoice::IoUring,
+            "epoll" => DriverChoice::Epoll,
+            other => {
+                is.push("server.driver", format!("{other:?} is not one of \"auto\", \"io_uring\", \"epoll\""));
+                DriverChoice::Auto
+            }
+        };
+        let workers = s.workers.unwrap_or(0);
+        if workers > 1024 {
+            is.push("server.workers", format!("{workers} workers is more than the 1024 supported"));
+        }
+        let max_head_bytes = s.max_head_bytes.unwrap_or(16 * 1024);
+        if !(1024..=1024 * 1024).contains(&max_head_bytes) {
+            is.push("server.max_head_bytes", "must be between 1024 and 1048576");
+        }
+        let max_headers = s.max_headers.unwrap_or(100);
+        if !(8..=1024).contains(&max_headers) {
+            is.push("server.max_headers", "must be between 8 and 1024");
+        }
+        let max_body_bytes = s.max_body_bytes.unwrap_or(32 * 1024 * 1024);
+        if max_body_bytes == 0 || max_body_bytes > 1024 * 1024 * 1024 {
+            is.push("server.max_body_bytes", "must be between 1 and 1073741824");
+        }
+        let server = ServerConfig {
+            listen,
+            workers,
+            driver,
+            max_head_bytes,
+            max_headers,
+            max_body_bytes,
+            header_timeout: ms(&mut is, "server.header_timeout_ms", s.header_timeout_ms, 10_000),
+            body_timeout: ms(&mut is, "server.body_timeout_ms", s.body_timeout_ms, 30_000),
+            idle_timeout: ms(&mut is, "server.idle_timeout_ms", s.idle_timeout_ms, 60_000),
+            shutdown_grace: ms(&mut is, "server.shutdown_grace_ms", s.shutdown_grace_ms, 10_000),
+        };
+
+        // [upstream]
+        let u = raw.upstream;
+        let pool_max_idle_per_provider = u.pool_max_idle_per_provider.unwrap_or(256);
+        let upstream = UpstreamConfig {
+            connect_timeout: ms(&mut is, "upstream.connect_timeout_ms", u.connect_timeout_ms, 5_000),
+            first_byte_timeout: ms(&mut is, "upstream.first_byte_timeout_ms", u.first_byte_timeout_ms, 300_000),
+            read_timeout: ms(&mut is, "upstream.read_timeout_ms", u.read_timeout_ms, 300_000),
+            pool_idle_timeout: ms(&mut is, "upstream.pool_idle_timeout_ms", u.pool_idle_timeout_ms, 60_000),
+            pool_max_idle_per_provider,
+            dns_refresh: ms(&mut is, "upstream.dns_refresh_ms", u.dns_refresh_ms, 30_000),
+        };
+
+        let log = LogConfig { access_log: raw.log.access_log.unwrap_or(true) };
+
+        // [[providers]]
+        let mut providers: Vec<ProviderConfig> = Vec::new();
+        for (i, p) in raw.providers.into_iter().enumerate() {
+            let at = |f: &str| format!("providers[{i}].{f}");
+            let name = match p.name {
+                Some(n) if valid_name(&n) => n,
+                Some(n) => {
+                    is.push(at("name"), format!("{n:?} must be 1-64 characters of a-z, 0-9, '-' or '_'"));
+                    continue;
+                }
+                None => {
+                    is.push(at("name"), "is required");
+                    continue;
+                }
+            };
+            if providers.iter().any(|q| q.name == name) {
+                is.push(at("name"), format!("provider {name:?} is defined twice"));
+            }
+            let kind = match p.kind.as_deref() {
+                Some("openai") => ProviderKind::OpenAi,
+                Some("anthropic") => ProviderKind::Anthropic,
+                Some(k) => {
+                    is.push(at("kind"), format!("{k:?} is not one of \"openai\", \"anthropic\""));
+                    ProviderKind::OpenAi
+                }
+                None => {
+                    is.push(at("kind"), "is required (\"openai\" or \"anthropic\")");
+                    ProviderKind::OpenAi
+                }
+            };
+            let base_url = match p.base_url.as_deref().map(parse_base_url) {
+                Some(Ok(b)) => b,
+                Some(Err(reason)) => {
+                    is.push(at("base_url"), reason);
+                    continue;
+                }
+                None => match kind {
+                    ProviderKind::OpenAi => default_base("api.openai.com"),
+                    ProviderKind::Anthropic => default_base("api.anthropic.com"),
+                },
+            };
+            let key = match (p.api_key_env, p.api_key_file) {
+                (Some(_), Some(_)) => {
+                    is.push(at("api_key_env"), "set either api_key_env or api_key_file, not both");
+                    KeySource::None
+                }
+                (Some(v), None) if v.is_empty() => {
+                    is.push(at("api_key_env"), "must name an environment variable");
+                    KeySource::None
+                }
+                (Some(v), None) => KeySource::Env(v),
+                (None, Some(f)) => KeySource::File(f),
+                (None, None) => KeySource::None,
+            };
+            if let Some(ca) = &p.ca_file {
+                if !ca.exists() {
+                    is.push(at("ca_file"), format!("{} does not exist", ca.display()));
+                }
+            }
+            providers.push(ProviderConfig {
+                name,
+                kind,
+                base_url,
+                key,
+                ca_file: p.ca_file,
+                mock_when_no_key: p.mock_when_no_key,
+            });
+        }
+        if providers.is_empty() && is.list.is_empty() {
+            is.push("providers", "at least one [[providers]] entry is required");
+        }
+
+        // [[routes]]
+        let mut routes = Vec::new();
+        for (i, r) in raw.routes.into_iter().enumerate() {
+            let at = |f: &str| format!("routes[{i}].{f}");
+            let pattern = match r.model {
+                Some(m) if m.is_empty() => {
+                    is.push(at("model"), "must not be empty");
+                    continue;
+                }
+                Some(m) if m.contains(['*', '?', '[']) => match glob::Pattern::new(&m) {
+                    Ok(p) => ModelPattern::Glob(p),
+                    Err(e) => {
+                        is.push(at("model"), format!("{m:?} is not a valid glob: {e}"));
+                        continue;
+                    }
+                },
+                Some(m) => ModelPattern::Exact(m),
+                None => {
+                    is.push(at("model"), "is required");
+                    continue;
+                }
+            };
+            let provider = match r.provider {
+                Some(name) => match providers.iter().position(|p| p.name == name) {
+                    Some(idx) => idx,
+                    None => {
+                        is.push(at("provider"), format!("no provider named {name:?} is defined"));
+                        continue;
+                    }
+                },
+                None => {
+                    is.push(at("provider"), "is required");
+                    continue;
+                }
+            };
+            if let Some(um) = &r.upstream_model {
+                if um.is_empty() || um.contains(['"', '\\']) || um.chars().any(char::is_control) {
+                    is.push(at("upstream_model"), "must be a non-empty model name without quotes or backslashes");
+                    continue;
+                }
+            }
+            routes.push(RouteConfig { pattern, provider, upstream_model: r.upstream_model });
+        }
+        if routes.is_empty() && is.list.is_empty() {
+            is.push("routes", "at least one [[routes]] entry is required");
+        }
+
+        if is.list.is_empty() {
+            Ok(Config { server, upstream, log, providers, routes })
+        } else {
+            Err(ConfigError { issues: is.list })
+        }
+    }
+}
+
+fn valid_name(n: &str) -> bool {
+    !n.is_empty() && n.len() <= 64 && n.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
+}
+
+fn default_base(host: &str) -> BaseUrl {
+    BaseUrl { tls: true, host: host.to_owned(), port: 443, path_prefix: String::new() }
+}
+
+/// Splits `http[s]://host[:port][/prefix]`. The prefix must not end in `/v1`: Tollgate appends the client's
+/// `/v1/...` path, and a doubled `/v1/v1` is the most common misconfiguration.
+pub fn parse_base_url(s: &str) -> Result<BaseUrl, String> {
+    let uri: http::Uri = s.parse().map_err(|e| format!("{s:?} is not a URL: {e}"))?;
+    let tls = match uri.scheme_str() {
+        Some("https") => true,
+        Some("http") => false,
+        _ => return Err(format!("{s:?} must start with http:// or https://")),
+    };
+    let host = uri.host().ok_or_else(|| format!("{s:?} has no host"))?;
+    let host = host.trim_start_matches('[').trim_end_matches(']').to_owned();
+    let port = uri.port_u16().unwrap_or(if tls { 443 } else { 80 });
+    if uri.query().is_some() {
+        return Err(format!("{s:?} must not have a query string"));
+    }
+    let path_prefix = uri.path().trim_end_matches('/').to_owned();
+    if path_prefix.ends_with("/v1") {
+        return Err(format!(
+            "{s:?} ends in /v1: give the URL without the API version (Tollgate appends the client's /v1/... path)"
+        ));
+    }
+    Ok(BaseUrl { tls, host, port, path_prefix })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(Path::new("t.toml"), text)
+    }
+
+    const MIN: &str = r#"
+        [[providers]]
+        name = "openai"
+        kind = "openai"
+        base_url = "http://127.0.0.1:9000"
+        [[routes]]
+        model = "gpt-*"
+        provider = "openai"
+    "#;
+
+    #[test]
+    fn minimal_config_gets_defaults() {
+        let c = parse(MIN).unwrap();
+        assert_eq!(c.server.max_head_bytes, 16 * 1024);
+        assert_eq!(c.server.listen, vec!["127.0.0.1:8080".parse::<SocketAddr>().unwrap()]);
+        assert_eq!(c.providers[0].base_url.port, 9000);
+        assert!(!c.providers[0].base_url.tls);
+        assert!(c.route_for("gpt-4o").is_some());
+        assert!(c.route_for("claude-3").is_none());
+    }
+
+    #[test]
+    fn unknown_field_names_file_and_line() {
+        let err = parse("[server]\nlisten = [\"127.0.0.1:0\"]\nlisen = 1\n").unwrap_err();
+        let msg = err.to_string();
+        assert!(msg.contains("t.toml"), "{msg}");
+        assert!(msg.contains("line 3"), "{msg}");
+        assert!(msg.contains("lisen"), "{msg}");
+    }
+
+    #[test]
+    fn every_problem_is_reported() {
+        let err = parse(
+            r#"
+            [server]
+            listen = ["nope"]
+            driver = "kqueue"
+            [[providers]]
+            name = "Bad Name"
+            [[providers]]
+            name = "a"
+            kind = "azure"
+            base_url = "https://api.openai.com/v1"
+            [[routes]]
+            model = "x"
+            provider = "missing"
+        "#,
+        )
+        .unwrap_err();
+        let fields: Vec<&str> = err.issues.iter().map(|i| i.field.as_str()).collect();
+        assert!(fields.contains(&"server.listen[0]"), "{fields:?}");
+        assert!(fields.contains(&"server.driver"), "{fields:?}");
+        assert!(fields.contains(&"providers[0].name"), "{fields:?}");
+        assert!(fields.contains(&"providers[1].kind"), "{fields:?}");
+        assert!(fields.contains(&"providers[1].base_url"), "{fields:?}");
+        assert!(fields.contains(&"routes[0].provider"), "{fields:?}");
+        assert!(err.issues.iter().all(|i| i.file == Path::new("t.toml")));
+    }
+
+    #[test]
+    fn exact_routes_win_over_globs() {
+        let c = parse(
+            r#"
+            [[providers]]
+            name = "a"
+            kind = "openai"
+            [[providers]]
+            name = "b"
+            kind = "anthropic"
+            [[routes]]
+            model = "*"
+            provider = "a"
+            [[routes]]
+            model = "special"
+            provider = "b"
+            upstream_model = "claude-x"
+        "#,
+        )
+        .unwrap();
+        assert_eq!(c.route_for("special").unwrap().provider, 1);
+        assert_eq!(c.route_for("other").unwrap().provider, 0);
+    }
+
+    #[test]
+    fn base_url_forms() {
+        let b = parse_base_url("https://example.com/proxy/").unwrap();
+        assert_eq!((b.tls, b.port, b.path_prefix.as_str()), (true, 443, "/proxy"));
+        assert_eq!(b.host_header(), "example.com");
+        let b = parse_base_url("http://[::1]:8080").unwrap();
+        assert_eq!(b.host, "::1");
+        assert_eq!(b.host_header(), "[::1]:8080");
+        assert!(parse_base_url("ftp://x").is_err());
+        assert!(parse_base_url("https://x/v1").is_err());
+    }
+
+    #[test]
+    fn key_sources_never_leak_the_key() {
+        let dir = std::env::temp_dir().join(format!("tg-key-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let f = dir.join("k");
+        std::fs::write(&f, "sk-secret-value\n").unwrap();
+        let p = ProviderConfig {
+            name: "p".into(),
+            kind: ProviderKind::OpenAi,
+            base_url: default_base("x"),
+            key: KeySource::File(f),
+            ca_file: None,
+            mock_when_no_key: false,
+        };
+        let k = p.load_key().unwrap();
+        assert_eq!(k.expose(), "sk-secret-value");
+        assert!(!format!("{k:?}").contains("secret"));
+        let p = ProviderConfig { key: KeySource::Env("TG_TEST_SURELY_UNSET_VAR".into()), ..p };
+        assert_eq!(p.load_key().unwrap_err(), KeyError::EnvUnset("TG_TEST_SURELY_UNSET_VAR".into()));
+    }
+}
