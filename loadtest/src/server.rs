@@ -1,0 +1,371 @@
+//! The accept loop, routing, authentication, faults and the request record.
+
+use std::collections::VecDeque;
+use std::convert::Infallible;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Limited};
+use hyper::body::Incoming;
+use hyper::header::{HeaderValue, CACHE_CONTROL, CONTENT_TYPE, RETRY_AFTER};
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use serde::Serialize;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::{mpsc, oneshot};
+use tokio_rustls::TlsAcceptor;
+
+use crate::body::MockBody;
+use crate::knobs::{Knobs, Plan};
+use crate::wire::{self, Events};
+use crate::{MockDefaults, MockError, TlsFiles};
+
+/// How many requests `GET /_mock/requests` keeps.
+const RECORD_CAP: usize = 64;
+/// Largest request body accepted.
+const MAX_BODY: usize = 64 << 20;
+
+/// One request as recorded for `GET /_mock/requests`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct RecordedRequest {
+    /// `POST`, `GET`, ...
+    pub method: String,
+    /// The path, without the query.
+    pub path: String,
+    /// The query string, if any.
+    pub query: Option<String>,
+    /// Header names (lower case) and values, in the order received.
+    pub headers: Vec<(String, String)>,
+    /// The body (lossy UTF-8).
+    pub body: String,
+}
+
+/// State shared by every connection.
+pub(crate) struct State {
+    defaults: MockDefaults,
+    /// `Bearer <key>` for the OpenAI paths.
+    bearer: Option<String>,
+    next_id: AtomicU64,
+    pub(crate) recording: AtomicBool,
+    records: Mutex<VecDeque<RecordedRequest>>,
+}
+
+impl State {
+    pub(crate) fn new(defaults: MockDefaults) -> Self {
+        Self {
+            bearer: defaults
+                .expected_key
+                .as_ref()
+                .map(|k| format!("Bearer {k}")),
+            defaults,
+            next_id: AtomicU64::new(1),
+            recording: AtomicBool::new(true),
+            records: Mutex::new(VecDeque::with_capacity(RECORD_CAP)),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, VecDeque<RecordedRequest>> {
+        self.records.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub(crate) fn recorded(&self) -> Vec<RecordedRequest> {
+        self.lock().iter().cloned().collect()
+    }
+
+    pub(crate) fn clear_recorded(&self) {
+        self.lock().clear();
+    }
+
+    fn record(&self, parts: &hyper::http::request::Parts, body: &[u8]) {
+        let rec = RecordedRequest {
+            method: parts.method.as_str().to_owned(),
+            path: parts.uri.path().to_owned(),
+            query: parts.uri.query().map(str::to_owned),
+            headers: parts
+                .headers
+                .iter()
+                .map(|(n, v)| {
+                    (
+                        n.as_str().to_owned(),
+                        String::from_utf8_lossy(v.as_bytes()).into_owned(),
+                    )
+                })
+                .collect(),
+            body: String::from_utf8_lossy(body).into_owned(),
+        };
+        let mut records = self.lock();
+        if records.len() == RECORD_CAP {
+            records.pop_front();
+        }
+        records.push_back(rec);
+    }
+}
+
+/// Loads the PEM files into a TLS acceptor (ring, HTTP/1.1).
+pub(crate) fn tls_acceptor(files: &TlsFiles) -> Result<TlsAcceptor, MockError> {
+    let read = |path: &std::path::Path| {
+        std::fs::read(path).map_err(|e| MockError::Tls(format!("reading {}: {e}", path.display())))
+    };
+    let cert_pem = read(&files.cert_pem)?;
+    let key_pem = read(&files.key_pem)?;
+    let certs = rustls_pemfile::certs(&mut cert_pem.as_slice())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| MockError::Tls(format!("parsing {}: {e}", files.cert_pem.display())))?;
+    if certs.is_empty() {
+        return Err(MockError::Tls(format!(
+            "no certificate in {}",
+            files.cert_pem.display()
+        )));
+    }
+    let key = rustls_pemfile::private_key(&mut key_pem.as_slice())
+        .map_err(|e| MockError::Tls(format!("parsing {}: {e}", files.key_pem.display())))?
+        .ok_or_else(|| MockError::Tls(format!("no private key in {}", files.key_pem.display())))?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| MockError::Tls(e.to_string()))?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .map_err(|e| MockError::Tls(e.to_string()))?;
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(TlsAcceptor::from(Arc::new(config)))
+}
+
+/// Accepts connections until `stop` fires (or its sender is dropped).
+pub(crate) async fn serve(
+    listener: std::net::TcpListener,
+    tls: Option<TlsAcceptor>,
+    state: Arc<State>,
+    mut stop: oneshot::Receiver<()>,
+) {
+    let listener = match tokio::net::TcpListener::from_std(listener) {
+        Ok(l) => l,
+        Err(_) => return,
+    };
+    loop {
+        let accepted = tokio::select! {
+            _ = &mut stop => return,
+            a = listener.accept() => a,
+        };
+        let stream = match accepted {
+            Ok((stream, _)) => stream,
+            Err(_) => {
+                // Out of descriptors or similar: back off briefly.
+                tokio::time::sleep(Duration::from_millis(5)).await;
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let state = Arc::clone(&state);
+        match &tls {
+            None => {
+                tokio::spawn(connection(stream, state));
+            }
+            Some(acceptor) => {
+                let acceptor = acceptor.clone();
+                tokio::spawn(async move {
+                    if let Ok(stream) = acceptor.accept(stream).await {
+                        connection(stream, state).await;
+                    }
+                });
+            }
+        }
+    }
+}
+
+async fn connection<S>(io: S, state: Arc<State>)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let service = hyper::service::service_fn(move |req| handle(Arc::clone(&state), req));
+    let _ = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .keep_alive(true)
+        .serve_connection(TokioIo::new(io), service)
+        .await;
+}
+
+/// Which provider's conventions a path follows.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Provider {
+    OpenAi,
+    Anthropic,
+}
+
+fn response(status: StatusCode, content_type: &'static str, body: MockBody) -> Response<MockBody> {
+    let mut resp = Response::new(body);
+    *resp.status_mut() = status;
+    resp.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
+    resp
+}
+
+fn json(status: StatusCode, body: Vec<u8>) -> Response<MockBody> {
+    response(status, "application/json", MockBody::full(body))
+}
+
+fn error(provider: Provider, status: StatusCode, message: &str) -> Response<MockBody> {
+    let code = status.as_u16();
+    let body = match provider {
+        Provider::OpenAi => wire::openai_error(wire::openai_error_type(code), message, None),
+        Provider::Anthropic => wire::anthropic_error(wire::anthropic_error_type(code), message),
+    };
+    let mut resp = json(status, body);
+    if code == 429 {
+        resp.headers_mut()
+            .insert(RETRY_AFTER, HeaderValue::from_static("1"));
+    }
+    resp
+}
+
+fn now_unix() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+fn authorized(state: &State, provider: Provider, headers: &hyper::HeaderMap) -> bool {
+    let Some(key) = &state.defaults.expected_key else {
+        return true;
+    };
+    match provider {
+        Provider::OpenAi => {
+            let bearer = state.bearer.as_deref().unwrap_or_default();
+            headers
+                .get(hyper::header::AUTHORIZATION)
+                .is_some_and(|v| v.as_bytes() == bearer.as_bytes())
+        }
+        Provider::Anthropic => headers
+            .get("x-api-key")
+            .is_some_and(|v| v.as_bytes() == key.as_bytes()),
+    }
+}
+
+async fn handle(
+    state: Arc<State>,
+    req: Request<Incoming>,
+) -> Result<Response<MockBody>, Infallible> {
+    let (parts, body) = req.into_parts();
+    let path = parts.uri.path();
+    if path == "/healthz" {
+        return Ok(response(StatusCode::OK, "text/plain", MockBody::full("ok")));
+    }
+    if path == "/_mock/requests" {
+        return Ok(match parts.method {
+            Method::GET => json(StatusCode::OK, wire::to_json(&state.recorded())),
+            Method::DELETE => {
+                state.clear_recorded();
+                response(
+                    StatusCode::NO_CONTENT,
+                    "application/json",
+                    MockBody::empty(),
+                )
+            }
+            _ => error(
+                Provider::OpenAi,
+                StatusCode::METHOD_NOT_ALLOWED,
+                "Method not allowed.",
+            ),
+        });
+    }
+    let body = match Limited::new(body, MAX_BODY).collect().await {
+        Ok(b) => b.to_bytes(),
+        Err(_) => Bytes::new(),
+    };
+    if state.recording.load(Ordering::Relaxed) {
+        state.record(&parts, &body);
+    }
+    let (provider, method) = match path {
+        "/v1/chat/completions" => (Provider::OpenAi, Method::POST),
+        "/v1/messages" => (Provider::Anthropic, Method::POST),
+        "/v1/models" => (Provider::OpenAi, Method::GET),
+        _ => {
+            let msg = format!("Unknown request URL: {} {path}.", parts.method);
+            let body = wire::openai_error("invalid_request_error", &msg, Some("unknown_url"));
+            return Ok(json(StatusCode::NOT_FOUND, body));
+        }
+    };
+    if parts.method != method {
+        let msg = format!("Method {} not allowed for {path}.", parts.method);
+        return Ok(error(provider, StatusCode::METHOD_NOT_ALLOWED, &msg));
+    }
+    if !authorized(&state, provider, &parts.headers) {
+        let msg = match provider {
+            Provider::OpenAi => "Incorrect API key provided.",
+            Provider::Anthropic => "invalid x-api-key",
+        };
+        return Ok(error(provider, StatusCode::UNAUTHORIZED, msg));
+    }
+    let knobs = Knobs::from_headers(&parts.headers);
+    if knobs.first_byte_delay_ms > 0 {
+        tokio::time::sleep(Duration::from_millis(knobs.first_byte_delay_ms)).await;
+    }
+    if let Some(status) = knobs.status.and_then(|s| StatusCode::from_u16(s).ok()) {
+        let msg = format!("Mock error {} injected by x-mock-status.", status.as_u16());
+        return Ok(error(provider, status, &msg));
+    }
+    if path == "/v1/models" {
+        return Ok(json(StatusCode::OK, MODELS.as_bytes().to_vec()));
+    }
+    let request = match wire::parse_request(&body) {
+        Ok(r) => r,
+        Err(msg) => return Ok(error(provider, StatusCode::BAD_REQUEST, &msg)),
+    };
+    let plan = Plan::new(&state.defaults, &knobs, body.len(), request.max_tokens);
+    let n = state.next_id.fetch_add(1, Ordering::Relaxed);
+    Ok(match (provider, request.stream) {
+        (Provider::OpenAi, false) => {
+            let body = wire::openai_completion(
+                &format!("chatcmpl-mock-{n}"),
+                now_unix(),
+                &request.model,
+                &plan,
+            );
+            whole(body, &plan)
+        }
+        (Provider::Anthropic, false) => {
+            let body = wire::anthropic_message(&format!("msg_mock_{n}"), &request.model, &plan);
+            whole(body, &plan)
+        }
+        (Provider::OpenAi, true) => stream(|events| {
+            wire::openai_stream(
+                events,
+                format!("chatcmpl-mock-{n}"),
+                now_unix(),
+                request.model,
+                request.include_usage,
+                plan,
+            )
+        }),
+        (Provider::Anthropic, true) => stream(|events| {
+            wire::anthropic_stream(events, format!("msg_mock_{n}"), request.model, plan)
+        }),
+    })
+}
+
+/// A non-streamed JSON answer, or its truncated form for `x-mock-disconnect-after`.
+fn whole(body: Vec<u8>, plan: &Plan) -> Response<MockBody> {
+    if plan.disconnect_after.is_none() {
+        return json(StatusCode::OK, body);
+    }
+    let (tx, rx) = mpsc::channel(wire::CHANNEL);
+    tokio::spawn(Events::new(tx).truncated(body));
+    response(StatusCode::OK, "application/json", MockBody::Channel(rx))
+}
+
+fn stream<F, Fut>(generate: F) -> Response<MockBody>
+where
+    F: FnOnce(Events) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let (tx, rx) = mpsc::channel(wire::CHANNEL);
+    tokio::spawn(generate(Events::new(tx)));
+    let mut resp = response(StatusCode::OK, "text/event-stream", MockBody::Channel(rx));
+    resp.headers_mut()
+        .insert(CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    resp
+}
+
+const MODELS: &str = r#"{"object":"list","data":[{"id":"gpt-4o-mini","object":"model","created":1721172741,"owned_by":"system"},{"id":"gpt-4o","object":"model","created":1715367049,"owned_by":"system"},{"id":"mock-model","object":"model","created":1700000000,"owned_by":"tollgate-mock"}]}"#;
