@@ -30,7 +30,13 @@ impl fmt::Display for ConfigIssue {
         if self.field.is_empty() {
             write!(f, "{}: {}", self.file.display(), self.reason)
         } else {
-            write!(f, "{}: {}: {}", self.file.display(), self.field, self.reason)
+            write!(
+                f,
+                "{}: {}: {}",
+                self.file.display(),
+                self.field,
+                self.reason
+            )
         }
     }
 }
@@ -258,7 +264,10 @@ impl ProviderConfig {
             KeySource::File(path) => match std::fs::read_to_string(path) {
                 Ok(v) if !v.trim().is_empty() => Ok(ApiKey::new(v.trim().to_owned())),
                 Ok(_) => Err(KeyError::EmptyFile(path.clone())),
-                Err(e) => Err(KeyError::File { path: path.clone(), reason: e.to_string() }),
+                Err(e) => Err(KeyError::File {
+                    path: path.clone(),
+                    reason: e.to_string(),
+                }),
             },
             KeySource::None => Err(KeyError::NotConfigured),
         }
@@ -304,7 +313,11 @@ impl Config {
     /// Reads, parses and validates a file; every problem is reported, not just the first.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
-            issues: vec![ConfigIssue { file: path.to_owned(), field: String::new(), reason: e.to_string() }],
+            issues: vec![ConfigIssue {
+                file: path.to_owned(),
+                field: String::new(),
+                reason: e.to_string(),
+            }],
         })?;
         Config::parse(path, &text)
     }
@@ -322,7 +335,11 @@ impl Config {
         self.routes
             .iter()
             .find(|r| !r.pattern.is_glob() && r.pattern.matches(model))
-            .or_else(|| self.routes.iter().find(|r| r.pattern.is_glob() && r.pattern.matches(model)))
+            .or_else(|| {
+                self.routes
+                    .iter()
+                    .find(|r| r.pattern.is_glob() && r.pattern.matches(model))
+            })
     }
 }
 
@@ -332,7 +349,11 @@ fn toml_issue(path: &Path, text: &str, e: &toml::de::Error) -> ConfigIssue {
         let line = text[..span.start.min(text.len())].matches('\n').count() + 1;
         reason = format!("line {line}: {reason}");
     }
-    ConfigIssue { file: path.to_owned(), field: String::new(), reason }
+    ConfigIssue {
+        file: path.to_owned(),
+        field: String::new(),
+        reason,
+    }
 }
 
 /// A raw config together with the file it came from, so validation errors can name it.
@@ -349,7 +370,11 @@ struct Issues<'a> {
 
 impl Issues<'_> {
     fn push(&mut self, field: impl Into<String>, reason: impl Into<String>) {
-        self.list.push(ConfigIssue { file: self.file.to_owned(), field: field.into(), reason: reason.into() });
+        self.list.push(ConfigIssue {
+            file: self.file.to_owned(),
+            field: field.into(),
+            reason: reason.into(),
+        });
     }
 }
 
@@ -358,7 +383,10 @@ const MAX_TIMEOUT_MS: u64 = 24 * 3600 * 1000;
 fn ms(issues: &mut Issues<'_>, field: &str, v: Option<u64>, default: u64) -> Duration {
     let v = v.unwrap_or(default);
     if v == 0 || v > MAX_TIMEOUT_MS {
-        issues.push(field, format!("must be between 1 and {MAX_TIMEOUT_MS} milliseconds, got {v}"));
+        issues.push(
+            field,
+            format!("must be between 1 and {MAX_TIMEOUT_MS} milliseconds, got {v}"),
+        );
     }
     Duration::from_millis(v)
 }
@@ -368,15 +396,26 @@ impl TryFrom<Located<'_>> for Config {
 
     fn try_from(located: Located<'_>) -> Result<Config, ConfigError> {
         let Located { file, raw } = located;
-        let mut is = Issues { file, list: Vec::new() };
+        let mut is = Issues {
+            file,
+            list: Vec::new(),
+        };
 
         // [server]
         let s = raw.server;
         let mut listen = Vec::new();
-        for (i, a) in s.listen.unwrap_or_else(|| vec!["127.0.0.1:8080".to_owned()]).iter().enumerate() {
+        for (i, a) in s
+            .listen
+            .unwrap_or_else(|| vec!["127.0.0.1:8080".to_owned()])
+            .iter()
+            .enumerate()
+        {
             match a.parse::<SocketAddr>() {
                 Ok(addr) => listen.push(addr),
-                Err(_) => is.push(format!("server.listen[{i}]"), format!("{a:?} is not an IP:port socket address")),
+                Err(_) => is.push(
+                    format!("server.listen[{i}]"),
+                    format!("{a:?} is not an IP:port socket address"),
+                ),
             }
         }
         if listen.is_empty() && is.list.is_empty() {
@@ -387,21 +426,27 @@ impl TryFrom<Located<'_>> for Config {
             "io_uring" => DriverChoice::IoUring,
             "epoll" => DriverChoice::Epoll,
             other => {
-                is.push("server.driver", format!("{other:?} is not one of \"auto\", \"io_uring\", \"epoll\""));
+                is.push(
+                    "server.driver",
+                    format!("{other:?} is not one of \"auto\", \"io_uring\", \"epoll\""),
+                );
                 DriverChoice::Auto
             }
         };
         let workers = s.workers.unwrap_or(0);
         if workers > 1024 {
-            is.push("server.workers", format!("{workers} workers is more than the 1024 supported"));
+            is.push(
+                "server.workers",
+                format!("{workers} workers is more than the 1024 supported"),
+            );
         }
         let max_head_bytes = s.max_head_bytes.unwrap_or(16 * 1024);
         if !(1024..=1024 * 1024).contains(&max_head_bytes) {
             is.push("server.max_head_bytes", "must be between 1024 and 1048576");
         }
         let max_headers = s.max_headers.unwrap_or(100);
-        if !(8..=1024).contains(&max_headers) {
-            is.push("server.max_headers", "must be between 8 and 1024");
+        if !(8..=128).contains(&max_headers) {
+            is.push("server.max_headers", "must be between 8 and 128");
         }
         let max_body_bytes = s.max_body_bytes.unwrap_or(32 * 1024 * 1024);
         if max_body_bytes == 0 || max_body_bytes > 1024 * 1024 * 1024 {
@@ -414,25 +459,57 @@ impl TryFrom<Located<'_>> for Config {
             max_head_bytes,
             max_headers,
             max_body_bytes,
-            header_timeout: ms(&mut is, "server.header_timeout_ms", s.header_timeout_ms, 10_000),
+            header_timeout: ms(
+                &mut is,
+                "server.header_timeout_ms",
+                s.header_timeout_ms,
+                10_000,
+            ),
             body_timeout: ms(&mut is, "server.body_timeout_ms", s.body_timeout_ms, 30_000),
             idle_timeout: ms(&mut is, "server.idle_timeout_ms", s.idle_timeout_ms, 60_000),
-            shutdown_grace: ms(&mut is, "server.shutdown_grace_ms", s.shutdown_grace_ms, 10_000),
+            shutdown_grace: ms(
+                &mut is,
+                "server.shutdown_grace_ms",
+                s.shutdown_grace_ms,
+                10_000,
+            ),
         };
 
         // [upstream]
         let u = raw.upstream;
         let pool_max_idle_per_provider = u.pool_max_idle_per_provider.unwrap_or(256);
         let upstream = UpstreamConfig {
-            connect_timeout: ms(&mut is, "upstream.connect_timeout_ms", u.connect_timeout_ms, 5_000),
-            first_byte_timeout: ms(&mut is, "upstream.first_byte_timeout_ms", u.first_byte_timeout_ms, 300_000),
-            read_timeout: ms(&mut is, "upstream.read_timeout_ms", u.read_timeout_ms, 300_000),
-            pool_idle_timeout: ms(&mut is, "upstream.pool_idle_timeout_ms", u.pool_idle_timeout_ms, 60_000),
+            connect_timeout: ms(
+                &mut is,
+                "upstream.connect_timeout_ms",
+                u.connect_timeout_ms,
+                5_000,
+            ),
+            first_byte_timeout: ms(
+                &mut is,
+                "upstream.first_byte_timeout_ms",
+                u.first_byte_timeout_ms,
+                300_000,
+            ),
+            read_timeout: ms(
+                &mut is,
+                "upstream.read_timeout_ms",
+                u.read_timeout_ms,
+                300_000,
+            ),
+            pool_idle_timeout: ms(
+                &mut is,
+                "upstream.pool_idle_timeout_ms",
+                u.pool_idle_timeout_ms,
+                60_000,
+            ),
             pool_max_idle_per_provider,
             dns_refresh: ms(&mut is, "upstream.dns_refresh_ms", u.dns_refresh_ms, 30_000),
         };
 
-        let log = LogConfig { access_log: raw.log.access_log.unwrap_or(true) };
+        let log = LogConfig {
+            access_log: raw.log.access_log.unwrap_or(true),
+        };
 
         // [[providers]]
         let mut providers: Vec<ProviderConfig> = Vec::new();
@@ -441,7 +518,10 @@ impl TryFrom<Located<'_>> for Config {
             let name = match p.name {
                 Some(n) if valid_name(&n) => n,
                 Some(n) => {
-                    is.push(at("name"), format!("{n:?} must be 1-64 characters of a-z, 0-9, '-' or '_'"));
+                    is.push(
+                        at("name"),
+                        format!("{n:?} must be 1-64 characters of a-z, 0-9, '-' or '_'"),
+                    );
                     continue;
                 }
                 None => {
@@ -456,7 +536,10 @@ impl TryFrom<Located<'_>> for Config {
                 Some("openai") => ProviderKind::OpenAi,
                 Some("anthropic") => ProviderKind::Anthropic,
                 Some(k) => {
-                    is.push(at("kind"), format!("{k:?} is not one of \"openai\", \"anthropic\""));
+                    is.push(
+                        at("kind"),
+                        format!("{k:?} is not one of \"openai\", \"anthropic\""),
+                    );
                     ProviderKind::OpenAi
                 }
                 None => {
@@ -477,7 +560,10 @@ impl TryFrom<Located<'_>> for Config {
             };
             let key = match (p.api_key_env, p.api_key_file) {
                 (Some(_), Some(_)) => {
-                    is.push(at("api_key_env"), "set either api_key_env or api_key_file, not both");
+                    is.push(
+                        at("api_key_env"),
+                        "set either api_key_env or api_key_file, not both",
+                    );
                     KeySource::None
                 }
                 (Some(v), None) if v.is_empty() => {
@@ -532,7 +618,10 @@ impl TryFrom<Located<'_>> for Config {
                 Some(name) => match providers.iter().position(|p| p.name == name) {
                     Some(idx) => idx,
                     None => {
-                        is.push(at("provider"), format!("no provider named {name:?} is defined"));
+                        is.push(
+                            at("provider"),
+                            format!("no provider named {name:?} is defined"),
+                        );
                         continue;
                     }
                 },
@@ -543,18 +632,31 @@ impl TryFrom<Located<'_>> for Config {
             };
             if let Some(um) = &r.upstream_model {
                 if um.is_empty() || um.contains(['"', '\\']) || um.chars().any(char::is_control) {
-                    is.push(at("upstream_model"), "must be a non-empty model name without quotes or backslashes");
+                    is.push(
+                        at("upstream_model"),
+                        "must be a non-empty model name without quotes or backslashes",
+                    );
                     continue;
                 }
             }
-            routes.push(RouteConfig { pattern, provider, upstream_model: r.upstream_model });
+            routes.push(RouteConfig {
+                pattern,
+                provider,
+                upstream_model: r.upstream_model,
+            });
         }
         if routes.is_empty() && is.list.is_empty() {
             is.push("routes", "at least one [[routes]] entry is required");
         }
 
         if is.list.is_empty() {
-            Ok(Config { server, upstream, log, providers, routes })
+            Ok(Config {
+                server,
+                upstream,
+                log,
+                providers,
+                routes,
+            })
         } else {
             Err(ConfigError { issues: is.list })
         }
@@ -562,11 +664,19 @@ impl TryFrom<Located<'_>> for Config {
 }
 
 fn valid_name(n: &str) -> bool {
-    !n.is_empty() && n.len() <= 64 && n.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
+    !n.is_empty()
+        && n.len() <= 64
+        && n.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
 }
 
 fn default_base(host: &str) -> BaseUrl {
-    BaseUrl { tls: true, host: host.to_owned(), port: 443, path_prefix: String::new() }
+    BaseUrl {
+        tls: true,
+        host: host.to_owned(),
+        port: 443,
+        path_prefix: String::new(),
+    }
 }
 
 /// Splits `http[s]://host[:port][/prefix]`. The prefix must not end in `/v1`: Tollgate appends the client's
@@ -579,7 +689,10 @@ pub fn parse_base_url(s: &str) -> Result<BaseUrl, String> {
         _ => return Err(format!("{s:?} must start with http:// or https://")),
     };
     let host = uri.host().ok_or_else(|| format!("{s:?} has no host"))?;
-    let host = host.trim_start_matches('[').trim_end_matches(']').to_owned();
+    let host = host
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .to_owned();
     let port = uri.port_u16().unwrap_or(if tls { 443 } else { 80 });
     if uri.query().is_some() {
         return Err(format!("{s:?} must not have a query string"));
@@ -590,7 +703,12 @@ pub fn parse_base_url(s: &str) -> Result<BaseUrl, String> {
             "{s:?} ends in /v1: give the URL without the API version (Tollgate appends the client's /v1/... path)"
         ));
     }
-    Ok(BaseUrl { tls, host, port, path_prefix })
+    Ok(BaseUrl {
+        tls,
+        host,
+        port,
+        path_prefix,
+    })
 }
 
 #[cfg(test)]
@@ -615,7 +733,10 @@ mod tests {
     fn minimal_config_gets_defaults() {
         let c = parse(MIN).unwrap();
         assert_eq!(c.server.max_head_bytes, 16 * 1024);
-        assert_eq!(c.server.listen, vec!["127.0.0.1:8080".parse::<SocketAddr>().unwrap()]);
+        assert_eq!(
+            c.server.listen,
+            vec!["127.0.0.1:8080".parse::<SocketAddr>().unwrap()]
+        );
         assert_eq!(c.providers[0].base_url.port, 9000);
         assert!(!c.providers[0].base_url.tls);
         assert!(c.route_for("gpt-4o").is_some());
@@ -687,7 +808,10 @@ mod tests {
     #[test]
     fn base_url_forms() {
         let b = parse_base_url("https://example.com/proxy/").unwrap();
-        assert_eq!((b.tls, b.port, b.path_prefix.as_str()), (true, 443, "/proxy"));
+        assert_eq!(
+            (b.tls, b.port, b.path_prefix.as_str()),
+            (true, 443, "/proxy")
+        );
         assert_eq!(b.host_header(), "example.com");
         let b = parse_base_url("http://[::1]:8080").unwrap();
         assert_eq!(b.host, "::1");
@@ -713,7 +837,13 @@ mod tests {
         let k = p.load_key().unwrap();
         assert_eq!(k.expose(), "sk-secret-value");
         assert!(!format!("{k:?}").contains("secret"));
-        let p = ProviderConfig { key: KeySource::Env("TG_TEST_SURELY_UNSET_VAR".into()), ..p };
-        assert_eq!(p.load_key().unwrap_err(), KeyError::EnvUnset("TG_TEST_SURELY_UNSET_VAR".into()));
+        let p = ProviderConfig {
+            key: KeySource::Env("TG_TEST_SURELY_UNSET_VAR".into()),
+            ..p
+        };
+        assert_eq!(
+            p.load_key().unwrap_err(),
+            KeyError::EnvUnset("TG_TEST_SURELY_UNSET_VAR".into())
+        );
     }
 }

@@ -1,1 +1,161 @@
-fn main() {}
+//! The `tollgate` binary: `serve` runs a gateway, `check-config` validates a configuration file.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use signal_hook::consts::{SIGINT, SIGTERM};
+use tollgate_controlplane::config::{parse_base_url, KeySource};
+use tollgate_controlplane::Config;
+use tollgate_dataplane::snapshot::MOCK_KEY;
+use tollgate_dataplane::{BuildOptions, Gateway};
+
+#[derive(Parser)]
+#[command(
+    name = "tollgate",
+    version,
+    about = "An AI gateway with real-time cost, identity and dollar budgets"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run a gateway until SIGTERM or SIGINT.
+    Serve {
+        /// The TOML configuration file.
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Override `server.listen` (repeatable), e.g. `127.0.0.1:0`.
+        #[arg(long)]
+        listen: Vec<String>,
+        /// Override `server.workers`.
+        #[arg(long)]
+        workers: Option<usize>,
+    },
+    /// Validate a configuration file and print every problem with its file, field and reason.
+    CheckConfig {
+        /// The TOML configuration file.
+        file: PathBuf,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::CheckConfig { file } => check_config(&file),
+        Command::Serve {
+            config,
+            listen,
+            workers,
+        } => match serve(&config, listen, workers) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("tollgate: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
+    }
+}
+
+fn check_config(file: &std::path::Path) -> ExitCode {
+    match Config::load(file) {
+        Ok(c) => {
+            println!(
+                "{}: ok ({} providers, {} routes, listening on {})",
+                file.display(),
+                c.providers.len(),
+                c.routes.len(),
+                c.server
+                    .listen
+                    .iter()
+                    .map(|a| a.to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+            for p in &c.providers {
+                if let Err(e) = p.load_key() {
+                    let fallback = if p.mock_when_no_key {
+                        " (the bundled mock will serve it)"
+                    } else {
+                        ""
+                    };
+                    println!(
+                        "{}: providers.{}: warning: {e}{fallback}",
+                        file.display(),
+                        p.name
+                    );
+                }
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            for issue in &e.issues {
+                eprintln!("{issue}");
+            }
+            eprintln!("{}: {} problem(s)", file.display(), e.issues.len());
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn serve(
+    path: &std::path::Path,
+    listen: Vec<String>,
+    workers: Option<usize>,
+) -> anyhow::Result<()> {
+    let mut config =
+        Config::load(path).map_err(|e| anyhow::anyhow!("invalid configuration:\n{e}"))?;
+    if !listen.is_empty() {
+        config.server.listen = listen
+            .iter()
+            .map(|a| {
+                a.parse()
+                    .with_context(|| format!("--listen {a:?} is not an IP:port address"))
+            })
+            .collect::<anyhow::Result<_>>()?;
+    }
+    if let Some(w) = workers {
+        config.server.workers = w;
+    }
+
+    // The bundled mock serves providers that allow it and have no key, so the quickstart runs offline.
+    let needs_mock = config
+        .providers
+        .iter()
+        .any(|p| p.mock_when_no_key && (p.key == KeySource::None || p.load_key().is_err()));
+    let mock = if needs_mock {
+        let cfg = tollgate_loadtest::MockConfig {
+            defaults: tollgate_loadtest::MockDefaults {
+                expected_key: Some(MOCK_KEY.to_owned()),
+                ..Default::default()
+            },
+            threads: 1,
+            ..Default::default()
+        };
+        Some(tollgate_loadtest::spawn(cfg).context("starting the bundled mock provider")?)
+    } else {
+        None
+    };
+    let mut opts = BuildOptions::default();
+    if let Some(m) = &mock {
+        opts.mock_base =
+            Some(parse_base_url(&format!("http://{}", m.addr())).map_err(anyhow::Error::msg)?);
+    }
+
+    // Block the signals before any thread starts so only the waiting thread sees them.
+    let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT])
+        .context("installing signal handlers")?;
+    let gateway = Gateway::start(config, &opts).context("starting the gateway")?;
+    if let Some(sig) = signals.forever().next() {
+        let _ = sig;
+    }
+    gateway.shutdown();
+    if let Some(m) = mock {
+        m.shutdown();
+    }
+    Ok(())
+}

@@ -1,0 +1,220 @@
+//! The data plane's one error type and its single mapping to an HTTP status and a JSON body.
+//!
+//! Owns: [`Error`] (what went wrong, which side caused it) and [`ApiShape`] (which provider's error format the
+//! client expects). Fails: never; rendering an error cannot itself fail.
+//! Cost: only on error paths; a body is a few hundred bytes formatted with `serde_json`.
+
+use std::borrow::Cow;
+
+/// Which API the client called, so errors come back in the shape its SDK parses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ApiShape {
+    /// `{"error":{"message":...,"type":...,"param":null,"code":...}}`
+    OpenAi,
+    /// `{"type":"error","error":{"type":...,"message":...}}`
+    Anthropic,
+}
+
+/// What went wrong. Kept small: each kind has one status and one error `type` per API shape.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorKind {
+    /// Malformed request line, headers or body framing; also request smuggling ambiguities.
+    BadRequest,
+    /// The body is not valid JSON or lacks a required field.
+    InvalidBody,
+    /// Request head larger than the limit, or too many headers (431).
+    HeadTooLarge,
+    /// Body larger than the configured maximum (413).
+    BodyTooLarge,
+    /// The client was too slow sending its request (408).
+    ClientTimeout,
+    /// No such path (404).
+    NotFound,
+    /// Path exists, method does not (405).
+    MethodNotAllowed,
+    /// No route matches the requested model (404, like the providers).
+    UnknownModel,
+    /// The Transfer-Encoding or Expect asked for is not supported (501 / 417 folded into 400 family).
+    Unsupported,
+    /// The upstream could not be reached: DNS, connect or TLS failed (502).
+    UpstreamUnreachable,
+    /// The upstream sent something that is not HTTP/1.1 we can forward (502).
+    UpstreamProtocol,
+    /// The upstream did not answer in time (504).
+    UpstreamTimeout,
+    /// The gateway is shutting down (503).
+    ShuttingDown,
+    /// A bug or resource exhaustion inside the gateway (500).
+    Internal,
+}
+
+/// Which side caused an error; logged with every failure so operators know whom to chase.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    Client,
+    Upstream,
+    Gateway,
+}
+
+/// A data-plane error: a kind plus a message safe to show the client (it never contains a secret).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Error {
+    pub kind: ErrorKind,
+    pub message: Cow<'static, str>,
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
+    pub fn new(kind: ErrorKind, message: impl Into<Cow<'static, str>>) -> Self {
+        Error {
+            kind,
+            message: message.into(),
+        }
+    }
+
+    /// The one mapping from error kind to HTTP status.
+    pub fn status(&self) -> u16 {
+        match self.kind {
+            ErrorKind::BadRequest | ErrorKind::InvalidBody => 400,
+            ErrorKind::NotFound | ErrorKind::UnknownModel => 404,
+            ErrorKind::MethodNotAllowed => 405,
+            ErrorKind::ClientTimeout => 408,
+            ErrorKind::BodyTooLarge => 413,
+            ErrorKind::HeadTooLarge => 431,
+            ErrorKind::Internal => 500,
+            ErrorKind::Unsupported => 501,
+            ErrorKind::UpstreamUnreachable | ErrorKind::UpstreamProtocol => 502,
+            ErrorKind::ShuttingDown => 503,
+            ErrorKind::UpstreamTimeout => 504,
+        }
+    }
+
+    pub fn side(&self) -> Side {
+        match self.kind {
+            ErrorKind::UpstreamUnreachable
+            | ErrorKind::UpstreamProtocol
+            | ErrorKind::UpstreamTimeout => Side::Upstream,
+            ErrorKind::ShuttingDown | ErrorKind::Internal => Side::Gateway,
+            _ => Side::Client,
+        }
+    }
+
+    /// A short machine-readable code for logs and the OpenAI `code` field.
+    pub fn code(&self) -> &'static str {
+        match self.kind {
+            ErrorKind::BadRequest => "bad_request",
+            ErrorKind::InvalidBody => "invalid_body",
+            ErrorKind::HeadTooLarge => "head_too_large",
+            ErrorKind::BodyTooLarge => "body_too_large",
+            ErrorKind::ClientTimeout => "client_timeout",
+            ErrorKind::NotFound => "not_found",
+            ErrorKind::MethodNotAllowed => "method_not_allowed",
+            ErrorKind::UnknownModel => "model_not_found",
+            ErrorKind::Unsupported => "unsupported",
+            ErrorKind::UpstreamUnreachable => "upstream_unreachable",
+            ErrorKind::UpstreamProtocol => "upstream_protocol_error",
+            ErrorKind::UpstreamTimeout => "upstream_timeout",
+            ErrorKind::ShuttingDown => "shutting_down",
+            ErrorKind::Internal => "internal_error",
+        }
+    }
+
+    /// The error `type` each provider's SDK expects for this status.
+    fn api_type(&self, shape: ApiShape) -> &'static str {
+        match (shape, self.status()) {
+            (ApiShape::OpenAi, 404) if self.kind == ErrorKind::UnknownModel => {
+                "invalid_request_error"
+            }
+            (ApiShape::OpenAi, 400..=499) => "invalid_request_error",
+            (ApiShape::OpenAi, _) => "server_error",
+            (ApiShape::Anthropic, 404) => "not_found_error",
+            (ApiShape::Anthropic, 413) => "request_too_large",
+            (ApiShape::Anthropic, 400..=499) => "invalid_request_error",
+            (ApiShape::Anthropic, 503) => "overloaded_error",
+            (ApiShape::Anthropic, 504) => "timeout_error",
+            (ApiShape::Anthropic, _) => "api_error",
+        }
+    }
+
+    /// The JSON body in the client's API shape.
+    pub fn body(&self, shape: ApiShape) -> Vec<u8> {
+        let v = match shape {
+            ApiShape::OpenAi => serde_json::json!({
+                "error": {
+                    "message": self.message,
+                    "type": self.api_type(shape),
+                    "param": serde_json::Value::Null,
+                    "code": self.code(),
+                }
+            }),
+            ApiShape::Anthropic => serde_json::json!({
+                "type": "error",
+                "error": { "type": self.api_type(shape), "message": self.message }
+            }),
+        };
+        serde_json::to_vec(&v)
+            .unwrap_or_else(|_| b"{\"error\":{\"message\":\"internal error\"}}".to_vec())
+    }
+}
+
+impl std::fmt::Display for Error {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} ({}): {}", self.code(), self.status(), self.message)
+    }
+}
+
+impl std::error::Error for Error {}
+
+/// Shorthand constructors, one per kind, so call sites read as the failure they report.
+macro_rules! ctor {
+    ($($name:ident => $kind:ident),* $(,)?) => {
+        impl Error {
+            $(pub fn $name(message: impl Into<Cow<'static, str>>) -> Self { Error::new(ErrorKind::$kind, message) })*
+        }
+    };
+}
+
+ctor! {
+    bad_request => BadRequest,
+    invalid_body => InvalidBody,
+    head_too_large => HeadTooLarge,
+    body_too_large => BodyTooLarge,
+    client_timeout => ClientTimeout,
+    not_found => NotFound,
+    method_not_allowed => MethodNotAllowed,
+    unknown_model => UnknownModel,
+    unsupported => Unsupported,
+    upstream_unreachable => UpstreamUnreachable,
+    upstream_protocol => UpstreamProtocol,
+    upstream_timeout => UpstreamTimeout,
+    shutting_down => ShuttingDown,
+    internal => Internal,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shapes_match_the_providers() {
+        let e = Error::unknown_model("model \"x\" is not routed");
+        let v: serde_json::Value = serde_json::from_slice(&e.body(ApiShape::OpenAi)).unwrap();
+        assert_eq!(v["error"]["type"], "invalid_request_error");
+        assert_eq!(v["error"]["code"], "model_not_found");
+        assert_eq!(e.status(), 404);
+        let v: serde_json::Value = serde_json::from_slice(&e.body(ApiShape::Anthropic)).unwrap();
+        assert_eq!(v["type"], "error");
+        assert_eq!(v["error"]["type"], "not_found_error");
+        assert_eq!(v["error"]["message"], "model \"x\" is not routed");
+    }
+
+    #[test]
+    fn statuses() {
+        assert_eq!(Error::head_too_large("").status(), 431);
+        assert_eq!(Error::body_too_large("").status(), 413);
+        assert_eq!(Error::upstream_unreachable("").status(), 502);
+        assert_eq!(Error::upstream_timeout("").status(), 504);
+        assert_eq!(Error::upstream_timeout("").side(), Side::Upstream);
+    }
+}

@@ -1,0 +1,694 @@
+//! Phase 6, forward: send the request to the provider and stream the response back as it arrives.
+//!
+//! Owns: the upstream request head (the client's credentials and hop-by-hop headers removed, the provider's
+//! key injected, a request id added), the upstream exchange on a pooled or fresh connection (one retry on a
+//! fresh connection when a pooled one turns out to be closed before any response byte), response header
+//! filtering, and body relay: a Content-Length body is passed through piece by piece; a chunked or
+//! close-delimited body is re-chunked toward the client, and an event stream is cut at SSE event boundaries
+//! ([`SseFramer`]) so every chunk the client receives holds whole events, sent the moment they are complete.
+//!
+//! While it waits on the upstream it also watches the client socket: a client that disconnects cancels the
+//! upstream request at once (the upstream connection is dropped), instead of running the generation to the end.
+//!
+//! Fails: before the response head, with an [`Error`] (502 unreachable or malformed, 504 timeout) that the
+//! pipeline renders; after it, an upstream failure ends the client's stream cleanly (an error event in the
+//! client's API shape, then the terminating chunk) and the outcome is logged as `upstream_failed`.
+//! Cost: per request two writes upstream (head, body: the body is a refcount of the client's buffer), one
+//! write per group of complete events downstream.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::task::Poll;
+
+use bytes::{Bytes, BytesMut};
+use monoio::io::{AsyncWriteRentExt, CancelableAsyncReadRent, Canceller, OwnedReadHalf};
+use monoio::net::TcpStream;
+use monoio::BufResult;
+use tollgate_controlplane::ProviderKind;
+
+use super::{ClientIo, Core, Outcome, RequestCtx};
+use crate::error::{ApiShape, Error, Result};
+use crate::http1::{self, ChunkEvent, ChunkedDecoder, Framing, ResponseHead};
+use crate::snapshot::ProviderRuntime;
+use crate::sse::SseFramer;
+use crate::upstream::{self, UpConn};
+
+const READ_SPARE: usize = 16 * 1024;
+const MAX_RESPONSE_HEAD: usize = 64 * 1024;
+
+/// Request headers never forwarded upstream: hop-by-hop (RFC 9110 §7.6.1), framing (re-computed), the
+/// client's credentials (Tollgate injects the provider's), and ones Tollgate sets itself.
+fn drop_request_header(name: &[u8]) -> bool {
+    const DROP: &[&str] = &[
+        "host",
+        "content-length",
+        "transfer-encoding",
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "proxy-authorization",
+        "proxy-authenticate",
+        "te",
+        "trailer",
+        "upgrade",
+        "expect",
+        "authorization",
+        "x-api-key",
+        "api-key",
+        "cf-access-jwt-assertion",
+        "cookie",
+        "accept-encoding",
+        "x-request-id",
+    ];
+    DROP.iter().any(|d| name.eq_ignore_ascii_case(d.as_bytes()))
+}
+
+/// Response headers never relayed to the client (hop-by-hop and framing, which Tollgate sets).
+fn drop_response_header(name: &[u8]) -> bool {
+    const DROP: &[&str] = &[
+        "content-length",
+        "transfer-encoding",
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "upgrade",
+        "x-request-id",
+    ];
+    DROP.iter().any(|d| name.eq_ignore_ascii_case(d.as_bytes()))
+}
+
+/// Names listed in a `Connection` header are hop-by-hop too.
+fn connection_listed(head_headers: &mut dyn Iterator<Item = (&[u8], &[u8])>) -> Vec<Vec<u8>> {
+    let mut out = Vec::new();
+    for (n, v) in head_headers {
+        if n.eq_ignore_ascii_case(b"connection") {
+            for t in v.split(|&b| b == b',') {
+                let t = t.trim_ascii();
+                if !t.is_empty() {
+                    out.push(t.to_ascii_lowercase());
+                }
+            }
+        }
+    }
+    out
+}
+
+fn build_request_head(ctx: &RequestCtx, p: &ProviderRuntime, body_len: usize) -> Vec<u8> {
+    let mut h = Vec::with_capacity(512 + ctx.head.raw.len());
+    h.extend_from_slice(b"POST ");
+    h.extend_from_slice(p.base.path_prefix.as_bytes());
+    h.extend_from_slice(ctx.head.path().as_bytes());
+    h.extend_from_slice(b" HTTP/1.1\r\n");
+    h.extend_from_slice(&p.host_line);
+    h.extend_from_slice(p.auth_lines());
+    h.extend_from_slice(format!("content-length: {body_len}\r\n").as_bytes());
+    h.extend_from_slice(b"accept-encoding: identity\r\nx-request-id: ");
+    h.extend_from_slice(ctx.id.as_bytes());
+    h.extend_from_slice(b"\r\n");
+    let listed = connection_listed(&mut ctx.head.headers());
+    let mut has_anthropic_version = false;
+    for (n, v) in ctx.head.headers() {
+        if drop_request_header(n) || listed.iter().any(|l| n.eq_ignore_ascii_case(l)) {
+            continue;
+        }
+        if n.eq_ignore_ascii_case(b"anthropic-version") {
+            has_anthropic_version = true;
+        }
+        h.extend_from_slice(n);
+        h.extend_from_slice(b": ");
+        h.extend_from_slice(v);
+        h.extend_from_slice(b"\r\n");
+    }
+    if p.kind == ProviderKind::Anthropic && !has_anthropic_version {
+        h.extend_from_slice(b"anthropic-version: 2023-06-01\r\n");
+    }
+    h.extend_from_slice(b"\r\n");
+    h
+}
+
+/// Watches the client socket for a disconnect while the upstream works, without losing pipelined bytes:
+/// the read is cancelable, and whatever it got is handed back to the connection buffer at the end.
+type WatchFuture<'a> = Pin<Box<dyn Future<Output = BufResult<usize, BytesMut>> + 'a>>;
+
+struct ClientWatch<'a> {
+    fut: Option<WatchFuture<'a>>,
+    canceller: Option<Canceller>,
+    got: Option<BytesMut>,
+}
+
+struct ClientGone;
+
+impl<'a> ClientWatch<'a> {
+    fn start(rd: &'a mut OwnedReadHalf<TcpStream>, buf: &mut BytesMut) -> ClientWatch<'a> {
+        if !buf.is_empty() {
+            // The client already sent its next request: it is alive, and its bytes stay where they are.
+            return ClientWatch {
+                fut: None,
+                canceller: None,
+                got: None,
+            };
+        }
+        let mut b = std::mem::take(buf);
+        b.reserve(4096);
+        let canceller = Canceller::new();
+        let handle = canceller.handle();
+        let fut = Box::pin(async move {
+            let (len, cap) = (b.len(), b.capacity());
+            let (r, s) = rd
+                .cancelable_read(monoio::buf::IoBufMut::slice_mut(b, len..cap), handle)
+                .await;
+            (r, s.into_inner())
+        });
+        ClientWatch {
+            fut: Some(fut),
+            canceller: Some(canceller),
+            got: None,
+        }
+    }
+
+    /// Runs `f` unless the client disconnects first.
+    async fn guard<T>(&mut self, f: impl Future<Output = T>) -> std::result::Result<T, ClientGone> {
+        let mut f = std::pin::pin!(f);
+        let Some(w) = self.fut.as_mut() else {
+            return Ok(f.await);
+        };
+        let first = std::future::poll_fn(|cx| {
+            if let Poll::Ready(v) = f.as_mut().poll(cx) {
+                return Poll::Ready(Ok(v));
+            }
+            if let Poll::Ready(r) = w.as_mut().poll(cx) {
+                return Poll::Ready(Err(r));
+            }
+            Poll::Pending
+        })
+        .await;
+        match first {
+            Ok(v) => Ok(v),
+            Err((res, b)) => {
+                self.fut = None;
+                self.canceller = None;
+                match res {
+                    Ok(n) if n > 0 => {
+                        // Pipelined bytes: keep them for the next request, stop watching.
+                        self.got = Some(b);
+                        Ok(f.await)
+                    }
+                    _ => Err(ClientGone),
+                }
+            }
+        }
+    }
+
+    /// Stops watching and returns any bytes the client sent meanwhile to `buf`.
+    async fn finish(mut self, buf: &mut BytesMut) {
+        if let Some(fut) = self.fut.take() {
+            if let Some(c) = self.canceller.take() {
+                c.cancel();
+            }
+            let (_res, b) = fut.await;
+            if !b.is_empty() {
+                *buf = b;
+            }
+        } else if let Some(b) = self.got.take() {
+            *buf = b;
+        }
+    }
+}
+
+/// Why the relay stopped early.
+enum Stop {
+    ClientGone,
+    Upstream(Error),
+}
+
+/// Forwards the request. `Err` only when nothing was written to the client yet.
+pub async fn forward(
+    core: &Core,
+    ctx: &mut RequestCtx,
+    io: &mut ClientIo,
+    provider: &ProviderRuntime,
+    body: Bytes,
+) -> Result<()> {
+    let head = build_request_head(ctx, provider, body.len());
+    let mut watch = ClientWatch::start(&mut io.rd, &mut io.buf);
+    let result = exchange(core, ctx, &mut io.wr, &mut watch, provider, head, body).await;
+    watch.finish(&mut io.buf).await;
+    result
+}
+
+async fn exchange(
+    core: &Core,
+    ctx: &mut RequestCtx,
+    wr: &mut monoio::io::OwnedWriteHalf<TcpStream>,
+    watch: &mut ClientWatch<'_>,
+    provider: &ProviderRuntime,
+    head: Vec<u8>,
+    body: Bytes,
+) -> Result<()> {
+    let sent_at = quanta::Instant::now();
+    let mut head = head;
+    let mut attempt = 0;
+    let (mut conn, resp, mut ubuf) = loop {
+        attempt += 1;
+        let pooled = if attempt == 1 {
+            core.pool.take(&provider.pool_key)
+        } else {
+            None
+        };
+        let (mut conn, reused) = match pooled {
+            Some(c) => (c, true),
+            None => {
+                let c = watch
+                    .guard(upstream::connect(
+                        provider,
+                        core.pool.next_rr(),
+                        core.upstream.connect_timeout,
+                    ))
+                    .await;
+                match c {
+                    Ok(r) => (r?, false),
+                    Err(ClientGone) => return client_gone(ctx),
+                }
+            }
+        };
+        match watch
+            .guard(send_and_read_head(core, &mut conn, head, body.clone()))
+            .await
+        {
+            Err(ClientGone) => return client_gone(ctx),
+            Ok(Ok((resp, ubuf))) => break (conn, resp, ubuf),
+            Ok(Err(SendError {
+                head: h,
+                stale: true,
+                ..
+            })) if reused => {
+                head = h;
+                continue;
+            }
+            Ok(Err(SendError { error, .. })) => return Err(error),
+        }
+    };
+    ctx.upstream_ttfb = Some(quanta::Instant::now().duration_since(sent_at));
+    ctx.status = resp.status;
+
+    // Response head toward the client.
+    let client_chunked = !matches!(resp.framing, Framing::Length(_) | Framing::Empty);
+    let mut out = Vec::with_capacity(resp.raw.len() + 128);
+    out.extend_from_slice(
+        format!(
+            "HTTP/1.1 {} {}\r\n",
+            resp.status,
+            http1::reason(resp.status)
+        )
+        .as_bytes(),
+    );
+    let listed = connection_listed(&mut resp.headers());
+    for (n, v) in resp.headers() {
+        if drop_response_header(n) || listed.iter().any(|l| n.eq_ignore_ascii_case(l)) {
+            continue;
+        }
+        out.extend_from_slice(n);
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(v);
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(b"x-request-id: ");
+    out.extend_from_slice(ctx.id.as_bytes());
+    out.extend_from_slice(b"\r\n");
+    match resp.framing {
+        Framing::Length(n) => out.extend_from_slice(format!("content-length: {n}\r\n").as_bytes()),
+        Framing::Empty => out.extend_from_slice(b"content-length: 0\r\n"),
+        Framing::Chunked | Framing::Close => {
+            out.extend_from_slice(b"transfer-encoding: chunked\r\n")
+        }
+    }
+    if !ctx.keep_alive {
+        out.extend_from_slice(b"connection: close\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+    let head_len = out.len();
+    let (r, _) = wr.write_all(out).await;
+    if r.is_err() {
+        return client_gone(ctx);
+    }
+    ctx.bytes_out += head_len as u64;
+
+    let sse = resp.is_event_stream();
+    let relay = relay_body(
+        core,
+        ctx,
+        wr,
+        watch,
+        &mut conn,
+        &resp,
+        &mut ubuf,
+        sse,
+        client_chunked,
+    )
+    .await;
+    match relay {
+        Ok(reusable) => {
+            ctx.outcome = Outcome::Complete;
+            if reusable && resp.keep_alive && ubuf.is_empty() {
+                core.pool.put(&provider.pool_key, conn);
+            }
+        }
+        Err(Stop::ClientGone) => {
+            // Dropping `conn` closes the upstream socket: the provider stops generating.
+            ctx.outcome = Outcome::ClientGone;
+            ctx.keep_alive = false;
+        }
+        Err(Stop::Upstream(e)) => {
+            ctx.outcome = Outcome::UpstreamFailed;
+            ctx.keep_alive = false;
+            if client_chunked {
+                // End the stream cleanly: an error event the SDKs surface, then the last chunk.
+                let mut tail = Vec::new();
+                if sse {
+                    let ev = sse_error_event(ctx.api, &e);
+                    tail.extend_from_slice(format!("{:x}\r\n", ev.len()).as_bytes());
+                    tail.extend_from_slice(&ev);
+                    tail.extend_from_slice(b"\r\n");
+                }
+                tail.extend_from_slice(b"0\r\n\r\n");
+                let n = tail.len();
+                if wr.write_all(tail).await.0.is_ok() {
+                    ctx.bytes_out += n as u64;
+                }
+            }
+            ctx.error = Some(e);
+        }
+    }
+    Ok(())
+}
+
+fn client_gone(ctx: &mut RequestCtx) -> Result<()> {
+    ctx.outcome = Outcome::ClientGone;
+    ctx.keep_alive = false;
+    if ctx.status == 0 {
+        // Nginx's convention for "client closed request"; never sent, only logged.
+        ctx.status = 499;
+    }
+    Ok(())
+}
+
+struct SendError {
+    head: Vec<u8>,
+    /// The connection was closed by the upstream before any response byte: safe to retry on a fresh one.
+    stale: bool,
+    error: Error,
+}
+
+async fn send_and_read_head(
+    core: &Core,
+    conn: &mut UpConn,
+    head: Vec<u8>,
+    body: Bytes,
+) -> std::result::Result<(ResponseHead, BytesMut), SendError> {
+    let (r, head) = conn.write_all(head).await;
+    if let Err(e) = r {
+        return Err(SendError {
+            head,
+            stale: true,
+            error: Error::upstream_unreachable(format!("sending request: {e}")),
+        });
+    }
+    if !body.is_empty() {
+        let (r, _) = conn.write_all(body).await;
+        if let Err(e) = r {
+            return Err(SendError {
+                head,
+                stale: true,
+                error: Error::upstream_unreachable(format!("sending body: {e}")),
+            });
+        }
+    }
+    if let Err(e) = conn.flush().await {
+        return Err(SendError {
+            head,
+            stale: true,
+            error: Error::upstream_unreachable(format!("sending request: {e}")),
+        });
+    }
+    let deadline = quanta::Instant::now() + core.upstream.first_byte_timeout;
+    let mut ubuf = BytesMut::with_capacity(READ_SPARE);
+    loop {
+        let left = deadline
+            .checked_duration_since(quanta::Instant::now())
+            .unwrap_or_default();
+        if left.is_zero() {
+            return Err(SendError {
+                head,
+                stale: false,
+                error: Error::upstream_timeout("the provider did not answer in time"),
+            });
+        }
+        let had = ubuf.len();
+        let (r, b) = match monoio::time::timeout(
+            left,
+            conn.read_append(std::mem::take(&mut ubuf), READ_SPARE),
+        )
+        .await
+        {
+            Ok(v) => v,
+            Err(_) => {
+                return Err(SendError {
+                    head,
+                    stale: false,
+                    error: Error::upstream_timeout("the provider did not answer in time"),
+                });
+            }
+        };
+        ubuf = b;
+        match r {
+            Ok(0) | Err(_) if had == 0 => {
+                return Err(SendError {
+                    head,
+                    stale: true,
+                    error: Error::upstream_unreachable(
+                        "the provider closed the connection without answering",
+                    ),
+                });
+            }
+            Ok(0) | Err(_) => {
+                return Err(SendError {
+                    head,
+                    stale: false,
+                    error: Error::upstream_protocol(
+                        "the provider closed the connection mid-response-head",
+                    ),
+                });
+            }
+            Ok(_) => {}
+        }
+        loop {
+            match http1::parse_response(&mut ubuf, MAX_RESPONSE_HEAD) {
+                Ok(Some(resp)) if (100..200).contains(&resp.status) && resp.status != 101 => {
+                    continue
+                }
+                Ok(Some(resp)) if resp.status == 101 => {
+                    return Err(SendError {
+                        head,
+                        stale: false,
+                        error: Error::upstream_protocol("the provider switched protocols"),
+                    });
+                }
+                Ok(Some(resp)) => return Ok((resp, ubuf)),
+                Ok(None) => break,
+                Err(error) => {
+                    return Err(SendError {
+                        head,
+                        stale: false,
+                        error,
+                    })
+                }
+            }
+        }
+    }
+}
+
+/// Relays the body. `Ok(true)` when the upstream connection ended cleanly and may be pooled.
+#[allow(clippy::too_many_arguments)]
+async fn relay_body(
+    core: &Core,
+    ctx: &mut RequestCtx,
+    wr: &mut monoio::io::OwnedWriteHalf<TcpStream>,
+    watch: &mut ClientWatch<'_>,
+    conn: &mut UpConn,
+    resp: &ResponseHead,
+    ubuf: &mut BytesMut,
+    sse: bool,
+    client_chunked: bool,
+) -> std::result::Result<bool, Stop> {
+    let mut framer = sse.then(SseFramer::new);
+    let mut decoder = (resp.framing == Framing::Chunked).then(ChunkedDecoder::new);
+    let mut remaining = match resp.framing {
+        Framing::Length(n) => n,
+        _ => 0,
+    };
+    if resp.framing == Framing::Empty {
+        return Ok(true);
+    }
+    loop {
+        // Drain what is buffered.
+        let mut pieces: Vec<Bytes> = Vec::new();
+        let mut finished = false;
+        match resp.framing {
+            Framing::Length(_) => {
+                if !ubuf.is_empty() {
+                    let take = (remaining as usize).min(ubuf.len());
+                    pieces.push(ubuf.split_to(take).freeze());
+                    remaining -= take as u64;
+                }
+                finished = remaining == 0;
+            }
+            Framing::Close => {
+                if !ubuf.is_empty() {
+                    pieces.push(ubuf.split().freeze());
+                }
+            }
+            Framing::Chunked => {
+                if let Some(d) = decoder.as_mut() {
+                    loop {
+                        match d.next(ubuf) {
+                            Ok(Some(ChunkEvent::Data(b))) => pieces.push(b),
+                            Ok(Some(ChunkEvent::Done)) => {
+                                finished = true;
+                                break;
+                            }
+                            Ok(None) => break,
+                            Err(why) => {
+                                return Err(Stop::Upstream(Error::upstream_protocol(format!(
+                                    "the provider sent a malformed chunked body: {why}"
+                                ))));
+                            }
+                        }
+                    }
+                }
+            }
+            Framing::Empty => finished = true,
+        }
+        for p in pieces {
+            let out = match framer.as_mut() {
+                Some(f) => match f.push(p) {
+                    Some(events) => events,
+                    None => continue,
+                },
+                None => p,
+            };
+            write_piece(ctx, wr, out, client_chunked).await?;
+        }
+        if finished {
+            if let Some(rest) = framer.as_mut().and_then(SseFramer::finish) {
+                write_piece(ctx, wr, rest, client_chunked).await?;
+            }
+            if client_chunked {
+                write_raw(ctx, wr, b"0\r\n\r\n".to_vec()).await?;
+            }
+            return Ok(true);
+        }
+        // Read more, within the read timeout, unless the client leaves.
+        let read = watch
+            .guard(monoio::time::timeout(
+                core.upstream.read_timeout,
+                conn.read_append(std::mem::take(ubuf), READ_SPARE),
+            ))
+            .await
+            .map_err(|ClientGone| Stop::ClientGone)?;
+        match read {
+            Err(_) => {
+                return Err(Stop::Upstream(Error::upstream_timeout(
+                    "the provider stalled mid-response",
+                )))
+            }
+            Ok((Ok(0), b)) | Ok((Err(_), b)) => {
+                *ubuf = b;
+                if resp.framing == Framing::Close {
+                    if let Some(rest) = framer.as_mut().and_then(SseFramer::finish) {
+                        write_piece(ctx, wr, rest, client_chunked).await?;
+                    }
+                    write_raw(ctx, wr, b"0\r\n\r\n".to_vec()).await?;
+                    return Ok(false);
+                }
+                return Err(Stop::Upstream(Error::upstream_protocol(
+                    "the provider closed the connection mid-response",
+                )));
+            }
+            Ok((Ok(_), b)) => *ubuf = b,
+        }
+    }
+}
+
+async fn write_piece(
+    ctx: &mut RequestCtx,
+    wr: &mut monoio::io::OwnedWriteHalf<TcpStream>,
+    data: Bytes,
+    chunked: bool,
+) -> std::result::Result<(), Stop> {
+    if data.is_empty() {
+        return Ok(());
+    }
+    if chunked {
+        let mut out = Vec::with_capacity(data.len() + 16);
+        out.extend_from_slice(format!("{:x}\r\n", data.len()).as_bytes());
+        out.extend_from_slice(&data);
+        out.extend_from_slice(b"\r\n");
+        write_raw(ctx, wr, out).await
+    } else {
+        let n = data.len();
+        let (r, _) = wr.write_all(data).await;
+        r.map_err(|_| Stop::ClientGone)?;
+        ctx.bytes_out += n as u64;
+        Ok(())
+    }
+}
+
+async fn write_raw(
+    ctx: &mut RequestCtx,
+    wr: &mut monoio::io::OwnedWriteHalf<TcpStream>,
+    out: Vec<u8>,
+) -> std::result::Result<(), Stop> {
+    let n = out.len();
+    let (r, _) = wr.write_all(out).await;
+    r.map_err(|_| Stop::ClientGone)?;
+    ctx.bytes_out += n as u64;
+    Ok(())
+}
+
+/// The mid-stream error event each SDK understands.
+fn sse_error_event(api: ApiShape, e: &Error) -> Vec<u8> {
+    let body = String::from_utf8(e.body(api)).unwrap_or_default();
+    match api {
+        ApiShape::Anthropic => format!("event: error\ndata: {body}\n\n").into_bytes(),
+        ApiShape::OpenAi => format!("data: {body}\n\n").into_bytes(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hop_by_hop_and_credentials_are_dropped() {
+        for h in [
+            "Authorization",
+            "X-Api-Key",
+            "cf-access-jwt-assertion",
+            "Transfer-Encoding",
+            "connection",
+            "TE",
+        ] {
+            assert!(drop_request_header(h.as_bytes()), "{h}");
+        }
+        for h in [
+            "content-type",
+            "anthropic-version",
+            "openai-beta",
+            "user-agent",
+        ] {
+            assert!(!drop_request_header(h.as_bytes()), "{h}");
+        }
+    }
+}

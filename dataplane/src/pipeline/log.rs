@@ -1,0 +1,96 @@
+//! Phase 8, log: one JSON line per request, appended to the core's buffer (see [`crate::accesslog`]).
+//!
+//! Fields: `ts`, `event` ("request"), `request_id`, `core`, `method`, `path`, `status`, `outcome`, `api`,
+//! `provider`, `route`, `model`, `upstream_model`, `stream`, `bytes_in`, `bytes_out`, `upstream_ttfb_us`,
+//! `total_us`, and `error` (code and message) when one occurred. Never a header value or a body: those may
+//! carry credentials. Fails: never. Cost: ~300 ns of formatting on the core, no syscall.
+
+use super::{Core, RequestCtx};
+use crate::accesslog::{json_str, now_rfc3339};
+use crate::error::{ApiShape, Error};
+
+fn field_str(out: &mut Vec<u8>, name: &str, v: &str) {
+    out.extend_from_slice(b",\"");
+    out.extend_from_slice(name.as_bytes());
+    out.extend_from_slice(b"\":");
+    json_str(out, v);
+}
+
+fn field_num(out: &mut Vec<u8>, name: &str, v: u64) {
+    out.extend_from_slice(b",\"");
+    out.extend_from_slice(name.as_bytes());
+    out.extend_from_slice(b"\":");
+    out.extend_from_slice(itoa::Buffer::new().format(v).as_bytes());
+}
+
+/// The access-log line for a completed request.
+pub fn access(core: &Core, ctx: &RequestCtx) {
+    if !core.log.enabled() {
+        return;
+    }
+    let total = quanta::Instant::now().duration_since(ctx.start);
+    core.log.line(|out| {
+        out.extend_from_slice(b"{\"ts\":");
+        json_str(out, &now_rfc3339());
+        field_str(out, "event", "request");
+        field_str(out, "request_id", &ctx.id);
+        field_num(out, "core", core.id as u64);
+        field_str(out, "method", ctx.head.method_str());
+        field_str(out, "path", ctx.head.path());
+        field_num(out, "status", u64::from(ctx.status));
+        field_str(out, "outcome", ctx.outcome.as_str());
+        field_str(
+            out,
+            "api",
+            match ctx.api {
+                ApiShape::OpenAi => "openai",
+                ApiShape::Anthropic => "anthropic",
+            },
+        );
+        if let Some(p) = &ctx.provider {
+            field_str(out, "provider", &p.name);
+        }
+        if let Some(r) = &ctx.route {
+            field_str(out, "route", r);
+        }
+        if let Some(m) = &ctx.model {
+            field_str(out, "model", m);
+        }
+        if let Some(m) = &ctx.upstream_model {
+            field_str(out, "upstream_model", m);
+        }
+        out.extend_from_slice(if ctx.stream {
+            b",\"stream\":true"
+        } else {
+            b",\"stream\":false"
+        });
+        field_num(out, "bytes_in", ctx.bytes_in);
+        field_num(out, "bytes_out", ctx.bytes_out);
+        if let Some(t) = ctx.upstream_ttfb {
+            field_num(out, "upstream_ttfb_us", t.as_micros() as u64);
+        }
+        field_num(out, "total_us", total.as_micros() as u64);
+        if let Some(e) = &ctx.error {
+            field_str(out, "error_code", e.code());
+            field_str(out, "error", &e.message);
+        }
+        out.push(b'}');
+    });
+}
+
+/// A request that failed before it had a context (unparseable head, oversize, timeout).
+pub fn parse_failure(core: &Core, e: &Error) {
+    if !core.log.enabled() {
+        return;
+    }
+    core.log.line(|out| {
+        out.extend_from_slice(b"{\"ts\":");
+        json_str(out, &now_rfc3339());
+        field_str(out, "event", "request_rejected");
+        field_num(out, "core", core.id as u64);
+        field_num(out, "status", u64::from(e.status()));
+        field_str(out, "error_code", e.code());
+        field_str(out, "error", &e.message);
+        out.push(b'}');
+    });
+}

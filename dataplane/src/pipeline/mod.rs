@@ -1,0 +1,366 @@
+//! The request pipeline: one request context carried through named phases, read top-down in [`run_one`].
+//!
+//! Phases, one module each:
+//! 1. [`parse`]: read the head and body off the client connection (limits, timeouts, smuggling checks).
+//! 2. identify: who is calling (JWT / service token). Added with identity and policy (issue 5).
+//! 3. authorize: may they use this model. Added with identity and policy (issue 5).
+//! 4. admit: reserve budget. Added with spend limits (issue 6).
+//! 5. [`route`]: endpoint, model, provider, upstream body.
+//! 6. [`forward`]: the upstream exchange, streamed back to the client event by event.
+//! 7. account: price the usage and settle. Added with real-time cost (issue 4).
+//! 8. [`log`]: one JSON access-log line per request, through the core's buffer.
+//!
+//! Owns: [`Core`] (everything one worker thread owns: its snapshot handle, upstream pool, log buffer, counters)
+//! and [`RequestCtx`]. Fails: every error before the response head is rendered in the client's API shape with
+//! the status from [`Error::status`]; after the head, failures end the stream cleanly (see [`forward`]).
+
+pub mod forward;
+pub mod log;
+pub mod parse;
+pub mod route;
+
+use std::cell::Cell;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use monoio::io::{AsyncWriteRentExt, OwnedReadHalf, OwnedWriteHalf};
+use monoio::net::TcpStream;
+use tollgate_controlplane::config::{ServerConfig, UpstreamConfig};
+
+use crate::accesslog::CoreLog;
+use crate::error::{ApiShape, Error};
+use crate::http1::{self, Limits, Method, RequestHead};
+use crate::snapshot::{ProviderRuntime, Published};
+use crate::upstream::Pool;
+use route::Endpoint;
+
+/// Everything one worker owns. `!Send`: built on its core and never leaves it.
+#[derive(Debug)]
+pub struct Core {
+    pub id: usize,
+    pub snapshot: Published,
+    pub pool: Pool,
+    pub log: CoreLog,
+    pub limits: Limits,
+    pub server: ServerConfig,
+    pub upstream: UpstreamConfig,
+    pub shutdown: Arc<AtomicBool>,
+    pub in_flight: Cell<usize>,
+    requests: Cell<u64>,
+    id_prefix: String,
+}
+
+impl Core {
+    pub fn new(
+        id: usize,
+        snapshot: Published,
+        log: CoreLog,
+        server: ServerConfig,
+        upstream: UpstreamConfig,
+        shutdown: Arc<AtomicBool>,
+        process_seed: u32,
+    ) -> Core {
+        let limits = Limits {
+            max_head_bytes: server.max_head_bytes,
+            max_headers: server.max_headers,
+            max_body_bytes: server.max_body_bytes,
+        };
+        Core {
+            id,
+            snapshot,
+            pool: Pool::new(
+                upstream.pool_max_idle_per_provider,
+                upstream.pool_idle_timeout,
+            ),
+            log,
+            limits,
+            server,
+            upstream,
+            shutdown,
+            in_flight: Cell::new(0),
+            requests: Cell::new(0),
+            id_prefix: format!("{process_seed:08x}{:02x}", id & 0xff),
+        }
+    }
+
+    pub fn shutting_down(&self) -> bool {
+        self.shutdown.load(Ordering::Relaxed)
+    }
+
+    /// A request id unique across cores and restarts: process seed, core, per-core counter.
+    fn next_request_id(&self) -> String {
+        let n = self.requests.get().wrapping_add(1);
+        self.requests.set(n);
+        let mut s = String::with_capacity(24);
+        s.push_str(&self.id_prefix);
+        s.push_str(&format!("{n:014x}"));
+        s
+    }
+}
+
+/// The client connection, split so the forward phase can watch for a disconnect while it writes.
+pub struct ClientIo {
+    pub rd: OwnedReadHalf<TcpStream>,
+    pub wr: OwnedWriteHalf<TcpStream>,
+    /// Bytes read but not yet consumed (a pipelined next request stays here).
+    pub buf: BytesMut,
+}
+
+impl std::fmt::Debug for ClientIo {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClientIo")
+            .field("buffered", &self.buf.len())
+            .finish()
+    }
+}
+
+/// How a request ended, for the log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// The whole response reached the client's socket.
+    Complete,
+    /// The gateway answered with an error before contacting (or hearing from) the upstream.
+    Rejected,
+    /// The client went away before the response was complete; the upstream request was cancelled.
+    ClientGone,
+    /// The upstream failed after the response began; the client's stream was ended cleanly.
+    UpstreamFailed,
+}
+
+impl Outcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Complete => "complete",
+            Outcome::Rejected => "rejected",
+            Outcome::ClientGone => "client_gone",
+            Outcome::UpstreamFailed => "upstream_failed",
+        }
+    }
+}
+
+/// One request's state, passed through every phase.
+#[derive(Debug)]
+pub struct RequestCtx {
+    pub id: String,
+    pub start: quanta::Instant,
+    pub head: RequestHead,
+    pub body: Bytes,
+    pub endpoint: Option<Endpoint>,
+    pub api: ApiShape,
+    pub model: Option<String>,
+    pub upstream_model: Option<String>,
+    pub route: Option<String>,
+    pub provider: Option<Arc<ProviderRuntime>>,
+    pub stream: bool,
+    pub status: u16,
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+    pub upstream_ttfb: Option<Duration>,
+    pub outcome: Outcome,
+    pub error: Option<Error>,
+    /// Whether the client connection can serve another request afterwards.
+    pub keep_alive: bool,
+}
+
+/// Serves one request on `io`; returns whether the connection stays open.
+pub async fn run_one(core: &Core, io: &mut ClientIo) -> bool {
+    // 1. parse
+    let (head, body) = match parse::read_request(core, io).await {
+        Ok(Some(r)) => r,
+        Ok(None) => return false,
+        Err(e) => {
+            // No request context exists for an unparseable request; answer and close.
+            let _ = write_simple(
+                io,
+                e.status(),
+                "application/json",
+                &e.body(ApiShape::OpenAi),
+                false,
+                None,
+            )
+            .await;
+            log::parse_failure(core, &e);
+            return false;
+        }
+    };
+    core.in_flight.set(core.in_flight.get() + 1);
+    let mut ctx = RequestCtx {
+        id: core.next_request_id(),
+        start: quanta::Instant::now(),
+        bytes_in: (head.raw.len() + body.len()) as u64,
+        keep_alive: head.keep_alive && !core.shutting_down(),
+        head,
+        body,
+        endpoint: None,
+        api: ApiShape::OpenAi,
+        model: None,
+        upstream_model: None,
+        route: None,
+        provider: None,
+        stream: false,
+        status: 0,
+        bytes_out: 0,
+        upstream_ttfb: None,
+        outcome: Outcome::Rejected,
+        error: None,
+    };
+    handle(core, &mut ctx, io).await;
+    // 8. log
+    log::access(core, &ctx);
+    core.in_flight.set(core.in_flight.get().saturating_sub(1));
+    ctx.keep_alive && !core.shutting_down()
+}
+
+async fn handle(core: &Core, ctx: &mut RequestCtx, io: &mut ClientIo) {
+    let ep = match route::endpoint(&ctx.head) {
+        Ok(ep) => ep,
+        Err((e, shape)) => {
+            ctx.api = shape;
+            return fail(ctx, io, e).await;
+        }
+    };
+    ctx.endpoint = Some(ep);
+    ctx.api = ep.api();
+    let snap = core.snapshot.load_full();
+    let head_only = ctx.head.method == Method::Head;
+    match ep {
+        Endpoint::Healthz => {
+            return local(ctx, io, 200, br#"{"status":"ok"}"#.to_vec(), head_only).await
+        }
+        Endpoint::Readyz => {
+            let unresolved: Vec<&str> = snap
+                .providers
+                .iter()
+                .filter(|p| p.addrs.load().is_empty())
+                .map(|p| p.name.as_str())
+                .collect();
+            let (status, body) = if core.shutting_down() {
+                (503, serde_json::json!({"status": "shutting_down"}))
+            } else if !unresolved.is_empty() {
+                (
+                    503,
+                    serde_json::json!({"status": "not_ready", "unresolved_providers": unresolved}),
+                )
+            } else {
+                (200, serde_json::json!({"status": "ready"}))
+            };
+            return local(
+                ctx,
+                io,
+                status,
+                serde_json::to_vec(&body).unwrap_or_default(),
+                head_only,
+            )
+            .await;
+        }
+        Endpoint::Models => {
+            let shape = if ctx.head.header("anthropic-version").is_some() {
+                ApiShape::Anthropic
+            } else {
+                ApiShape::OpenAi
+            };
+            return local(ctx, io, 200, route::models_body(&snap, shape), head_only).await;
+        }
+        Endpoint::ChatCompletions | Endpoint::Messages => {}
+    }
+    // 2-4. identify, authorize, admit: arrive with issues 5 and 6.
+    // 5. route
+    let routed = match route::route(&snap, ep, &ctx.body) {
+        Ok(r) => r,
+        Err(e) => return fail(ctx, io, e).await,
+    };
+    ctx.model = Some(routed.model);
+    ctx.stream = routed.stream;
+    ctx.route = Some(routed.route);
+    ctx.upstream_model = routed.upstream_model;
+    ctx.provider = Some(Arc::clone(&routed.provider));
+    // 6. forward
+    if let Err(e) = forward::forward(core, ctx, io, &routed.provider, routed.body).await {
+        fail(ctx, io, e).await;
+    }
+    // 7. account: arrives with issue 4.
+}
+
+/// Answers with an error in the client's API shape. The connection closes after client-side framing errors.
+async fn fail(ctx: &mut RequestCtx, io: &mut ClientIo, e: Error) {
+    let body = e.body(ctx.api);
+    ctx.status = e.status();
+    ctx.outcome = Outcome::Rejected;
+    match write_simple(
+        io,
+        ctx.status,
+        "application/json",
+        &body,
+        ctx.keep_alive,
+        Some(&ctx.id),
+    )
+    .await
+    {
+        Ok(n) => ctx.bytes_out += n as u64,
+        Err(_) => {
+            ctx.keep_alive = false;
+            ctx.outcome = Outcome::ClientGone;
+        }
+    }
+    ctx.error = Some(e);
+}
+
+async fn local(
+    ctx: &mut RequestCtx,
+    io: &mut ClientIo,
+    status: u16,
+    body: Vec<u8>,
+    head_only: bool,
+) {
+    ctx.status = status;
+    let body = if head_only { Vec::new() } else { body };
+    match write_simple(
+        io,
+        status,
+        "application/json",
+        &body,
+        ctx.keep_alive,
+        Some(&ctx.id),
+    )
+    .await
+    {
+        Ok(n) => {
+            ctx.bytes_out += n as u64;
+            ctx.outcome = Outcome::Complete;
+        }
+        Err(_) => {
+            ctx.keep_alive = false;
+            ctx.outcome = Outcome::ClientGone;
+        }
+    }
+}
+
+/// Writes a complete response with a Content-Length body in one write.
+pub async fn write_simple(
+    io: &mut ClientIo,
+    status: u16,
+    content_type: &str,
+    body: &[u8],
+    keep_alive: bool,
+    request_id: Option<&str>,
+) -> std::io::Result<usize> {
+    let mut out = Vec::with_capacity(256 + body.len());
+    out.extend_from_slice(format!("HTTP/1.1 {status} {}\r\n", http1::reason(status)).as_bytes());
+    out.extend_from_slice(b"content-type: ");
+    out.extend_from_slice(content_type.as_bytes());
+    out.extend_from_slice(format!("\r\ncontent-length: {}\r\n", body.len()).as_bytes());
+    if let Some(id) = request_id {
+        out.extend_from_slice(b"x-request-id: ");
+        out.extend_from_slice(id.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    if !keep_alive {
+        out.extend_from_slice(b"connection: close\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+    out.extend_from_slice(body);
+    let (r, out) = io.wr.write_all(out).await;
+    r.map(|_| out.len())
+}

@@ -1,0 +1,296 @@
+//! Thread-per-core serving: one pinned `monoio` worker per core, each with its own SO_REUSEPORT listener.
+//!
+//! Owns: listener creation (the first socket binds, possibly to port 0, and the others join its actual port
+//! with SO_REUSEPORT, so the kernel spreads connections across cores), worker threads and their runtimes
+//! (io_uring where the kernel allows, epoll otherwise, as `server.driver` says), each worker's accept loop,
+//! connection loop and 50 ms housekeeping ticker, and graceful shutdown.
+//!
+//! Shutdown: when the shared flag is set, each worker stops accepting, lets in-flight requests finish (their
+//! responses carry `connection: close`) until `server.shutdown_grace_ms`, flushes its log buffer and returns;
+//! idle keep-alive connections are closed when its runtime drops.
+//! Fails: listener or runtime creation errors are returned from [`start`] before any worker serves.
+//! Cost: nothing shared between workers on the request path but the snapshot's atomic load.
+
+use std::cell::{Cell, RefCell};
+use std::future::Future;
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use std::task::{Poll, Waker};
+use std::time::Duration;
+
+use bytes::BytesMut;
+use monoio::io::Splitable;
+use monoio::net::{TcpListener, TcpStream};
+use socket2::{Domain, Protocol, Socket, Type};
+use tollgate_controlplane::config::{Config, DriverChoice};
+
+use crate::accesslog::{CoreLog, Logger};
+use crate::pipeline::{self, ClientIo, Core};
+use crate::snapshot::Published;
+
+/// A running set of workers.
+#[derive(Debug)]
+pub struct Workers {
+    pub addrs: Vec<SocketAddr>,
+    pub driver: &'static str,
+    pub count: usize,
+    handles: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl Workers {
+    pub(crate) fn empty() -> Workers {
+        Workers {
+            addrs: Vec::new(),
+            driver: "none",
+            count: 0,
+            handles: Vec::new(),
+        }
+    }
+
+    /// Waits for every worker to return (after the shutdown flag is set).
+    pub fn join(self) {
+        for h in self.handles {
+            let _ = h.join();
+        }
+    }
+}
+
+fn listener_socket(addr: SocketAddr) -> std::io::Result<Socket> {
+    let s = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    s.set_reuse_address(true)?;
+    s.set_reuse_port(true)?;
+    s.set_nonblocking(true)?;
+    s.bind(&addr.into())?;
+    s.listen(1024)?;
+    Ok(s)
+}
+
+/// Binds one listener per worker per address. Returns the actual addresses and, per worker, its listeners.
+fn bind_all(
+    listen: &[SocketAddr],
+    workers: usize,
+) -> std::io::Result<(Vec<SocketAddr>, Vec<Vec<std::net::TcpListener>>)> {
+    let mut actual = Vec::new();
+    let mut per_worker: Vec<Vec<std::net::TcpListener>> =
+        (0..workers).map(|_| Vec::new()).collect();
+    for &addr in listen {
+        let first = listener_socket(addr)?;
+        let bound = first
+            .local_addr()?
+            .as_socket()
+            .ok_or_else(|| std::io::Error::other("listener has no inet address"))?;
+        actual.push(bound);
+        for (i, slot) in per_worker.iter_mut().enumerate() {
+            let s = if i == 0 {
+                first.try_clone()?
+            } else {
+                listener_socket(bound)?
+            };
+            slot.push(s.into());
+        }
+    }
+    Ok((actual, per_worker))
+}
+
+/// Which driver a worker will actually use.
+pub fn resolve_driver(choice: DriverChoice) -> std::io::Result<&'static str> {
+    let uring = monoio::utils::detect_uring();
+    match choice {
+        DriverChoice::Auto if uring => Ok("io_uring"),
+        DriverChoice::Auto | DriverChoice::Epoll => Ok("epoll"),
+        DriverChoice::IoUring if uring => Ok("io_uring"),
+        DriverChoice::IoUring => Err(std::io::Error::other(
+            "server.driver = \"io_uring\" but this kernel does not allow io_uring",
+        )),
+    }
+}
+
+/// Starts the workers. They run until `shutdown` is set.
+pub fn start(
+    config: &Config,
+    snapshot: Published,
+    logger: &Logger,
+    shutdown: Arc<AtomicBool>,
+) -> std::io::Result<Workers> {
+    let count = match config.server.workers {
+        0 => std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1),
+        n => n,
+    };
+    let driver = resolve_driver(config.server.driver)?;
+    let (addrs, listeners) = bind_all(&config.server.listen, count)?;
+    let cores = core_affinity::get_core_ids().unwrap_or_default();
+    let seed = process_seed();
+    let mut handles = Vec::with_capacity(count);
+    for (i, ls) in listeners.into_iter().enumerate() {
+        let core_id = if cores.is_empty() {
+            None
+        } else {
+            Some(cores[i % cores.len()])
+        };
+        let snapshot = Arc::clone(&snapshot);
+        let logger = logger.clone();
+        let shutdown = Arc::clone(&shutdown);
+        let server = config.server.clone();
+        let upstream = config.upstream.clone();
+        let access_log = config.log.access_log;
+        let h = std::thread::Builder::new()
+            .name(format!("tollgate-w{i}"))
+            .spawn(move || {
+                if let Some(c) = core_id {
+                    core_affinity::set_for_current(c);
+                }
+                let log = CoreLog::new(logger.clone(), access_log);
+                let core = Rc::new(Core::new(
+                    i, snapshot, log, server, upstream, shutdown, seed,
+                ));
+                let res = if driver == "io_uring" {
+                    monoio::RuntimeBuilder::<monoio::IoUringDriver>::new()
+                        .with_entries(1024)
+                        .enable_timer()
+                        .build()
+                        .map(|mut rt| rt.block_on(worker_main(Rc::clone(&core), ls)))
+                } else {
+                    monoio::RuntimeBuilder::<monoio::LegacyDriver>::new()
+                        .enable_timer()
+                        .build()
+                        .map(|mut rt| rt.block_on(worker_main(Rc::clone(&core), ls)))
+                };
+                if let Err(e) = res {
+                    logger.event(
+                        "worker_failed",
+                        &[("worker", &i.to_string()), ("error", &e.to_string())],
+                    );
+                }
+                core.log.flush();
+            })?;
+        handles.push(h);
+    }
+    Ok(Workers {
+        addrs,
+        driver,
+        count,
+        handles,
+    })
+}
+
+fn process_seed() -> u32 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_nanos(),
+    );
+    h.write_u32(std::process::id());
+    h.finish() as u32
+}
+
+/// A one-shot, core-local signal that many tasks can wait on.
+#[derive(Default)]
+struct LocalSignal {
+    fired: Cell<bool>,
+    wakers: RefCell<Vec<Waker>>,
+}
+
+impl LocalSignal {
+    fn fire(&self) {
+        self.fired.set(true);
+        for w in self.wakers.borrow_mut().drain(..) {
+            w.wake();
+        }
+    }
+
+    async fn wait(&self) {
+        std::future::poll_fn(|cx| {
+            if self.fired.get() {
+                return Poll::Ready(());
+            }
+            let mut ws = self.wakers.borrow_mut();
+            if !ws.iter().any(|w| w.will_wake(cx.waker())) {
+                ws.push(cx.waker().clone());
+            }
+            Poll::Pending
+        })
+        .await
+    }
+}
+
+async fn worker_main(core: Rc<Core>, listeners: Vec<std::net::TcpListener>) {
+    let stop = Rc::new(LocalSignal::default());
+    let mut accepting = Vec::new();
+    for l in listeners {
+        match TcpListener::from_std(l) {
+            Ok(l) => accepting.push(monoio::spawn(accept_loop(
+                Rc::clone(&core),
+                l,
+                Rc::clone(&stop),
+            ))),
+            Err(e) => core
+                .log
+                .logger()
+                .event("listener_failed", &[("error", &e.to_string())]),
+        }
+    }
+    // Housekeeping: flush the log buffer, sweep idle upstream connections, watch the shutdown flag.
+    let mut ticks = 0u64;
+    while !core.shutting_down() {
+        monoio::time::sleep(Duration::from_millis(50)).await;
+        core.log.flush();
+        ticks += 1;
+        if ticks.is_multiple_of(20) {
+            core.pool.sweep();
+        }
+    }
+    stop.fire();
+    for a in accepting {
+        a.await;
+    }
+    let deadline = quanta::Instant::now() + core.server.shutdown_grace;
+    while core.in_flight.get() > 0 && quanta::Instant::now() < deadline {
+        monoio::time::sleep(Duration::from_millis(10)).await;
+    }
+    core.log.flush();
+}
+
+async fn accept_loop(core: Rc<Core>, listener: TcpListener, stop: Rc<LocalSignal>) {
+    loop {
+        let mut accept = std::pin::pin!(listener.accept());
+        let mut stopped = std::pin::pin!(stop.wait());
+        let next = std::future::poll_fn(|cx| {
+            if stopped.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(None);
+            }
+            accept.as_mut().poll(cx).map(Some)
+        })
+        .await;
+        match next {
+            None => return,
+            Some(Ok((stream, _peer))) => {
+                monoio::spawn(serve_conn(Rc::clone(&core), stream));
+            }
+            Some(Err(e)) => {
+                // EMFILE and friends: back off briefly instead of spinning.
+                core.log
+                    .logger()
+                    .event("accept_failed", &[("error", &e.to_string())]);
+                monoio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    }
+}
+
+async fn serve_conn(core: Rc<Core>, stream: TcpStream) {
+    let _ = stream.set_nodelay(true);
+    let (rd, wr) = stream.into_split();
+    let mut io = ClientIo {
+        rd,
+        wr,
+        buf: BytesMut::with_capacity(16 * 1024),
+    };
+    while pipeline::run_one(&core, &mut io).await {}
+}
