@@ -256,22 +256,46 @@ pub fn spawn(cfg: MockConfig) -> Result<MockHandle, MockError> {
     })?;
     listener.set_nonblocking(true).map_err(MockError::Runtime)?;
     let addr = listener.local_addr().map_err(MockError::Runtime)?;
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(cfg.threads.max(1))
-        .thread_name("tollgate-mock")
-        .enable_all()
-        .build()
-        .map_err(MockError::Runtime)?;
+    let threads = cfg.threads.max(1);
     let state = Arc::new(server::State::new(cfg.defaults));
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel();
+    let (ready_tx, ready_rx) = std::sync::mpsc::sync_channel(1);
     let thread_state = Arc::clone(&state);
+    // The runtime lives and dies on its own thread, so the caller may or may
+    // not be inside a runtime of its own.
     let thread = std::thread::Builder::new()
         .name("tollgate-mock-main".into())
         .spawn(move || {
+            let runtime = match tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(threads)
+                .thread_name("tollgate-mock")
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => {
+                    let _ = ready_tx.send(Err(e));
+                    return;
+                }
+            };
+            let _ = ready_tx.send(Ok(()));
             runtime.block_on(server::serve(listener, acceptor, thread_state, stop_rx));
             runtime.shutdown_timeout(Duration::from_millis(200));
         })
         .map_err(MockError::Runtime)?;
+    match ready_rx.recv() {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => {
+            let _ = thread.join();
+            return Err(MockError::Runtime(e));
+        }
+        Err(_) => {
+            let _ = thread.join();
+            return Err(MockError::Runtime(std::io::Error::other(
+                "the mock thread ended before starting",
+            )));
+        }
+    }
     Ok(MockHandle {
         addr,
         tls: cfg.tls.is_some(),

@@ -57,6 +57,12 @@ fn main() -> anyhow::Result<()> {
         (None, None) => None,
         _ => bail!("--tls-cert and --tls-key go together"),
     };
+    // Handlers first, so a signal sent right after the listening line is caught.
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("building the signal runtime")?;
+    let signals = runtime.block_on(async { Signals::install() })?;
     let handle = tollgate_loadtest::spawn(MockConfig {
         listen: args.listen,
         threads: args.threads,
@@ -82,29 +88,42 @@ fn main() -> anyhow::Result<()> {
     stdout.flush().context("flushing stdout")?;
     drop(stdout);
 
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("building the signal runtime")?
-        .block_on(wait_for_signal())?;
+    runtime.block_on(signals.wait());
     handle.shutdown();
     Ok(())
 }
 
-async fn wait_for_signal() -> anyhow::Result<()> {
+/// SIGTERM and SIGINT (Ctrl-C elsewhere).
+struct Signals {
     #[cfg(unix)]
-    {
-        use tokio::signal::unix::{signal, SignalKind};
-        let mut term = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
-        let mut int = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
+    term: tokio::signal::unix::Signal,
+    #[cfg(unix)]
+    int: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn install() -> anyhow::Result<Self> {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{signal, SignalKind};
+            Ok(Self {
+                term: signal(SignalKind::terminate()).context("installing SIGTERM handler")?,
+                int: signal(SignalKind::interrupt()).context("installing SIGINT handler")?,
+            })
+        }
+        #[cfg(not(unix))]
+        Ok(Self {})
+    }
+
+    async fn wait(mut self) {
+        #[cfg(unix)]
         tokio::select! {
-            _ = term.recv() => {}
-            _ = int.recv() => {}
+            _ = self.term.recv() => {}
+            _ = self.int.recv() => {}
+        }
+        #[cfg(not(unix))]
+        {
+            let _ = tokio::signal::ctrl_c().await;
         }
     }
-    #[cfg(not(unix))]
-    tokio::signal::ctrl_c()
-        .await
-        .context("waiting for Ctrl-C")?;
-    Ok(())
 }
