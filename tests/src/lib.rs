@@ -22,7 +22,11 @@ pub fn bin(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("current exe");
     let dir = exe.parent().and_then(Path::parent).expect("target dir");
     let p = dir.join(name);
-    assert!(p.exists(), "{} is not built: run `cargo test --workspace` (or `cargo build --bins`) first", p.display());
+    assert!(
+        p.exists(),
+        "{} is not built: run `cargo test --workspace` (or `cargo build --bins`) first",
+        p.display()
+    );
     p
 }
 
@@ -69,11 +73,16 @@ impl Proc {
     /// Starts `path args...` and waits for its `{"event":"listening","addr":...}` line.
     pub fn start(path: &Path, args: &[&str], env: &[(&str, &str)]) -> Proc {
         let mut cmd = Command::new(path);
-        cmd.args(args).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+        cmd.args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
         for (k, v) in env {
             cmd.env(k, v);
         }
-        let mut child = cmd.spawn().unwrap_or_else(|e| panic!("spawning {}: {e}", path.display()));
+        let mut child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawning {}: {e}", path.display()));
         let out = Arc::new(Lines::default());
         for stream in [
             Box::new(child.stdout.take().unwrap()) as Box<dyn Read + Send>,
@@ -89,10 +98,21 @@ impl Proc {
             });
         }
         let name = path.file_name().unwrap().to_string_lossy().into_owned();
-        let mut p = Proc { child, addr: SocketAddr::from(([0, 0, 0, 0], 0)), out, name };
-        let line = p.wait_line(|l| l.contains("\"listening\""), WAIT).unwrap_or_else(|| {
-            panic!("{} never logged a listening line; output:\n{}", p.name, p.output())
-        });
+        let mut p = Proc {
+            child,
+            addr: SocketAddr::from(([0, 0, 0, 0], 0)),
+            out,
+            name,
+        };
+        let line = p
+            .wait_line(|l| l.contains("\"listening\""), WAIT)
+            .unwrap_or_else(|| {
+                panic!(
+                    "{} never logged a listening line; output:\n{}",
+                    p.name,
+                    p.output()
+                )
+            });
         let v: serde_json::Value = serde_json::from_str(&line).unwrap();
         p.addr = v["addr"].as_str().unwrap().parse().unwrap();
         p
@@ -136,7 +156,9 @@ impl Proc {
 
     /// Sends SIGTERM.
     pub fn sigterm(&self) {
-        let _ = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status();
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
     }
 
     /// Waits for exit, returning the status code.
@@ -175,11 +197,16 @@ pub const MOCK_KEY: &str = "sk-test-provider-key-0123456789";
 
 /// A gateway config with one OpenAI and one Anthropic provider at `base`, plus `extra` TOML appended.
 pub fn config_for(base: &str, server_extra: &str, extra: &str) -> String {
+    let workers = if server_extra.contains("workers") {
+        ""
+    } else {
+        "workers = 2"
+    };
     format!(
         r#"
 [server]
 listen = ["127.0.0.1:0"]
-workers = 2
+{workers}
 {server_extra}
 
 [[providers]]
@@ -236,7 +263,10 @@ pub fn gateway(toml: &str) -> Gateway {
     let proc = Proc::start(
         &bin("tollgate"),
         &["serve", "--config", cfg.to_str().unwrap()],
-        &[("TG_TEST_OPENAI_KEY", MOCK_KEY), ("TG_TEST_ANTHROPIC_KEY", MOCK_KEY)],
+        &[
+            ("TG_TEST_OPENAI_KEY", MOCK_KEY),
+            ("TG_TEST_ANTHROPIC_KEY", MOCK_KEY),
+        ],
     );
     Gateway { proc, _dir: dir }
 }
@@ -262,12 +292,19 @@ pub struct Response {
 
 impl Response {
     pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers.iter().find(|(n, _)| n.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
+        self.headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
     }
 
     pub fn json(&self) -> serde_json::Value {
-        serde_json::from_slice(&self.body)
-            .unwrap_or_else(|e| panic!("body is not JSON ({e}): {}", String::from_utf8_lossy(&self.body)))
+        serde_json::from_slice(&self.body).unwrap_or_else(|e| {
+            panic!(
+                "body is not JSON ({e}): {}",
+                String::from_utf8_lossy(&self.body)
+            )
+        })
     }
 
     pub fn text(&self) -> String {
@@ -284,9 +321,14 @@ pub struct Conn {
 impl Conn {
     pub fn open(addr: SocketAddr) -> Conn {
         let stream = TcpStream::connect(addr).unwrap();
-        stream.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(30)))
+            .unwrap();
         stream.set_nodelay(true).unwrap();
-        Conn { stream, buf: Vec::new() }
+        Conn {
+            stream,
+            buf: Vec::new(),
+        }
     }
 
     pub fn send(&mut self, bytes: &[u8]) {
@@ -315,7 +357,12 @@ impl Conn {
                     let hs: Vec<(String, String)> = r
                         .headers
                         .iter()
-                        .map(|h| (h.name.to_ascii_lowercase(), String::from_utf8_lossy(h.value).into_owned()))
+                        .map(|h| {
+                            (
+                                h.name.to_ascii_lowercase(),
+                                String::from_utf8_lossy(h.value).into_owned(),
+                            )
+                        })
                         .collect();
                     self.buf.drain(..n);
                     if status == 100 {
@@ -325,17 +372,29 @@ impl Conn {
                 }
                 Ok(httparse::Status::Partial) => {
                     if self.fill() == 0 {
-                        panic!("connection closed before a response head: {:?}", String::from_utf8_lossy(&self.buf));
+                        panic!(
+                            "connection closed before a response head: {:?}",
+                            String::from_utf8_lossy(&self.buf)
+                        );
                     }
                 }
-                Err(e) => panic!("bad response head: {e}: {:?}", String::from_utf8_lossy(&self.buf)),
+                Err(e) => panic!(
+                    "bad response head: {e}: {:?}",
+                    String::from_utf8_lossy(&self.buf)
+                ),
             }
         }
     }
 
     fn read_body(&mut self, status: u16, headers: Vec<(String, String)>) -> Response {
         let get = |n: &str| headers.iter().find(|(k, _)| k == n).map(|(_, v)| v.clone());
-        let mut resp = Response { status, headers: headers.clone(), body: Vec::new(), chunks: Vec::new(), complete: false };
+        let mut resp = Response {
+            status,
+            headers: headers.clone(),
+            body: Vec::new(),
+            chunks: Vec::new(),
+            complete: false,
+        };
         if get("transfer-encoding").is_some_and(|v| v.contains("chunked")) {
             loop {
                 let Some(pos) = self.buf.windows(2).position(|w| w == b"\r\n") else {
@@ -344,14 +403,22 @@ impl Conn {
                     }
                     continue;
                 };
-                let size = usize::from_str_radix(std::str::from_utf8(&self.buf[..pos]).unwrap().trim(), 16).unwrap();
+                let size = usize::from_str_radix(
+                    std::str::from_utf8(&self.buf[..pos]).unwrap().trim(),
+                    16,
+                )
+                .unwrap();
                 while self.buf.len() < pos + 2 + size + 2 {
                     if self.fill() == 0 {
                         return resp;
                     }
                 }
                 let data = self.buf[pos + 2..pos + 2 + size].to_vec();
-                assert_eq!(&self.buf[pos + 2 + size..pos + 4 + size], b"\r\n", "chunk not followed by CRLF");
+                assert_eq!(
+                    &self.buf[pos + 2 + size..pos + 4 + size],
+                    b"\r\n",
+                    "chunk not followed by CRLF"
+                );
                 self.buf.drain(..pos + 4 + size);
                 if size == 0 {
                     resp.complete = true;
@@ -381,7 +448,9 @@ impl Conn {
 
     /// True when the peer has closed the connection (EOF) within the read timeout.
     pub fn closed(&mut self) -> bool {
-        self.stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        self.stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
         let mut b = [0u8; 1];
         matches!(self.stream.read(&mut b), Ok(0) | Err(_))
     }
@@ -428,6 +497,9 @@ pub fn sse_events(body: &[u8]) -> Vec<(Option<String>, String)> {
 
 /// The mock's record of what it received.
 pub fn mock_requests(mock: &Proc) -> Vec<serde_json::Value> {
-    let r = request(mock.addr, b"GET /_mock/requests HTTP/1.1\r\nHost: m\r\n\r\n");
+    let r = request(
+        mock.addr,
+        b"GET /_mock/requests HTTP/1.1\r\nHost: m\r\n\r\n",
+    );
     r.json().as_array().unwrap().clone()
 }

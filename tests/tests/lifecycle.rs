@@ -1,0 +1,130 @@
+//! Process-level behaviour: graceful shutdown, TLS to upstreams, the quickstart with its bundled mock.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // Test code: a failed step is a failed test.
+
+use std::time::Duration;
+
+use serde_json::json;
+use tollgate_tests::*;
+
+#[test]
+fn sigterm_finishes_in_flight_streams_then_exits_zero() {
+    let (_m, mut g) = mock_and_gateway("shutdown_grace_ms = 10000");
+    let body = r#"{"model":"gpt-4o","stream":true,"messages":[]}"#;
+    let mut c = Conn::open(g.addr);
+    // 20 tokens at 50 ms: about a second of streaming.
+    c.send(
+        post_bytes(
+            "/v1/chat/completions",
+            body,
+            "x-mock-output-tokens: 20\r\nx-mock-token-delay-ms: 50\r\n",
+        )
+        .as_bytes(),
+    );
+    std::thread::sleep(Duration::from_millis(200));
+    g.sigterm();
+    let r = c.read_response();
+    assert_eq!(r.status, 200);
+    assert!(r.complete, "in-flight stream cut off by shutdown");
+    assert_eq!(sse_events(&r.body).last().unwrap().1, "[DONE]");
+    assert!(c.closed(), "connection kept open after shutdown began");
+    assert_eq!(
+        g.wait_exit(Duration::from_secs(15)),
+        Some(0),
+        "{}",
+        g.output()
+    );
+    g.wait_json(&[("event", json!("stopped"))]);
+    assert!(
+        std::net::TcpStream::connect(g.addr).is_err(),
+        "still accepting after shutdown"
+    );
+}
+
+#[test]
+fn https_upstream_with_an_extra_ca() {
+    let dir = TempDir::new("tls");
+    let ck =
+        rcgen::generate_simple_self_signed(vec!["localhost".to_owned(), "127.0.0.1".to_owned()])
+            .unwrap();
+    let cert = dir.file("cert.pem", &ck.cert.pem());
+    let key = dir.file("key.pem", &ck.key_pair.serialize_pem());
+    let m = mock(&[
+        "--expect-key",
+        MOCK_KEY,
+        "--tls-cert",
+        cert.to_str().unwrap(),
+        "--tls-key",
+        key.to_str().unwrap(),
+    ]);
+    let base = format!("https://localhost:{}", m.addr.port());
+    let with_ca = config_for(&base, "", "").replace(
+        "api_key_env = \"TG_TEST_OPENAI_KEY\"",
+        &format!(
+            "api_key_env = \"TG_TEST_OPENAI_KEY\"\nca_file = \"{}\"",
+            cert.display()
+        ),
+    );
+    let g = gateway(&with_ca);
+    let body = r#"{"model":"gpt-4o","stream":true,"messages":[]}"#;
+    let r = post(g.addr, "/v1/chat/completions", body, "");
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(sse_events(&r.body).last().unwrap().1, "[DONE]");
+    // Several requests reuse the pooled TLS connection.
+    for _ in 0..3 {
+        assert_eq!(post(g.addr, "/v1/chat/completions", body, "").status, 200);
+    }
+    // Without the extra CA the certificate is refused: 502, with the reason.
+    let r = post(
+        g.addr,
+        "/v1/messages",
+        r#"{"model":"claude-x","max_tokens":1,"messages":[]}"#,
+        "",
+    );
+    assert_eq!(r.status, 502);
+    assert!(
+        r.json()["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("TLS"),
+        "{}",
+        r.text()
+    );
+}
+
+#[test]
+fn quickstart_runs_offline_on_the_bundled_mock() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap();
+    let cfg = root.join("examples/quickstart.toml");
+    let text = std::fs::read_to_string(&cfg)
+        .unwrap()
+        .replace("127.0.0.1:8080", "127.0.0.1:0");
+    let dir = TempDir::new("qs");
+    let path = dir.file("quickstart.toml", &text);
+    let g = Proc::start(
+        &bin("tollgate"),
+        &["serve", "--config", path.to_str().unwrap()],
+        &[],
+    );
+    g.wait_json(&[
+        ("event", json!("provider_mocked")),
+        ("provider", json!("openai")),
+    ]);
+    let r = post(
+        g.addr,
+        "/v1/chat/completions",
+        r#"{"model":"gpt-4o-mini","messages":[{"role":"user","content":"hi"}]}"#,
+        "",
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["choices"][0]["message"]["role"], "assistant");
+    let r = post(
+        g.addr,
+        "/v1/messages",
+        r#"{"model":"claude-sonnet-4-5","max_tokens":8,"messages":[]}"#,
+        "",
+    );
+    assert_eq!(r.status, 200);
+}
