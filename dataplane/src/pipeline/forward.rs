@@ -306,6 +306,13 @@ async fn exchange(
     );
     let listed = connection_listed(&mut resp.headers());
     for (n, v) in resp.headers() {
+        if n.eq_ignore_ascii_case(b"x-request-id") {
+            // Keep the provider's id for support tickets, under a name that does not collide with ours.
+            out.extend_from_slice(b"x-upstream-request-id: ");
+            out.extend_from_slice(v);
+            out.extend_from_slice(b"\r\n");
+            continue;
+        }
         if drop_response_header(n) || listed.iter().any(|l| n.eq_ignore_ascii_case(l)) {
             continue;
         }

@@ -1,0 +1,149 @@
+//! Hot-path steps of the data plane, each against the naive way of doing the same thing.
+//!
+//! - `head_parse`: Tollgate's zero-copy request head parse (httparse + offsets into one frozen buffer, framing
+//!   and smuggling checks) vs. parsing into an owned `http::HeaderMap` (what a typical proxy builds).
+//! - `model_probe`: the borrowed serde probe that reads only `model` and `stream` vs. a full
+//!   `serde_json::Value` parse of the body.
+//! - `sse_framing`: the zero-copy SSE framer over a realistic stream delivered in network-sized pieces vs.
+//!   accumulating a `String` and splitting it into owned events.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use bytes::{Bytes, BytesMut};
+use criterion::{black_box, criterion_group, criterion_main, Criterion, Throughput};
+use tollgate_dataplane::http1::{parse_request, Limits};
+use tollgate_dataplane::sse::SseFramer;
+
+const HEAD: &[u8] = b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost:8080\r\nAccept-Encoding: gzip, deflate\r\nConnection: keep-alive\r\nAccept: application/json\r\nContent-Type: application/json\r\nUser-Agent: OpenAI/Python 1.99.1\r\nX-Stainless-Lang: python\r\nX-Stainless-Package-Version: 1.99.1\r\nX-Stainless-OS: Linux\r\nX-Stainless-Arch: x64\r\nX-Stainless-Runtime: CPython\r\nX-Stainless-Runtime-Version: 3.11.7\r\nAuthorization: Bearer eyJhbGciOiJSUzI1NiIsImtpZCI6ImsxIn0.eyJzdWIiOiJ1c2VyIn0.c2ln\r\nX-Stainless-Async: false\r\nX-Stainless-Retry-Count: 0\r\nX-Stainless-Read-Timeout: 600\r\nContent-Length: 96\r\n\r\n";
+
+const LIMITS: Limits = Limits { max_head_bytes: 16 * 1024, max_headers: 100, max_body_bytes: 1 << 25 };
+
+fn head_parse(c: &mut Criterion) {
+    let mut g = c.benchmark_group("head_parse");
+    g.throughput(Throughput::Bytes(HEAD.len() as u64));
+    g.bench_function("tollgate_zero_copy", |b| {
+        b.iter(|| {
+            let mut buf = BytesMut::from(HEAD);
+            black_box(parse_request(&mut buf, &LIMITS).unwrap().unwrap());
+        })
+    });
+    g.bench_function("baseline_owned_headermap", |b| {
+        b.iter(|| {
+            let buf = BytesMut::from(HEAD);
+            let mut headers = [httparse::EMPTY_HEADER; 100];
+            let mut req = httparse::Request::new(&mut headers);
+            req.parse(&buf).unwrap();
+            let mut map = http::HeaderMap::with_capacity(req.headers.len());
+            for h in req.headers.iter() {
+                map.append(
+                    http::HeaderName::from_bytes(h.name.as_bytes()).unwrap(),
+                    http::HeaderValue::from_bytes(h.value).unwrap(),
+                );
+            }
+            black_box((req.method.map(str::to_owned), req.path.map(str::to_owned), map));
+        })
+    });
+    g.finish();
+}
+
+fn chat_body(prompt_words: usize) -> Bytes {
+    let prompt: String = (0..prompt_words).map(|i| format!("word{i} ")).collect();
+    Bytes::from(format!(
+        r#"{{"model":"gpt-4o-mini","messages":[{{"role":"system","content":"You are terse."}},{{"role":"user","content":"{prompt}"}}],"temperature":0.2,"stream":true,"max_tokens":256}}"#
+    ))
+}
+
+fn model_probe(c: &mut Criterion) {
+    #[derive(serde::Deserialize)]
+    struct Probe<'a> {
+        #[serde(borrow)]
+        model: std::borrow::Cow<'a, str>,
+        #[serde(default)]
+        stream: Option<bool>,
+    }
+    let mut g = c.benchmark_group("model_probe");
+    for words in [20usize, 2000] {
+        let body = chat_body(words);
+        g.throughput(Throughput::Bytes(body.len() as u64));
+        g.bench_function(format!("tollgate_borrowed_probe/{}B", body.len()), |b| {
+            b.iter(|| {
+                let p: Probe<'_> = serde_json::from_slice(black_box(&body)).unwrap();
+                black_box((p.model.len(), p.stream));
+            })
+        });
+        g.bench_function(format!("baseline_full_value/{}B", body.len()), |b| {
+            b.iter(|| {
+                let v: serde_json::Value = serde_json::from_slice(black_box(&body)).unwrap();
+                black_box((v["model"].as_str().map(str::len), v["stream"].as_bool()));
+            })
+        });
+    }
+    g.finish();
+}
+
+fn sse_stream() -> Vec<u8> {
+    let mut s = Vec::new();
+    for i in 0..200 {
+        s.extend_from_slice(
+            format!("data: {{\"id\":\"chatcmpl-1\",\"object\":\"chat.completion.chunk\",\"created\":1,\"model\":\"gpt-4o\",\"choices\":[{{\"index\":0,\"delta\":{{\"content\":\"tok{i} \"}},\"finish_reason\":null}}]}}\n\n")
+                .as_bytes(),
+        );
+    }
+    s.extend_from_slice(b"data: [DONE]\n\n");
+    s
+}
+
+fn sse_framing(c: &mut Criterion) {
+    let stream = sse_stream();
+    let mut g = c.benchmark_group("sse_framing");
+    g.throughput(Throughput::Bytes(stream.len() as u64));
+    for piece in [usize::MAX, 1500, 64] {
+        let pieces: Vec<Bytes> = stream.chunks(piece.min(stream.len())).map(Bytes::copy_from_slice).collect();
+        let label = if piece == usize::MAX { "whole_events".to_owned() } else { format!("{piece}B_pieces") };
+        // Whole events: feed one event per piece, as providers flush them.
+        let pieces = if piece == usize::MAX {
+            let text = Bytes::from(stream.clone());
+            let mut out = Vec::new();
+            let mut start = 0;
+            for (i, w) in text.windows(2).enumerate() {
+                if w == b"\n\n" {
+                    out.push(text.slice(start..i + 2));
+                    start = i + 2;
+                }
+            }
+            out
+        } else {
+            pieces
+        };
+        g.bench_function(format!("tollgate_framer/{label}"), |b| {
+            b.iter(|| {
+                let mut f = SseFramer::new();
+                let mut n = 0usize;
+                for p in &pieces {
+                    if let Some(ev) = f.push(p.clone()) {
+                        n += ev.len();
+                    }
+                }
+                black_box(n)
+            })
+        });
+        g.bench_function(format!("baseline_string_split/{label}"), |b| {
+            b.iter(|| {
+                let mut acc = String::new();
+                let mut events: Vec<String> = Vec::new();
+                for p in &pieces {
+                    acc.push_str(std::str::from_utf8(p).unwrap_or(""));
+                    while let Some(i) = acc.find("\n\n") {
+                        events.push(acc[..i + 2].to_owned());
+                        acc.drain(..i + 2);
+                    }
+                }
+                black_box(events.len())
+            })
+        });
+    }
+    g.finish();
+}
+
+criterion_group!(benches, head_parse, model_probe, sse_framing);
+criterion_main!(benches);
