@@ -1,0 +1,181 @@
+#!/usr/bin/env python3
+"""Drives a running Tollgate gateway with the official `openai` and `anthropic` Python SDKs.
+
+Usage: sdk_check.py http://127.0.0.1:PORT
+
+The gateway must route `gpt-*` to an OpenAI-kind provider and `claude-*` to an Anthropic-kind provider, both
+being `tollgate-mock`, whose output is deterministic: token i is the i-th word of MOCK_WORDS plus a space, the
+output token count is min(16, max_tokens), and the input token count is taken from `x-mock-input-tokens`
+when sent (the gateway forwards it). Prints one line per check; exits 1 if any check fails.
+"""
+
+import sys
+import traceback
+
+import anthropic
+import openai
+
+MOCK_WORDS = (
+    "Hello from the Tollgate mock provider this is a deterministic stream of words for load tests"
+).split()
+INPUT_TOKENS = 37
+HEADERS = {"x-mock-input-tokens": str(INPUT_TOKENS)}
+MESSAGES = [{"role": "user", "content": "Say hello"}]
+TIMEOUT = 30.0
+
+
+def expected(n):
+    """The mock's text for n output tokens."""
+    return "".join(w + " " for w in MOCK_WORDS[:n])
+
+
+def check_openai_chat(oa):
+    raw = oa.chat.completions.with_raw_response.create(
+        model="gpt-4o-mini", messages=MESSAGES, max_tokens=5, extra_headers=HEADERS
+    )
+    rid = raw.headers.get("x-request-id")
+    assert rid and len(rid) == 24, f"x-request-id header: {rid!r}"
+    r = raw.parse()
+    assert r.object == "chat.completion", f"object: {r.object!r}"
+    assert len(r.choices) == 1, f"choices: {r.choices!r}"
+    content = r.choices[0].message.content
+    assert content == expected(5), f"content: {content!r}"
+    assert r.choices[0].message.role == "assistant", f"role: {r.choices[0].message.role!r}"
+    assert r.usage is not None, "no usage"
+    assert r.usage.completion_tokens == 5, f"completion_tokens: {r.usage.completion_tokens}"
+    assert r.usage.prompt_tokens == INPUT_TOKENS, f"prompt_tokens: {r.usage.prompt_tokens}"
+    return f"content={content!r} usage={r.usage.prompt_tokens}+{r.usage.completion_tokens} request_id={rid}"
+
+
+def check_openai_chat_default_input_tokens(oa):
+    # Without the header the mock counts ceil(body bytes / 4): the SDK's exact bytes are its business.
+    r = oa.chat.completions.create(model="gpt-4o", messages=MESSAGES, max_tokens=3)
+    assert r.choices[0].message.content == expected(3), f"content: {r.choices[0].message.content!r}"
+    assert r.usage.prompt_tokens > 0, f"prompt_tokens: {r.usage.prompt_tokens}"
+    assert r.usage.completion_tokens == 3, f"completion_tokens: {r.usage.completion_tokens}"
+    return f"prompt_tokens={r.usage.prompt_tokens}"
+
+
+def check_openai_stream(oa):
+    stream = oa.chat.completions.create(
+        model="gpt-4o-mini",
+        messages=MESSAGES,
+        max_completion_tokens=6,
+        stream=True,
+        stream_options={"include_usage": True},
+        extra_headers=HEADERS,
+    )
+    text, chunks, usage, finish = [], 0, None, None
+    with stream:
+        for chunk in stream:
+            chunks += 1
+            assert chunk.object == "chat.completion.chunk", f"chunk object: {chunk.object!r}"
+            if chunk.usage is not None:
+                assert usage is None, "two usage chunks"
+                usage = chunk.usage
+            for choice in chunk.choices:
+                if choice.delta and choice.delta.content:
+                    text.append(choice.delta.content)
+                if choice.finish_reason:
+                    finish = choice.finish_reason
+    text = "".join(text)
+    assert text == expected(6), f"streamed text: {text!r}"
+    assert finish is not None, "no finish_reason"
+    assert usage is not None, "no usage chunk"
+    assert usage.completion_tokens == 6, f"completion_tokens: {usage.completion_tokens}"
+    assert usage.prompt_tokens == INPUT_TOKENS, f"prompt_tokens: {usage.prompt_tokens}"
+    return f"{chunks} chunks text={text!r} finish={finish} usage={usage.prompt_tokens}+{usage.completion_tokens}"
+
+
+def check_anthropic_messages(an):
+    m = an.messages.create(
+        model="claude-3-5-haiku-latest", max_tokens=5, messages=MESSAGES, extra_headers=HEADERS
+    )
+    assert m.type == "message", f"type: {m.type!r}"
+    assert m.role == "assistant", f"role: {m.role!r}"
+    texts = [b.text for b in m.content if b.type == "text"]
+    assert texts == [expected(5)], f"content: {m.content!r}"
+    assert m.usage.output_tokens == 5, f"output_tokens: {m.usage.output_tokens}"
+    assert m.usage.input_tokens == INPUT_TOKENS, f"input_tokens: {m.usage.input_tokens}"
+    return f"text={texts[0]!r} usage={m.usage.input_tokens}+{m.usage.output_tokens} stop={m.stop_reason}"
+
+
+def check_anthropic_stream(an):
+    with an.messages.stream(
+        model="claude-sonnet-4-20250514", max_tokens=7, messages=MESSAGES, extra_headers=HEADERS
+    ) as stream:
+        deltas = list(stream.text_stream)
+        final_text = stream.get_final_text()
+        final = stream.get_final_message()
+    assert "".join(deltas) == expected(7), f"text_stream: {deltas!r}"
+    assert final_text == expected(7), f"get_final_text: {final_text!r}"
+    assert final.usage.output_tokens == 7, f"output_tokens: {final.usage.output_tokens}"
+    assert final.usage.input_tokens == INPUT_TOKENS, f"input_tokens: {final.usage.input_tokens}"
+    assert final.stop_reason is not None, "no stop_reason"
+    return (
+        f"{len(deltas)} deltas text={final_text!r} usage={final.usage.input_tokens}+{final.usage.output_tokens}"
+        f" stop={final.stop_reason}"
+    )
+
+
+def check_openai_unknown_model(oa):
+    try:
+        oa.chat.completions.create(model="no-such-model", messages=MESSAGES, max_tokens=5)
+    except openai.NotFoundError as e:
+        assert e.status_code == 404, f"status: {e.status_code}"
+        return f"NotFoundError {e.status_code}: {e.message}"
+    raise AssertionError("no error for an unknown model")
+
+
+def check_openai_unknown_model_stream(oa):
+    try:
+        oa.chat.completions.create(model="no-such-model", messages=MESSAGES, max_tokens=5, stream=True)
+    except openai.NotFoundError as e:
+        return f"NotFoundError {e.status_code}"
+    raise AssertionError("no error for an unknown model")
+
+
+def check_anthropic_unknown_model(an):
+    try:
+        an.messages.create(model="no-such-model", max_tokens=5, messages=MESSAGES)
+    except anthropic.NotFoundError as e:
+        assert e.status_code == 404, f"status: {e.status_code}"
+        assert isinstance(e.body, dict) and e.body.get("type") == "error", f"body: {e.body!r}"
+        return f"NotFoundError {e.status_code}: {e.message}"
+    raise AssertionError("no error for an unknown model")
+
+
+def main():
+    if len(sys.argv) != 2:
+        print(__doc__, file=sys.stderr)
+        return 2
+    base = sys.argv[1].rstrip("/")
+    print(f"python {sys.version.split()[0]} openai {openai.__version__} anthropic {anthropic.__version__}")
+    oa = openai.OpenAI(base_url=base + "/v1", api_key="anything", max_retries=0, timeout=TIMEOUT)
+    an = anthropic.Anthropic(base_url=base, api_key="anything", max_retries=0, timeout=TIMEOUT)
+    checks = [
+        ("openai chat.completions", check_openai_chat, oa),
+        ("openai chat.completions (counted input)", check_openai_chat_default_input_tokens, oa),
+        ("openai chat.completions stream", check_openai_stream, oa),
+        ("anthropic messages", check_anthropic_messages, an),
+        ("anthropic messages.stream", check_anthropic_stream, an),
+        ("openai unknown model", check_openai_unknown_model, oa),
+        ("openai unknown model (stream)", check_openai_unknown_model_stream, oa),
+        ("anthropic unknown model", check_anthropic_unknown_model, an),
+    ]
+    failed = 0
+    for name, check, client in checks:
+        try:
+            detail = check(client)
+            print(f"ok   {name}: {detail}")
+        except Exception as e:  # noqa: BLE001 - report every check, then fail
+            failed += 1
+            print(f"FAIL {name}: {type(e).__name__}: {e}")
+            traceback.print_exc()
+        sys.stdout.flush()
+    print(f"{len(checks) - failed}/{len(checks)} checks passed")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
