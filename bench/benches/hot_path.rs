@@ -16,7 +16,11 @@ use tollgate_dataplane::sse::SseFramer;
 
 const HEAD: &[u8] = b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost:8080\r\nAccept-Encoding: gzip, deflate\r\nConnection: keep-alive\r\nAccept: application/json\r\nContent-Type: application/json\r\nUser-Agent: OpenAI/Python 1.99.1\r\nX-Stainless-Lang: python\r\nX-Stainless-Package-Version: 1.99.1\r\nX-Stainless-OS: Linux\r\nX-Stainless-Arch: x64\r\nX-Stainless-Runtime: CPython\r\nX-Stainless-Runtime-Version: 3.11.7\r\nAuthorization: Bearer eyJhbGciOiJSUzI1NiIsImtpZCI6ImsxIn0.eyJzdWIiOiJ1c2VyIn0.c2ln\r\nX-Stainless-Async: false\r\nX-Stainless-Retry-Count: 0\r\nX-Stainless-Read-Timeout: 600\r\nContent-Length: 96\r\n\r\n";
 
-const LIMITS: Limits = Limits { max_head_bytes: 16 * 1024, max_headers: 100, max_body_bytes: 1 << 25 };
+const LIMITS: Limits = Limits {
+    max_head_bytes: 16 * 1024,
+    max_headers: 100,
+    max_body_bytes: 1 << 25,
+};
 
 fn head_parse(c: &mut Criterion) {
     let mut g = c.benchmark_group("head_parse");
@@ -40,7 +44,11 @@ fn head_parse(c: &mut Criterion) {
                     http::HeaderValue::from_bytes(h.value).unwrap(),
                 );
             }
-            black_box((req.method.map(str::to_owned), req.path.map(str::to_owned), map));
+            black_box((
+                req.method.map(str::to_owned),
+                req.path.map(str::to_owned),
+                map,
+            ));
         })
     });
     g.finish();
@@ -98,8 +106,15 @@ fn sse_framing(c: &mut Criterion) {
     let mut g = c.benchmark_group("sse_framing");
     g.throughput(Throughput::Bytes(stream.len() as u64));
     for piece in [usize::MAX, 1500, 64] {
-        let pieces: Vec<Bytes> = stream.chunks(piece.min(stream.len())).map(Bytes::copy_from_slice).collect();
-        let label = if piece == usize::MAX { "whole_events".to_owned() } else { format!("{piece}B_pieces") };
+        let pieces: Vec<Bytes> = stream
+            .chunks(piece.min(stream.len()))
+            .map(Bytes::copy_from_slice)
+            .collect();
+        let label = if piece == usize::MAX {
+            "whole_events".to_owned()
+        } else {
+            format!("{piece}B_pieces")
+        };
         // Whole events: feed one event per piece, as providers flush them.
         let pieces = if piece == usize::MAX {
             let text = Bytes::from(stream.clone());

@@ -3,6 +3,8 @@
 //! The data plane depends on this crate, never the reverse. Later issues add identities, budgets, policies,
 //! service tokens and prices here, behind a REST API.
 
+#![forbid(unsafe_code)]
+
 pub mod config;
 pub mod domain;
 

@@ -7,10 +7,13 @@
 //!
 //! [`Gateway`] wires them together for the binary and for tests.
 
+#![deny(unsafe_code)]
+
 pub mod accesslog;
 pub mod bufio;
 pub mod error;
 pub mod http1;
+pub mod iovec;
 pub mod pipeline;
 pub mod resolve;
 pub mod server;

@@ -1,5 +1,7 @@
 //! The `tollgate` binary: `serve` runs a gateway, `check-config` validates a configuration file.
 
+#![forbid(unsafe_code)]
+
 use std::path::PathBuf;
 use std::process::ExitCode;
 

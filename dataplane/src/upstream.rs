@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::BytesMut;
-use monoio::buf::IoBuf;
+use monoio::buf::{IoBuf, IoVecBuf};
 use monoio::io::{AsyncWriteRent, AsyncWriteRentExt};
 use monoio::net::TcpStream;
 use monoio::BufResult;
@@ -54,6 +54,13 @@ impl UpConn {
         match self {
             UpConn::Plain(s) => s.write_all(buf).await,
             UpConn::Tls(s) => s.write_all(buf).await,
+        }
+    }
+
+    pub async fn write_vectored_all<B: IoVecBuf>(&mut self, buf: B) -> BufResult<usize, B> {
+        match self {
+            UpConn::Plain(s) => s.write_vectored_all(buf).await,
+            UpConn::Tls(s) => s.write_vectored_all(buf).await,
         }
     }
 

@@ -87,6 +87,8 @@
 //!   final usage chunk and the `"usage":null` fields (stream); Anthropic leaves
 //!   out `usage` (non-stream) or the `usage` of `message_delta` (stream).
 
+#![forbid(unsafe_code)]
+
 mod body;
 mod knobs;
 mod server;

@@ -5,6 +5,7 @@
 //! `cargo test --workspace` builds them (the `dataplane` and `loadtest` packages have integration tests, so
 //! cargo builds their binaries before any test runs).
 
+#![forbid(unsafe_code)]
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::io::{BufRead, BufReader, Read, Write};

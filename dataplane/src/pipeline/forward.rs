@@ -29,6 +29,7 @@ use tollgate_controlplane::ProviderKind;
 use super::{ClientIo, Core, Outcome, RequestCtx};
 use crate::error::{ApiShape, Error, Result};
 use crate::http1::{self, ChunkEvent, ChunkedDecoder, Framing, ResponseHead};
+use crate::iovec::IoVecs;
 use crate::snapshot::ProviderRuntime;
 use crate::sse::SseFramer;
 use crate::upstream::{self, UpConn};
@@ -231,7 +232,7 @@ pub async fn forward(
     provider: &ProviderRuntime,
     body: Bytes,
 ) -> Result<()> {
-    let head = build_request_head(ctx, provider, body.len());
+    let head = Bytes::from(build_request_head(ctx, provider, body.len()));
     let mut watch = ClientWatch::start(&mut io.rd, &mut io.buf);
     let result = exchange(core, ctx, &mut io.wr, &mut watch, provider, head, body).await;
     watch.finish(&mut io.buf).await;
@@ -244,11 +245,10 @@ async fn exchange(
     wr: &mut monoio::io::OwnedWriteHalf<TcpStream>,
     watch: &mut ClientWatch<'_>,
     provider: &ProviderRuntime,
-    head: Vec<u8>,
+    head: Bytes,
     body: Bytes,
 ) -> Result<()> {
     let sent_at = quanta::Instant::now();
-    let mut head = head;
     let mut attempt = 0;
     let (mut conn, resp, mut ubuf) = loop {
         attempt += 1;
@@ -274,19 +274,17 @@ async fn exchange(
             }
         };
         match watch
-            .guard(send_and_read_head(core, &mut conn, head, body.clone()))
+            .guard(send_and_read_head(
+                core,
+                &mut conn,
+                head.clone(),
+                body.clone(),
+            ))
             .await
         {
             Err(ClientGone) => return client_gone(ctx),
             Ok(Ok((resp, ubuf))) => break (conn, resp, ubuf),
-            Ok(Err(SendError {
-                head: h,
-                stale: true,
-                ..
-            })) if reused => {
-                head = h;
-                continue;
-            }
+            Ok(Err(SendError { stale: true, .. })) if reused => continue,
             Ok(Err(SendError { error, .. })) => return Err(error),
         }
     };
@@ -335,12 +333,8 @@ async fn exchange(
         out.extend_from_slice(b"connection: close\r\n");
     }
     out.extend_from_slice(b"\r\n");
-    let head_len = out.len();
-    let (r, _) = wr.write_all(out).await;
-    if r.is_err() {
-        return client_gone(ctx);
-    }
-    ctx.bytes_out += head_len as u64;
+    let mut batch = IoVecs::new();
+    batch.push(Bytes::from(out));
 
     let sse = resp.is_event_stream();
     let relay = relay_body(
@@ -353,6 +347,7 @@ async fn exchange(
         &mut ubuf,
         sse,
         client_chunked,
+        batch,
     )
     .await;
     match relay {
@@ -372,18 +367,12 @@ async fn exchange(
             ctx.keep_alive = false;
             if client_chunked {
                 // End the stream cleanly: an error event the SDKs surface, then the last chunk.
-                let mut tail = Vec::new();
+                let mut tail = IoVecs::new();
                 if sse {
-                    let ev = sse_error_event(ctx.api, &e);
-                    tail.extend_from_slice(format!("{:x}\r\n", ev.len()).as_bytes());
-                    tail.extend_from_slice(&ev);
-                    tail.extend_from_slice(b"\r\n");
+                    tail.push_chunk(Bytes::from(sse_error_event(ctx.api, &e)));
                 }
-                tail.extend_from_slice(b"0\r\n\r\n");
-                let n = tail.len();
-                if wr.write_all(tail).await.0.is_ok() {
-                    ctx.bytes_out += n as u64;
-                }
+                tail.push(Bytes::from_static(b"0\r\n\r\n"));
+                let _ = flush(ctx, wr, tail).await;
             }
             ctx.error = Some(e);
         }
@@ -402,7 +391,6 @@ fn client_gone(ctx: &mut RequestCtx) -> Result<()> {
 }
 
 struct SendError {
-    head: Vec<u8>,
     /// The connection was closed by the upstream before any response byte: safe to retry on a fresh one.
     stale: bool,
     error: Error,
@@ -411,30 +399,19 @@ struct SendError {
 async fn send_and_read_head(
     core: &Core,
     conn: &mut UpConn,
-    head: Vec<u8>,
+    head: Bytes,
     body: Bytes,
 ) -> std::result::Result<(ResponseHead, BytesMut), SendError> {
-    let (r, head) = conn.write_all(head).await;
-    if let Err(e) = r {
+    // Head and body in one vectored write: one send, and the body is the client's buffer, not a copy.
+    let mut req = IoVecs::new();
+    req.push(head);
+    req.push(body);
+    let sent = match conn.write_vectored_all(req).await.0 {
+        Ok(_) => conn.flush().await,
+        Err(e) => Err(e),
+    };
+    if let Err(e) = sent {
         return Err(SendError {
-            head,
-            stale: true,
-            error: Error::upstream_unreachable(format!("sending request: {e}")),
-        });
-    }
-    if !body.is_empty() {
-        let (r, _) = conn.write_all(body).await;
-        if let Err(e) = r {
-            return Err(SendError {
-                head,
-                stale: true,
-                error: Error::upstream_unreachable(format!("sending body: {e}")),
-            });
-        }
-    }
-    if let Err(e) = conn.flush().await {
-        return Err(SendError {
-            head,
             stale: true,
             error: Error::upstream_unreachable(format!("sending request: {e}")),
         });
@@ -447,7 +424,6 @@ async fn send_and_read_head(
             .unwrap_or_default();
         if left.is_zero() {
             return Err(SendError {
-                head,
                 stale: false,
                 error: Error::upstream_timeout("the provider did not answer in time"),
             });
@@ -462,7 +438,6 @@ async fn send_and_read_head(
             Ok(v) => v,
             Err(_) => {
                 return Err(SendError {
-                    head,
                     stale: false,
                     error: Error::upstream_timeout("the provider did not answer in time"),
                 });
@@ -472,7 +447,6 @@ async fn send_and_read_head(
         match r {
             Ok(0) | Err(_) if had == 0 => {
                 return Err(SendError {
-                    head,
                     stale: true,
                     error: Error::upstream_unreachable(
                         "the provider closed the connection without answering",
@@ -481,7 +455,6 @@ async fn send_and_read_head(
             }
             Ok(0) | Err(_) => {
                 return Err(SendError {
-                    head,
                     stale: false,
                     error: Error::upstream_protocol(
                         "the provider closed the connection mid-response-head",
@@ -497,7 +470,6 @@ async fn send_and_read_head(
                 }
                 Ok(Some(resp)) if resp.status == 101 => {
                     return Err(SendError {
-                        head,
                         stale: false,
                         error: Error::upstream_protocol("the provider switched protocols"),
                     });
@@ -506,7 +478,6 @@ async fn send_and_read_head(
                 Ok(None) => break,
                 Err(error) => {
                     return Err(SendError {
-                        head,
                         stale: false,
                         error,
                     })
@@ -516,7 +487,9 @@ async fn send_and_read_head(
     }
 }
 
-/// Relays the body. `Ok(true)` when the upstream connection ended cleanly and may be pooled.
+/// Relays the body, starting with `batch` (the response head). Everything available after each upstream read
+/// goes out in one vectored write. `Ok(true)` when the upstream connection ended cleanly and may be pooled.
+/// On `Err`, everything framed so far (the head included) has been written.
 #[allow(clippy::too_many_arguments)]
 async fn relay_body(
     core: &Core,
@@ -528,6 +501,7 @@ async fn relay_body(
     ubuf: &mut BytesMut,
     sse: bool,
     client_chunked: bool,
+    mut batch: IoVecs,
 ) -> std::result::Result<bool, Stop> {
     let mut framer = sse.then(SseFramer::new);
     let mut decoder = (resp.framing == Framing::Chunked).then(ChunkedDecoder::new);
@@ -535,41 +509,53 @@ async fn relay_body(
         Framing::Length(n) => n,
         _ => 0,
     };
-    if resp.framing == Framing::Empty {
-        return Ok(true);
-    }
+    let add = |batch: &mut IoVecs, framer: &mut Option<SseFramer>, piece: Bytes| {
+        let out = match framer.as_mut() {
+            Some(f) => match f.push(piece) {
+                Some(events) => events,
+                None => return,
+            },
+            None => piece,
+        };
+        if client_chunked {
+            batch.push_chunk(out);
+        } else {
+            batch.push(out);
+        }
+    };
     loop {
-        // Drain what is buffered.
-        let mut pieces: Vec<Bytes> = Vec::new();
+        // Frame what is buffered.
         let mut finished = false;
+        let mut failure = None;
         match resp.framing {
             Framing::Length(_) => {
                 if !ubuf.is_empty() {
                     let take = (remaining as usize).min(ubuf.len());
-                    pieces.push(ubuf.split_to(take).freeze());
+                    add(&mut batch, &mut framer, ubuf.split_to(take).freeze());
                     remaining -= take as u64;
                 }
                 finished = remaining == 0;
             }
             Framing::Close => {
                 if !ubuf.is_empty() {
-                    pieces.push(ubuf.split().freeze());
+                    add(&mut batch, &mut framer, ubuf.split().freeze());
                 }
             }
             Framing::Chunked => {
                 if let Some(d) = decoder.as_mut() {
                     loop {
                         match d.next(ubuf) {
-                            Ok(Some(ChunkEvent::Data(b))) => pieces.push(b),
+                            Ok(Some(ChunkEvent::Data(b))) => add(&mut batch, &mut framer, b),
                             Ok(Some(ChunkEvent::Done)) => {
                                 finished = true;
                                 break;
                             }
                             Ok(None) => break,
                             Err(why) => {
-                                return Err(Stop::Upstream(Error::upstream_protocol(format!(
+                                failure = Some(Error::upstream_protocol(format!(
                                     "the provider sent a malformed chunked body: {why}"
-                                ))));
+                                )));
+                                break;
                             }
                         }
                     }
@@ -577,24 +563,23 @@ async fn relay_body(
             }
             Framing::Empty => finished = true,
         }
-        for p in pieces {
-            let out = match framer.as_mut() {
-                Some(f) => match f.push(p) {
-                    Some(events) => events,
-                    None => continue,
-                },
-                None => p,
-            };
-            write_piece(ctx, wr, out, client_chunked).await?;
-        }
         if finished {
             if let Some(rest) = framer.as_mut().and_then(SseFramer::finish) {
-                write_piece(ctx, wr, rest, client_chunked).await?;
+                if client_chunked {
+                    batch.push_chunk(rest);
+                } else {
+                    batch.push(rest);
+                }
             }
             if client_chunked {
-                write_raw(ctx, wr, b"0\r\n\r\n".to_vec()).await?;
+                batch.push(Bytes::from_static(b"0\r\n\r\n"));
             }
+            flush(ctx, wr, batch).await?;
             return Ok(true);
+        }
+        flush(ctx, wr, std::mem::take(&mut batch)).await?;
+        if let Some(e) = failure {
+            return Err(Stop::Upstream(e));
         }
         // Read more, within the read timeout, unless the client leaves.
         let read = watch
@@ -614,9 +599,10 @@ async fn relay_body(
                 *ubuf = b;
                 if resp.framing == Framing::Close {
                     if let Some(rest) = framer.as_mut().and_then(SseFramer::finish) {
-                        write_piece(ctx, wr, rest, client_chunked).await?;
+                        batch.push_chunk(rest);
                     }
-                    write_raw(ctx, wr, b"0\r\n\r\n".to_vec()).await?;
+                    batch.push(Bytes::from_static(b"0\r\n\r\n"));
+                    flush(ctx, wr, batch).await?;
                     return Ok(false);
                 }
                 return Err(Stop::Upstream(Error::upstream_protocol(
@@ -628,37 +614,17 @@ async fn relay_body(
     }
 }
 
-async fn write_piece(
+/// Writes a batch to the client with one vectored write.
+async fn flush(
     ctx: &mut RequestCtx,
     wr: &mut monoio::io::OwnedWriteHalf<TcpStream>,
-    data: Bytes,
-    chunked: bool,
+    batch: IoVecs,
 ) -> std::result::Result<(), Stop> {
-    if data.is_empty() {
+    if batch.is_empty() {
         return Ok(());
     }
-    if chunked {
-        let mut out = Vec::with_capacity(data.len() + 16);
-        out.extend_from_slice(format!("{:x}\r\n", data.len()).as_bytes());
-        out.extend_from_slice(&data);
-        out.extend_from_slice(b"\r\n");
-        write_raw(ctx, wr, out).await
-    } else {
-        let n = data.len();
-        let (r, _) = wr.write_all(data).await;
-        r.map_err(|_| Stop::ClientGone)?;
-        ctx.bytes_out += n as u64;
-        Ok(())
-    }
-}
-
-async fn write_raw(
-    ctx: &mut RequestCtx,
-    wr: &mut monoio::io::OwnedWriteHalf<TcpStream>,
-    out: Vec<u8>,
-) -> std::result::Result<(), Stop> {
-    let n = out.len();
-    let (r, _) = wr.write_all(out).await;
+    let n = batch.len();
+    let (r, _) = wr.write_vectored_all(batch).await;
     r.map_err(|_| Stop::ClientGone)?;
     ctx.bytes_out += n as u64;
     Ok(())

@@ -3,6 +3,8 @@
 //! Prints one JSON line, `{"event":"listening","addr":"IP:PORT","tls":BOOL}`,
 //! once bound, then serves until SIGINT or SIGTERM and exits 0.
 
+#![forbid(unsafe_code)]
+
 use std::io::Write;
 use std::net::SocketAddr;
 use std::path::PathBuf;
