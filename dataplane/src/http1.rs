@@ -88,17 +88,29 @@ impl RequestHead {
 
     /// Iterates `(name, value)` pairs in order, names as sent (compare case-insensitively).
     pub fn headers(&self) -> impl Iterator<Item = (&[u8], &[u8])> {
-        self.headers
-            .iter()
-            .map(|h| (&self.raw[h.name.clone()], &self.raw[h.value.clone()]))
+        iter_headers(&self.raw, &self.headers)
     }
 
     /// The first value of a header, by case-insensitive name.
     pub fn header(&self, name: &str) -> Option<&[u8]> {
-        self.headers()
-            .find(|(n, _)| n.eq_ignore_ascii_case(name.as_bytes()))
-            .map(|(_, v)| v)
+        find_header(self.headers(), name)
     }
+}
+
+fn iter_headers<'a>(
+    raw: &'a Bytes,
+    refs: &'a [HeaderRef],
+) -> impl Iterator<Item = (&'a [u8], &'a [u8])> {
+    refs.iter()
+        .map(|h| (&raw[h.name.clone()], &raw[h.value.clone()]))
+}
+
+fn find_header<'a>(
+    mut it: impl Iterator<Item = (&'a [u8], &'a [u8])>,
+    name: &str,
+) -> Option<&'a [u8]> {
+    it.find(|(n, _)| n.eq_ignore_ascii_case(name.as_bytes()))
+        .map(|(_, v)| v)
 }
 
 /// A parsed upstream response head.
@@ -114,15 +126,11 @@ pub struct ResponseHead {
 
 impl ResponseHead {
     pub fn headers(&self) -> impl Iterator<Item = (&[u8], &[u8])> {
-        self.headers
-            .iter()
-            .map(|h| (&self.raw[h.name.clone()], &self.raw[h.value.clone()]))
+        iter_headers(&self.raw, &self.headers)
     }
 
     pub fn header(&self, name: &str) -> Option<&[u8]> {
-        self.headers()
-            .find(|(n, _)| n.eq_ignore_ascii_case(name.as_bytes()))
-            .map(|(_, v)| v)
+        find_header(self.headers(), name)
     }
 
     pub fn is_event_stream(&self) -> bool {
