@@ -18,17 +18,21 @@ use std::time::{Duration, Instant};
 /// How long to wait for a process to say it is listening, or for an expected log line.
 pub const WAIT: Duration = Duration::from_secs(20);
 
-/// Path of a workspace binary built by cargo.
+/// Path of a workspace binary built by cargo: next to the running executable (a binary such as the release
+/// gate) or one level up (a test executable in `target/<profile>/deps/`).
 pub fn bin(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("current exe");
-    let dir = exe.parent().and_then(Path::parent).expect("target dir");
-    let p = dir.join(name);
-    assert!(
-        p.exists(),
-        "{} is not built: run `cargo test --workspace` (or `cargo build --bins`) first",
-        p.display()
-    );
-    p
+    let dir = exe.parent().expect("exe dir");
+    for d in [Some(dir), dir.parent()].into_iter().flatten() {
+        let p = d.join(name);
+        if p.is_file() {
+            return p;
+        }
+    }
+    panic!(
+        "{name} is not built next to {}: run `cargo test --workspace` (or `cargo build --bins`) first",
+        exe.display()
+    )
 }
 
 /// A temporary directory removed on drop.
