@@ -13,7 +13,8 @@
 //!   `t0 + (k·N + i)/R`. Latency is measured from the intended time
 //!   (coordinated-omission correction): a busy connection sends late and the
 //!   wait is part of the latency. Requests whose intended time falls after the
-//!   end, or that would start after the end in wall time, are not sent.
+//!   end are not sent; those intended before it that cannot start before it
+//!   (the connection fell behind) are counted as errors of kind `unsent`.
 //! * **Closed loop** ([`Mode::Closed`]): each connection sends the next request
 //!   as soon as the previous response completed; latency is from the send.
 //!
@@ -34,7 +35,8 @@
 //! wrong is counted, never raised: connect failures (`connect`), timeouts
 //! (`timeout`), resets (`reset`), a connection closed before the response
 //! completed (`eof`), unparsable responses (`malformed`), other I/O errors
-//! (`io`) and non-2xx answers (`status_NNN`). After any of these but a
+//! (`io`), non-2xx answers (`status_NNN`) and open-loop requests that fell so
+//! far behind they could not start before the end (`unsent`). After any of these but a
 //! `status_NNN` with a well-framed body, the connection is dropped and the next
 //! request reconnects (connect time then counts toward its latency). In
 //! closed loop a failed connect is followed by a 10 ms pause, so a dead target
@@ -1154,7 +1156,25 @@ impl Worker<'_> {
             };
             k += 1;
             let now = Instant::now();
-            if now >= plan.end || self.shared.stop.load(Ordering::Relaxed) {
+            if self.shared.stop.load(Ordering::Relaxed) {
+                break;
+            }
+            if now >= plan.end {
+                // Open loop running behind: what was intended before the end
+                // but cannot start before it is counted, not silently dropped.
+                let mut unsent = 0;
+                let mut at = Some(intended);
+                let mut next = k;
+                while let Some(t) = at.filter(|&t| t < plan.end) {
+                    if t >= plan.measure_start {
+                        unsent += 1;
+                    }
+                    at = plan.intended(self.id, next);
+                    next += 1;
+                }
+                if unsent > 0 {
+                    *out.errors.entry("unsent".to_owned()).or_default() += unsent;
+                }
                 break;
             }
             let measured = intended >= plan.measure_start;
