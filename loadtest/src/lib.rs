@@ -91,6 +91,7 @@
 
 mod body;
 mod knobs;
+pub mod load;
 mod server;
 mod wire;
 
