@@ -83,7 +83,8 @@ impl GateConfig {
     /// Loads `path`; with `quick`, the `[quick]` section overrides `[run]`.
     pub fn load(path: &Path, quick: bool) -> Result<GateConfig, String> {
         let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
-        let raw: RawGate = toml::from_str(&text).map_err(|e| format!("{}: {}", path.display(), e.message()))?;
+        let raw: RawGate =
+            toml::from_str(&text).map_err(|e| format!("{}: {}", path.display(), e.message()))?;
         let mut run = raw.run.clone();
         if quick {
             let q = raw.quick.clone().unwrap_or_default();
@@ -104,7 +105,11 @@ impl GateConfig {
             scenarios: raw
                 .scenario
                 .into_iter()
-                .map(|s| Scenario { name: s.name, payload: s.payload, rates: s.rates })
+                .map(|s| Scenario {
+                    name: s.name,
+                    payload: s.payload,
+                    rates: s.rates,
+                })
                 .collect(),
             thresholds: Thresholds {
                 added_p99_us: raw.thresholds.added_p99_us,
@@ -126,14 +131,25 @@ impl GateConfig {
             return Err(err("scenario", "at least one [[scenario]] is required"));
         }
         for (i, s) in cfg.scenarios.iter().enumerate() {
-            if !["openai", "openai-stream", "anthropic", "anthropic-stream"].contains(&s.payload.as_str()) {
-                return Err(err(&format!("scenario[{i}].payload"), "must be openai, openai-stream, anthropic or anthropic-stream"));
+            if !["openai", "openai-stream", "anthropic", "anthropic-stream"]
+                .contains(&s.payload.as_str())
+            {
+                return Err(err(
+                    &format!("scenario[{i}].payload"),
+                    "must be openai, openai-stream, anthropic or anthropic-stream",
+                ));
             }
             if s.rates.is_empty() || s.rates.iter().any(|r| !(*r > 0.0 && *r <= 1_000_000.0)) {
-                return Err(err(&format!("scenario[{i}].rates"), "needs rates in (0, 1000000]"));
+                return Err(err(
+                    &format!("scenario[{i}].rates"),
+                    "needs rates in (0, 1000000]",
+                ));
             }
             if !cfg.thresholds.cpu_us_per_request.contains_key(&s.name) {
-                return Err(err(&format!("thresholds.cpu_us_per_request.{}", s.name), "is missing for this scenario"));
+                return Err(err(
+                    &format!("thresholds.cpu_us_per_request.{}", s.name),
+                    "is missing for this scenario",
+                ));
             }
         }
         Ok(cfg)
@@ -166,7 +182,11 @@ pub fn median(v: &mut [f64]) -> Option<f64> {
     }
     v.sort_by(|a, b| a.total_cmp(b));
     let n = v.len();
-    Some(if n % 2 == 1 { v[n / 2] } else { (v[n / 2 - 1] + v[n / 2]) / 2.0 })
+    Some(if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    })
 }
 
 /// Medians over repeats for one (scenario, rate, target).
@@ -202,16 +222,25 @@ pub fn summarise(samples: &[Sample]) -> Vec<Summary> {
     keys.into_iter()
         .map(|(scenario, rate_bits, target)| {
             let rate = f64::from_bits(rate_bits);
-            let mine: Vec<&Sample> =
-                samples.iter().filter(|s| s.scenario == scenario && s.rate == rate && s.target == target).collect();
-            let col = |f: &dyn Fn(&Sample) -> f64| median(&mut mine.iter().map(|s| f(s)).collect::<Vec<_>>()).unwrap_or(f64::NAN);
+            let mine: Vec<&Sample> = samples
+                .iter()
+                .filter(|s| s.scenario == scenario && s.rate == rate && s.target == target)
+                .collect();
+            let col = |f: &dyn Fn(&Sample) -> f64| {
+                median(&mut mine.iter().map(|s| f(s)).collect::<Vec<_>>()).unwrap_or(f64::NAN)
+            };
             let added = |f: &dyn Fn(&Sample) -> f64| {
                 let mut d: Vec<f64> = mine
                     .iter()
                     .filter_map(|s| {
                         samples
                             .iter()
-                            .find(|b| b.target == "direct" && b.scenario == s.scenario && b.rate == s.rate && b.repeat == s.repeat)
+                            .find(|b| {
+                                b.target == "direct"
+                                    && b.scenario == s.scenario
+                                    && b.rate == s.rate
+                                    && b.repeat == s.repeat
+                            })
                             .map(|b| f(s) - f(b))
                     })
                     .collect();
@@ -224,7 +253,11 @@ pub fn summarise(samples: &[Sample]) -> Vec<Summary> {
             let mut cpu: Vec<f64> = mine.iter().filter_map(|s| s.cpu_us_per_request).collect();
             let mut cpu_ev: Vec<f64> = mine
                 .iter()
-                .filter_map(|s| s.cpu_us_per_request.filter(|_| s.events > 0 && s.requests > 0).map(|c| c * s.requests as f64 / s.events as f64))
+                .filter_map(|s| {
+                    s.cpu_us_per_request
+                        .filter(|_| s.events > 0 && s.requests > 0)
+                        .map(|c| c * s.requests as f64 / s.events as f64)
+                })
                 .collect();
             Summary {
                 p50_us: col(&|s| s.p50_us),
@@ -250,7 +283,10 @@ pub fn summarise(samples: &[Sample]) -> Vec<Summary> {
 /// Every threshold Tollgate exceeds, in words; empty means the gate passes.
 pub fn verdict(summaries: &[Summary], t: &Thresholds) -> Vec<String> {
     let mut out = Vec::new();
-    let ours: Vec<&Summary> = summaries.iter().filter(|s| s.target == "tollgate").collect();
+    let ours: Vec<&Summary> = summaries
+        .iter()
+        .filter(|s| s.target == "tollgate")
+        .collect();
     if ours.is_empty() {
         out.push("no measurements through Tollgate".to_owned());
     }
@@ -258,15 +294,22 @@ pub fn verdict(summaries: &[Summary], t: &Thresholds) -> Vec<String> {
         let at = format!("{} at {} req/s", s.scenario, s.rate);
         match s.added_p99_us {
             Some(v) if v <= t.added_p99_us => {}
-            Some(v) => out.push(format!("{at}: added p99 {v:.0} us exceeds {:.0} us", t.added_p99_us)),
+            Some(v) => out.push(format!(
+                "{at}: added p99 {v:.0} us exceeds {:.0} us",
+                t.added_p99_us
+            )),
             None => out.push(format!("{at}: no direct run to compare p99 with")),
         }
         if let Some(v) = s.added_p50_us {
             if v > t.added_p50_us {
-                out.push(format!("{at}: added p50 {v:.0} us exceeds {:.0} us", t.added_p50_us));
+                out.push(format!(
+                    "{at}: added p50 {v:.0} us exceeds {:.0} us",
+                    t.added_p50_us
+                ));
             }
         }
-        if let (Some(v), Some(max)) = (s.cpu_us_per_request, t.cpu_us_per_request.get(&s.scenario)) {
+        if let (Some(v), Some(max)) = (s.cpu_us_per_request, t.cpu_us_per_request.get(&s.scenario))
+        {
             if v > *max {
                 out.push(format!("{at}: CPU {v:.1} us/request exceeds {max:.1}"));
             }
@@ -344,7 +387,10 @@ mod tests {
         assert_eq!(v.len(), 2, "{v:?}");
         assert!(v[0].contains("added p99 300"));
         assert!(v[1].contains("CPU 45.0"));
-        assert!(!verdict(&[], &thresholds()).is_empty(), "no data must not pass");
+        assert!(
+            !verdict(&[], &thresholds()).is_empty(),
+            "no data must not pass"
+        );
     }
 
     #[test]
@@ -353,6 +399,9 @@ mod tests {
         let full = GateConfig::load(&p, false).unwrap();
         let quick = GateConfig::load(&p, true).unwrap();
         assert!(quick.duration_s <= full.duration_s);
-        assert!(full.scenarios.iter().any(|s| s.payload.ends_with("-stream")));
+        assert!(full
+            .scenarios
+            .iter()
+            .any(|s| s.payload.ends_with("-stream")));
     }
 }

@@ -57,29 +57,29 @@ pub fn spawn(
         .name("tollgate-dns".into())
         .spawn(move || {
             // The 100 ms tick only keeps shutdown prompt; lookups happen every second for providers that have
-        // never resolved and every `refresh` for the rest.
-        let tick = Duration::from_millis(100);
-        let retry = Duration::from_secs(1);
-        let (mut since_refresh, mut since_retry) = (Duration::ZERO, Duration::ZERO);
-        while !stop.load(Ordering::Relaxed) {
-            std::thread::park_timeout(tick);
-            since_refresh += tick;
-            since_retry += tick;
-            let refresh_due = since_refresh >= refresh;
-            let retry_due = since_retry >= retry;
-            if !refresh_due && !retry_due {
-                continue;
-            }
-            let snap = published.load_full();
-            for p in &snap.providers {
-                if refresh_due || p.addrs.load().is_empty() {
-                    resolve_now(p, &log);
+            // never resolved and every `refresh` for the rest.
+            let tick = Duration::from_millis(100);
+            let retry = Duration::from_secs(1);
+            let (mut since_refresh, mut since_retry) = (Duration::ZERO, Duration::ZERO);
+            while !stop.load(Ordering::Relaxed) {
+                std::thread::park_timeout(tick);
+                since_refresh += tick;
+                since_retry += tick;
+                let refresh_due = since_refresh >= refresh;
+                let retry_due = since_retry >= retry;
+                if !refresh_due && !retry_due {
+                    continue;
                 }
+                let snap = published.load_full();
+                for p in &snap.providers {
+                    if refresh_due || p.addrs.load().is_empty() {
+                        resolve_now(p, &log);
+                    }
+                }
+                if refresh_due {
+                    since_refresh = Duration::ZERO;
+                }
+                since_retry = Duration::ZERO;
             }
-            if refresh_due {
-                since_refresh = Duration::ZERO;
-            }
-            since_retry = Duration::ZERO;
-        }
-    })
+        })
 }

@@ -20,8 +20,6 @@ use std::sync::Arc;
 use std::task::{Poll, Waker};
 use std::time::Duration;
 
-use bytes::BytesMut;
-use monoio::io::Splitable;
 use monoio::net::{TcpListener, TcpStream};
 use socket2::{Domain, Protocol, Socket, Type};
 use tollgate_controlplane::config::{Config, DriverChoice};
@@ -286,11 +284,6 @@ async fn accept_loop(core: Rc<Core>, listener: TcpListener, stop: Rc<LocalSignal
 
 async fn serve_conn(core: Rc<Core>, stream: TcpStream) {
     let _ = stream.set_nodelay(true);
-    let (rd, wr) = stream.into_split();
-    let mut io = ClientIo {
-        rd,
-        wr,
-        buf: BytesMut::with_capacity(16 * 1024),
-    };
+    let mut io = ClientIo::new(stream);
     while pipeline::run_one(&core, &mut io).await {}
 }

@@ -21,7 +21,10 @@ use tollgate_loadtest::load::{self, LoadConfig, Mode, Payload};
 use tollgate_tests::{bin, Proc, TempDir};
 
 #[derive(Parser)]
-#[command(name = "tollgate-gate", about = "Tail-latency release gate: Tollgate vs direct (and nginx, HAProxy)")]
+#[command(
+    name = "tollgate-gate",
+    about = "Tail-latency release gate: Tollgate vs direct (and nginx, HAProxy)"
+)]
 struct Cli {
     /// The gate file (thresholds, rates, durations).
     #[arg(long, default_value = "bench/gate.toml")]
@@ -143,7 +146,7 @@ fn start_haproxy(dir: &TempDir, mock: SocketAddr) -> anyhow::Result<(PeerProc, S
     let conf = format!(
         r#"global
     nbthread 1
-    maxconn 20000
+    maxconn 4000
 defaults
     mode http
     timeout connect 5s
@@ -204,7 +207,13 @@ fn payload(name: &str) -> anyhow::Result<Payload> {
     })
 }
 
-fn measure(cfg: &GateConfig, t: &Target, p: &str, mode: Mode, duration_s: f64) -> anyhow::Result<(load::LoadReport, Option<f64>)> {
+fn measure(
+    cfg: &GateConfig,
+    t: &Target,
+    p: &str,
+    mode: Mode,
+    duration_s: f64,
+) -> anyhow::Result<(load::LoadReport, Option<f64>)> {
     let mut lc = LoadConfig::new(t.addr, payload(p)?);
     lc.connections = cfg.connections;
     lc.mode = mode;
@@ -245,7 +254,11 @@ fn run() -> anyhow::Result<bool> {
     if !cli.scenario.is_empty() {
         cfg.scenarios.retain(|s| cli.scenario.contains(&s.name));
         if cfg.scenarios.is_empty() {
-            bail!("no scenario named {:?} in {}", cli.scenario, cli.config.display());
+            bail!(
+                "no scenario named {:?} in {}",
+                cli.scenario,
+                cli.config.display()
+            );
         }
     }
     if !cli.rates.is_empty() {
@@ -255,7 +268,11 @@ fn run() -> anyhow::Result<bool> {
     }
     let dir = TempDir::new("gate");
 
-    let mock = Proc::start(&bin("tollgate-mock"), &["--listen", "127.0.0.1:0", "--threads", "1", "--no-record"], &[]);
+    let mock = Proc::start(
+        &bin("tollgate-mock"),
+        &["--listen", "127.0.0.1:0", "--threads", "1", "--no-record"],
+        &[],
+    );
     let gw_conf = dir.file(
         "tollgate.toml",
         &format!(
@@ -281,21 +298,40 @@ provider = "anthropic"
             mock = mock.addr
         ),
     );
-    let gateway = Proc::start(&bin("tollgate"), &["serve", "--config", &gw_conf.to_string_lossy()], &[]);
+    let gateway = Proc::start(
+        &bin("tollgate"),
+        &["serve", "--config", &gw_conf.to_string_lossy()],
+        &[],
+    );
 
     let mut targets = vec![
-        Target { name: "direct", addr: mock.addr, pid: None },
-        Target { name: "tollgate", addr: gateway.addr, pid: Some(gateway.child.id()) },
+        Target {
+            name: "direct",
+            addr: mock.addr,
+            pid: None,
+        },
+        Target {
+            name: "tollgate",
+            addr: gateway.addr,
+            pid: Some(gateway.child.id()),
+        },
     ];
     let mut peers = Vec::new();
     if cli.peers != "none" {
         for (name, start) in [
-            ("nginx", start_nginx as fn(&TempDir, SocketAddr) -> anyhow::Result<(PeerProc, SocketAddr)>),
+            (
+                "nginx",
+                start_nginx as fn(&TempDir, SocketAddr) -> anyhow::Result<(PeerProc, SocketAddr)>,
+            ),
             ("haproxy", start_haproxy),
         ] {
             match start(&dir, mock.addr) {
                 Ok((p, addr)) => {
-                    targets.push(Target { name, addr, pid: Some(p.0.id()) });
+                    targets.push(Target {
+                        name,
+                        addr,
+                        pid: Some(p.0.id()),
+                    });
                     peers.push(p);
                 }
                 Err(e) if cli.peers == "all" => return Err(e),
@@ -306,7 +342,11 @@ provider = "anthropic"
     eprintln!(
         "gate: {} targets ({}), {} connections, {} s x {} repeats{}",
         targets.len(),
-        targets.iter().map(|t| t.name).collect::<Vec<_>>().join(", "),
+        targets
+            .iter()
+            .map(|t| t.name)
+            .collect::<Vec<_>>()
+            .join(", "),
         cfg.connections,
         cfg.duration_s,
         cfg.repeats,
@@ -320,7 +360,8 @@ provider = "anthropic"
                 let n = targets.len();
                 for k in 0..n {
                     let t = &targets[(k + repeat) % n];
-                    let (r, cpu) = measure(&cfg, t, &sc.payload, Mode::Open { rate }, cfg.duration_s)?;
+                    let (r, cpu) =
+                        measure(&cfg, t, &sc.payload, Mode::Open { rate }, cfg.duration_s)?;
                     let s = Sample {
                         scenario: sc.name.clone(),
                         rate,
@@ -359,7 +400,13 @@ provider = "anthropic"
     if let Some(sc) = cfg.scenarios.first() {
         for t in &targets {
             let (r, cpu) = measure(&cfg, t, &sc.payload, Mode::Closed, cfg.ceiling_s)?;
-            eprintln!("  ceiling {:<8} {:>9.0} req/s{}", t.name, r.achieved_rate, cpu.map(|c| format!("  cpu {c:.1} us/req")).unwrap_or_default());
+            eprintln!(
+                "  ceiling {:<8} {:>9.0} req/s{}",
+                t.name,
+                r.achieved_rate,
+                cpu.map(|c| format!("  cpu {c:.1} us/req"))
+                    .unwrap_or_default()
+            );
             ceilings.push(serde_json::json!({
                 "target": t.name, "scenario": sc.name, "achieved_rate": r.achieved_rate,
                 "cpu_us_per_request": cpu, "errors": r.error_count(),
@@ -376,7 +423,8 @@ provider = "anthropic"
             "duration_s": cfg.duration_s, "repeats": cfg.repeats, "gateway_workers": cfg.gateway_workers,
             "samples": samples, "summaries": summaries, "ceilings": ceilings, "failures": failures,
         });
-        std::fs::write(path, serde_json::to_vec_pretty(&report)?).with_context(|| format!("writing {}", path.display()))?;
+        std::fs::write(path, serde_json::to_vec_pretty(&report)?)
+            .with_context(|| format!("writing {}", path.display()))?;
     }
     drop(peers);
     drop(gateway);
@@ -395,7 +443,17 @@ provider = "anthropic"
 fn print_table(s: &[Summary]) {
     println!(
         "\n{:<8} {:>7} {:<9} {:>9} {:>9} {:>9} {:>10} {:>10} {:>10} {:>9} {:>9}",
-        "scenario", "rate", "target", "p50 us", "p99 us", "p99.9 us", "+p50 us", "+p99 us", "+p99.9 us", "cpu/req", "cpu/evt"
+        "scenario",
+        "rate",
+        "target",
+        "p50 us",
+        "p99 us",
+        "p99.9 us",
+        "+p50 us",
+        "+p99 us",
+        "+p99.9 us",
+        "cpu/req",
+        "cpu/evt"
     );
     let f = |v: Option<f64>| v.map(|x| format!("{x:.1}")).unwrap_or_else(|| "-".into());
     for r in s {

@@ -16,16 +16,12 @@
 //! Cost: per request two writes upstream (head, body: the body is a refcount of the client's buffer), one
 //! write per group of complete events downstream.
 
-use std::future::Future;
-use std::pin::Pin;
-use std::task::Poll;
-
 use bytes::{Bytes, BytesMut};
-use monoio::io::{AsyncWriteRentExt, CancelableAsyncReadRent, Canceller, OwnedReadHalf};
+use monoio::io::AsyncWriteRentExt;
 use monoio::net::TcpStream;
-use monoio::BufResult;
 use tollgate_controlplane::ProviderKind;
 
+use super::client::ClientGone;
 use super::{ClientIo, Core, Outcome, RequestCtx};
 use crate::error::{ApiShape, Error, Result};
 use crate::http1::{self, ChunkEvent, ChunkedDecoder, Framing, ResponseHead};
@@ -129,95 +125,6 @@ fn build_request_head(ctx: &RequestCtx, p: &ProviderRuntime, body_len: usize) ->
     h
 }
 
-/// Watches the client socket for a disconnect while the upstream works, without losing pipelined bytes:
-/// the read is cancelable, and whatever it got is handed back to the connection buffer at the end.
-type WatchFuture<'a> = Pin<Box<dyn Future<Output = BufResult<usize, BytesMut>> + 'a>>;
-
-struct ClientWatch<'a> {
-    fut: Option<WatchFuture<'a>>,
-    canceller: Option<Canceller>,
-    got: Option<BytesMut>,
-}
-
-struct ClientGone;
-
-impl<'a> ClientWatch<'a> {
-    fn start(rd: &'a mut OwnedReadHalf<TcpStream>, buf: &mut BytesMut) -> ClientWatch<'a> {
-        if !buf.is_empty() {
-            // The client already sent its next request: it is alive, and its bytes stay where they are.
-            return ClientWatch {
-                fut: None,
-                canceller: None,
-                got: None,
-            };
-        }
-        let mut b = std::mem::take(buf);
-        b.reserve(4096);
-        let canceller = Canceller::new();
-        let handle = canceller.handle();
-        let fut = Box::pin(async move {
-            let (len, cap) = (b.len(), b.capacity());
-            let (r, s) = rd
-                .cancelable_read(monoio::buf::IoBufMut::slice_mut(b, len..cap), handle)
-                .await;
-            (r, s.into_inner())
-        });
-        ClientWatch {
-            fut: Some(fut),
-            canceller: Some(canceller),
-            got: None,
-        }
-    }
-
-    /// Runs `f` unless the client disconnects first.
-    async fn guard<T>(&mut self, f: impl Future<Output = T>) -> std::result::Result<T, ClientGone> {
-        let mut f = std::pin::pin!(f);
-        let Some(w) = self.fut.as_mut() else {
-            return Ok(f.await);
-        };
-        let first = std::future::poll_fn(|cx| {
-            if let Poll::Ready(v) = f.as_mut().poll(cx) {
-                return Poll::Ready(Ok(v));
-            }
-            if let Poll::Ready(r) = w.as_mut().poll(cx) {
-                return Poll::Ready(Err(r));
-            }
-            Poll::Pending
-        })
-        .await;
-        match first {
-            Ok(v) => Ok(v),
-            Err((res, b)) => {
-                self.fut = None;
-                self.canceller = None;
-                match res {
-                    Ok(n) if n > 0 => {
-                        // Pipelined bytes: keep them for the next request, stop watching.
-                        self.got = Some(b);
-                        Ok(f.await)
-                    }
-                    _ => Err(ClientGone),
-                }
-            }
-        }
-    }
-
-    /// Stops watching and returns any bytes the client sent meanwhile to `buf`.
-    async fn finish(mut self, buf: &mut BytesMut) {
-        if let Some(fut) = self.fut.take() {
-            if let Some(c) = self.canceller.take() {
-                c.cancel();
-            }
-            let (_res, b) = fut.await;
-            if !b.is_empty() {
-                *buf = b;
-            }
-        } else if let Some(b) = self.got.take() {
-            *buf = b;
-        }
-    }
-}
-
 /// Why the relay stopped early.
 enum Stop {
     ClientGone,
@@ -233,17 +140,16 @@ pub async fn forward(
     body: Bytes,
 ) -> Result<()> {
     let head = Bytes::from(build_request_head(ctx, provider, body.len()));
-    let mut watch = ClientWatch::start(&mut io.rd, &mut io.buf);
-    let result = exchange(core, ctx, &mut io.wr, &mut watch, provider, head, body).await;
-    watch.finish(&mut io.buf).await;
-    result
+    // The client's next read goes in flight now: it watches for a disconnect while we wait on the upstream,
+    // and stays pending afterwards as the read of the next request.
+    io.watch();
+    exchange(core, ctx, io, provider, head, body).await
 }
 
 async fn exchange(
     core: &Core,
     ctx: &mut RequestCtx,
-    wr: &mut monoio::io::OwnedWriteHalf<TcpStream>,
-    watch: &mut ClientWatch<'_>,
+    io: &mut ClientIo,
     provider: &ProviderRuntime,
     head: Bytes,
     body: Bytes,
@@ -260,7 +166,7 @@ async fn exchange(
         let (mut conn, reused) = match pooled {
             Some(c) => (c, true),
             None => {
-                let c = watch
+                let c = io
                     .guard(upstream::connect(
                         provider,
                         core.pool.next_rr(),
@@ -273,7 +179,7 @@ async fn exchange(
                 }
             }
         };
-        match watch
+        match io
             .guard(send_and_read_head(
                 core,
                 &mut conn,
@@ -340,8 +246,7 @@ async fn exchange(
     let relay = relay_body(
         core,
         ctx,
-        wr,
-        watch,
+        io,
         &mut conn,
         &resp,
         &mut ubuf,
@@ -372,7 +277,7 @@ async fn exchange(
                     tail.push_chunk(Bytes::from(sse_error_event(ctx.api, &e)));
                 }
                 tail.push(Bytes::from_static(b"0\r\n\r\n"));
-                let _ = flush(ctx, wr, tail).await;
+                let _ = flush(ctx, &mut io.wr, tail).await;
             }
             ctx.error = Some(e);
         }
@@ -494,8 +399,7 @@ async fn send_and_read_head(
 async fn relay_body(
     core: &Core,
     ctx: &mut RequestCtx,
-    wr: &mut monoio::io::OwnedWriteHalf<TcpStream>,
-    watch: &mut ClientWatch<'_>,
+    io: &mut ClientIo,
     conn: &mut UpConn,
     resp: &ResponseHead,
     ubuf: &mut BytesMut,
@@ -574,15 +478,15 @@ async fn relay_body(
             if client_chunked {
                 batch.push(Bytes::from_static(b"0\r\n\r\n"));
             }
-            flush(ctx, wr, batch).await?;
+            flush(ctx, &mut io.wr, batch).await?;
             return Ok(true);
         }
-        flush(ctx, wr, std::mem::take(&mut batch)).await?;
+        flush(ctx, &mut io.wr, std::mem::take(&mut batch)).await?;
         if let Some(e) = failure {
             return Err(Stop::Upstream(e));
         }
         // Read more, within the read timeout, unless the client leaves.
-        let read = watch
+        let read = io
             .guard(monoio::time::timeout(
                 core.upstream.read_timeout,
                 conn.read_append(std::mem::take(ubuf), READ_SPARE),
@@ -602,7 +506,7 @@ async fn relay_body(
                         batch.push_chunk(rest);
                     }
                     batch.push(Bytes::from_static(b"0\r\n\r\n"));
-                    flush(ctx, wr, batch).await?;
+                    flush(ctx, &mut io.wr, batch).await?;
                     return Ok(false);
                 }
                 return Err(Stop::Upstream(Error::upstream_protocol(

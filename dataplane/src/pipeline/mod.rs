@@ -14,6 +14,7 @@
 //! and [`RequestCtx`]. Fails: every error before the response head is rendered in the client's API shape with
 //! the status from [`Error::status`]; after the head, failures end the stream cleanly (see [`forward`]).
 
+pub mod client;
 pub mod forward;
 pub mod log;
 pub mod parse;
@@ -24,9 +25,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
-use monoio::io::{AsyncWriteRentExt, OwnedReadHalf, OwnedWriteHalf};
-use monoio::net::TcpStream;
+use bytes::Bytes;
+use monoio::io::AsyncWriteRentExt;
 use tollgate_controlplane::config::{ServerConfig, UpstreamConfig};
 
 use crate::accesslog::CoreLog;
@@ -34,6 +34,7 @@ use crate::error::{ApiShape, Error};
 use crate::http1::{self, Limits, Method, RequestHead};
 use crate::snapshot::{ProviderRuntime, Published};
 use crate::upstream::Pool;
+pub use client::ClientIo;
 use route::Endpoint;
 
 /// Everything one worker owns. `!Send`: built on its core and never leaves it.
@@ -97,22 +98,6 @@ impl Core {
         s.push_str(&self.id_prefix);
         s.push_str(&format!("{n:014x}"));
         s
-    }
-}
-
-/// The client connection, split so the forward phase can watch for a disconnect while it writes.
-pub struct ClientIo {
-    pub rd: OwnedReadHalf<TcpStream>,
-    pub wr: OwnedWriteHalf<TcpStream>,
-    /// Bytes read but not yet consumed (a pipelined next request stays here).
-    pub buf: BytesMut,
-}
-
-impl std::fmt::Debug for ClientIo {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ClientIo")
-            .field("buffered", &self.buf.len())
-            .finish()
     }
 }
 

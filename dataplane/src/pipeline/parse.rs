@@ -13,11 +13,8 @@ use bytes::{Bytes, BytesMut};
 use monoio::io::AsyncWriteRentExt;
 
 use super::{ClientIo, Core};
-use crate::bufio::read_append;
 use crate::error::{Error, Result};
 use crate::http1::{self, ChunkEvent, ChunkedDecoder, Framing, RequestHead};
-
-const READ_CHUNK: usize = 16 * 1024;
 
 /// Reads more bytes into `io.buf` within `deadline`; `Ok(0)` means the peer closed.
 async fn fill(io: &mut ClientIo, deadline: quanta::Instant) -> Result<usize, FillError> {
@@ -28,16 +25,9 @@ async fn fill(io: &mut ClientIo, deadline: quanta::Instant) -> Result<usize, Fil
     else {
         return Err(FillError::Timeout);
     };
-    let buf = std::mem::take(&mut io.buf);
-    match monoio::time::timeout(left, read_append(&mut io.rd, buf, READ_CHUNK)).await {
-        Ok((Ok(n), b)) => {
-            io.buf = b;
-            Ok(n)
-        }
-        Ok((Err(_), b)) => {
-            io.buf = b;
-            Err(FillError::Io)
-        }
+    match monoio::time::timeout(left, io.read_more()).await {
+        Ok(Ok(n)) => Ok(n),
+        Ok(Err(_)) => Err(FillError::Io),
         Err(_) => Err(FillError::Timeout),
     }
 }
