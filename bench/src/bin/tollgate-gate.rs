@@ -442,7 +442,7 @@ provider = "anthropic"
 
 fn print_table(s: &[Summary]) {
     println!(
-        "\n{:<8} {:>7} {:<9} {:>9} {:>9} {:>9} {:>10} {:>10} {:>10} {:>9} {:>9}",
+        "\n{:<8} {:>7} {:<9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>10} {:>9} {:>9} {:>9}",
         "scenario",
         "rate",
         "target",
@@ -452,13 +452,14 @@ fn print_table(s: &[Summary]) {
         "+p50 us",
         "+p99 us",
         "+p99.9 us",
+        "+ttfb50",
         "cpu/req",
         "cpu/evt"
     );
     let f = |v: Option<f64>| v.map(|x| format!("{x:.1}")).unwrap_or_else(|| "-".into());
     for r in s {
         println!(
-            "{:<8} {:>7} {:<9} {:>9.1} {:>9.1} {:>9.1} {:>10} {:>10} {:>10} {:>9} {:>9}",
+            "{:<8} {:>7} {:<9} {:>9.1} {:>9.1} {:>9.1} {:>9} {:>9} {:>10} {:>9} {:>9} {:>9}",
             r.scenario,
             r.rate,
             r.target,
@@ -468,6 +469,7 @@ fn print_table(s: &[Summary]) {
             f(r.added_p50_us),
             f(r.added_p99_us),
             f(r.added_p999_us),
+            f(r.added_ttfb_p50_us),
             f(r.cpu_us_per_request),
             f(r.cpu_us_per_event)
         );
