@@ -45,6 +45,7 @@ struct RawScenario {
 #[serde(deny_unknown_fields)]
 struct RawThresholds {
     added_p99_us: f64,
+    peer_ratio_p99: Option<f64>,
     added_p50_us: f64,
     cpu_us_per_request: BTreeMap<String, f64>,
     errors: u64,
@@ -74,6 +75,9 @@ pub struct Scenario {
 #[derive(Debug, Clone)]
 pub struct Thresholds {
     pub added_p99_us: f64,
+    /// Added p99 within this multiple of the best peer's (same scenario, rate and run) also passes: the
+    /// peers run on the same noisy machine at the same moment, so a slow machine moves them too.
+    pub peer_ratio_p99: Option<f64>,
     pub added_p50_us: f64,
     pub cpu_us_per_request: BTreeMap<String, f64>,
     pub errors: u64,
@@ -113,6 +117,7 @@ impl GateConfig {
                 .collect(),
             thresholds: Thresholds {
                 added_p99_us: raw.thresholds.added_p99_us,
+                peer_ratio_p99: raw.thresholds.peer_ratio_p99,
                 added_p50_us: raw.thresholds.added_p50_us,
                 cpu_us_per_request: raw.thresholds.cpu_us_per_request,
                 errors: raw.thresholds.errors,
@@ -292,12 +297,26 @@ pub fn verdict(summaries: &[Summary], t: &Thresholds) -> Vec<String> {
     }
     for s in ours {
         let at = format!("{} at {} req/s", s.scenario, s.rate);
+        let best_peer = summaries
+            .iter()
+            .filter(|p| {
+                p.target != "tollgate"
+                    && p.target != "direct"
+                    && p.scenario == s.scenario
+                    && p.rate == s.rate
+            })
+            .filter_map(|p| p.added_p99_us)
+            .min_by(|a, b| a.total_cmp(b));
         match s.added_p99_us {
             Some(v) if v <= t.added_p99_us => {}
-            Some(v) => out.push(format!(
-                "{at}: added p99 {v:.0} us exceeds {:.0} us",
-                t.added_p99_us
-            )),
+            Some(v) => match (best_peer, t.peer_ratio_p99) {
+                (Some(peer), Some(ratio)) if v <= ratio * peer.max(0.0) => {}
+                (Some(peer), Some(ratio)) => out.push(format!(
+                    "{at}: added p99 {v:.0} us exceeds {:.0} us and {ratio}x the best peer's {peer:.0} us",
+                    t.added_p99_us
+                )),
+                _ => out.push(format!("{at}: added p99 {v:.0} us exceeds {:.0} us", t.added_p99_us)),
+            },
             None => out.push(format!("{at}: no direct run to compare p99 with")),
         }
         if let Some(v) = s.added_p50_us {
@@ -346,6 +365,7 @@ mod tests {
     fn thresholds() -> Thresholds {
         Thresholds {
             added_p99_us: 100.0,
+            peer_ratio_p99: Some(1.5),
             added_p50_us: 1000.0,
             cpu_us_per_request: [("chat".to_owned(), 30.0)].into_iter().collect(),
             errors: 0,
@@ -391,6 +411,25 @@ mod tests {
             !verdict(&[], &thresholds()).is_empty(),
             "no data must not pass"
         );
+    }
+
+    #[test]
+    fn a_noisy_machine_is_judged_against_the_peers_of_the_same_run() {
+        let nginx = sample("nginx", 0, 600.0, Some(20.0));
+        let s = vec![
+            sample("direct", 0, 100.0, None),
+            sample("tollgate", 0, 700.0, Some(20.0)),
+            nginx.clone(),
+        ];
+        // +600 us is over the 100 us limit but within 1.5x the peer's +500 us.
+        assert!(verdict(&summarise(&s), &thresholds()).is_empty());
+        let s = vec![
+            sample("direct", 0, 100.0, None),
+            sample("tollgate", 0, 900.0, Some(20.0)),
+            nginx,
+        ];
+        let v = verdict(&summarise(&s), &thresholds());
+        assert!(v[0].contains("1.5x the best peer"), "{v:?}");
     }
 
     #[test]
