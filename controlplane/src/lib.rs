@@ -7,6 +7,10 @@
 
 pub mod config;
 pub mod domain;
+pub mod money;
+pub mod usage;
 
 pub use config::{Config, ConfigError, ConfigIssue};
 pub use domain::{ApiKey, ProviderKind};
+pub use money::{DecimalError, Money, Percent, TokenPrice};
+pub use usage::Usage;
