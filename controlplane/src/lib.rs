@@ -8,9 +8,14 @@
 pub mod config;
 pub mod domain;
 pub mod money;
+pub mod pricing;
 pub mod usage;
 
 pub use config::{Config, ConfigError, ConfigIssue};
 pub use domain::{ApiKey, ProviderKind};
 pub use money::{DecimalError, Money, Percent, TokenPrice};
+pub use pricing::{
+    Cost, ListSource, ModelPrice, PriceBook, PriceSheet, PricingConfig, Quote, RawPricing, Terms,
+    Unpriced,
+};
 pub use usage::Usage;
