@@ -13,7 +13,7 @@
 //! Fails: parsing returns a [`DecimalError`] naming what is wrong (sign, garbage, too many decimals, too
 //! large); arithmetic on [`Money`] is checked and returns `None` on overflow rather than wrapping.
 //! Cost: parsing runs at load time; the arithmetic is a few integer operations and never allocates
-//! (only `Display`/[`Money::usd`] build strings).
+//! (only [`Money::usd`] builds a string).
 
 use std::fmt;
 
@@ -89,12 +89,21 @@ fn write_usd(f: &mut impl fmt::Write, pico: i128) -> fmt::Result {
         f.write_char('-')?;
     }
     write!(f, "{whole}")?;
-    if frac != 0 {
-        let digits = format!("{frac:012}");
-        f.write_char('.')?;
-        f.write_str(digits.trim_end_matches('0'))?;
+    write_fraction(f, frac, 12)
+}
+
+/// Writes `.digits` for a fraction of `frac / 10^width` with trailing zeros trimmed; nothing when zero.
+/// Does not allocate.
+fn write_fraction(f: &mut impl fmt::Write, mut frac: u128, mut width: usize) -> fmt::Result {
+    if frac == 0 {
+        return Ok(());
     }
-    Ok(())
+    // Trim trailing zeros (`frac` is non-zero, so this ends).
+    while width > 0 && (frac / 10) * 10 == frac {
+        frac /= 10;
+        width -= 1;
+    }
+    write!(f, ".{frac:0width$}")
 }
 
 impl fmt::Display for Money {
@@ -197,10 +206,7 @@ impl fmt::Display for Percent {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let (whole, frac) = (self.0 / 10_000, self.0 % 10_000);
         write!(f, "{whole}")?;
-        if frac != 0 {
-            let digits = format!("{frac:04}");
-            write!(f, ".{}", digits.trim_end_matches('0'))?;
-        }
+        write_fraction(f, u128::from(frac), 4)?;
         f.write_str("%")
     }
 }
