@@ -1,12 +1,23 @@
 //! Tollgate's control plane: the source of truth for configuration and the domain types the data plane uses.
 //!
-//! The data plane depends on this crate, never the reverse. Later issues add identities, budgets, policies,
-//! service tokens and prices here, behind a REST API.
+//! The data plane depends on this crate, never the reverse. Prices live in [`pricing`] (with [`money`] and
+//! [`usage`]): the data plane builds a [`PriceBook`] once and calls [`PriceBook::price_at`] and
+//! [`PriceBook::cost`] per request. Later issues add identities, budgets, policies and service tokens here,
+//! behind a REST API.
 
 #![forbid(unsafe_code)]
 
 pub mod config;
 pub mod domain;
+pub mod money;
+pub mod pricing;
+pub mod usage;
 
 pub use config::{Config, ConfigError, ConfigIssue};
 pub use domain::{ApiKey, ProviderKind};
+pub use money::{DecimalError, Money, Percent, TokenPrice};
+pub use pricing::{
+    Cost, ListSource, ModelPrice, PriceBook, PriceSheet, PricingConfig, Quote, RawPricing, Terms,
+    Unpriced,
+};
+pub use usage::Usage;
