@@ -78,6 +78,9 @@ pub struct RawConfig {
     pub providers: Vec<RawProvider>,
     #[serde(default)]
     pub routes: Vec<RawRoute>,
+    /// `[pricing]`: an optional sheet file, a fallback price, negotiated overrides.
+    #[serde(default)]
+    pub pricing: crate::pricing::RawPricing,
 }
 
 /// `[server]`: the client-facing side.
@@ -156,6 +159,8 @@ pub struct Config {
     pub log: LogConfig,
     pub providers: Vec<ProviderConfig>,
     pub routes: Vec<RouteConfig>,
+    /// List prices (the shipped sheet or `pricing.sheet`) with the negotiated terms, compiled for lookups.
+    pub prices: std::sync::Arc<crate::pricing::PriceBook>,
 }
 
 /// Which I/O driver the workers use.
@@ -649,16 +654,35 @@ impl TryFrom<Located<'_>> for Config {
             is.push("routes", "at least one [[routes]] entry is required");
         }
 
-        if is.list.is_empty() {
-            Ok(Config {
+        let mut raw_pricing = raw.pricing;
+        let prices = match raw_pricing.sheet.take() {
+            Some(sheet) => {
+                // A relative sheet path is relative to the config file.
+                let sheet = match file.parent() {
+                    Some(dir) if sheet.is_relative() => dir.join(sheet),
+                    _ => sheet,
+                };
+                crate::pricing::PriceBook::from_files(&sheet, file, raw_pricing)
+            }
+            None => crate::pricing::PriceBook::builtin_with(file, raw_pricing),
+        };
+        let prices = match prices {
+            Ok(p) => Some(std::sync::Arc::new(p)),
+            Err(e) => {
+                is.list.extend(e.issues);
+                None
+            }
+        };
+        match prices {
+            Some(prices) if is.list.is_empty() => Ok(Config {
                 server,
                 upstream,
                 log,
                 providers,
                 routes,
-            })
-        } else {
-            Err(ConfigError { issues: is.list })
+                prices,
+            }),
+            _ => Err(ConfigError { issues: is.list }),
         }
     }
 }

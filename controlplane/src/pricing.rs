@@ -107,6 +107,9 @@ pub struct RawLongContext {
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawPricing {
+    /// A price sheet file to use instead of the one shipped in the binary (same format as
+    /// `controlplane/prices/list.toml`), so prices can be updated without a rebuild.
+    pub sheet: Option<std::path::PathBuf>,
     /// Prices for models the sheet does not list; absent means such models are refused.
     pub fallback: Option<RawPrices>,
     #[serde(default)]

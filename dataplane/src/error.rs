@@ -34,6 +34,8 @@ pub enum ErrorKind {
     MethodNotAllowed,
     /// No route matches the requested model (404, like the providers).
     UnknownModel,
+    /// The model has no price and no fallback price is configured (403): never served for free.
+    Unpriced,
     /// The Transfer-Encoding or Expect asked for is not supported (501 / 417 folded into 400 family).
     Unsupported,
     /// The upstream could not be reached: DNS, connect or TLS failed (502).
@@ -78,6 +80,7 @@ impl Error {
         match self.kind {
             ErrorKind::BadRequest | ErrorKind::InvalidBody => 400,
             ErrorKind::NotFound | ErrorKind::UnknownModel => 404,
+            ErrorKind::Unpriced => 403,
             ErrorKind::MethodNotAllowed => 405,
             ErrorKind::ClientTimeout => 408,
             ErrorKind::BodyTooLarge => 413,
@@ -111,6 +114,7 @@ impl Error {
             ErrorKind::NotFound => "not_found",
             ErrorKind::MethodNotAllowed => "method_not_allowed",
             ErrorKind::UnknownModel => "model_not_found",
+            ErrorKind::Unpriced => "model_unpriced",
             ErrorKind::Unsupported => "unsupported",
             ErrorKind::UpstreamUnreachable => "upstream_unreachable",
             ErrorKind::UpstreamProtocol => "upstream_protocol_error",
@@ -129,6 +133,7 @@ impl Error {
             (ApiShape::OpenAi, 400..=499) => "invalid_request_error",
             (ApiShape::OpenAi, _) => "server_error",
             (ApiShape::Anthropic, 404) => "not_found_error",
+            (ApiShape::Anthropic, 403) => "permission_error",
             (ApiShape::Anthropic, 413) => "request_too_large",
             (ApiShape::Anthropic, 400..=499) => "invalid_request_error",
             (ApiShape::Anthropic, 503) => "overloaded_error",
@@ -184,6 +189,7 @@ ctor! {
     not_found => NotFound,
     method_not_allowed => MethodNotAllowed,
     unknown_model => UnknownModel,
+    unpriced => Unpriced,
     unsupported => Unsupported,
     upstream_unreachable => UpstreamUnreachable,
     upstream_protocol => UpstreamProtocol,

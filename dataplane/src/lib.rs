@@ -20,6 +20,7 @@ pub mod server;
 pub mod snapshot;
 pub mod sse;
 pub mod upstream;
+pub mod usage;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};

@@ -78,7 +78,7 @@ fn https_upstream_with_an_extra_ca() {
     let r = post(
         g.addr,
         "/v1/messages",
-        r#"{"model":"claude-x","max_tokens":1,"messages":[]}"#,
+        r#"{"model":"claude-haiku-4-5","max_tokens":1,"messages":[]}"#,
         "",
     );
     assert_eq!(r.status, 502);

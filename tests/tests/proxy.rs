@@ -227,7 +227,7 @@ fn local_endpoints_and_api_shaped_errors() {
     let r = post(
         g.addr,
         "/v1/chat/completions",
-        r#"{"model":"claude-x","messages":[]}"#,
+        r#"{"model":"claude-haiku-4-5","messages":[]}"#,
         "",
     );
     assert_eq!(r.status, 400);
@@ -329,7 +329,7 @@ fn unreachable_upstream_is_502_and_slow_upstream_is_504() {
     let r = post(
         g.addr,
         "/v1/messages",
-        r#"{"model":"claude-x","max_tokens":1,"messages":[]}"#,
+        r#"{"model":"claude-haiku-4-5","max_tokens":1,"messages":[]}"#,
         "",
     );
     assert_eq!(r.status, 502);
@@ -375,7 +375,7 @@ fn upstream_failure_mid_stream_ends_the_client_stream_cleanly() {
     ]);
     assert_eq!(line["stream"], true);
 
-    let body = r#"{"model":"claude-x","stream":true,"max_tokens":50,"messages":[{"role":"user","content":"hi"}]}"#;
+    let body = r#"{"model":"claude-haiku-4-5","stream":true,"max_tokens":50,"messages":[{"role":"user","content":"hi"}]}"#;
     let r = post(
         g.addr,
         "/v1/messages",
@@ -504,7 +504,7 @@ fn epoll_driver_serves_the_same_traffic() {
     g.wait_json(&[("event", json!("listening")), ("driver", json!("epoll"))]);
     let r = post(g.addr, "/v1/chat/completions", CHAT, "");
     assert_eq!(r.status, 200);
-    let body = r#"{"model":"claude-x","stream":true,"max_tokens":4,"messages":[]}"#;
+    let body = r#"{"model":"claude-haiku-4-5","stream":true,"max_tokens":4,"messages":[]}"#;
     let r = post(g.addr, "/v1/messages", body, "");
     assert!(r.complete);
     assert_eq!(

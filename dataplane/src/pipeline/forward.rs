@@ -29,6 +29,7 @@ use crate::iovec::IoVecs;
 use crate::snapshot::ProviderRuntime;
 use crate::sse::SseFramer;
 use crate::upstream::{self, UpConn};
+use crate::usage::UsageMeter;
 
 const READ_SPARE: usize = 16 * 1024;
 const MAX_RESPONSE_HEAD: usize = 64 * 1024;
@@ -243,6 +244,7 @@ async fn exchange(
     batch.push(Bytes::from(out));
 
     let sse = resp.is_event_stream();
+    let mut tap = Tap::new(provider.kind, sse, (200..300).contains(&resp.status));
     let relay = relay_body(
         core,
         ctx,
@@ -253,8 +255,10 @@ async fn exchange(
         sse,
         client_chunked,
         batch,
+        &mut tap,
     )
     .await;
+    ctx.meter = Some(tap.finish());
     match relay {
         Ok(reusable) => {
             ctx.outcome = Outcome::Complete;
@@ -406,6 +410,7 @@ async fn relay_body(
     sse: bool,
     client_chunked: bool,
     mut batch: IoVecs,
+    tap: &mut Tap,
 ) -> std::result::Result<bool, Stop> {
     let mut framer = sse.then(SseFramer::new);
     let mut decoder = (resp.framing == Framing::Chunked).then(ChunkedDecoder::new);
@@ -413,7 +418,7 @@ async fn relay_body(
         Framing::Length(n) => n,
         _ => 0,
     };
-    let add = |batch: &mut IoVecs, framer: &mut Option<SseFramer>, piece: Bytes| {
+    let add = |batch: &mut IoVecs, framer: &mut Option<SseFramer>, tap: &mut Tap, piece: Bytes| {
         let out = match framer.as_mut() {
             Some(f) => match f.push(piece) {
                 Some(events) => events,
@@ -421,6 +426,7 @@ async fn relay_body(
             },
             None => piece,
         };
+        tap.observe(&out);
         if client_chunked {
             batch.push_chunk(out);
         } else {
@@ -435,21 +441,21 @@ async fn relay_body(
             Framing::Length(_) => {
                 if !ubuf.is_empty() {
                     let take = (remaining as usize).min(ubuf.len());
-                    add(&mut batch, &mut framer, ubuf.split_to(take).freeze());
+                    add(&mut batch, &mut framer, tap, ubuf.split_to(take).freeze());
                     remaining -= take as u64;
                 }
                 finished = remaining == 0;
             }
             Framing::Close => {
                 if !ubuf.is_empty() {
-                    add(&mut batch, &mut framer, ubuf.split().freeze());
+                    add(&mut batch, &mut framer, tap, ubuf.split().freeze());
                 }
             }
             Framing::Chunked => {
                 if let Some(d) = decoder.as_mut() {
                     loop {
                         match d.next(ubuf) {
-                            Ok(Some(ChunkEvent::Data(b))) => add(&mut batch, &mut framer, b),
+                            Ok(Some(ChunkEvent::Data(b))) => add(&mut batch, &mut framer, tap, b),
                             Ok(Some(ChunkEvent::Done)) => {
                                 finished = true;
                                 break;
@@ -469,6 +475,7 @@ async fn relay_body(
         }
         if finished {
             if let Some(rest) = framer.as_mut().and_then(SseFramer::finish) {
+                tap.observe(&rest);
                 if client_chunked {
                     batch.push_chunk(rest);
                 } else {
@@ -503,6 +510,7 @@ async fn relay_body(
                 *ubuf = b;
                 if resp.framing == Framing::Close {
                     if let Some(rest) = framer.as_mut().and_then(SseFramer::finish) {
+                        tap.observe(&rest);
                         batch.push_chunk(rest);
                     }
                     batch.push(Bytes::from_static(b"0\r\n\r\n"));
@@ -515,6 +523,46 @@ async fn relay_body(
             }
             Ok((Ok(_), b)) => *ubuf = b,
         }
+    }
+}
+
+/// Reads usage off the relayed body without holding it up: SSE events go to the meter as they pass; a
+/// successful JSON body is gathered (a copy, capped) and parsed once it is complete.
+pub struct Tap {
+    meter: UsageMeter,
+    sse: bool,
+    json: Option<Vec<u8>>,
+}
+
+/// Larger non-streamed bodies are not parsed for usage (the account phase then estimates).
+const MAX_USAGE_BODY: usize = 8 * 1024 * 1024;
+
+impl Tap {
+    fn new(kind: tollgate_controlplane::ProviderKind, sse: bool, success: bool) -> Tap {
+        Tap {
+            meter: UsageMeter::new(kind),
+            sse,
+            json: (!sse && success).then(Vec::new),
+        }
+    }
+
+    fn observe(&mut self, out: &[u8]) {
+        if self.sse {
+            self.meter.observe_events(out);
+        } else if let Some(j) = &mut self.json {
+            if j.len() + out.len() <= MAX_USAGE_BODY {
+                j.extend_from_slice(out);
+            } else {
+                self.json = None;
+            }
+        }
+    }
+
+    fn finish(mut self) -> UsageMeter {
+        if let Some(j) = self.json.take() {
+            self.meter.observe_json(&j);
+        }
+        self.meter
     }
 }
 

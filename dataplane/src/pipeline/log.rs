@@ -2,7 +2,11 @@
 //!
 //! Fields: `ts`, `event` ("request"), `request_id`, `core`, `method`, `path`, `status`, `outcome`, `api`,
 //! `provider`, `route`, `model`, `upstream_model`, `stream`, `bytes_in`, `bytes_out`, `upstream_ttfb_us`,
-//! `total_us`, and `error` (code and message) when one occurred. Never a header value or a body: those may
+//! `total_us`; for requests that reached a provider, `usage` (`reported`, `estimated` or `none`), the token
+//! counts (`input_tokens` uncached, `cached_input_tokens`, `cache_write_5m_tokens`, `cache_write_1h_tokens`,
+//! `output_tokens` including `reasoning_tokens`), and the cost: `list_cost_pusd` / `cost_pusd` (exact integers
+//! in pico-USD, list and negotiated) with `list_cost_usd` / `cost_usd` as decimal strings; and `error` (code
+//! and message) when one occurred. Never a header value or a body: those may
 //! carry credentials. Fails: never. Cost: ~300 ns of formatting on the core, no syscall.
 
 use super::{Core, RequestCtx};
@@ -17,6 +21,13 @@ fn field_str(out: &mut Vec<u8>, name: &str, v: &str) {
 }
 
 fn field_num(out: &mut Vec<u8>, name: &str, v: u64) {
+    out.extend_from_slice(b",\"");
+    out.extend_from_slice(name.as_bytes());
+    out.extend_from_slice(b"\":");
+    out.extend_from_slice(itoa::Buffer::new().format(v).as_bytes());
+}
+
+fn field_int(out: &mut Vec<u8>, name: &str, v: i128) {
     out.extend_from_slice(b",\"");
     out.extend_from_slice(name.as_bytes());
     out.extend_from_slice(b"\":");
@@ -70,6 +81,21 @@ pub fn access(core: &Core, ctx: &RequestCtx) {
             field_num(out, "upstream_ttfb_us", t.as_micros() as u64);
         }
         field_num(out, "total_us", total.as_micros() as u64);
+        if let Some(a) = &ctx.account {
+            let u = &a.usage;
+            field_str(out, "usage", a.source.as_str());
+            field_num(out, "input_tokens", u.input_tokens);
+            field_num(out, "cached_input_tokens", u.cached_input_tokens);
+            field_num(out, "cache_write_5m_tokens", u.cache_write_5m_tokens);
+            field_num(out, "cache_write_1h_tokens", u.cache_write_1h_tokens);
+            field_num(out, "output_tokens", u.output_tokens);
+            field_num(out, "reasoning_tokens", u.reasoning_tokens);
+            // Money in pico-USD (1e-12 USD) as exact integers, and as USD decimal strings for people.
+            field_int(out, "list_cost_pusd", a.cost.list.pico());
+            field_int(out, "cost_pusd", a.cost.effective.pico());
+            field_str(out, "list_cost_usd", &a.cost.list.usd());
+            field_str(out, "cost_usd", &a.cost.effective.usd());
+        }
         if let Some(e) = &ctx.error {
             field_str(out, "error_code", e.code());
             field_str(out, "error", &e.message);

@@ -7,13 +7,14 @@
 //! 4. admit: reserve budget. Added with spend limits (issue 6).
 //! 5. [`route`]: endpoint, model, provider, upstream body.
 //! 6. [`forward`]: the upstream exchange, streamed back to the client event by event.
-//! 7. account: price the usage and settle. Added with real-time cost (issue 4).
+//! 7. [`account`]: usage from the response (or an estimate) priced with the quote taken at the start.
 //! 8. [`log`]: one JSON access-log line per request, through the core's buffer.
 //!
 //! Owns: [`Core`] (everything one worker thread owns: its snapshot handle, upstream pool, log buffer, counters)
 //! and [`RequestCtx`]. Fails: every error before the response head is rendered in the client's API shape with
 //! the status from [`Error::status`]; after the head, failures end the stream cleanly (see [`forward`]).
 
+pub mod account;
 pub mod client;
 pub mod forward;
 pub mod log;
@@ -34,8 +35,10 @@ use crate::error::{ApiShape, Error};
 use crate::http1::{self, Limits, Method, RequestHead};
 use crate::snapshot::{ProviderRuntime, Published};
 use crate::upstream::Pool;
+use crate::usage::UsageMeter;
 pub use client::ClientIo;
 use route::Endpoint;
+use tollgate_controlplane::pricing::Quote;
 
 /// Everything one worker owns. `!Send`: built on its core and never leaves it.
 #[derive(Debug)]
@@ -147,6 +150,12 @@ pub struct RequestCtx {
     pub error: Option<Error>,
     /// Whether the client connection can serve another request afterwards.
     pub keep_alive: bool,
+    /// The prices in effect when the request started (list and negotiated), set by the route phase.
+    pub quote: Option<Quote>,
+    /// Usage read from the response by the forward phase.
+    pub meter: Option<UsageMeter>,
+    /// Set by the account phase.
+    pub account: Option<account::Settled>,
 }
 
 /// Serves one request on `io`; returns whether the connection stays open.
@@ -190,6 +199,9 @@ pub async fn run_one(core: &Core, io: &mut ClientIo) -> bool {
         upstream_ttfb: None,
         outcome: Outcome::Rejected,
         error: None,
+        quote: None,
+        meter: None,
+        account: None,
     };
     handle(core, &mut ctx, io).await;
     // 8. log
@@ -261,11 +273,32 @@ async fn handle(core: &Core, ctx: &mut RequestCtx, io: &mut ClientIo) {
     ctx.route = Some(routed.route);
     ctx.upstream_model = routed.upstream_model;
     ctx.provider = Some(Arc::clone(&routed.provider));
+    // Price the request as of its start; a model without a price is never served for free.
+    let billed_model = ctx
+        .upstream_model
+        .as_deref()
+        .or(ctx.model.as_deref())
+        .unwrap_or_default();
+    match snap.config.prices.price_at_timestamp(
+        routed.provider.kind,
+        billed_model,
+        jiff::Timestamp::now(),
+    ) {
+        Ok(q) => ctx.quote = Some(q),
+        Err(unpriced) => {
+            let e = Error::unpriced(format!(
+                "the model `{}` of provider {} has no price on {}: add it to the price sheet or set pricing.fallback",
+                unpriced.model, routed.provider.name, unpriced.date
+            ));
+            return fail(ctx, io, e).await;
+        }
+    }
     // 6. forward
     if let Err(e) = forward::forward(core, ctx, io, &routed.provider, routed.body).await {
         fail(ctx, io, e).await;
     }
-    // 7. account: arrives with issue 4.
+    // 7. account
+    account::settle(ctx);
 }
 
 /// Answers with an error in the client's API shape. The connection closes after client-side framing errors.

@@ -1,0 +1,86 @@
+//! Phase 7, account: what the request consumed and what it cost.
+//!
+//! Owns: [`settle`], run exactly once per request after the forward phase, whatever happened there (complete,
+//! client gone, upstream failed). Usage comes from the provider's own numbers when they arrived
+//! ([`crate::usage::UsageMeter`]); when they did not (client disconnect or upstream failure mid-stream, a
+//! provider that omits usage) the request is still charged with an estimate, marked `estimated`, so nothing
+//! settles at $0 for want of a usage event. A provider error response (non-2xx) without usage is not billed:
+//! providers do not charge for refused requests.
+//!
+//! The estimate today: input tokens from the provider's `message_start` when it came, else a quarter of the
+//! request body's bytes; output tokens from the last cumulative count when one came, else a quarter of the
+//! bytes relayed to the client. Bytes/4 over-counts JSON and SSE framing, so an estimate errs towards
+//! charging. (A real tokenizer replaces it in the next step of issue 4.)
+//!
+//! Cost: the quote was taken when the request started (its price date is the request's); pricing a usage is
+//! a handful of integer multiplications. Fails: never.
+
+use tollgate_controlplane::pricing::Cost;
+use tollgate_controlplane::Usage;
+
+use super::RequestCtx;
+
+/// Where the usage of a settled request came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UsageSource {
+    /// The provider's usage numbers.
+    Reported,
+    /// Counted by the gateway because the provider's numbers never arrived.
+    Estimated,
+    /// Nothing was generated (a provider error response): nothing is billed.
+    None,
+}
+
+impl UsageSource {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            UsageSource::Reported => "reported",
+            UsageSource::Estimated => "estimated",
+            UsageSource::None => "none",
+        }
+    }
+}
+
+/// A settled request.
+#[derive(Debug, Clone, Copy)]
+pub struct Settled {
+    pub usage: Usage,
+    pub source: UsageSource,
+    pub cost: Cost,
+}
+
+/// Settles the request once. Requests that never reached a provider (rejected, unpriced, unreachable) have
+/// nothing to settle.
+pub fn settle(ctx: &mut RequestCtx) {
+    if ctx.account.is_some() {
+        return;
+    }
+    let Some(quote) = ctx.quote else { return };
+    if ctx.upstream_ttfb.is_none() {
+        return;
+    }
+    let meter = ctx.meter.take();
+    let reported = meter.as_ref().and_then(|m| m.usage());
+    let (usage, source) = match reported {
+        Some(u) => (u, UsageSource::Reported),
+        None if !(200..300).contains(&ctx.status) => (Usage::default(), UsageSource::None),
+        None => {
+            let (input, output) = meter.as_ref().map(|m| m.partial()).unwrap_or((None, None));
+            let input = input.unwrap_or_else(|| (ctx.body.len() as u64).div_ceil(4));
+            let output = output.unwrap_or_else(|| ctx.bytes_out.div_ceil(4));
+            let mut u = Usage {
+                input_tokens: input,
+                output_tokens: output,
+                ..Usage::default()
+            };
+            u.estimated = true;
+            (u, UsageSource::Estimated)
+        }
+    };
+    let cost = quote.cost(&usage);
+    ctx.account = Some(Settled {
+        usage,
+        source,
+        cost,
+    });
+}
