@@ -253,6 +253,39 @@ impl UsageMeter {
     }
 }
 
+/// Takes out of a run of OpenAI stream events what the client did not ask for when Tollgate requested usage
+/// for it: the final usage chunk (`"choices":[]` with a `"usage":{...}`) and the `"usage":null` member of
+/// every other chunk. Returns the run unchanged (no copy) when there is nothing to remove, `None` when nothing
+/// is left.
+pub fn strip_openai_usage(run: bytes::Bytes) -> Option<bytes::Bytes> {
+    if !mentions_usage(&run) {
+        return Some(run);
+    }
+    let mut out = Vec::with_capacity(run.len());
+    for event in split_events(&run) {
+        if !mentions_usage(event) {
+            out.extend_from_slice(event);
+            continue;
+        }
+        let is_usage_chunk = memmem::find(event, b"\"choices\":[]").is_some()
+            && memmem::find(event, b"\"usage\":{").is_some();
+        if is_usage_chunk {
+            continue;
+        }
+        let mut rest = event;
+        while let Some(i) = memmem::find(rest, b",\"usage\":null") {
+            out.extend_from_slice(&rest[..i]);
+            rest = &rest[i + b",\"usage\":null".len()..];
+        }
+        out.extend_from_slice(rest);
+    }
+    if out.is_empty() {
+        None
+    } else {
+        Some(bytes::Bytes::from(out))
+    }
+}
+
 /// Splits a run of complete events at blank lines (`\n\n`, `\r\r`, `\r\n\r\n`).
 fn split_events(run: &[u8]) -> impl Iterator<Item = &[u8]> {
     let mut rest = run;
@@ -393,6 +426,27 @@ event: message_stop\ndata: {\"type\":\"message_stop\"}\n\n";
             let mut m = UsageMeter::new(ProviderKind::OpenAi);
             m.observe_events(&v);
         }
+    }
+
+    #[test]
+    fn usage_the_client_did_not_ask_for_is_removed() {
+        let out = strip_openai_usage(bytes::Bytes::from_static(OPENAI_STREAM)).unwrap();
+        assert_eq!(
+            &out[..],
+            &b"data: {\"id\":\"c\",\"object\":\"chat.completion.chunk\",\"choices\":[{\"index\":0,\"delta\":{\"content\":\"Hi\"}}]}\n\ndata: [DONE]\n\n"[..]
+        );
+        let plain = bytes::Bytes::from_static(b"data: {\"choices\":[]}\n\n");
+        assert_eq!(
+            strip_openai_usage(plain.clone()).unwrap().as_ptr(),
+            plain.as_ptr(),
+            "no copy when nothing to do"
+        );
+        assert_eq!(
+            strip_openai_usage(bytes::Bytes::from_static(
+                b"data: {\"choices\":[],\"usage\":{\"prompt_tokens\":1}}\n\n"
+            )),
+            None
+        );
     }
 
     #[test]

@@ -186,3 +186,67 @@ fn aborted_and_failed_streams_are_still_charged_and_errors_are_not() {
     assert_eq!(line["usage"], "none");
     assert_eq!(line["cost_pusd"], 0);
 }
+
+#[test]
+fn openai_streams_are_metered_even_when_the_client_did_not_ask_for_usage() {
+    let (m, g) = mock_and_gateway("");
+    let body =
+        r#"{"model":"gpt-4o-mini","stream":true,"messages":[{"role":"user","content":"hi"}]}"#;
+    let r = post(g.addr, "/v1/chat/completions", body, OPENAI_HEADERS);
+    assert_eq!(r.status, 200);
+    assert!(r.complete);
+    // The client sees exactly the stream it asked for: no usage chunk, no "usage":null members.
+    assert!(
+        !r.text().contains("usage"),
+        "usage leaked into the client's stream:\n{}",
+        r.text()
+    );
+    let events = sse_events(&r.body);
+    assert_eq!(events.last().unwrap().1, "[DONE]");
+    let text: String = events[..events.len() - 1]
+        .iter()
+        .filter_map(|(_, d)| serde_json::from_str::<serde_json::Value>(d).ok())
+        .filter_map(|c| {
+            c["choices"][0]["delta"]["content"]
+                .as_str()
+                .map(str::to_owned)
+        })
+        .collect();
+    assert_eq!(text.split_whitespace().count(), 16);
+    // ... while the provider was asked for usage, and the request is priced from it.
+    let sent: serde_json::Value =
+        serde_json::from_str(mock_requests(&m).last().unwrap()["body"].as_str().unwrap()).unwrap();
+    assert_eq!(sent["stream_options"]["include_usage"], true);
+    let line = request_line(&g, r.header("x-request-id").unwrap());
+    assert_eq!(line["usage"], "reported");
+    assert_eq!(line["cost_pusd"], OPENAI_COST);
+
+    // A client that asked gets the usage chunk untouched.
+    let asked = r#"{"model":"gpt-4o-mini","stream":true,"stream_options":{"include_usage":true},"messages":[]}"#;
+    let r = post(g.addr, "/v1/chat/completions", asked, OPENAI_HEADERS);
+    assert!(r.text().contains("\"prompt_tokens\":1000"));
+}
+
+#[test]
+fn a_client_abort_before_the_usage_event_is_still_charged() {
+    let (_m, g) = mock_and_gateway("");
+    let body = r#"{"model":"gpt-4o-mini","stream":true,"messages":[]}"#;
+    let mut c = Conn::open(g.addr);
+    c.send(
+        post_bytes(
+            "/v1/chat/completions",
+            body,
+            "x-mock-output-tokens: 200\r\nx-mock-token-delay-ms: 20\r\n",
+        )
+        .as_bytes(),
+    );
+    let mut first = [0u8; 64];
+    assert!(std::io::Read::read(&mut c.stream, &mut first).unwrap() > 0);
+    drop(c);
+    let line = g.wait_json(&[
+        ("event", json!("request")),
+        ("outcome", json!("client_gone")),
+    ]);
+    assert_eq!(line["usage"], "estimated");
+    assert!(line["cost_pusd"].as_i64().unwrap() > 0, "{line}");
+}

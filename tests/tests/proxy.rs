@@ -479,15 +479,19 @@ fn sse_split_anywhere_reaches_the_client_as_whole_events() {
     for chunk in [1, 2, 3, 7, 50, STREAM.len()] {
         let up = splitting_upstream(STREAM, chunk);
         let g = gateway(&config_for(&format!("http://{up}"), "workers = 1", ""));
+        // The client asks for usage itself, so the stream must reach it byte for byte.
         let r = post(
             g.addr,
             "/v1/chat/completions",
-            r#"{"model":"gpt-4o","stream":true,"messages":[]}"#,
+            r#"{"model":"gpt-4o","stream":true,"stream_options":{"include_usage":true},"messages":[]}"#,
             "",
         );
         assert_eq!(r.status, 200);
         assert!(r.complete);
         assert_eq!(r.body, STREAM, "chunk size {chunk}: bytes changed");
+        let line = g.wait_json(&[("event", serde_json::json!("request"))]);
+        assert_eq!(line["usage"], "reported", "chunk size {chunk}");
+        assert_eq!(line["output_tokens"], 2, "chunk size {chunk}");
         for c in &r.chunks {
             assert!(
                 c.ends_with(b"\n\n") || c.ends_with(b"\r\n\r\n"),
@@ -495,6 +499,30 @@ fn sse_split_anywhere_reaches_the_client_as_whole_events() {
                 String::from_utf8_lossy(c)
             );
         }
+    }
+}
+
+#[test]
+fn usage_the_client_did_not_ask_for_is_removed_at_every_split() {
+    const STREAM: &[u8] = b"data: {\"id\":\"c1\",\"choices\":[{\"delta\":{\"content\":\"Hel\"}}],\"usage\":null}\n\ndata: {\"id\":\"c1\",\"choices\":[],\"usage\":{\"prompt_tokens\":3,\"completion_tokens\":2}}\n\ndata: [DONE]\n\n";
+    const CLIENT_SEES: &[u8] = b"data: {\"id\":\"c1\",\"choices\":[{\"delta\":{\"content\":\"Hel\"}}]}\n\ndata: [DONE]\n\n";
+    for chunk in [1, 5, 40, STREAM.len()] {
+        let up = splitting_upstream(STREAM, chunk);
+        let g = gateway(&config_for(&format!("http://{up}"), "workers = 1", ""));
+        let r = post(
+            g.addr,
+            "/v1/chat/completions",
+            r#"{"model":"gpt-4o","stream":true,"messages":[]}"#,
+            "",
+        );
+        assert!(r.complete);
+        assert_eq!(
+            String::from_utf8_lossy(&r.body),
+            String::from_utf8_lossy(CLIENT_SEES),
+            "chunk size {chunk}"
+        );
+        let line = g.wait_json(&[("event", serde_json::json!("request"))]);
+        assert_eq!(line["usage"], "reported", "chunk size {chunk}");
     }
 }
 

@@ -139,12 +139,13 @@ pub async fn forward(
     io: &mut ClientIo,
     provider: &ProviderRuntime,
     body: Bytes,
+    strip_usage: bool,
 ) -> Result<()> {
     let head = Bytes::from(build_request_head(ctx, provider, body.len()));
     // The client's next read goes in flight now: it watches for a disconnect while we wait on the upstream,
     // and stays pending afterwards as the read of the next request.
     io.watch();
-    exchange(core, ctx, io, provider, head, body).await
+    exchange(core, ctx, io, provider, head, body, strip_usage).await
 }
 
 async fn exchange(
@@ -154,6 +155,7 @@ async fn exchange(
     provider: &ProviderRuntime,
     head: Bytes,
     body: Bytes,
+    strip_usage: bool,
 ) -> Result<()> {
     let sent_at = quanta::Instant::now();
     let mut attempt = 0;
@@ -244,7 +246,12 @@ async fn exchange(
     batch.push(Bytes::from(out));
 
     let sse = resp.is_event_stream();
-    let mut tap = Tap::new(provider.kind, sse, (200..300).contains(&resp.status));
+    let mut tap = Tap::new(
+        provider.kind,
+        sse,
+        (200..300).contains(&resp.status),
+        strip_usage && sse,
+    );
     let relay = relay_body(
         core,
         ctx,
@@ -426,7 +433,7 @@ async fn relay_body(
             },
             None => piece,
         };
-        tap.observe(&out);
+        let Some(out) = tap.pass(out) else { return };
         if client_chunked {
             batch.push_chunk(out);
         } else {
@@ -474,8 +481,11 @@ async fn relay_body(
             Framing::Empty => finished = true,
         }
         if finished {
-            if let Some(rest) = framer.as_mut().and_then(SseFramer::finish) {
-                tap.observe(&rest);
+            if let Some(rest) = framer
+                .as_mut()
+                .and_then(SseFramer::finish)
+                .and_then(|r| tap.pass(r))
+            {
                 if client_chunked {
                     batch.push_chunk(rest);
                 } else {
@@ -509,8 +519,11 @@ async fn relay_body(
             Ok((Ok(0), b)) | Ok((Err(_), b)) => {
                 *ubuf = b;
                 if resp.framing == Framing::Close {
-                    if let Some(rest) = framer.as_mut().and_then(SseFramer::finish) {
-                        tap.observe(&rest);
+                    if let Some(rest) = framer
+                        .as_mut()
+                        .and_then(SseFramer::finish)
+                        .and_then(|r| tap.pass(r))
+                    {
                         batch.push_chunk(rest);
                     }
                     batch.push(Bytes::from_static(b"0\r\n\r\n"));
@@ -532,17 +545,35 @@ pub struct Tap {
     meter: UsageMeter,
     sse: bool,
     json: Option<Vec<u8>>,
+    /// Remove the usage Tollgate requested on the client's behalf (see `route::request_usage`).
+    strip_usage: bool,
 }
 
 /// Larger non-streamed bodies are not parsed for usage (the account phase then estimates).
 const MAX_USAGE_BODY: usize = 8 * 1024 * 1024;
 
 impl Tap {
-    fn new(kind: tollgate_controlplane::ProviderKind, sse: bool, success: bool) -> Tap {
+    fn new(
+        kind: tollgate_controlplane::ProviderKind,
+        sse: bool,
+        success: bool,
+        strip_usage: bool,
+    ) -> Tap {
         Tap {
             meter: UsageMeter::new(kind),
             sse,
             json: (!sse && success).then(Vec::new),
+            strip_usage,
+        }
+    }
+
+    /// Observes what is about to be relayed and returns what the client should get.
+    fn pass(&mut self, out: Bytes) -> Option<Bytes> {
+        self.observe(&out);
+        if self.strip_usage {
+            crate::usage::strip_openai_usage(out)
+        } else {
+            Some(out)
         }
     }
 

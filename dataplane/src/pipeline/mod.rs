@@ -294,7 +294,16 @@ async fn handle(core: &Core, ctx: &mut RequestCtx, io: &mut ClientIo) {
         }
     }
     // 6. forward
-    if let Err(e) = forward::forward(core, ctx, io, &routed.provider, routed.body).await {
+    if let Err(e) = forward::forward(
+        core,
+        ctx,
+        io,
+        &routed.provider,
+        routed.body,
+        routed.strip_usage,
+    )
+    .await
+    {
         fail(ctx, io, e).await;
     }
     // 7. account

@@ -104,6 +104,14 @@ struct Probe<'a> {
     model: Option<Name<'a>>,
     #[serde(default)]
     stream: Option<bool>,
+    #[serde(default)]
+    stream_options: Option<StreamOptions>,
+}
+
+#[derive(Deserialize)]
+struct StreamOptions {
+    #[serde(default)]
+    include_usage: Option<bool>,
 }
 
 /// The outcome of routing a chat request.
@@ -116,6 +124,9 @@ pub struct Routed {
     pub upstream_model: Option<String>,
     /// The body to send upstream.
     pub body: Bytes,
+    /// Tollgate asked the provider for usage the client did not ask for (OpenAI `stream_options`), so the
+    /// usage chunk and the `"usage":null` fields must be taken out of the client's stream.
+    pub strip_usage: bool,
 }
 
 /// Routes a chat request by the `model` in its body.
@@ -157,13 +168,22 @@ pub fn route(snap: &Snapshot, ep: Endpoint, body: &Bytes) -> Result<Routed> {
             provider.kind
         )));
     }
-    let upstream_body = match &route.upstream_model {
+    let mut upstream_body = match &route.upstream_model {
         Some(um) if um.as_str() != model.as_ref() => rename_model(body, &model, um)?,
         _ => body.clone(),
     };
+    // An OpenAI stream carries usage only when asked (`stream_options.include_usage`): ask for it on the
+    // client's behalf, and remember to hand the client exactly the stream it asked for.
+    let stream = probe.stream.unwrap_or(false);
+    let client_asked = probe.stream_options.as_ref().and_then(|o| o.include_usage) == Some(true);
+    let strip_usage = provider.kind == ProviderKind::OpenAi && stream && !client_asked;
+    if strip_usage {
+        upstream_body = request_usage(&upstream_body, probe.stream_options.is_some())?;
+    }
     Ok(Routed {
+        strip_usage,
         model: model.into_owned(),
-        stream: probe.stream.unwrap_or(false),
+        stream,
         provider,
         route: route.pattern.as_str().to_owned(),
         upstream_model: route.upstream_model.clone(),
@@ -194,6 +214,41 @@ fn rename_model(body: &Bytes, model: &Cow<'_, str>, new: &str) -> Result<Bytes> 
         .map_err(|e| Error::invalid_body(format!("invalid JSON: {e}")))?;
     if let Some(obj) = v.as_object_mut() {
         obj.insert("model".into(), serde_json::Value::String(new.to_owned()));
+    }
+    serde_json::to_vec(&v)
+        .map(Bytes::from)
+        .map_err(|_| Error::internal("could not re-encode the request body"))
+}
+
+/// Adds `"stream_options":{"include_usage":true}` to a JSON object body: one splice after the opening brace
+/// when the client sent no `stream_options`, a re-encode (rare) when it sent some without `include_usage`.
+fn request_usage(body: &Bytes, has_options: bool) -> Result<Bytes> {
+    const MEMBER: &[u8] = br#""stream_options":{"include_usage":true},"#;
+    if !has_options {
+        if let Some(open) = body
+            .iter()
+            .position(|b| !b.is_ascii_whitespace())
+            .filter(|&i| body[i] == b'{')
+        {
+            let mut out = BytesMut::with_capacity(body.len() + MEMBER.len());
+            out.extend_from_slice(&body[..=open]);
+            out.extend_from_slice(MEMBER);
+            out.extend_from_slice(&body[open + 1..]);
+            return Ok(out.freeze());
+        }
+    }
+    let mut v: serde_json::Value = serde_json::from_slice(body)
+        .map_err(|e| Error::invalid_body(format!("invalid JSON: {e}")))?;
+    if let Some(obj) = v.as_object_mut() {
+        let opts = obj
+            .entry("stream_options")
+            .or_insert_with(|| serde_json::json!({}));
+        match opts.as_object_mut() {
+            Some(o) => {
+                o.insert("include_usage".into(), serde_json::Value::Bool(true));
+            }
+            None => return Err(Error::invalid_body("`stream_options` must be an object")),
+        }
     }
     serde_json::to_vec(&v)
         .map(Bytes::from)
@@ -253,6 +308,24 @@ mod tests {
             &out[..],
             br#"{"messages":[{"role":"user","content":"model"}],"model":"gpt-4o-mini","stream":true}"#
         );
+    }
+
+    #[test]
+    fn usage_is_requested_with_one_splice() {
+        let body = Bytes::from_static(br#" {"model":"m","stream":true}"#);
+        let out = request_usage(&body, false).unwrap();
+        assert_eq!(
+            &out[..],
+            br#" {"stream_options":{"include_usage":true},"model":"m","stream":true}"#
+        );
+        let body = Bytes::from_static(
+            br#"{"model":"m","stream":true,"stream_options":{"include_usage":false}}"#,
+        );
+        let v: serde_json::Value =
+            serde_json::from_slice(&request_usage(&body, true).unwrap()).unwrap();
+        assert_eq!(v["stream_options"]["include_usage"], true);
+        let bad = Bytes::from_static(br#"{"model":"m","stream_options":3}"#);
+        assert_eq!(request_usage(&bad, true).unwrap_err().status(), 400);
     }
 
     #[test]
