@@ -35,6 +35,9 @@ fn openai_usage_is_priced_exactly_streamed_or_not() {
     assert_eq!(line["list_cost_pusd"], OPENAI_COST);
     assert_eq!(line["cost_pusd"], OPENAI_COST);
     assert_eq!(line["cost_usd"], "0.0001296");
+    // A non-streamed answer carries its cost in the response head, and its body is unchanged JSON.
+    assert_eq!(r.header("x-tollgate-cost"), Some("0.0001296"));
+    assert_eq!(r.json()["usage"]["prompt_tokens"], 1000);
 
     let stream = r#"{"model":"gpt-4o-mini","stream":true,"stream_options":{"include_usage":true},"messages":[]}"#;
     let r = post(g.addr, "/v1/chat/completions", stream, OPENAI_HEADERS);

@@ -200,6 +200,45 @@ async fn exchange(
     ctx.upstream_ttfb = Some(quanta::Instant::now().duration_since(sent_at));
     ctx.status = resp.status;
 
+    let sse = resp.is_event_stream();
+    let mut tap = Tap::new(
+        provider.kind,
+        sse,
+        (200..300).contains(&resp.status),
+        strip_usage && sse,
+    );
+    // A successful non-streamed answer is read whole before it is relayed (the client waits for all of it
+    // anyway), so its cost can travel in the response head as `x-tollgate-cost`.
+    let mut cost_header = None;
+    if let (Framing::Length(n), Some(json)) = (resp.framing, tap.json.as_ref()) {
+        if n <= MAX_USAGE_BODY as u64 && json.is_empty() {
+            while (ubuf.len() as u64) < n {
+                let read = io
+                    .guard(monoio::time::timeout(
+                        core.upstream.read_timeout,
+                        conn.read_append(std::mem::take(&mut ubuf), READ_SPARE),
+                    ))
+                    .await;
+                match read {
+                    Err(ClientGone) => return client_gone(ctx),
+                    Ok(Err(_)) => {
+                        return Err(Error::upstream_timeout("the provider stalled mid-response"))
+                    }
+                    Ok(Ok((Ok(0), _))) | Ok(Ok((Err(_), _))) => {
+                        return Err(Error::upstream_protocol(
+                            "the provider closed the connection mid-response",
+                        ))
+                    }
+                    Ok(Ok((Ok(_), b))) => ubuf = b,
+                }
+            }
+            tap.read_whole_json(&ubuf[..n as usize]);
+            if let (Some(q), Some(u)) = (ctx.quote, tap.meter.usage()) {
+                cost_header = Some(q.cost(&u).effective);
+            }
+        }
+    }
+
     // Response head toward the client.
     let client_chunked = !matches!(resp.framing, Framing::Length(_) | Framing::Empty);
     let mut out = Vec::with_capacity(resp.raw.len() + 128);
@@ -231,6 +270,12 @@ async fn exchange(
     out.extend_from_slice(b"x-request-id: ");
     out.extend_from_slice(ctx.id.as_bytes());
     out.extend_from_slice(b"\r\n");
+    if let Some(cost) = cost_header {
+        // The effective (negotiated) cost of this request in USD, exact.
+        out.extend_from_slice(b"x-tollgate-cost: ");
+        out.extend_from_slice(cost.usd().as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
     match resp.framing {
         Framing::Length(n) => out.extend_from_slice(format!("content-length: {n}\r\n").as_bytes()),
         Framing::Empty => out.extend_from_slice(b"content-length: 0\r\n"),
@@ -245,13 +290,6 @@ async fn exchange(
     let mut batch = IoVecs::new();
     batch.push(Bytes::from(out));
 
-    let sse = resp.is_event_stream();
-    let mut tap = Tap::new(
-        provider.kind,
-        sse,
-        (200..300).contains(&resp.status),
-        strip_usage && sse,
-    );
     let relay = relay_body(
         core,
         ctx,
@@ -587,6 +625,12 @@ impl Tap {
                 self.json = None;
             }
         }
+    }
+
+    /// Parses a whole JSON body read ahead of the relay; the relay then passes it on without gathering it again.
+    fn read_whole_json(&mut self, body: &[u8]) {
+        self.meter.observe_json(body);
+        self.json = None;
     }
 
     fn finish(mut self) -> UsageMeter {
