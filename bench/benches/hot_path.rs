@@ -160,5 +160,69 @@ fn sse_framing(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, head_parse, model_probe, sse_framing);
+/// A realistic OpenAI stream: 200 token deltas, then the usage chunk and [DONE].
+fn openai_stream_with_usage() -> Vec<u8> {
+    let mut s = sse_stream();
+    s.truncate(s.len() - b"data: [DONE]\n\n".len());
+    s.extend_from_slice(b"data: {\"id\":\"chatcmpl-1\",\"object\":\"chat.completion.chunk\",\"created\":1,\"model\":\"gpt-4o\",\"choices\":[],\"usage\":{\"prompt_tokens\":1200,\"completion_tokens\":200,\"total_tokens\":1400,\"prompt_tokens_details\":{\"cached_tokens\":1000,\"audio_tokens\":0},\"completion_tokens_details\":{\"reasoning_tokens\":0,\"audio_tokens\":0}}}\n\ndata: [DONE]\n\n");
+    s
+}
+
+fn usage_extraction(c: &mut Criterion) {
+    use tollgate_controlplane::ProviderKind;
+    use tollgate_dataplane::usage::UsageMeter;
+    let stream = openai_stream_with_usage();
+    // Events as providers flush them: one per piece.
+    let text = Bytes::from(stream.clone());
+    let mut events = Vec::new();
+    let mut start = 0;
+    for (i, w) in text.windows(2).enumerate() {
+        if w == b"\n\n" {
+            events.push(text.slice(start..i + 2));
+            start = i + 2;
+        }
+    }
+    let mut g = c.benchmark_group("usage_extraction");
+    g.throughput(Throughput::Elements(events.len() as u64));
+    g.bench_function("tollgate_frame_and_meter/stream_202_events", |b| {
+        b.iter(|| {
+            let mut f = SseFramer::new();
+            let mut m = UsageMeter::new(ProviderKind::OpenAi);
+            for e in &events {
+                if let Some(run) = f.push(e.clone()) {
+                    m.observe_events(&run);
+                }
+            }
+            black_box(m.usage().unwrap())
+        })
+    });
+    g.bench_function("baseline_serde_json_every_event/stream_202_events", |b| {
+        b.iter(|| {
+            let mut usage = None;
+            for e in &events {
+                let data = std::str::from_utf8(e)
+                    .unwrap()
+                    .trim_end()
+                    .trim_start_matches("data: ");
+                if data == "[DONE]" {
+                    continue;
+                }
+                let v: serde_json::Value = serde_json::from_str(data).unwrap();
+                if v["usage"].is_object() {
+                    usage = Some(v["usage"]["prompt_tokens"].as_u64());
+                }
+            }
+            black_box(usage)
+        })
+    });
+    g.finish();
+}
+
+criterion_group!(
+    benches,
+    head_parse,
+    model_probe,
+    sse_framing,
+    usage_extraction
+);
 criterion_main!(benches);

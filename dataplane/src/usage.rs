@@ -90,9 +90,13 @@ struct AnEnvelope {
     usage: Option<AnUsage>,
 }
 
+/// The searcher for `"usage"`, built once (building one per call costs more than the search itself).
+static USAGE_KEY: std::sync::LazyLock<memmem::Finder<'static>> =
+    std::sync::LazyLock::new(|| memmem::Finder::new(b"\"usage\""));
+
 /// Where `"usage"` might be: the only events worth parsing.
 fn mentions_usage(event: &[u8]) -> bool {
-    memmem::find(event, b"\"usage\"").is_some()
+    USAGE_KEY.find(event).is_some()
 }
 
 impl UsageMeter {
