@@ -19,6 +19,7 @@ pub mod resolve;
 pub mod server;
 pub mod snapshot;
 pub mod sse;
+pub mod tokens;
 pub mod upstream;
 pub mod usage;
 
@@ -61,6 +62,13 @@ impl Gateway {
         let config = Arc::new(config);
         let (logger, log_writer) = accesslog::Logger::start()?;
         let snap = Snapshot::build(Arc::clone(&config), opts)?;
+        // The estimate path's tokenizer is built here, never on a core.
+        if !tokens::warm() {
+            logger.event(
+                "tokenizer_unavailable",
+                &[("fallback", "bytes/4 estimates")],
+            );
+        }
         for p in &snap.providers {
             resolve::resolve_now(p, &logger);
             if p.is_mock {

@@ -253,3 +253,42 @@ fn a_client_abort_before_the_usage_event_is_still_charged() {
     assert_eq!(line["usage"], "estimated");
     assert!(line["cost_pusd"].as_i64().unwrap() > 0, "{line}");
 }
+
+#[test]
+fn missing_usage_is_estimated_with_the_tokenizer() {
+    let (_m, g) = mock_and_gateway("");
+    let body = r#"{"model":"gpt-4o-mini","stream":true,"stream_options":{"include_usage":true},"messages":[{"role":"user","content":"Count these words please"}]}"#;
+    let r = post(
+        g.addr,
+        "/v1/chat/completions",
+        body,
+        "x-mock-omit-usage: 1\r\n",
+    );
+    assert!(r.complete);
+    let line = request_line(&g, r.header("x-request-id").unwrap());
+    assert_eq!(line["usage"], "estimated");
+    let bpe = tiktoken_rs::o200k_base().unwrap();
+    // The mock's 16 words, as streamed.
+    let generated = "Hello from the Tollgate mock provider this is a deterministic stream of words for load tests ";
+    assert_eq!(line["output_tokens"], bpe.encode_ordinary(generated).len());
+    // The prompt's text plus the chat format's overhead (3 per message, 3 to prime the reply).
+    assert_eq!(
+        line["input_tokens"],
+        bpe.encode_ordinary("Count these words please\n").len() + 3 + 3
+    );
+    // 0.15 and 0.60 USD per 1M tokens on gpt-4o-mini.
+    let want = line["input_tokens"].as_i64().unwrap() * 150_000
+        + line["output_tokens"].as_i64().unwrap() * 600_000;
+    assert_eq!(line["cost_pusd"], want);
+
+    // Non-streamed, no usage in the body: the message text is counted.
+    let r = post(
+        g.addr,
+        "/v1/chat/completions",
+        r#"{"model":"gpt-4o-mini","messages":[{"role":"user","content":"hi"}]}"#,
+        "x-mock-omit-usage: 1\r\n",
+    );
+    let line = request_line(&g, r.header("x-request-id").unwrap());
+    assert_eq!(line["usage"], "estimated");
+    assert_eq!(line["output_tokens"], bpe.encode_ordinary(generated).len());
+}

@@ -7,10 +7,10 @@
 //! settles at $0 for want of a usage event. A provider error response (non-2xx) without usage is not billed:
 //! providers do not charge for refused requests.
 //!
-//! The estimate today: input tokens from the provider's `message_start` when it came, else a quarter of the
-//! request body's bytes; output tokens from the last cumulative count when one came, else a quarter of the
-//! bytes relayed to the client. Bytes/4 over-counts JSON and SSE framing, so an estimate errs towards
-//! charging. (A real tokenizer replaces it in the next step of issue 4.)
+//! The estimate: input tokens from the provider's `message_start` when it came, else the prompt's text
+//! counted with the embedded tokenizer ([`crate::tokens`]); output tokens from the last cumulative count
+//! when one came, else the generated text relayed so far, counted the same way (relayed bytes past the
+//! keep cap, and anything the tokenizer cannot read, count at bytes/4, which errs towards charging).
 //!
 //! Cost: the quote was taken when the request started (its price date is the request's); pricing a usage is
 //! a handful of integer multiplications. Fails: never.
@@ -66,8 +66,13 @@ pub fn settle(ctx: &mut RequestCtx) {
         None if !(200..300).contains(&ctx.status) => (Usage::default(), UsageSource::None),
         None => {
             let (input, output) = meter.as_ref().map(|m| m.partial()).unwrap_or((None, None));
-            let input = input.unwrap_or_else(|| (ctx.body.len() as u64).div_ceil(4));
-            let output = output.unwrap_or_else(|| ctx.bytes_out.div_ceil(4));
+            let input = input
+                .or_else(|| crate::tokens::prompt_tokens(&ctx.body))
+                .unwrap_or_else(|| (ctx.body.len() as u64).div_ceil(4));
+            let relayed = std::mem::take(&mut ctx.relayed);
+            let output = output.unwrap_or_else(|| {
+                crate::tokens::completion_tokens(&relayed.kept) + relayed.dropped_bytes.div_ceil(4)
+            });
             let mut u = Usage {
                 input_tokens: input,
                 output_tokens: output,

@@ -303,7 +303,9 @@ async fn exchange(
         &mut tap,
     )
     .await;
-    ctx.meter = Some(tap.finish());
+    let (meter, relayed) = tap.finish();
+    ctx.meter = Some(meter);
+    ctx.relayed = relayed;
     match relay {
         Ok(reusable) => {
             ctx.outcome = Outcome::Complete;
@@ -578,17 +580,34 @@ async fn relay_body(
 }
 
 /// Reads usage off the relayed body without holding it up: SSE events go to the meter as they pass; a
-/// successful JSON body is gathered (a copy, capped) and parsed once it is complete.
+/// successful JSON body is gathered (a copy, capped) and parsed once it is complete. It also keeps what it
+/// relayed (refcounts of the same buffers, capped at [`MAX_KEPT`]) until the end, for the estimate path when
+/// the provider's usage never arrives.
 pub struct Tap {
     meter: UsageMeter,
     sse: bool,
     json: Option<Vec<u8>>,
     /// Remove the usage Tollgate requested on the client's behalf (see `route::request_usage`).
     strip_usage: bool,
+    kept: Vec<Bytes>,
+    kept_bytes: usize,
+    dropped_bytes: u64,
+}
+
+/// What the tap hands the account phase.
+#[derive(Debug, Default)]
+pub struct Relayed {
+    /// Relayed body pieces (SSE runs, or the JSON body), for counting generated text.
+    pub kept: Vec<Bytes>,
+    /// Relayed bytes beyond the keep cap (counted at bytes/4 when estimating).
+    pub dropped_bytes: u64,
 }
 
 /// Larger non-streamed bodies are not parsed for usage (the account phase then estimates).
 const MAX_USAGE_BODY: usize = 8 * 1024 * 1024;
+
+/// Relayed bytes kept per request for a possible estimate.
+const MAX_KEPT: usize = 256 * 1024;
 
 impl Tap {
     fn new(
@@ -602,12 +621,27 @@ impl Tap {
             sse,
             json: (!sse && success).then(Vec::new),
             strip_usage,
+            kept: Vec::new(),
+            kept_bytes: 0,
+            dropped_bytes: 0,
+        }
+    }
+
+    fn keep(&mut self, b: &Bytes) {
+        if self.kept_bytes + b.len() <= MAX_KEPT {
+            self.kept_bytes += b.len();
+            self.kept.push(b.clone());
+        } else {
+            self.dropped_bytes += b.len() as u64;
         }
     }
 
     /// Observes what is about to be relayed and returns what the client should get.
     fn pass(&mut self, out: Bytes) -> Option<Bytes> {
         self.observe(&out);
+        if self.sse {
+            self.keep(&out);
+        }
         if self.strip_usage {
             crate::usage::strip_openai_usage(out)
         } else {
@@ -630,14 +664,29 @@ impl Tap {
     /// Parses a whole JSON body read ahead of the relay; the relay then passes it on without gathering it again.
     fn read_whole_json(&mut self, body: &[u8]) {
         self.meter.observe_json(body);
+        if self.meter.usage().is_none() {
+            self.keep(&Bytes::copy_from_slice(body));
+        }
         self.json = None;
     }
 
-    fn finish(mut self) -> UsageMeter {
+    fn finish(mut self) -> (UsageMeter, Relayed) {
         if let Some(j) = self.json.take() {
             self.meter.observe_json(&j);
+            if self.meter.usage().is_none() {
+                self.keep(&Bytes::from(j));
+            }
         }
-        self.meter
+        if self.meter.usage().is_some() {
+            self.kept.clear();
+        }
+        (
+            self.meter,
+            Relayed {
+                kept: self.kept,
+                dropped_bytes: self.dropped_bytes,
+            },
+        )
     }
 }
 

@@ -154,6 +154,8 @@ pub struct RequestCtx {
     pub quote: Option<Quote>,
     /// Usage read from the response by the forward phase.
     pub meter: Option<UsageMeter>,
+    /// What the forward phase relayed, kept only for estimating usage that never arrived.
+    pub relayed: forward::Relayed,
     /// Set by the account phase.
     pub account: Option<account::Settled>,
 }
@@ -201,6 +203,7 @@ pub async fn run_one(core: &Core, io: &mut ClientIo) -> bool {
         error: None,
         quote: None,
         meter: None,
+        relayed: forward::Relayed::default(),
         account: None,
     };
     handle(core, &mut ctx, io).await;
