@@ -485,6 +485,8 @@ pub fn sse_events(body: &[u8]) -> Vec<(Option<String>, String)> {
     let text = String::from_utf8_lossy(body).replace("\r\n", "\n");
     text.split("\n\n")
         .filter(|b| !b.trim().is_empty())
+        // A block of only comment lines (`: ...`) dispatches no event, per the SSE spec.
+        .filter(|b| b.lines().any(|l| !l.starts_with(':') && !l.is_empty()))
         .map(|block| {
             let mut event = None;
             let mut data = Vec::new();

@@ -45,6 +45,13 @@ fn openai_usage_is_priced_exactly_streamed_or_not() {
     let line = request_line(&g, r.header("x-request-id").unwrap());
     assert_eq!(line["usage"], "reported");
     assert_eq!(line["cost_pusd"], OPENAI_COST);
+    // Streams end with their cost as an SSE comment, which SSE parsers ignore.
+    assert!(
+        r.text()
+            .ends_with("data: [DONE]\n\n: tollgate-cost=0.0001296\n\n"),
+        "{}",
+        r.text()
+    );
 }
 
 #[test]

@@ -488,7 +488,14 @@ fn sse_split_anywhere_reaches_the_client_as_whole_events() {
         );
         assert_eq!(r.status, 200);
         assert!(r.complete);
-        assert_eq!(r.body, STREAM, "chunk size {chunk}: bytes changed");
+        // Unchanged, then the stream's cost as an SSE comment (gpt-4o: 3 x 2.50 + 2 x 10 USD per 1M tokens).
+        let mut want = STREAM.to_vec();
+        want.extend_from_slice(b": tollgate-cost=0.0000275\n\n");
+        assert_eq!(
+            String::from_utf8_lossy(&r.body),
+            String::from_utf8_lossy(&want),
+            "chunk size {chunk}"
+        );
         let line = g.wait_json(&[("event", serde_json::json!("request"))]);
         assert_eq!(line["usage"], "reported", "chunk size {chunk}");
         assert_eq!(line["output_tokens"], 2, "chunk size {chunk}");
@@ -505,7 +512,7 @@ fn sse_split_anywhere_reaches_the_client_as_whole_events() {
 #[test]
 fn usage_the_client_did_not_ask_for_is_removed_at_every_split() {
     const STREAM: &[u8] = b"data: {\"id\":\"c1\",\"choices\":[{\"delta\":{\"content\":\"Hel\"}}],\"usage\":null}\n\ndata: {\"id\":\"c1\",\"choices\":[],\"usage\":{\"prompt_tokens\":3,\"completion_tokens\":2}}\n\ndata: [DONE]\n\n";
-    const CLIENT_SEES: &[u8] = b"data: {\"id\":\"c1\",\"choices\":[{\"delta\":{\"content\":\"Hel\"}}]}\n\ndata: [DONE]\n\n";
+    const CLIENT_SEES: &[u8] = b"data: {\"id\":\"c1\",\"choices\":[{\"delta\":{\"content\":\"Hel\"}}]}\n\ndata: [DONE]\n\n: tollgate-cost=0.0000275\n\n";
     for chunk in [1, 5, 40, STREAM.len()] {
         let up = splitting_upstream(STREAM, chunk);
         let g = gateway(&config_for(&format!("http://{up}"), "workers = 1", ""));

@@ -533,6 +533,11 @@ async fn relay_body(
                 }
             }
             if client_chunked {
+                if sse {
+                    if let Some(comment) = cost_comment(ctx, tap) {
+                        batch.push_chunk(comment);
+                    }
+                }
                 batch.push(Bytes::from_static(b"0\r\n\r\n"));
             }
             flush(ctx, &mut io.wr, batch).await?;
@@ -688,6 +693,14 @@ impl Tap {
             },
         )
     }
+}
+
+/// The cost of a completed stream, as its last bytes: an SSE comment line (`: tollgate-cost=USD`), which
+/// every SSE parser ignores by the spec (the official SDKs included), so streams stay what clients asked for
+/// while a client that wants the cost can read it. Only when the provider reported usage.
+fn cost_comment(ctx: &RequestCtx, tap: &Tap) -> Option<Bytes> {
+    let cost = ctx.quote?.cost(&tap.meter.usage()?).effective;
+    Some(Bytes::from(format!(": tollgate-cost={}\n\n", cost.usd())))
 }
 
 /// Writes a batch to the client with one vectored write.
