@@ -94,9 +94,33 @@ struct AnEnvelope {
 static USAGE_KEY: std::sync::LazyLock<memmem::Finder<'static>> =
     std::sync::LazyLock::new(|| memmem::Finder::new(b"\"usage\""));
 
-/// Where `"usage"` might be: the only events worth parsing.
+/// Whether `"usage"` appears at all (the stripping pass looks for `"usage":null` members too).
 fn mentions_usage(event: &[u8]) -> bool {
     USAGE_KEY.find(event).is_some()
+}
+
+/// Whether a `"usage"` key holds an object: the only events worth parsing. OpenAI streams that include usage
+/// put `"usage":null` in every chunk, so finding the key alone would parse every token delta.
+fn carries_usage(event: &[u8]) -> bool {
+    let mut at = 0;
+    while let Some(i) = USAGE_KEY.find(&event[at..]) {
+        let rest = &event[at + i + b"\"usage\"".len()..];
+        let mut j = 0;
+        while rest.get(j).is_some_and(u8::is_ascii_whitespace) {
+            j += 1;
+        }
+        if rest.get(j) == Some(&b':') {
+            j += 1;
+            while rest.get(j).is_some_and(u8::is_ascii_whitespace) {
+                j += 1;
+            }
+            if rest.get(j) == Some(&b'{') {
+                return true;
+            }
+        }
+        at += i + 1;
+    }
+    false
 }
 
 impl UsageMeter {
@@ -125,7 +149,7 @@ impl UsageMeter {
 
     /// A whole non-streamed JSON response body.
     pub fn observe_json(&mut self, body: &[u8]) {
-        if !mentions_usage(body) {
+        if !carries_usage(body) {
             return;
         }
         self.scratch.clear();
@@ -135,11 +159,11 @@ impl UsageMeter {
 
     /// A run of complete SSE events, as the framer hands them out.
     pub fn observe_events(&mut self, run: &[u8]) {
-        if !mentions_usage(run) {
+        if !carries_usage(run) {
             return;
         }
         for event in split_events(run) {
-            if !mentions_usage(event) {
+            if !carries_usage(event) {
                 continue;
             }
             // The event's data: its `data:` lines joined by newlines (per the SSE grammar).
@@ -451,6 +475,16 @@ event: message_stop\ndata: {\"type\":\"message_stop\"}\n\n";
             )),
             None
         );
+    }
+
+    #[test]
+    fn only_usage_objects_are_parsed() {
+        assert!(carries_usage(br#"{"usage":{"prompt_tokens":1}}"#));
+        assert!(carries_usage(br#"{"usage" :  {"prompt_tokens":1}}"#));
+        assert!(carries_usage(br#"{"a":"\"usage\"","usage":{}}"#));
+        assert!(!carries_usage(br#"{"choices":[],"usage":null}"#));
+        assert!(!carries_usage(br#"{"text":"usage"}"#));
+        assert!(!carries_usage(br#"{"usage""#));
     }
 
     #[test]
