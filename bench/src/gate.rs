@@ -209,6 +209,9 @@ pub struct Summary {
     pub added_p99_us: Option<f64>,
     pub added_p999_us: Option<f64>,
     pub added_ttfb_p50_us: Option<f64>,
+    /// Median over repeats of (this target's p99 / the best other proxy's p99 in the same repeat): paired
+    /// within a repeat, so a stall that hits the whole machine for one repeat moves both sides of the ratio.
+    pub peer_ratio_p99: Option<f64>,
     pub cpu_us_per_request: Option<f64>,
     pub cpu_us_per_event: Option<f64>,
     pub errors: u64,
@@ -255,6 +258,25 @@ pub fn summarise(samples: &[Sample]) -> Vec<Summary> {
                     median(&mut d)
                 }
             };
+            let mut peer_ratio: Vec<f64> = mine
+                .iter()
+                .filter(|_| target != "direct")
+                .filter_map(|s| {
+                    samples
+                        .iter()
+                        .filter(|b| {
+                            b.target != "direct"
+                                && b.target != s.target
+                                && b.scenario == s.scenario
+                                && b.rate == s.rate
+                                && b.repeat == s.repeat
+                                && b.p99_us > 0.0
+                        })
+                        .map(|b| b.p99_us)
+                        .min_by(|a, b| a.total_cmp(b))
+                        .map(|best| s.p99_us / best)
+                })
+                .collect();
             let mut cpu: Vec<f64> = mine.iter().filter_map(|s| s.cpu_us_per_request).collect();
             let mut cpu_ev: Vec<f64> = mine
                 .iter()
@@ -273,6 +295,7 @@ pub fn summarise(samples: &[Sample]) -> Vec<Summary> {
                 added_p99_us: added(&|s| s.p99_us),
                 added_p999_us: added(&|s| s.p999_us),
                 added_ttfb_p50_us: added(&|s| s.ttfb_p50_us),
+                peer_ratio_p99: median(&mut peer_ratio),
                 cpu_us_per_request: median(&mut cpu),
                 cpu_us_per_event: median(&mut cpu_ev),
                 errors: mine.iter().map(|s| s.errors).sum(),
@@ -297,26 +320,13 @@ pub fn verdict(summaries: &[Summary], t: &Thresholds) -> Vec<String> {
     }
     for s in ours {
         let at = format!("{} at {} req/s", s.scenario, s.rate);
-        // The best peer's p99 in the same run: the peers share the machine's noise at the same moment, and
-        // comparing whole p99s (not differences from a noisy direct run) keeps that noise from deciding.
-        let best_peer_p99 = summaries
-            .iter()
-            .filter(|p| {
-                p.target != "tollgate"
-                    && p.target != "direct"
-                    && p.scenario == s.scenario
-                    && p.rate == s.rate
-            })
-            .map(|p| p.p99_us)
-            .filter(|v| v.is_finite())
-            .min_by(|a, b| a.total_cmp(b));
         match s.added_p99_us {
             Some(v) if v <= t.added_p99_us => {}
-            Some(v) => match (best_peer_p99, t.peer_ratio_p99) {
-                (Some(peer), Some(ratio)) if s.p99_us <= ratio * peer => {}
-                (Some(peer), Some(ratio)) => out.push(format!(
-                    "{at}: added p99 {v:.0} us exceeds {:.0} us, and p99 {:.0} us exceeds {ratio}x the best peer's {peer:.0} us",
-                    t.added_p99_us, s.p99_us
+            Some(v) => match (s.peer_ratio_p99, t.peer_ratio_p99) {
+                (Some(r), Some(ratio)) if r <= ratio => {}
+                (Some(r), Some(ratio)) => out.push(format!(
+                    "{at}: added p99 {v:.0} us exceeds {:.0} us, and p99 is {r:.2}x the best peer's in the same repeat (median over repeats; limit {ratio}x)",
+                    t.added_p99_us
                 )),
                 _ => out.push(format!("{at}: added p99 {v:.0} us exceeds {:.0} us", t.added_p99_us)),
             },
@@ -432,7 +442,48 @@ mod tests {
             nginx,
         ];
         let v = verdict(&summarise(&s), &thresholds());
-        assert!(v[0].contains("1.5x the best peer"), "{v:?}");
+        assert!(v[0].contains("1.58x the best peer"), "{v:?}");
+    }
+
+    #[test]
+    fn the_peer_comparison_pairs_each_repeat_so_one_stall_does_not_decide() {
+        // CI's failing run (stream, 2000/s): the peers' quiet repeats and Tollgate's quiet repeats fell in
+        // different moments, so comparing medians of whole p99s said 2.1x; paired within each repeat,
+        // Tollgate was within 1.5x of the best peer in 3 of the 5.
+        let (tg, ng, ha) = (
+            [6590.0, 6369.0, 1034.0, 3856.0, 4866.0],
+            [4923.0, 2930.0, 1730.0, 5648.0, 3477.0],
+            [5242.0, 882.0, 912.0, 7962.0, 2293.0],
+        );
+        // (The helper's p50 is half its p99; only the p99 rule is under test.)
+        let t = Thresholds {
+            added_p50_us: f64::MAX,
+            ..thresholds()
+        };
+        let mut s = Vec::new();
+        for r in 0..5 {
+            s.push(sample("direct", r, 500.0, None));
+            s.push(sample("tollgate", r, tg[r], Some(20.0)));
+            s.push(sample("nginx", r, ng[r], Some(20.0)));
+            s.push(sample("haproxy", r, ha[r], Some(20.0)));
+        }
+        let sum = summarise(&s);
+        let ours = sum.iter().find(|x| x.target == "tollgate").unwrap();
+        let r = ours.peer_ratio_p99.unwrap();
+        assert!(
+            (r - 6590.0 / 4923.0).abs() < 1e-9,
+            "median paired ratio {r}"
+        );
+        assert!(verdict(&sum, &t).is_empty());
+        // Slower than the best peer by 2x in every repeat fails, whatever the noise.
+        let mut s = Vec::new();
+        for r in 0..5 {
+            s.push(sample("direct", r, 500.0, None));
+            s.push(sample("tollgate", r, 2.0 * ha[r], Some(20.0)));
+            s.push(sample("haproxy", r, ha[r], Some(20.0)));
+        }
+        let v = verdict(&summarise(&s), &t);
+        assert!(v[0].contains("2.00x the best peer"), "{v:?}");
     }
 
     #[test]

@@ -91,6 +91,10 @@ pub struct RawServer {
     pub listen: Option<Vec<String>>,
     /// Worker threads, one pinned per core; 0 or absent means one per available core.
     pub workers: Option<usize>,
+    /// Pin each worker to its own core. Absent means pin only when there is one worker per available
+    /// core (the gateway owns the machine); with fewer workers the gateway shares the machine, and a
+    /// pinned worker would wait behind a busy core while another sits idle.
+    pub pin_workers: Option<bool>,
     /// `auto` (io_uring where the kernel allows it, else epoll), `io_uring` or `epoll`.
     pub driver: Option<String>,
     pub max_head_bytes: Option<usize>,
@@ -176,6 +180,8 @@ pub struct ServerConfig {
     pub listen: Vec<SocketAddr>,
     /// 0 = one per core, resolved at start-up.
     pub workers: usize,
+    /// `None` = decide at start-up (pin when workers == available cores).
+    pub pin_workers: Option<bool>,
     pub driver: DriverChoice,
     pub max_head_bytes: usize,
     pub max_headers: usize,
@@ -460,6 +466,7 @@ impl TryFrom<Located<'_>> for Config {
         let server = ServerConfig {
             listen,
             workers,
+            pin_workers: s.pin_workers,
             driver,
             max_head_bytes,
             max_headers,

@@ -105,6 +105,7 @@ impl Gateway {
                 "addr": a.to_string(),
                 "workers": server.count,
                 "driver": server.driver,
+                "pinned": server.pinned,
             }));
         }
         Ok(Gateway {

@@ -1,4 +1,4 @@
-//! Thread-per-core serving: one pinned `monoio` worker per core, each with its own SO_REUSEPORT listener.
+//! Thread-per-core serving: one `monoio` worker per core (pinned when it owns the machine), each with its own SO_REUSEPORT listener.
 //!
 //! Owns: listener creation (the first socket binds, possibly to port 0, and the others join its actual port
 //! with SO_REUSEPORT, so the kernel spreads connections across cores), worker threads and their runtimes
@@ -34,6 +34,8 @@ pub struct Workers {
     pub addrs: Vec<SocketAddr>,
     pub driver: &'static str,
     pub count: usize,
+    /// Whether each worker is pinned to its own core (`server.pin_workers`).
+    pub pinned: bool,
     handles: Vec<std::thread::JoinHandle<()>>,
 }
 
@@ -43,6 +45,7 @@ impl Workers {
             addrs: Vec::new(),
             driver: "none",
             count: 0,
+            pinned: false,
             handles: Vec::new(),
         }
     }
@@ -112,15 +115,21 @@ pub fn start(
     logger: &Logger,
     shutdown: Arc<AtomicBool>,
 ) -> std::io::Result<Workers> {
+    let available = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
     let count = match config.server.workers {
-        0 => std::thread::available_parallelism()
-            .map(|n| n.get())
-            .unwrap_or(1),
+        0 => available,
         n => n,
     };
+    let pin = config.server.pin_workers.unwrap_or(count == available);
     let driver = resolve_driver(config.server.driver)?;
     let (addrs, listeners) = bind_all(&config.server.listen, count)?;
-    let cores = core_affinity::get_core_ids().unwrap_or_default();
+    let cores = if pin {
+        core_affinity::get_core_ids().unwrap_or_default()
+    } else {
+        Vec::new()
+    };
     let seed = process_seed();
     let mut handles = Vec::with_capacity(count);
     for (i, ls) in listeners.into_iter().enumerate() {
@@ -171,6 +180,7 @@ pub fn start(
         addrs,
         driver,
         count,
+        pinned: !cores.is_empty(),
         handles,
     })
 }
