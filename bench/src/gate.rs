@@ -477,10 +477,10 @@ mod tests {
         assert!(verdict(&sum, &t).is_empty());
         // Slower than the best peer by 2x in every repeat fails, whatever the noise.
         let mut s = Vec::new();
-        for r in 0..5 {
+        for (r, h) in ha.iter().enumerate() {
             s.push(sample("direct", r, 500.0, None));
-            s.push(sample("tollgate", r, 2.0 * ha[r], Some(20.0)));
-            s.push(sample("haproxy", r, ha[r], Some(20.0)));
+            s.push(sample("tollgate", r, 2.0 * h, Some(20.0)));
+            s.push(sample("haproxy", r, *h, Some(20.0)));
         }
         let v = verdict(&summarise(&s), &t);
         assert!(v[0].contains("2.00x the best peer"), "{v:?}");
