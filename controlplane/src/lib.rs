@@ -11,6 +11,7 @@ pub mod config;
 pub mod domain;
 pub mod money;
 pub mod pricing;
+pub mod service_tokens;
 pub mod usage;
 
 pub use config::{Config, ConfigError, ConfigIssue};

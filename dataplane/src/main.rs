@@ -1,4 +1,5 @@
-//! The `tollgate` binary: `serve` runs a gateway, `check-config` validates a configuration file.
+//! The `tollgate` binary: `serve` runs a gateway, `check-config` validates a configuration file,
+//! `service-token` creates, revokes and lists the tokens CI/CD agents present.
 
 #![forbid(unsafe_code)]
 
@@ -43,12 +44,63 @@ enum Command {
         /// The TOML configuration file.
         file: PathBuf,
     },
+    /// Create, revoke or list service tokens (for CI/CD agents) in a token store directory.
+    ServiceToken {
+        #[command(subcommand)]
+        action: ServiceTokenAction,
+    },
+}
+
+#[derive(Subcommand)]
+enum ServiceTokenAction {
+    /// Mint a token: the token alone goes to stdout (shown once), a summary to stderr.
+    Create {
+        /// The token store directory (created with mode 0700 if missing).
+        #[arg(long)]
+        store: PathBuf,
+        /// Unique among active tokens: 1 to 64 of A-Z a-z 0-9 . _ -
+        #[arg(long)]
+        name: String,
+        /// The team the token's spend is attributed to (same characters as the name).
+        #[arg(long)]
+        team: String,
+        /// Lifetime from now, e.g. 30d, 12h, 90m, 45s.
+        #[arg(long, conflicts_with = "expires_at")]
+        expires_in: Option<String>,
+        /// Absolute expiry, RFC 3339, e.g. 2026-01-31T00:00:00Z.
+        #[arg(long)]
+        expires_at: Option<String>,
+    },
+    /// Revoke a token by name or id; the gateway refuses it from then on.
+    Revoke {
+        /// The token store directory.
+        #[arg(long)]
+        store: PathBuf,
+        /// The token's name or id (st_...).
+        name_or_id: String,
+    },
+    /// List tokens (never their secrets or hashes).
+    List {
+        /// The token store directory.
+        #[arg(long)]
+        store: PathBuf,
+        /// One JSON object per line instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::CheckConfig { file } => check_config(&file),
+        Command::ServiceToken { action } => match service_token(action) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("tollgate: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
         Command::Serve {
             config,
             listen,
@@ -102,6 +154,105 @@ fn check_config(file: &std::path::Path) -> ExitCode {
             ExitCode::from(2)
         }
     }
+}
+
+fn service_token(action: ServiceTokenAction) -> anyhow::Result<()> {
+    use tollgate_controlplane::service_tokens::{self, parse_lifetime, TokenStore};
+    let when = |t: Option<jiff::Timestamp>| {
+        t.map_or_else(
+            || "never".to_owned(),
+            |t| t.strftime("%Y-%m-%dT%H:%M:%SZ").to_string(),
+        )
+    };
+    match action {
+        ServiceTokenAction::Create {
+            store,
+            name,
+            team,
+            expires_in,
+            expires_at,
+        } => {
+            let expires_at = match (expires_in, expires_at) {
+                (Some(spec), _) => Some(
+                    jiff::Timestamp::now()
+                        .checked_add(parse_lifetime(&spec)?)
+                        .with_context(|| format!("--expires-in {spec:?} is too far ahead"))?,
+                ),
+                (None, Some(at)) => Some(
+                    at.parse::<jiff::Timestamp>()
+                        .with_context(|| format!("--expires-at {at:?} is not an RFC 3339 time"))?,
+                ),
+                (None, None) => None,
+            };
+            let (token, secret) = TokenStore::open(&store)?.create(&name, &team, expires_at)?;
+            println!("{}", secret.expose());
+            eprintln!(
+                "created service token {} ({}) for team {}, expires {}\n\
+                 the token above is shown once: store it now",
+                token.name,
+                token.id,
+                token.team,
+                when(token.expires_at)
+            );
+        }
+        ServiceTokenAction::Revoke { store, name_or_id } => {
+            let token = TokenStore::open(&store)?.revoke(&name_or_id)?;
+            eprintln!("revoked {} ({})", token.name, token.id);
+        }
+        ServiceTokenAction::List { store, json } => {
+            // Read-only: listing never creates the store directory.
+            let tokens = service_tokens::load(&store)?.tokens;
+            let now = jiff::Timestamp::now();
+            if json {
+                for t in &tokens {
+                    let line = serde_json::json!({
+                        "id": t.id,
+                        "name": t.name,
+                        "team": t.team,
+                        "created_at": t.created_at,
+                        "expires_at": t.expires_at,
+                        "revoked_at": t.revoked_at,
+                        "status": t.status(now).as_str(),
+                    });
+                    println!("{line}");
+                }
+            } else {
+                let mut rows = vec![[
+                    "ID".to_owned(),
+                    "NAME".to_owned(),
+                    "TEAM".to_owned(),
+                    "CREATED".to_owned(),
+                    "EXPIRES".to_owned(),
+                    "STATUS".to_owned(),
+                ]];
+                rows.extend(tokens.iter().map(|t| {
+                    [
+                        t.id.clone(),
+                        t.name.clone(),
+                        t.team.clone(),
+                        when(Some(t.created_at)),
+                        when(t.expires_at),
+                        t.status(now).to_string(),
+                    ]
+                }));
+                let mut widths = [0usize; 6];
+                for r in &rows {
+                    for (w, c) in widths.iter_mut().zip(r) {
+                        *w = (*w).max(c.len());
+                    }
+                }
+                for r in &rows {
+                    let cells: Vec<String> = r
+                        .iter()
+                        .zip(widths)
+                        .map(|(c, w)| format!("{c:<w$}"))
+                        .collect();
+                    println!("{}", cells.join("  ").trim_end());
+                }
+            }
+        }
+    }
+    Ok(())
 }
 
 fn serve(
