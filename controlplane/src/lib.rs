@@ -9,6 +9,7 @@
 
 pub mod config;
 pub mod domain;
+pub mod login;
 pub mod money;
 pub mod pricing;
 pub mod usage;
