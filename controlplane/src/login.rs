@@ -84,14 +84,31 @@ fn for_issuer(i: &Option<String>) -> String {
     i.as_deref().map(|i| format!(" at {i}")).unwrap_or_default()
 }
 
-/// What `tollgate login` was asked to do.
-#[derive(Debug, Clone)]
+/// What `tollgate login` was asked to do. `Debug` redacts the client secret.
+#[derive(Clone)]
 pub struct LoginOptions {
     pub issuer: String,
     pub client_id: String,
     pub scope: String,
     /// The API audience, for IdPs (Auth0) that only issue JWT access tokens for a named API.
     pub audience: Option<String>,
+    /// For IdPs that want one from installed apps too (Google); sent to the token endpoint only.
+    pub client_secret: Option<String>,
+}
+
+impl fmt::Debug for LoginOptions {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("LoginOptions")
+            .field("issuer", &self.issuer)
+            .field("client_id", &self.client_id)
+            .field("scope", &self.scope)
+            .field("audience", &self.audience)
+            .field(
+                "client_secret",
+                &self.client_secret.as_ref().map(|_| "<redacted>"),
+            )
+            .finish()
+    }
 }
 
 /// What `tollgate token` was asked to do.
@@ -108,6 +125,9 @@ pub struct TokenOptions {
 pub struct StoredToken {
     pub issuer: String,
     pub client_id: String,
+    /// Kept for refreshes, for IdPs (Google) whose installed-app clients have a (non-confidential) secret.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_secret: Option<String>,
     pub token_endpoint: String,
     pub access_token: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -127,6 +147,7 @@ impl fmt::Debug for StoredToken {
         f.debug_struct("StoredToken")
             .field("issuer", &self.issuer)
             .field("client_id", &self.client_id)
+            .field("client_secret", &redact(&self.client_secret))
             .field("token_endpoint", &self.token_endpoint)
             .field("access_token", &"<redacted>")
             .field("refresh_token", &redact(&self.refresh_token))
@@ -414,14 +435,12 @@ pub fn login(opts: &LoginOptions, prompt: &mut dyn Write) -> Result<PathBuf, Log
     }
     let _ = writeln!(prompt, "Waiting for approval...");
 
-    let tokens = poll(&agent, &discovery.token_endpoint, &opts.client_id, &device)?;
-    let stored = stored_token(
-        &issuer,
-        &opts.client_id,
-        &discovery.token_endpoint,
-        tokens,
-        None,
-    );
+    let client = Client {
+        id: opts.client_id.clone(),
+        secret: opts.client_secret.clone(),
+    };
+    let tokens = poll(&agent, &discovery.token_endpoint, &client, &device)?;
+    let stored = stored_token(&issuer, &client, &discovery.token_endpoint, tokens, None);
     let mut creds = Credentials::load(&path)?;
     creds.issuers.insert(issuer.clone(), stored);
     creds.last_used = Some(issuer.clone());
@@ -438,7 +457,7 @@ pub fn login(opts: &LoginOptions, prompt: &mut dyn Write) -> Result<PathBuf, Log
 fn poll(
     agent: &ureq::Agent,
     token_url: &str,
-    client_id: &str,
+    client: &Client,
     device: &DeviceAuthorization,
 ) -> Result<TokenResponse, LoginError> {
     let deadline = Instant::now() + Duration::from_secs(device.expires_in);
@@ -451,11 +470,11 @@ fn poll(
         if Instant::now() >= deadline {
             return Err(LoginError::Expired);
         }
-        let form = [
+        let mut form = vec![
             ("grant_type", DEVICE_GRANT),
             ("device_code", device.device_code.as_str()),
-            ("client_id", client_id),
         ];
+        client.add_to(&mut form);
         let (status, body) = send(agent.post(token_url), Some(&form))?;
         if !(200..300).contains(&status) {
             match oauth_error(&body) {
@@ -473,16 +492,32 @@ fn poll(
     }
 }
 
+/// The OAuth client Tollgate signs in as.
+struct Client {
+    id: String,
+    secret: Option<String>,
+}
+
+impl Client {
+    fn add_to<'a>(&'a self, form: &mut Vec<(&str, &'a str)>) {
+        form.push(("client_id", &self.id));
+        if let Some(s) = &self.secret {
+            form.push(("client_secret", s));
+        }
+    }
+}
+
 fn stored_token(
     issuer: &str,
-    client_id: &str,
+    client: &Client,
     token_endpoint: &str,
     t: TokenResponse,
     previous: Option<&StoredToken>,
 ) -> StoredToken {
     StoredToken {
         issuer: issuer.to_owned(),
-        client_id: client_id.to_owned(),
+        client_id: client.id.clone(),
+        client_secret: client.secret.clone(),
         token_endpoint: token_endpoint.to_owned(),
         access_token: t.access_token,
         // RFC 6749 §6: the IdP may keep the old refresh token; and an ID token is optional on refresh.
@@ -563,21 +598,19 @@ fn refresh(stored: &StoredToken) -> Result<StoredToken, LoginError> {
         failed("the token expired and the IdP issued no refresh token".to_owned())
     })?;
     check_url(&stored.token_endpoint).map_err(|e| failed(e.to_string()))?;
-    let form = [
+    let client = Client {
+        id: stored.client_id.clone(),
+        secret: stored.client_secret.clone(),
+    };
+    let mut form = vec![
         ("grant_type", "refresh_token"),
         ("refresh_token", refresh_token),
-        ("client_id", stored.client_id.as_str()),
     ];
+    client.add_to(&mut form);
     let url = &stored.token_endpoint;
     let (status, body) = send(agent().post(url), Some(&form)).map_err(|e| failed(e.to_string()))?;
     let t: TokenResponse = expect_json(url, status, body).map_err(|e| failed(e.to_string()))?;
-    Ok(stored_token(
-        &stored.issuer,
-        &stored.client_id,
-        url,
-        t,
-        Some(stored),
-    ))
+    Ok(stored_token(&stored.issuer, &client, url, t, Some(stored)))
 }
 
 #[cfg(test)]
@@ -613,6 +646,7 @@ mod tests {
         let t = StoredToken {
             issuer: "https://i".into(),
             client_id: "c".into(),
+            client_secret: Some("secret-client".into()),
             token_endpoint: "https://i/token".into(),
             access_token: "secret-access".into(),
             refresh_token: Some("secret-refresh".into()),

@@ -59,6 +59,9 @@ enum Command {
         /// The API audience, for IdPs that need one to issue JWT access tokens (Auth0).
         #[arg(long)]
         audience: Option<String>,
+        /// The client secret, for IdPs that give installed apps one (Google); stored for refreshes.
+        #[arg(long)]
+        client_secret: Option<String>,
     },
     /// Print a fresh access token (refreshed when it is about to expire), e.g. `OPENAI_API_KEY=$(tollgate token)`.
     Token {
@@ -80,12 +83,14 @@ fn main() -> ExitCode {
             client_id,
             scope,
             audience,
+            client_secret,
         } => {
             let opts = tollgate_controlplane::login::LoginOptions {
                 issuer,
                 client_id,
                 scope,
                 audience,
+                client_secret,
             };
             match tollgate_controlplane::login::login(&opts, &mut std::io::stderr()) {
                 Ok(_) => ExitCode::SUCCESS,

@@ -77,6 +77,8 @@ enum DeviceState {
 struct Device {
     user_code: String,
     scope: String,
+    /// The `audience` the client asked for (Auth0 style); the access token's `aud` when present.
+    audience: Option<String>,
     state: DeviceState,
 }
 
@@ -91,8 +93,9 @@ struct State {
     access_aud: String,
     device_grant: bool,
     devices: HashMap<String, Device>,
-    /// Refresh token -> the user and scope it was issued for.
-    refresh: HashMap<String, (User, String)>,
+    /// Refresh token -> the user, scope and audience it was issued for.
+    refresh: HashMap<String, (User, String, Option<String>)>,
+    client_secret: Option<String>,
     serial: u64,
 }
 
@@ -139,6 +142,7 @@ impl TestIdp {
             device_grant: true,
             devices: HashMap::new(),
             refresh: HashMap::new(),
+            client_secret: None,
             serial: 0,
         }));
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
@@ -216,6 +220,11 @@ impl TestIdp {
     /// The lifetime (`exp - iat`, `expires_in`) of tokens issued from now on (default 3600 s).
     pub fn set_token_lifetime(&self, secs: i64) {
         self.st().token_lifetime = secs;
+    }
+
+    /// Requires `client_secret` at the token endpoint from now on, as Google does for installed apps.
+    pub fn require_client_secret(&self, secret: &str) {
+        self.st().client_secret = Some(secret.to_owned());
     }
 
     /// Drops the device grant from discovery and the device endpoint, like an IdP where it is not enabled.
@@ -384,11 +393,13 @@ async fn handle(req: Request<Incoming>, state: &Mutex<State>) -> Response<Full<B
             let alphabet = b"BCDFGHJKLMNPQRSTVWXZ";
             let user_code = format!("{}-{}", random_code(alphabet, 4), random_code(alphabet, 4));
             let scope = form.get("scope").cloned().unwrap_or_default();
+            let audience = form.get("audience").cloned();
             st.devices.insert(
                 device_code.clone(),
                 Device {
                     user_code: user_code.clone(),
                     scope,
+                    audience,
                     state: DeviceState::Pending,
                 },
             );
@@ -414,6 +425,10 @@ async fn handle(req: Request<Incoming>, state: &Mutex<State>) -> Response<Full<B
             if client_id != CLIENT_ID {
                 return oauth_error("invalid_client", "unknown client_id");
             }
+            if st.client_secret.is_some() && form.get("client_secret") != st.client_secret.as_ref()
+            {
+                return oauth_error("invalid_client", "wrong or missing client_secret");
+            }
             let get = |k: &str| form.get(k).map(String::as_str).unwrap_or("");
             match get("grant_type") {
                 "urn:ietf:params:oauth:grant-type:device_code" => {
@@ -433,13 +448,13 @@ async fn handle(req: Request<Incoming>, state: &Mutex<State>) -> Response<Full<B
                         }
                         DeviceState::Approved(user) => {
                             d.state = DeviceState::Used;
-                            let scope = d.scope.clone();
-                            issue(&mut st, &user, &scope)
+                            let (scope, audience) = (d.scope.clone(), d.audience.clone());
+                            issue(&mut st, &user, &scope, audience)
                         }
                     }
                 }
                 "refresh_token" => match st.refresh.remove(get("refresh_token")) {
-                    Some((user, scope)) => issue(&mut st, &user, &scope),
+                    Some((user, scope, audience)) => issue(&mut st, &user, &scope, audience),
                     None => oauth_error("invalid_grant", "unknown or used refresh token"),
                 },
                 other => oauth_error(
@@ -453,13 +468,18 @@ async fn handle(req: Request<Incoming>, state: &Mutex<State>) -> Response<Full<B
 }
 
 /// A token response: a signed access token, an ID token, and a fresh (rotated) refresh token.
-fn issue(st: &mut State, user: &User, scope: &str) -> Response<Full<Bytes>> {
+fn issue(
+    st: &mut State,
+    user: &User,
+    scope: &str,
+    audience: Option<String>,
+) -> Response<Full<Bytes>> {
     st.serial += 1;
     let iat = now();
     let exp = iat + st.token_lifetime;
     let access = json!({
         "iss": st.issuer,
-        "aud": st.access_aud,
+        "aud": audience.clone().unwrap_or_else(|| st.access_aud.clone()),
         "sub": user.sub,
         "email": user.email,
         "groups": user.groups,
@@ -482,8 +502,10 @@ fn issue(st: &mut State, user: &User, scope: &str) -> Response<Full<Bytes>> {
     let access_token = sign(st, &access, "rsa-a", Algorithm::RS256);
     let id_token = sign(st, &id, "rsa-a", Algorithm::RS256);
     let refresh_token = random_code(b"abcdefghijklmnopqrstuvwxyz0123456789", 40);
-    st.refresh
-        .insert(refresh_token.clone(), (user.clone(), scope.to_owned()));
+    st.refresh.insert(
+        refresh_token.clone(),
+        (user.clone(), scope.to_owned(), audience),
+    );
     json_response(
         StatusCode::OK,
         &json!({

@@ -276,6 +276,40 @@ fn token_refreshes_a_token_about_to_expire() {
 }
 
 #[test]
+fn audience_and_client_secret_reach_the_idp() {
+    let idp = fast_idp();
+    idp.set_token_lifetime(30);
+    idp.require_client_secret("installed-app-secret");
+    let creds = Creds::new();
+    let mut login = start_login(
+        &idp,
+        &creds,
+        &[
+            "--audience",
+            "https://api.example.com",
+            "--client-secret",
+            "installed-app-secret",
+        ],
+    );
+    let code = user_code(&login);
+    idp.approve(&code, "carol", "carol@example.com", &[]);
+    assert_eq!(exit_code(&mut login), 0, "{}", login.output());
+    let stored = creds.stored(&idp);
+    let claims = verified_claims(
+        stored["access_token"].as_str().unwrap(),
+        "https://api.example.com",
+        &idp.issuer(),
+    );
+    assert_eq!(claims["sub"], "carol");
+    // The refresh sends the stored secret too.
+    let t = run_token(&creds, &[]);
+    assert!(t.status.success(), "{}", String::from_utf8_lossy(&t.stderr));
+    let tok = String::from_utf8(t.stdout).unwrap();
+    assert_ne!(tok.trim_end(), stored["access_token"].as_str().unwrap());
+    verified_claims(tok.trim_end(), "https://api.example.com", &idp.issuer());
+}
+
+#[test]
 fn a_failed_refresh_says_to_log_in_again() {
     let idp = fast_idp();
     idp.set_token_lifetime(30);
