@@ -2,13 +2,15 @@
 //!
 //! The data plane depends on this crate, never the reverse. Prices live in [`pricing`] (with [`money`] and
 //! [`usage`]): the data plane builds a [`PriceBook`] once and calls [`PriceBook::price_at`] and
-//! [`PriceBook::cost`] per request. Later issues add identities, budgets, policies and service tokens here,
+//! [`PriceBook::cost`] per request. [`login`] signs people in at their IdP for `tollgate login` and
+//! `tollgate token`. Later issues add identities, budgets, policies and service tokens here,
 //! behind a REST API.
 
 #![forbid(unsafe_code)]
 
 pub mod config;
 pub mod domain;
+pub mod login;
 pub mod money;
 pub mod pricing;
 pub mod service_tokens;

@@ -1,8 +1,10 @@
 //! The `tollgate` binary: `serve` runs a gateway, `check-config` validates a configuration file,
-//! `service-token` creates, revokes and lists the tokens CI/CD agents present.
+//! `service-token` creates, revokes and lists the tokens CI/CD agents present, `login` signs a person in at
+//! their IdP and `token` prints a fresh access token for scripts.
 
 #![forbid(unsafe_code)]
 
+use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -49,7 +51,35 @@ enum Command {
         #[command(subcommand)]
         action: ServiceTokenAction,
     },
+    /// Sign in at your identity provider (OAuth 2.0 device authorization grant) and store the tokens.
+    Login {
+        /// The IdP's issuer URL (https://, or http:// on loopback only).
+        #[arg(long)]
+        issuer: String,
+        /// The OAuth client ID registered at the IdP for Tollgate.
+        #[arg(long)]
+        client_id: String,
+        /// Scopes to ask for.
+        #[arg(long, default_value = tollgate_controlplane::login::DEFAULT_SCOPE)]
+        scope: String,
+        /// The API audience, for IdPs that need one to issue JWT access tokens (Auth0).
+        #[arg(long)]
+        audience: Option<String>,
+        /// The client secret, for IdPs that give installed apps one (Google); stored for refreshes.
+        #[arg(long)]
+        client_secret: Option<String>,
+    },
+    /// Print a fresh access token (refreshed when it is about to expire), e.g. `OPENAI_API_KEY=$(tollgate token)`.
+    Token {
+        /// Which stored sign-in to use; the last one signed in to when absent.
+        #[arg(long)]
+        issuer: Option<String>,
+        /// Print the ID token instead, for IdPs whose access tokens are opaque (Google).
+        #[arg(long)]
+        id_token: bool,
+    },
 }
+
 
 #[derive(Subcommand)]
 enum ServiceTokenAction {
@@ -101,6 +131,42 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+        Command::Login {
+            issuer,
+            client_id,
+            scope,
+            audience,
+            client_secret,
+        } => {
+            let opts = tollgate_controlplane::login::LoginOptions {
+                issuer,
+                client_id,
+                scope,
+                audience,
+                client_secret,
+            };
+            match tollgate_controlplane::login::login(&opts, &mut std::io::stderr()) {
+                Ok(_) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("tollgate login: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::Token { issuer, id_token } => {
+            let opts = tollgate_controlplane::login::TokenOptions { issuer, id_token };
+            match tollgate_controlplane::login::token(&opts) {
+                // Only the token goes to stdout, so `$(tollgate token)` captures exactly it.
+                Ok(t) => match writeln!(std::io::stdout(), "{t}") {
+                    Ok(()) => ExitCode::SUCCESS,
+                    Err(_) => ExitCode::FAILURE,
+                },
+                Err(e) => {
+                    eprintln!("tollgate token: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Command::Serve {
             config,
             listen,

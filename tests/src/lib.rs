@@ -8,6 +8,8 @@
 #![forbid(unsafe_code)]
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+pub mod idp;
+
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
@@ -77,6 +79,23 @@ pub struct Proc {
 impl Proc {
     /// Starts `path args...` and waits for its `{"event":"listening","addr":...}` line.
     pub fn start(path: &Path, args: &[&str], env: &[(&str, &str)]) -> Proc {
+        let mut p = Proc::spawn(path, args, env);
+        let line = p
+            .wait_line(|l| l.contains("\"listening\""), WAIT)
+            .unwrap_or_else(|| {
+                panic!(
+                    "{} never logged a listening line; output:\n{}",
+                    p.name,
+                    p.output()
+                )
+            });
+        let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+        p.addr = v["addr"].as_str().unwrap().parse().unwrap();
+        p
+    }
+
+    /// Starts `path args...` without waiting for anything (a command such as `tollgate login`); `addr` is unset.
+    pub fn spawn(path: &Path, args: &[&str], env: &[(&str, &str)]) -> Proc {
         let mut cmd = Command::new(path);
         cmd.args(args)
             .stdin(Stdio::null())
@@ -103,24 +122,12 @@ impl Proc {
             });
         }
         let name = path.file_name().unwrap().to_string_lossy().into_owned();
-        let mut p = Proc {
+        Proc {
             child,
             addr: SocketAddr::from(([0, 0, 0, 0], 0)),
             out,
             name,
-        };
-        let line = p
-            .wait_line(|l| l.contains("\"listening\""), WAIT)
-            .unwrap_or_else(|| {
-                panic!(
-                    "{} never logged a listening line; output:\n{}",
-                    p.name,
-                    p.output()
-                )
-            });
-        let v: serde_json::Value = serde_json::from_str(&line).unwrap();
-        p.addr = v["addr"].as_str().unwrap().parse().unwrap();
-        p
+        }
     }
 
     /// Waits for the first line matching `pred` (already seen lines count).
