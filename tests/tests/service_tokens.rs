@@ -75,6 +75,9 @@ fn pair(name: &str, status: &str) -> (String, String) {
 fn create_list_revoke_through_the_cli() {
     let dir = TempDir::new("st-cli");
     let store = dir.0.join("store");
+    // Listing a store that does not exist yet is empty and creates nothing.
+    assert!(list_json(&store, &[]).is_empty());
+    assert!(!store.exists(), "list created the store directory");
     let token = create(&store, &["--name", "ci-bot", "--team", "platform"]);
 
     let file = store.join("service-tokens.json");
