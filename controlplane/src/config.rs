@@ -81,6 +81,38 @@ pub struct RawConfig {
     /// `[pricing]`: an optional sheet file, a fallback price, negotiated overrides.
     #[serde(default)]
     pub pricing: crate::pricing::RawPricing,
+    /// `[auth]`: who may call, verified how.
+    #[serde(default)]
+    pub auth: crate::auth::RawAuth,
+    /// `[[policies]]`: which models each user, group and service token may use.
+    #[serde(default)]
+    pub policies: Vec<crate::identity::RawPolicy>,
+    /// `[store]`: where the gateway keeps its state (service tokens).
+    #[serde(default)]
+    pub store: RawStore,
+}
+
+/// `[store]` as written.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawStore {
+    /// Directory for the embedded store; relative to the config file. Default `$XDG_STATE_HOME/tollgate`
+    /// (or `~/.local/state/tollgate`).
+    pub dir: Option<PathBuf>,
+}
+
+/// `[store]`, resolved.
+#[derive(Debug, Clone)]
+pub struct StoreConfig {
+    pub dir: PathBuf,
+}
+
+fn default_store_dir() -> PathBuf {
+    match (std::env::var_os("XDG_STATE_HOME"), std::env::var_os("HOME")) {
+        (Some(x), _) if !x.is_empty() => PathBuf::from(x).join("tollgate"),
+        (_, Some(h)) => PathBuf::from(h).join(".local/state/tollgate"),
+        _ => PathBuf::from("/var/lib/tollgate"),
+    }
 }
 
 /// `[server]`: the client-facing side.
@@ -165,6 +197,9 @@ pub struct Config {
     pub routes: Vec<RouteConfig>,
     /// List prices (the shipped sheet or `pricing.sheet`) with the negotiated terms, compiled for lookups.
     pub prices: std::sync::Arc<crate::pricing::PriceBook>,
+    pub auth: crate::auth::AuthConfig,
+    pub policies: std::sync::Arc<crate::identity::PolicySet>,
+    pub store: StoreConfig,
 }
 
 /// Which I/O driver the workers use.
@@ -680,6 +715,32 @@ impl TryFrom<Located<'_>> for Config {
                 None
             }
         };
+        let base = file.parent().unwrap_or(Path::new("."));
+        let auth = match crate::auth::AuthConfig::from_raw(raw.auth, base) {
+            Ok(a) => a,
+            Err(list) => {
+                for (f, r) in list {
+                    is.push(f, r);
+                }
+                crate::auth::AuthConfig::default()
+            }
+        };
+        let policies = match crate::identity::PolicySet::from_raw(raw.policies) {
+            Ok(p) => p,
+            Err(list) => {
+                for (f, r) in list {
+                    is.push(f, r);
+                }
+                crate::identity::PolicySet::default()
+            }
+        };
+        let store = StoreConfig {
+            dir: match raw.store.dir {
+                Some(d) if d.is_relative() => base.join(d),
+                Some(d) => d,
+                None => default_store_dir(),
+            },
+        };
         match prices {
             Some(prices) if is.list.is_empty() => Ok(Config {
                 server,
@@ -688,6 +749,9 @@ impl TryFrom<Located<'_>> for Config {
                 providers,
                 routes,
                 prices,
+                auth,
+                policies: std::sync::Arc::new(policies),
+                store,
             }),
             _ => Err(ConfigError { issues: is.list }),
         }

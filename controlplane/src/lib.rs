@@ -3,13 +3,16 @@
 //! The data plane depends on this crate, never the reverse. Prices live in [`pricing`] (with [`money`] and
 //! [`usage`]): the data plane builds a [`PriceBook`] once and calls [`PriceBook::price_at`] and
 //! [`PriceBook::cost`] per request. [`login`] signs people in at their IdP for `tollgate login` and
-//! `tollgate token`. Later issues add identities, budgets, policies and service tokens here,
-//! behind a REST API.
+//! `tollgate token`. Who calls and what they may do: [`auth`] (OIDC JWT verification and key fetching),
+//! [`service_tokens`] (hashed tokens for CI/CD agents) and [`identity`] (identities and model policies).
+//! Later issues add budgets and a REST API.
 
 #![forbid(unsafe_code)]
 
+pub mod auth;
 pub mod config;
 pub mod domain;
+pub mod identity;
 pub mod login;
 pub mod money;
 pub mod pricing;
@@ -18,6 +21,7 @@ pub mod usage;
 
 pub use config::{Config, ConfigError, ConfigIssue};
 pub use domain::{ApiKey, ProviderKind};
+pub use identity::{Decision, Identity, IdentityKind, PolicyRequest, PolicySet};
 pub use money::{DecimalError, Money, Percent, TokenPrice};
 pub use pricing::{
     Cost, ListSource, ModelPrice, PriceBook, PriceSheet, PricingConfig, Quote, RawPricing, Terms,

@@ -655,7 +655,7 @@ mod tests {
             token_type: "Bearer".into(),
         };
         let d = format!("{t:?}");
-        assert!(!d.contains("secret"), "{d}");
+        assert!(!d.contains("secret-"), "{d}");
     }
 
     #[test]

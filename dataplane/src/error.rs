@@ -34,6 +34,10 @@ pub enum ErrorKind {
     MethodNotAllowed,
     /// No route matches the requested model (404, like the providers).
     UnknownModel,
+    /// No credential, or one that does not verify (401).
+    Unauthenticated,
+    /// The caller's policy does not allow this request (403).
+    PolicyDenied,
     /// The model has no price and no fallback price is configured (403): never served for free.
     Unpriced,
     /// The Transfer-Encoding or Expect asked for is not supported (501 / 417 folded into 400 family).
@@ -80,7 +84,8 @@ impl Error {
         match self.kind {
             ErrorKind::BadRequest | ErrorKind::InvalidBody => 400,
             ErrorKind::NotFound | ErrorKind::UnknownModel => 404,
-            ErrorKind::Unpriced => 403,
+            ErrorKind::Unauthenticated => 401,
+            ErrorKind::Unpriced | ErrorKind::PolicyDenied => 403,
             ErrorKind::MethodNotAllowed => 405,
             ErrorKind::ClientTimeout => 408,
             ErrorKind::BodyTooLarge => 413,
@@ -115,6 +120,8 @@ impl Error {
             ErrorKind::MethodNotAllowed => "method_not_allowed",
             ErrorKind::UnknownModel => "model_not_found",
             ErrorKind::Unpriced => "model_unpriced",
+            ErrorKind::Unauthenticated => "invalid_api_key",
+            ErrorKind::PolicyDenied => "policy_denied",
             ErrorKind::Unsupported => "unsupported",
             ErrorKind::UpstreamUnreachable => "upstream_unreachable",
             ErrorKind::UpstreamProtocol => "upstream_protocol_error",
@@ -132,6 +139,7 @@ impl Error {
             }
             (ApiShape::OpenAi, 400..=499) => "invalid_request_error",
             (ApiShape::OpenAi, _) => "server_error",
+            (ApiShape::Anthropic, 401) => "authentication_error",
             (ApiShape::Anthropic, 404) => "not_found_error",
             (ApiShape::Anthropic, 403) => "permission_error",
             (ApiShape::Anthropic, 413) => "request_too_large",
@@ -190,6 +198,8 @@ ctor! {
     method_not_allowed => MethodNotAllowed,
     unknown_model => UnknownModel,
     unpriced => Unpriced,
+    unauthenticated => Unauthenticated,
+    policy_denied => PolicyDenied,
     unsupported => Unsupported,
     upstream_unreachable => UpstreamUnreachable,
     upstream_protocol => UpstreamProtocol,

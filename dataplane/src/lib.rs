@@ -13,6 +13,7 @@ pub mod accesslog;
 pub mod bufio;
 pub mod error;
 pub mod http1;
+pub mod identity;
 pub mod iovec;
 pub mod pipeline;
 pub mod resolve;
@@ -42,6 +43,7 @@ pub struct Gateway {
     shutdown: Arc<AtomicBool>,
     server: server::Workers,
     resolver: Option<std::thread::JoinHandle<()>>,
+    identity: Option<std::thread::JoinHandle<()>>,
     logger: Option<accesslog::Logger>,
     log_writer: Option<std::thread::JoinHandle<()>>,
 }
@@ -51,6 +53,8 @@ pub struct Gateway {
 pub enum StartError {
     #[error(transparent)]
     Build(#[from] snapshot::BuildError),
+    #[error(transparent)]
+    Identity(#[from] identity::IdentityError),
     #[error("{0}")]
     Io(#[from] std::io::Error),
 }
@@ -92,9 +96,11 @@ impl Gateway {
             logger.clone(),
             Arc::clone(&shutdown),
         )?;
+        let (auth, identity) = identity::start(&config, &logger, Arc::clone(&shutdown))?;
         let server = server::start(
             &config,
             Arc::clone(&published),
+            auth,
             &logger,
             Arc::clone(&shutdown),
         )?;
@@ -115,6 +121,7 @@ impl Gateway {
             shutdown,
             server,
             resolver: Some(resolver),
+            identity: Some(identity),
             logger: Some(logger),
             log_writer: Some(log_writer),
         })
@@ -135,6 +142,7 @@ impl Gateway {
         let Gateway {
             server,
             resolver,
+            identity,
             logger,
             log_writer,
             ..
@@ -144,6 +152,9 @@ impl Gateway {
         if let Some(r) = resolver.take() {
             r.thread().unpark();
             let _ = r.join();
+        }
+        if let Some(i) = identity.take() {
+            let _ = i.join();
         }
         if let Some(l) = logger.take() {
             l.event("stopped", &[]);

@@ -80,7 +80,6 @@ enum Command {
     },
 }
 
-
 #[derive(Subcommand)]
 enum ServiceTokenAction {
     /// Mint a token: the token alone goes to stdout (shown once), a summary to stderr.

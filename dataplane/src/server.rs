@@ -112,6 +112,7 @@ pub fn resolve_driver(choice: DriverChoice) -> std::io::Result<&'static str> {
 pub fn start(
     config: &Config,
     snapshot: Published,
+    auth: crate::identity::AuthHandle,
     logger: &Logger,
     shutdown: Arc<AtomicBool>,
 ) -> std::io::Result<Workers> {
@@ -139,6 +140,7 @@ pub fn start(
             Some(cores[i % cores.len()])
         };
         let snapshot = Arc::clone(&snapshot);
+        let auth = auth.clone();
         let logger = logger.clone();
         let shutdown = Arc::clone(&shutdown);
         let server = config.server.clone();
@@ -152,7 +154,16 @@ pub fn start(
                 }
                 let log = CoreLog::new(logger.clone(), access_log);
                 let core = Rc::new(Core::new(
-                    i, snapshot, log, server, upstream, shutdown, seed,
+                    i,
+                    crate::pipeline::Shared {
+                        snapshot,
+                        auth,
+                        shutdown,
+                    },
+                    log,
+                    server,
+                    upstream,
+                    seed,
                 ));
                 let res = if driver == "io_uring" {
                     monoio::RuntimeBuilder::<monoio::IoUringDriver>::new()

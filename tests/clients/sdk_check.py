@@ -1,7 +1,10 @@
 #!/usr/bin/env python3
 """Drives a running Tollgate gateway with the official `openai` and `anthropic` Python SDKs.
 
-Usage: sdk_check.py http://127.0.0.1:PORT
+Usage: sdk_check.py http://127.0.0.1:PORT API_KEY
+
+API_KEY is a credential the gateway accepts (a service token or a JWT); the SDKs send it where they always
+send their key (`Authorization: Bearer` for OpenAI, `x-api-key` for Anthropic).
 
 The gateway must route `gpt-*` to an OpenAI-kind provider and `claude-*` to an Anthropic-kind provider, both
 being `tollgate-mock`, whose output is deterministic: token i is the i-th word of MOCK_WORDS plus a space, the
@@ -145,15 +148,39 @@ def check_anthropic_unknown_model(an):
     raise AssertionError("no error for an unknown model")
 
 
+def check_openai_bad_key(base):
+    bad = openai.OpenAI(base_url=base + "/v1", api_key="sk-not-a-tollgate-credential", max_retries=0, timeout=TIMEOUT)
+    try:
+        bad.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES, max_tokens=5)
+    except openai.AuthenticationError as e:
+        assert e.status_code == 401, f"status: {e.status_code}"
+        assert "sk-not-a-tollgate-credential" not in str(e.body), "the key was echoed"
+        return f"AuthenticationError {e.status_code}: {e.message}"
+    raise AssertionError("no error for a bad key")
+
+
+def check_anthropic_bad_key(base):
+    bad = anthropic.Anthropic(base_url=base, api_key="tg_" + "A" * 43, max_retries=0, timeout=TIMEOUT)
+    try:
+        bad.messages.create(model="claude-sonnet-4-5", max_tokens=5, messages=MESSAGES)
+    except anthropic.AuthenticationError as e:
+        assert e.status_code == 401, f"status: {e.status_code}"
+        return f"AuthenticationError {e.status_code}: {e.message}"
+    raise AssertionError("no error for a bad key")
+
+
 def main():
-    if len(sys.argv) != 2:
+    if len(sys.argv) != 3:
         print(__doc__, file=sys.stderr)
         return 2
     base = sys.argv[1].rstrip("/")
+    key = sys.argv[2]
     print(f"python {sys.version.split()[0]} openai {openai.__version__} anthropic {anthropic.__version__}")
-    oa = openai.OpenAI(base_url=base + "/v1", api_key="anything", max_retries=0, timeout=TIMEOUT)
-    an = anthropic.Anthropic(base_url=base, api_key="anything", max_retries=0, timeout=TIMEOUT)
+    oa = openai.OpenAI(base_url=base + "/v1", api_key=key, max_retries=0, timeout=TIMEOUT)
+    an = anthropic.Anthropic(base_url=base, api_key=key, max_retries=0, timeout=TIMEOUT)
     checks = [
+        ("openai bad key", check_openai_bad_key, base),
+        ("anthropic bad key", check_anthropic_bad_key, base),
         ("openai chat.completions", check_openai_chat, oa),
         ("openai chat.completions (counted input)", check_openai_chat_default_input_tokens, oa),
         ("openai chat.completions stream", check_openai_stream, oa),

@@ -207,13 +207,48 @@ pub fn mock(args: &[&str]) -> Proc {
 /// The key tests give the gateway for the mock (the mock checks it).
 pub const MOCK_KEY: &str = "sk-test-provider-key-0123456789";
 
+/// The store `config_for` points gateways at unless told otherwise: one per test process.
+pub fn test_store() -> PathBuf {
+    std::env::temp_dir().join(format!("tollgate-test-store-{}", std::process::id()))
+}
+
+/// Creates a service token in `store` with the real CLI and returns it (a fresh name each call).
+pub fn service_token(store: &Path, team: &str) -> String {
+    static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let out = Command::new(bin("tollgate"))
+        .args(["service-token", "create", "--store"])
+        .arg(store)
+        .args(["--name", &format!("test-{n}"), "--team", team])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap().trim().to_owned()
+}
+
 /// A gateway config with one OpenAI and one Anthropic provider at `base`, plus `extra` TOML appended.
+/// Unless `extra` has its own `[auth]`, requests without credentials are served (as `anonymous`), so tests
+/// about other phases need no token; unless it has its own `[store]`, state goes to a per-process temp dir.
 pub fn config_for(base: &str, server_extra: &str, extra: &str) -> String {
     let workers = if server_extra.contains("workers") {
         ""
     } else {
         "workers = 2"
     };
+    let mut extra = extra.to_owned();
+    if !extra.contains("[auth") {
+        extra.push_str("\n[auth]\nallow_anonymous = true\n");
+    }
+    if !extra.contains("[store]") {
+        extra.push_str(&format!(
+            "\n[store]\ndir = \"{}\"\n",
+            test_store().display()
+        ));
+    }
     format!(
         r#"
 [server]

@@ -112,11 +112,18 @@ fn quickstart_runs_offline_on_the_bundled_mock() {
         ("event", json!("provider_mocked")),
         ("provider", json!("openai")),
     ]);
+    // Identity is on: the first start created a demo token, printed it once, saved it next to the config.
+    g.wait_json(&[("event", json!("demo_token_created"))]);
+    let token = std::fs::read_to_string(dir.0.join(".tollgate/demo-token")).unwrap();
+    let token = token.trim();
+    assert!(token.starts_with("tg_"));
+    let chat = r#"{"model":"gpt-4o-mini","messages":[{"role":"user","content":"hi"}]}"#;
+    assert_eq!(post(g.addr, "/v1/chat/completions", chat, "").status, 401);
     let r = post(
         g.addr,
         "/v1/chat/completions",
-        r#"{"model":"gpt-4o-mini","messages":[{"role":"user","content":"hi"}]}"#,
-        "",
+        chat,
+        &format!("Authorization: Bearer {token}\r\n"),
     );
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(r.json()["choices"][0]["message"]["role"], "assistant");
@@ -124,7 +131,26 @@ fn quickstart_runs_offline_on_the_bundled_mock() {
         g.addr,
         "/v1/messages",
         r#"{"model":"claude-sonnet-4-5","max_tokens":8,"messages":[]}"#,
-        "",
+        &format!("x-api-key: {token}\r\n"),
     );
-    assert_eq!(r.status, 200);
+    assert_eq!(r.status, 200, "{}", r.text());
+    // The demo team's policy: a model outside its list is refused by name.
+    let r = post(
+        g.addr,
+        "/v1/chat/completions",
+        r#"{"model":"o3","messages":[]}"#,
+        &format!("Authorization: Bearer {token}\r\n"),
+    );
+    assert_eq!(r.status, 403, "{}", r.text());
+    assert!(r.text().contains("`demo`"), "{}", r.text());
+    // The token itself went to the terminal (stderr) once, never into the JSON log on stdout.
+    let out = g.output();
+    assert!(
+        out.contains(token),
+        "the demo token is printed at first start"
+    );
+    assert!(!out
+        .lines()
+        .filter(|l| l.starts_with('{'))
+        .any(|l| l.contains(token)));
 }

@@ -13,12 +13,14 @@ const CHAT: &str = r#"{"model":"gpt-4o-mini","messages":[{"role":"user","content
 
 #[test]
 fn openai_non_streaming_round_trip_injects_the_provider_key() {
+    // The client's credential (a real service token: identity is checked) never reaches the provider.
+    let token = service_token(&test_store(), "proxy");
     let (m, g) = mock_and_gateway("");
     let r = post(
         g.addr,
         "/v1/chat/completions",
         CHAT,
-        "Authorization: Bearer client-secret-token\r\nX-Custom: kept\r\n",
+        &format!("Authorization: Bearer {token}\r\nX-Custom: kept\r\n"),
     );
     assert_eq!(r.status, 200, "{}", r.text());
     let v = r.json();
@@ -48,7 +50,7 @@ fn openai_non_streaming_round_trip_injects_the_provider_key() {
     assert_eq!(get("x-request-id"), Some(id.as_str()));
     assert_eq!(get("x-custom"), Some("kept"));
     assert!(
-        !last.to_string().contains("client-secret-token"),
+        !last.to_string().contains(&token),
         "client credential forwarded: {last}"
     );
     assert_eq!(last["body"], CHAT);
@@ -66,7 +68,7 @@ fn openai_non_streaming_round_trip_injects_the_provider_key() {
         "provider key leaked into the log"
     );
     assert!(
-        !g.output().contains("client-secret-token"),
+        !g.output().contains(&token),
         "client token leaked into the log"
     );
 }
@@ -105,13 +107,14 @@ fn openai_stream_carries_every_event_and_the_usage_chunk() {
 
 #[test]
 fn anthropic_stream_and_json_in_their_own_shapes() {
+    let token = service_token(&test_store(), "proxy");
     let (m, g) = mock_and_gateway("");
     let body = r#"{"model":"claude-sonnet-4-5","max_tokens":3,"stream":true,"messages":[{"role":"user","content":"hi"}]}"#;
     let r = post(
         g.addr,
         "/v1/messages",
         body,
-        "x-api-key: client-key-should-not-pass\r\n",
+        &format!("x-api-key: {token}\r\n"),
     );
     assert_eq!(r.status, 200, "{}", r.text());
     assert!(r.complete);
@@ -141,9 +144,7 @@ fn anthropic_stream_and_json_in_their_own_shapes() {
         headers.contains(&("anthropic-version".into(), "2023-06-01".into())),
         "{headers:?}"
     );
-    assert!(!headers
-        .iter()
-        .any(|(_, v)| v.contains("client-key-should-not-pass")));
+    assert!(!headers.iter().any(|(_, v)| v.contains(&token)));
 
     let json_body = r#"{"model":"claude-haiku-4-5","max_tokens":100,"messages":[{"role":"user","content":"hi"}]}"#;
     let r = post(

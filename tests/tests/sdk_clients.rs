@@ -27,11 +27,14 @@ fn official_sdks_through_the_gateway() {
         .parent()
         .expect("workspace root")
         .join("tests/clients/sdk_check.py");
+    // The SDKs present a service token as their API key; identity is on as in any deployment.
+    let token = service_token(&test_store(), "sdk");
     let (_m, g) = mock_and_gateway("");
     let base = g.url("");
     let out = Command::new(&python)
         .arg(&script)
         .arg(&base)
+        .arg(&token)
         .env("PYTHONUNBUFFERED", "1")
         .output()
         .unwrap_or_else(|e| panic!("running {python:?} {}: {e}", script.display()));

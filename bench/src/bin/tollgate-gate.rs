@@ -18,7 +18,7 @@ use anyhow::{bail, Context};
 use clap::Parser;
 use tollgate_bench::gate::{summarise, verdict, GateConfig, Sample, Summary};
 use tollgate_loadtest::load::{self, LoadConfig, Mode, Payload};
-use tollgate_tests::{bin, Proc, TempDir};
+use tollgate_tests::{bin, service_token, Proc, TempDir};
 
 #[derive(Parser)]
 #[command(
@@ -213,8 +213,13 @@ fn measure(
     p: &str,
     mode: Mode,
     duration_s: f64,
+    token: &str,
 ) -> anyhow::Result<(load::LoadReport, Option<f64>)> {
     let mut lc = LoadConfig::new(t.addr, payload(p)?);
+    // Every target gets the same bytes; Tollgate verifies the service token (its identify phase is part of
+    // what the gate measures), the others pass it along or ignore it.
+    lc.headers
+        .push(("authorization".into(), format!("Bearer {token}")));
     lc.connections = cfg.connections;
     lc.mode = mode;
     lc.duration = Duration::from_secs_f64(duration_s);
@@ -284,12 +289,17 @@ fn run() -> anyhow::Result<bool> {
         &["--listen", "127.0.0.1:0", "--threads", "1", "--no-record"],
         &[],
     );
+    // Requests carry a service token, as a deployment's would.
+    let store = dir.0.join("store");
+    let token = service_token(&store, "bench");
     let gw_conf = dir.file(
         "tollgate.toml",
         &format!(
             r#"[server]
 listen = ["127.0.0.1:0"]
 workers = {workers}
+[store]
+dir = "{store}"
 [[providers]]
 name = "openai"
 kind = "openai"
@@ -306,6 +316,7 @@ model = "claude-*"
 provider = "anthropic"
 "#,
             workers = cfg.gateway_workers,
+            store = store.display(),
             mock = mock.addr
         ),
     );
@@ -371,8 +382,14 @@ provider = "anthropic"
                 let n = targets.len();
                 for k in 0..n {
                     let t = &targets[(k + repeat) % n];
-                    let (r, cpu) =
-                        measure(&cfg, t, &sc.payload, Mode::Open { rate }, cfg.duration_s)?;
+                    let (r, cpu) = measure(
+                        &cfg,
+                        t,
+                        &sc.payload,
+                        Mode::Open { rate },
+                        cfg.duration_s,
+                        &token,
+                    )?;
                     let s = Sample {
                         scenario: sc.name.clone(),
                         rate,
@@ -412,7 +429,7 @@ provider = "anthropic"
     let mut ceilings = Vec::new();
     if let Some(sc) = cfg.scenarios.first() {
         for t in &targets {
-            let (r, cpu) = measure(&cfg, t, &sc.payload, Mode::Closed, cfg.ceiling_s)?;
+            let (r, cpu) = measure(&cfg, t, &sc.payload, Mode::Closed, cfg.ceiling_s, &token)?;
             eprintln!(
                 "  ceiling {:<8} {:>9.0} req/s{}",
                 t.name,

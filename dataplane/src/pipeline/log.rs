@@ -2,7 +2,8 @@
 //!
 //! Fields: `ts`, `event` ("request"), `request_id`, `core`, `method`, `path`, `status`, `outcome`, `api`,
 //! `provider`, `route`, `model`, `upstream_model`, `stream`, `bytes_in`, `bytes_out`, `upstream_ttfb_us`,
-//! `total_us`; for requests that reached a provider, `usage` (`reported`, `estimated` or `none`), the token
+//! `total_us`; the caller's identity (`identity_kind` user|service|anonymous, `subject`, `email` where known,
+//! `groups`, `identity_source`: the issuer's name or `service-token`, `token_id` for service tokens); for requests that reached a provider, `usage` (`reported`, `estimated` or `none`), the token
 //! counts (`input_tokens` uncached, `cached_input_tokens`, `cache_write_5m_tokens`, `cache_write_1h_tokens`,
 //! `output_tokens` including `reasoning_tokens`), and the cost: `list_cost_pusd` / `cost_pusd` (exact integers
 //! in pico-USD, list and negotiated) with `list_cost_usd` / `cost_usd` as decimal strings; and `error` (code
@@ -58,6 +59,25 @@ pub fn access(core: &Core, ctx: &RequestCtx) {
                 ApiShape::Anthropic => "anthropic",
             },
         );
+        if let Some(id) = &ctx.identity {
+            field_str(out, "identity_kind", id.kind.as_str());
+            field_str(out, "subject", &id.subject);
+            if let Some(e) = &id.email {
+                field_str(out, "email", e);
+            }
+            out.extend_from_slice(b",\"groups\":[");
+            for (i, g) in id.groups.iter().enumerate() {
+                if i > 0 {
+                    out.push(b',');
+                }
+                json_str(out, g);
+            }
+            out.push(b']');
+            field_str(out, "identity_source", &id.source);
+            if let Some(t) = &id.token_id {
+                field_str(out, "token_id", t);
+            }
+        }
         if let Some(p) = &ctx.provider {
             field_str(out, "provider", &p.name);
         }

@@ -2,10 +2,10 @@
 //!
 //! Phases, one module each:
 //! 1. [`parse`]: read the head and body off the client connection (limits, timeouts, smuggling checks).
-//! 2. identify: who is calling (JWT / service token). Added with identity and policy (issue 5).
-//! 3. authorize: may they use this model. Added with identity and policy (issue 5).
-//! 4. admit: reserve budget. Added with spend limits (issue 6).
-//! 5. [`route`]: endpoint, model, provider, upstream body.
+//! 2. [`identify`]: who is calling (OIDC JWT, service token, or anonymous where allowed); 401 otherwise.
+//! 3. [`route`]: endpoint, model, provider, upstream body.
+//! 4. [`authorize`]: may this identity send this request there (model policies, `max_tokens` cap); 403.
+//! 5. admit: reserve budget. Added with spend limits (issue 6).
 //! 6. [`forward`]: the upstream exchange, streamed back to the client event by event.
 //! 7. [`account`]: usage from the response (or an estimate) priced with the quote taken at the start.
 //! 8. [`log`]: one JSON access-log line per request, through the core's buffer.
@@ -15,8 +15,10 @@
 //! the status from [`Error::status`]; after the head, failures end the stream cleanly (see [`forward`]).
 
 pub mod account;
+pub mod authorize;
 pub mod client;
 pub mod forward;
+pub mod identify;
 pub mod log;
 pub mod parse;
 pub mod route;
@@ -33,12 +35,14 @@ use tollgate_controlplane::config::{ServerConfig, UpstreamConfig};
 use crate::accesslog::CoreLog;
 use crate::error::{ApiShape, Error};
 use crate::http1::{self, Limits, Method, RequestHead};
+use crate::identity::AuthHandle;
 use crate::snapshot::{ProviderRuntime, Published};
 use crate::upstream::Pool;
 use crate::usage::UsageMeter;
 pub use client::ClientIo;
 use route::Endpoint;
 use tollgate_controlplane::pricing::Quote;
+use tollgate_controlplane::Identity;
 
 /// Everything one worker owns. `!Send`: built on its core and never leaves it.
 #[derive(Debug)]
@@ -51,21 +55,37 @@ pub struct Core {
     pub server: ServerConfig,
     pub upstream: UpstreamConfig,
     pub shutdown: Arc<AtomicBool>,
+    /// Keys, service tokens and policies as the identity thread last published them.
+    pub auth: AuthHandle,
+    /// Verified JWTs on this core.
+    pub jwt_cache: identify::CoreJwtCache,
     pub in_flight: Cell<usize>,
     requests: Cell<u64>,
     id_prefix: String,
 }
 
+/// What every core shares with the control side: the published snapshots and the shutdown flag.
+#[derive(Debug, Clone)]
+pub struct Shared {
+    pub snapshot: Published,
+    pub auth: AuthHandle,
+    pub shutdown: Arc<AtomicBool>,
+}
+
 impl Core {
     pub fn new(
         id: usize,
-        snapshot: Published,
+        shared: Shared,
         log: CoreLog,
         server: ServerConfig,
         upstream: UpstreamConfig,
-        shutdown: Arc<AtomicBool>,
         process_seed: u32,
     ) -> Core {
+        let Shared {
+            snapshot,
+            auth,
+            shutdown,
+        } = shared;
         let limits = Limits {
             max_head_bytes: server.max_head_bytes,
             max_headers: server.max_headers,
@@ -83,6 +103,8 @@ impl Core {
             server,
             upstream,
             shutdown,
+            auth,
+            jwt_cache: Default::default(),
             in_flight: Cell::new(0),
             requests: Cell::new(0),
             id_prefix: format!("{process_seed:08x}{:02x}", id & 0xff),
@@ -137,6 +159,8 @@ pub struct RequestCtx {
     pub body: Bytes,
     pub endpoint: Option<Endpoint>,
     pub api: ApiShape,
+    /// Who is calling, set by the identify phase.
+    pub identity: Option<Identity>,
     pub model: Option<String>,
     pub upstream_model: Option<String>,
     pub route: Option<String>,
@@ -191,6 +215,7 @@ pub async fn run_one(core: &Core, io: &mut ClientIo) -> bool {
         body,
         endpoint: None,
         api: ApiShape::OpenAi,
+        identity: None,
         model: None,
         upstream_model: None,
         route: None,
@@ -256,26 +281,51 @@ async fn handle(core: &Core, ctx: &mut RequestCtx, io: &mut ClientIo) {
             .await;
         }
         Endpoint::Models => {
-            let shape = if ctx.head.header("anthropic-version").is_some() {
-                ApiShape::Anthropic
-            } else {
-                ApiShape::OpenAi
+            // Listing models is authenticated like using them, and lists only what the caller may use.
+            let id = match identify::identify(core, ctx).await {
+                Ok(id) => id,
+                Err(e) => return fail(ctx, io, e).await,
             };
-            return local(ctx, io, 200, route::models_body(&snap, shape), head_only).await;
+            let auth = core.auth.state.load();
+            let allowed = |model: &str, upstream: Option<&str>, provider: &str| {
+                auth.policies.permits(
+                    &id,
+                    &tollgate_controlplane::PolicyRequest {
+                        model,
+                        upstream_model: upstream,
+                        provider,
+                    },
+                )
+            };
+            let body = route::models_body(&snap, shape_for_models(ctx), &allowed);
+            ctx.identity = Some(id);
+            return local(ctx, io, 200, body, head_only).await;
         }
         Endpoint::ChatCompletions | Endpoint::Messages => {}
     }
-    // 2-4. identify, authorize, admit: arrive with issues 5 and 6.
-    // 5. route
-    let routed = match route::route(&snap, ep, &ctx.body) {
+    // 2. identify
+    match identify::identify(core, ctx).await {
+        Ok(id) => ctx.identity = Some(id),
+        Err(e) => return fail(ctx, io, e).await,
+    }
+    // 3. route
+    let mut routed = match route::route(&snap, ep, &ctx.body) {
         Ok(r) => r,
         Err(e) => return fail(ctx, io, e).await,
     };
-    ctx.model = Some(routed.model);
+    ctx.model = Some(routed.model.clone());
     ctx.stream = routed.stream;
-    ctx.route = Some(routed.route);
-    ctx.upstream_model = routed.upstream_model;
+    ctx.route = Some(routed.route.clone());
+    ctx.upstream_model = routed.upstream_model.clone();
     ctx.provider = Some(Arc::clone(&routed.provider));
+    // 4. authorize
+    if let Some(id) = &ctx.identity {
+        let auth = core.auth.state.load();
+        if let Err(e) = authorize::authorize(&auth, id, &mut routed) {
+            return fail(ctx, io, e).await;
+        }
+    }
+    // 5. admit: arrives with spend limits (issue 6).
     // Price the request as of its start; a model without a price is never served for free.
     let billed_model = ctx
         .upstream_model
@@ -311,6 +361,15 @@ async fn handle(core: &Core, ctx: &mut RequestCtx, io: &mut ClientIo) {
     }
     // 7. account
     account::settle(ctx);
+}
+
+/// `GET /v1/models` answers in Anthropic's shape for Anthropic SDK callers (they send `anthropic-version`).
+fn shape_for_models(ctx: &RequestCtx) -> ApiShape {
+    if ctx.head.header("anthropic-version").is_some() {
+        ApiShape::Anthropic
+    } else {
+        ApiShape::OpenAi
+    }
 }
 
 /// Answers with an error in the client's API shape. The connection closes after client-side framing errors.

@@ -106,6 +106,10 @@ struct Probe<'a> {
     stream: Option<bool>,
     #[serde(default)]
     stream_options: Option<StreamOptions>,
+    #[serde(default)]
+    max_tokens: Option<u64>,
+    #[serde(default)]
+    max_completion_tokens: Option<u64>,
 }
 
 #[derive(Deserialize)]
@@ -127,6 +131,8 @@ pub struct Routed {
     /// Tollgate asked the provider for usage the client did not ask for (OpenAI `stream_options`), so the
     /// usage chunk and the `"usage":null` fields must be taken out of the client's stream.
     pub strip_usage: bool,
+    /// The larger of the body's `max_tokens` and `max_completion_tokens`, when it sets either.
+    pub max_tokens: Option<u64>,
 }
 
 /// Routes a chat request by the `model` in its body.
@@ -182,6 +188,7 @@ pub fn route(snap: &Snapshot, ep: Endpoint, body: &Bytes) -> Result<Routed> {
     }
     Ok(Routed {
         strip_usage,
+        max_tokens: probe.max_tokens.max(probe.max_completion_tokens),
         model: model.into_owned(),
         stream,
         provider,
@@ -225,16 +232,8 @@ fn rename_model(body: &Bytes, model: &Cow<'_, str>, new: &str) -> Result<Bytes> 
 fn request_usage(body: &Bytes, has_options: bool) -> Result<Bytes> {
     const MEMBER: &[u8] = br#""stream_options":{"include_usage":true},"#;
     if !has_options {
-        if let Some(open) = body
-            .iter()
-            .position(|b| !b.is_ascii_whitespace())
-            .filter(|&i| body[i] == b'{')
-        {
-            let mut out = BytesMut::with_capacity(body.len() + MEMBER.len());
-            out.extend_from_slice(&body[..=open]);
-            out.extend_from_slice(MEMBER);
-            out.extend_from_slice(&body[open + 1..]);
-            return Ok(out.freeze());
+        if let Some(out) = insert_member(body, MEMBER) {
+            return Ok(out);
         }
     }
     let mut v: serde_json::Value = serde_json::from_slice(body)
@@ -255,13 +254,47 @@ fn request_usage(body: &Bytes, has_options: bool) -> Result<Bytes> {
         .map_err(|_| Error::internal("could not re-encode the request body"))
 }
 
+/// Inserts `member` (`"name":value,`) right after the body's opening brace: one splice, no re-encode.
+/// `None` when the body does not start with an object.
+pub fn insert_member(body: &Bytes, member: &[u8]) -> Option<Bytes> {
+    let open = body
+        .iter()
+        .position(|b| !b.is_ascii_whitespace())
+        .filter(|&i| body[i] == b'{')?;
+    // `{}` gets no trailing comma.
+    let empty = body[open + 1..].iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'}');
+    let member = if empty {
+        member.strip_suffix(b",").unwrap_or(member)
+    } else {
+        member
+    };
+    let mut out = BytesMut::with_capacity(body.len() + member.len());
+    out.extend_from_slice(&body[..=open]);
+    out.extend_from_slice(member);
+    out.extend_from_slice(&body[open + 1..]);
+    Some(out.freeze())
+}
+
 /// `GET /v1/models`: the exactly-named routes, in the OpenAI shape or, for Anthropic SDK callers, Anthropic's.
-pub fn models_body(snap: &Snapshot, shape: ApiShape) -> Vec<u8> {
+/// `allowed(model, upstream_model, provider)` filters it to what the caller's policies permit.
+pub fn models_body(
+    snap: &Snapshot,
+    shape: ApiShape,
+    allowed: &dyn Fn(&str, Option<&str>, &str) -> bool,
+) -> Vec<u8> {
     let names: Vec<(&str, &str)> = snap
         .config
         .routes
         .iter()
         .filter(|r| !r.pattern.is_glob())
+        .filter(|r| {
+            let provider = snap
+                .providers
+                .get(r.provider)
+                .map(|p| p.name.as_str())
+                .unwrap_or("");
+            allowed(r.pattern.as_str(), r.upstream_model.as_deref(), provider)
+        })
         .map(|r| {
             (
                 r.pattern.as_str(),

@@ -1,0 +1,561 @@
+//! Who a request is from, and what that identity may do: [`Identity`] and the model policies
+//! ([`PolicySet`]) that the gateway evaluates on every request.
+//!
+//! Owns: the identity every request is attributed to (a person from an OIDC issuer, a service token, or
+//! anonymous where allowed), the `[[policies]]` configuration and its evaluation. Precedence, in one place:
+//!
+//! 1. Policies sit at three levels, most specific first: the subject (`user = ...` for a person, matched
+//!    against the user id or email; `service_token = ...` for a token, matched against its name), then
+//!    groups (`group = ...`; a service token's owning team counts as its group), then `default = true`.
+//! 2. At each level, a deny that matches (the requested model, the upstream model it routes to, or the
+//!    provider) beats any allow at that level. An allow that matches decides the request at that level.
+//! 3. A level with no matching rule passes the decision to the next. When no level decided and some
+//!    applicable policy has an allow list, the request is denied (an allow list means "only these");
+//!    when none has, the request is allowed.
+//! 4. The `max_tokens` cap comes from the most specific level that sets one; between several groups, the
+//!    largest cap wins (group grants add up, as allows do).
+//!
+//! So a user's own allow beats their group's deny ("user beats group"), and a deny beats an allow of the
+//! same level ("deny beats allow").
+//!
+//! Fails: configuration problems are returned as (field, reason) pairs for the config's error list;
+//! evaluation never fails. Cost: evaluation is a walk over the policies that apply to the identity (glob
+//! matches of a few patterns, well under a microsecond for tens of policies); it runs once per request.
+
+use std::sync::Arc;
+
+use serde::Deserialize;
+
+/// What kind of caller a request came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IdentityKind {
+    /// A person, from a verified OIDC JWT.
+    User,
+    /// A CI/CD agent or service, from a Tollgate service token.
+    Service,
+    /// No credential, where `auth.allow_anonymous` permits it.
+    Anonymous,
+}
+
+impl IdentityKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            IdentityKind::User => "user",
+            IdentityKind::Service => "service",
+            IdentityKind::Anonymous => "anonymous",
+        }
+    }
+}
+
+/// The caller every request is attributed to. Cheap to clone (shared strings).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Identity {
+    pub kind: IdentityKind,
+    /// The user id claim's value, the service token's name, or `anonymous`.
+    pub subject: Arc<str>,
+    /// The `email` claim, where the issuer sends one.
+    pub email: Option<Arc<str>>,
+    /// Group names after the issuer's mapping; a service token's team.
+    pub groups: Arc<[Arc<str>]>,
+    /// The issuer's configured name, or `service-token`, or `anonymous`.
+    pub source: Arc<str>,
+    /// A service token's public id (never the secret).
+    pub token_id: Option<Arc<str>>,
+}
+
+impl Identity {
+    /// The identity of a request without credentials, where that is allowed.
+    pub fn anonymous() -> Identity {
+        Identity {
+            kind: IdentityKind::Anonymous,
+            subject: Arc::from("anonymous"),
+            email: None,
+            groups: Arc::from(Vec::new()),
+            source: Arc::from("anonymous"),
+            token_id: None,
+        }
+    }
+}
+
+/// `[[policies]]` as written.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawPolicy {
+    /// Named in 403 errors and logs.
+    pub name: String,
+    /// Exactly one of `user`, `group`, `service_token` or `default = true` says whom this applies to.
+    pub user: Option<String>,
+    pub group: Option<String>,
+    pub service_token: Option<String>,
+    pub default: Option<bool>,
+    /// Globs over model names (the requested name and the upstream model it routes to).
+    #[serde(default)]
+    pub allow_models: Vec<String>,
+    #[serde(default)]
+    pub deny_models: Vec<String>,
+    /// Globs over provider names.
+    #[serde(default)]
+    pub allow_providers: Vec<String>,
+    #[serde(default)]
+    pub deny_providers: Vec<String>,
+    /// The largest `max_tokens` (or `max_completion_tokens`) a request may ask for.
+    pub max_tokens: Option<u64>,
+}
+
+/// Whom a policy applies to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Subject {
+    User(String),
+    Group(String),
+    ServiceToken(String),
+    Default,
+}
+
+/// One validated policy.
+#[derive(Debug, Clone)]
+pub struct Policy {
+    pub name: Arc<str>,
+    pub subject: Subject,
+    allow_models: Vec<glob::Pattern>,
+    deny_models: Vec<glob::Pattern>,
+    allow_providers: Vec<glob::Pattern>,
+    deny_providers: Vec<glob::Pattern>,
+    pub max_tokens: Option<u64>,
+}
+
+impl Policy {
+    fn has_allow_list(&self) -> bool {
+        !self.allow_models.is_empty() || !self.allow_providers.is_empty()
+    }
+
+    fn denies(&self, r: &PolicyRequest<'_>) -> bool {
+        any_model(&self.deny_models, r) || self.deny_providers.iter().any(|p| p.matches(r.provider))
+    }
+
+    fn allows(&self, r: &PolicyRequest<'_>) -> bool {
+        any_model(&self.allow_models, r)
+            || self.allow_providers.iter().any(|p| p.matches(r.provider))
+    }
+
+    fn applies_at(&self, level: Level, id: &Identity) -> bool {
+        match (&self.subject, level) {
+            (Subject::User(u), Level::Subject) => {
+                id.kind == IdentityKind::User
+                    && (*u == *id.subject || id.email.as_deref() == Some(u.as_str()))
+            }
+            (Subject::ServiceToken(n), Level::Subject) => {
+                id.kind == IdentityKind::Service && *n == *id.subject
+            }
+            (Subject::Group(g), Level::Group) => id.groups.iter().any(|x| **x == *g),
+            (Subject::Default, Level::Default) => true,
+            _ => false,
+        }
+    }
+}
+
+fn any_model(pats: &[glob::Pattern], r: &PolicyRequest<'_>) -> bool {
+    pats.iter()
+        .any(|p| p.matches(r.model) || r.upstream_model.is_some_and(|u| p.matches(u)))
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Level {
+    Subject,
+    Group,
+    Default,
+}
+
+const LEVELS: [Level; 3] = [Level::Subject, Level::Group, Level::Default];
+
+/// What a policy decision is about.
+#[derive(Debug, Clone, Copy)]
+pub struct PolicyRequest<'a> {
+    /// The model name the client asked for.
+    pub model: &'a str,
+    /// The upstream model the route sends it to, when it renames.
+    pub upstream_model: Option<&'a str>,
+    /// The provider's configured name.
+    pub provider: &'a str,
+}
+
+/// The outcome of evaluating the policies for one request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Decision {
+    Allow {
+        /// The effective cap on `max_tokens`, and the policy it comes from.
+        max_tokens: Option<(u64, Arc<str>)>,
+    },
+    Deny {
+        policy: Arc<str>,
+        reason: String,
+    },
+}
+
+/// Every configured policy, validated, in file order.
+#[derive(Debug, Clone, Default)]
+pub struct PolicySet {
+    policies: Vec<Policy>,
+}
+
+impl PolicySet {
+    /// Validates `[[policies]]`; problems come back as (field, reason) pairs.
+    pub fn from_raw(raw: Vec<RawPolicy>) -> Result<PolicySet, Vec<(String, String)>> {
+        let mut issues = Vec::new();
+        let mut policies = Vec::with_capacity(raw.len());
+        let mut names = std::collections::HashSet::new();
+        for (i, p) in raw.into_iter().enumerate() {
+            let at = |f: &str| format!("policies[{i}].{f}");
+            if p.name.is_empty() || p.name.len() > 128 {
+                issues.push((at("name"), "must be 1 to 128 characters".to_owned()));
+            } else if !names.insert(p.name.clone()) {
+                issues.push((
+                    at("name"),
+                    format!("{:?} is used by another policy", p.name),
+                ));
+            }
+            let subjects: Vec<Subject> = [
+                p.user.clone().map(Subject::User),
+                p.group.clone().map(Subject::Group),
+                p.service_token.clone().map(Subject::ServiceToken),
+                (p.default == Some(true)).then_some(Subject::Default),
+            ]
+            .into_iter()
+            .flatten()
+            .collect();
+            let subject = match subjects.as_slice() {
+                [one] => one.clone(),
+                _ => {
+                    issues.push((
+                        at("user"),
+                        "set exactly one of user, group, service_token or default = true"
+                            .to_owned(),
+                    ));
+                    Subject::Default
+                }
+            };
+            let mut globs = |field: &str, v: &[String]| -> Vec<glob::Pattern> {
+                v.iter()
+                    .enumerate()
+                    .filter_map(|(j, g)| match glob::Pattern::new(g) {
+                        Ok(p) => Some(p),
+                        Err(e) => {
+                            issues.push((format!("policies[{i}].{field}[{j}]"), e.to_string()));
+                            None
+                        }
+                    })
+                    .collect()
+            };
+            let policy = Policy {
+                allow_models: globs("allow_models", &p.allow_models),
+                deny_models: globs("deny_models", &p.deny_models),
+                allow_providers: globs("allow_providers", &p.allow_providers),
+                deny_providers: globs("deny_providers", &p.deny_providers),
+                name: Arc::from(p.name.as_str()),
+                subject,
+                max_tokens: p.max_tokens,
+            };
+            if policy.max_tokens == Some(0) {
+                issues.push((at("max_tokens"), "must be at least 1".to_owned()));
+            }
+            policies.push(policy);
+        }
+        if issues.is_empty() {
+            Ok(PolicySet { policies })
+        } else {
+            Err(issues)
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.policies.is_empty()
+    }
+
+    pub fn len(&self) -> usize {
+        self.policies.len()
+    }
+
+    /// Decides whether `id` may make request `r` (see the module docs for the precedence).
+    pub fn decide(&self, id: &Identity, r: &PolicyRequest<'_>) -> Decision {
+        let mut restricting: Option<&Policy> = None;
+        let mut cap: Option<(u64, Arc<str>)> = None;
+        let mut decided = false;
+        for level in LEVELS {
+            let here: Vec<&Policy> = self
+                .policies
+                .iter()
+                .filter(|p| p.applies_at(level, id))
+                .collect();
+            if here.is_empty() {
+                continue;
+            }
+            if cap.is_none() {
+                cap = here
+                    .iter()
+                    .filter_map(|p| p.max_tokens.map(|m| (m, Arc::clone(&p.name))))
+                    .max_by_key(|(m, _)| *m);
+            }
+            if decided {
+                continue;
+            }
+            if let Some(p) = here.iter().find(|p| p.denies(r)) {
+                return Decision::Deny {
+                    policy: Arc::clone(&p.name),
+                    reason: format!(
+                        "the model `{}` (provider {}) is denied by policy `{}`",
+                        r.model, r.provider, p.name
+                    ),
+                };
+            }
+            if here.iter().any(|p| p.allows(r)) {
+                decided = true;
+                continue;
+            }
+            if restricting.is_none() {
+                restricting = here.iter().copied().find(|p| p.has_allow_list());
+            }
+        }
+        match restricting {
+            Some(p) if !decided => Decision::Deny {
+                policy: Arc::clone(&p.name),
+                reason: format!(
+                    "the model `{}` (provider {}) is not among the models allowed by policy `{}`",
+                    r.model, r.provider, p.name
+                ),
+            },
+            _ => Decision::Allow { max_tokens: cap },
+        }
+    }
+
+    /// Whether `id` may use `model` at all (for filtering `GET /v1/models`).
+    pub fn permits(&self, id: &Identity, r: &PolicyRequest<'_>) -> bool {
+        matches!(self.decide(id, r), Decision::Allow { .. })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn user(sub: &str, groups: &[&str]) -> Identity {
+        Identity {
+            kind: IdentityKind::User,
+            subject: Arc::from(sub),
+            email: Some(Arc::from(format!("{sub}@example.com").as_str())),
+            groups: groups.iter().map(|g| Arc::from(*g)).collect(),
+            source: Arc::from("okta"),
+            token_id: None,
+        }
+    }
+
+    fn service(name: &str, team: &str) -> Identity {
+        Identity {
+            kind: IdentityKind::Service,
+            subject: Arc::from(name),
+            email: None,
+            groups: Arc::from(vec![Arc::from(team)]),
+            source: Arc::from("service-token"),
+            token_id: Some(Arc::from("st_1")),
+        }
+    }
+
+    fn set(toml_text: &str) -> PolicySet {
+        #[derive(Deserialize)]
+        struct F {
+            policies: Vec<RawPolicy>,
+        }
+        let f: F = toml::from_str(toml_text).unwrap();
+        PolicySet::from_raw(f.policies).unwrap()
+    }
+
+    fn req(model: &str) -> PolicyRequest<'_> {
+        PolicyRequest {
+            model,
+            upstream_model: None,
+            provider: "openai",
+        }
+    }
+
+    fn denied_by(d: &Decision) -> Option<&str> {
+        match d {
+            Decision::Deny { policy, .. } => Some(policy),
+            Decision::Allow { .. } => None,
+        }
+    }
+
+    const POLICIES: &str = r#"
+        [[policies]]
+        name = "everyone"
+        default = true
+        allow_models = ["gpt-4o-mini", "claude-3-5-haiku*"]
+        max_tokens = 1000
+
+        [[policies]]
+        name = "ml"
+        group = "ml"
+        allow_models = ["gpt-4o*", "o1*"]
+        deny_models = ["o1-pro*"]
+        max_tokens = 8000
+
+        [[policies]]
+        name = "research"
+        group = "research"
+        allow_models = ["o1-pro"]
+        max_tokens = 32000
+
+        [[policies]]
+        name = "alice"
+        user = "alice"
+        allow_models = ["o1-pro"]
+
+        [[policies]]
+        name = "bob"
+        user = "bob@example.com"
+        deny_models = ["gpt-4o"]
+
+        [[policies]]
+        name = "ci"
+        service_token = "ci-bot"
+        allow_providers = ["anthropic"]
+        max_tokens = 200
+    "#;
+
+    #[test]
+    fn default_policy_allows_only_its_list() {
+        let p = set(POLICIES);
+        let nobody = user("carol", &[]);
+        assert_eq!(
+            p.decide(&nobody, &req("gpt-4o-mini")),
+            Decision::Allow {
+                max_tokens: Some((1000, Arc::from("everyone")))
+            }
+        );
+        let d = p.decide(&nobody, &req("gpt-4o"));
+        assert_eq!(denied_by(&d), Some("everyone"));
+        assert!(format!("{d:?}").contains("not among the models allowed"));
+    }
+
+    #[test]
+    fn a_group_allow_extends_the_default_and_its_cap_wins() {
+        let p = set(POLICIES);
+        let dev = user("dave", &["ml"]);
+        assert_eq!(
+            p.decide(&dev, &req("gpt-4o")),
+            Decision::Allow {
+                max_tokens: Some((8000, Arc::from("ml")))
+            }
+        );
+    }
+
+    #[test]
+    fn deny_beats_allow_at_the_same_level() {
+        let p = set(POLICIES);
+        // ml allows o1* and denies o1-pro*; research (same level) allows o1-pro: the deny wins.
+        let d = p.decide(&user("erin", &["ml", "research"]), &req("o1-pro"));
+        assert_eq!(denied_by(&d), Some("ml"));
+    }
+
+    #[test]
+    fn user_beats_group() {
+        let p = set(POLICIES);
+        // alice's own allow of o1-pro beats her group's deny.
+        assert!(p.permits(&user("alice", &["ml"]), &req("o1-pro")));
+        // bob's own deny (matched by email) beats his group's allow.
+        let d = p.decide(&user("bob", &["ml"]), &req("gpt-4o"));
+        assert_eq!(denied_by(&d), Some("bob"));
+        assert!(p.permits(&user("bob", &["ml"]), &req("gpt-4o-mini")));
+    }
+
+    #[test]
+    fn the_largest_cap_among_groups_and_the_subject_cap_first() {
+        let p = set(POLICIES);
+        let d = p.decide(&user("frank", &["ml", "research"]), &req("gpt-4o"));
+        assert_eq!(
+            d,
+            Decision::Allow {
+                max_tokens: Some((32000, Arc::from("research")))
+            }
+        );
+        let d = p.decide(
+            &service("ci-bot", "platform"),
+            &PolicyRequest {
+                model: "claude-3-5-sonnet",
+                upstream_model: None,
+                provider: "anthropic",
+            },
+        );
+        assert_eq!(
+            d,
+            Decision::Allow {
+                max_tokens: Some((200, Arc::from("ci")))
+            }
+        );
+    }
+
+    #[test]
+    fn service_tokens_match_by_name_and_team() {
+        let p = set(POLICIES);
+        // ci-bot may use anthropic (its own policy) but not gpt-4o (default's list, no own allow).
+        let ci = service("ci-bot", "platform");
+        assert!(p.permits(
+            &ci,
+            &PolicyRequest {
+                model: "claude-3-5-sonnet",
+                upstream_model: None,
+                provider: "anthropic"
+            }
+        ));
+        assert_eq!(denied_by(&p.decide(&ci, &req("gpt-4o"))), Some("ci"));
+        // A token of team "ml" gets the ml group policy.
+        assert!(p.permits(&service("trainer", "ml"), &req("gpt-4o")));
+        // A user named like the token does not get the token's policy.
+        assert_eq!(
+            denied_by(&p.decide(&user("ci-bot", &[]), &req("claude-3-5-sonnet"))),
+            Some("everyone")
+        );
+    }
+
+    #[test]
+    fn an_alias_cannot_dodge_a_deny_on_the_upstream_model() {
+        let p = set(POLICIES);
+        let r = PolicyRequest {
+            model: "fast",
+            upstream_model: Some("o1-pro-2025"),
+            provider: "openai",
+        };
+        assert_eq!(denied_by(&p.decide(&user("gail", &["ml"]), &r)), Some("ml"));
+    }
+
+    #[test]
+    fn no_policies_allow_everything_uncapped() {
+        let p = PolicySet::default();
+        assert_eq!(
+            p.decide(&Identity::anonymous(), &req("anything")),
+            Decision::Allow { max_tokens: None }
+        );
+    }
+
+    #[test]
+    fn bad_policies_are_reported_by_field() {
+        let raw = vec![
+            RawPolicy {
+                name: "x".into(),
+                user: Some("a".into()),
+                group: Some("b".into()),
+                ..RawPolicy::default()
+            },
+            RawPolicy {
+                name: "x".into(),
+                default: Some(true),
+                allow_models: vec!["[".into()],
+                max_tokens: Some(0),
+                ..RawPolicy::default()
+            },
+        ];
+        let e = PolicySet::from_raw(raw).unwrap_err();
+        let fields: Vec<&str> = e.iter().map(|(f, _)| f.as_str()).collect();
+        assert!(fields.contains(&"policies[0].user"), "{e:?}");
+        assert!(fields.contains(&"policies[1].name"), "{e:?}");
+        assert!(fields.contains(&"policies[1].allow_models[0]"), "{e:?}");
+        assert!(fields.contains(&"policies[1].max_tokens"), "{e:?}");
+    }
+}
