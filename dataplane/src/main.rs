@@ -80,13 +80,36 @@ enum Command {
     },
 }
 
+/// Where the token store is: given directly, or the `store.dir` of a gateway config.
+#[derive(clap::Args)]
+struct StoreArg {
+    /// The token store directory (created with mode 0700 if missing).
+    #[arg(long, required_unless_present = "config", conflicts_with = "config")]
+    store: Option<PathBuf>,
+    /// A gateway config file: its `[store] dir` is used.
+    #[arg(long, short)]
+    config: Option<PathBuf>,
+}
+
+impl StoreArg {
+    fn dir(self) -> anyhow::Result<PathBuf> {
+        match (self.store, self.config) {
+            (Some(d), _) => Ok(d),
+            (None, Some(c)) => Ok(Config::load(&c)
+                .map_err(|e| anyhow::anyhow!("{e}"))?
+                .store
+                .dir),
+            (None, None) => anyhow::bail!("give --store DIR or --config FILE"),
+        }
+    }
+}
+
 #[derive(Subcommand)]
 enum ServiceTokenAction {
     /// Mint a token: the token alone goes to stdout (shown once), a summary to stderr.
     Create {
-        /// The token store directory (created with mode 0700 if missing).
-        #[arg(long)]
-        store: PathBuf,
+        #[command(flatten)]
+        store: StoreArg,
         /// Unique among active tokens: 1 to 64 of A-Z a-z 0-9 . _ -
         #[arg(long)]
         name: String,
@@ -102,17 +125,15 @@ enum ServiceTokenAction {
     },
     /// Revoke a token by name or id; the gateway refuses it from then on.
     Revoke {
-        /// The token store directory.
-        #[arg(long)]
-        store: PathBuf,
+        #[command(flatten)]
+        store: StoreArg,
         /// The token's name or id (st_...).
         name_or_id: String,
     },
     /// List tokens (never their secrets or hashes).
     List {
-        /// The token store directory.
-        #[arg(long)]
-        store: PathBuf,
+        #[command(flatten)]
+        store: StoreArg,
         /// One JSON object per line instead of a table.
         #[arg(long)]
         json: bool,
@@ -249,7 +270,8 @@ fn service_token(action: ServiceTokenAction) -> anyhow::Result<()> {
                 ),
                 (None, None) => None,
             };
-            let (token, secret) = TokenStore::open(&store)?.create(&name, &team, expires_at)?;
+            let (token, secret) =
+                TokenStore::open(&store.dir()?)?.create(&name, &team, expires_at)?;
             println!("{}", secret.expose());
             eprintln!(
                 "created service token {} ({}) for team {}, expires {}\n\
@@ -261,12 +283,12 @@ fn service_token(action: ServiceTokenAction) -> anyhow::Result<()> {
             );
         }
         ServiceTokenAction::Revoke { store, name_or_id } => {
-            let token = TokenStore::open(&store)?.revoke(&name_or_id)?;
+            let token = TokenStore::open(&store.dir()?)?.revoke(&name_or_id)?;
             eprintln!("revoked {} ({})", token.name, token.id);
         }
         ServiceTokenAction::List { store, json } => {
             // Read-only: listing never creates the store directory.
-            let tokens = service_tokens::load(&store)?.tokens;
+            let tokens = service_tokens::load(&store.dir()?)?.tokens;
             let now = jiff::Timestamp::now();
             if json {
                 for t in &tokens {

@@ -430,3 +430,70 @@ fn policies_deny_by_name_and_cap_max_tokens() {
     // `fast` is an alias of gpt-4o-mini, which the default policy allows.
     assert_eq!(ids, ["fast"]);
 }
+
+#[test]
+fn an_expired_service_token_is_refused_as_expired() {
+    let (_m, _idp, g, store) = setup("");
+    let out = cli(&[
+        "service-token",
+        "create",
+        "--store",
+        store.0.to_str().unwrap(),
+        "--name",
+        "short-lived",
+        "--team",
+        "platform",
+        "--expires-in",
+        "1s",
+    ]);
+    assert!(out.status.success());
+    let token = String::from_utf8(out.stdout).unwrap().trim().to_owned();
+    // Wait out its second; the gateway picks the file up within 250 ms either way.
+    std::thread::sleep(Duration::from_millis(1300));
+    assert_401(
+        &post(
+            g.addr,
+            "/v1/messages",
+            MSG,
+            &format!("x-api-key: {token}\r\n"),
+        ),
+        "service token 'short-lived' expired",
+    );
+}
+
+#[test]
+fn an_air_gapped_issuer_reads_its_keys_from_a_file() {
+    let m = mock(&["--expect-key", MOCK_KEY]);
+    // The issuer URL is never contacted: keys come from the JWKS file.
+    let extra = format!(
+        r#"
+[auth]
+
+[[auth.issuers]]
+name = "offline"
+issuer = "https://idp.internal.example"
+audiences = ["tollgate"]
+jwks_file = "{}"
+"#,
+        fixture("ec-p256.jwk.json").display()
+    );
+    let g = gateway(&config_for(&format!("http://{}", m.addr), "", &extra));
+    g.wait_json(&[
+        ("event", json!("keys_loaded")),
+        ("issuer", json!("offline")),
+    ]);
+    let pem = std::fs::read(fixture("ec-p256.pem")).unwrap();
+    let mut h = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::ES256);
+    h.kid = Some("ec-p256".into());
+    let claims = json!({"iss": "https://idp.internal.example", "aud": "tollgate", "sub": "bob", "exp": now() + 60});
+    let t = jsonwebtoken::encode(
+        &h,
+        &claims,
+        &jsonwebtoken::EncodingKey::from_ec_pem(&pem).unwrap(),
+    )
+    .unwrap();
+    let r = post(g.addr, "/v1/chat/completions", CHAT, &bearer(&t));
+    assert_eq!(r.status, 200, "{}", r.text());
+    // Without the [auth] default of the test harness, a request without a credential is refused.
+    assert_eq!(post(g.addr, "/v1/chat/completions", CHAT, "").status, 401);
+}

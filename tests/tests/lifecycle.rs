@@ -143,6 +143,43 @@ fn quickstart_runs_offline_on_the_bundled_mock() {
     );
     assert_eq!(r.status, 403, "{}", r.text());
     assert!(r.text().contains("`demo`"), "{}", r.text());
+    // The CLI finds the store through the same config; revoking the demo token applies within a second.
+    let cli = |args: &[&str]| {
+        std::process::Command::new(bin("tollgate"))
+            .args(args)
+            .args(["--config", path.to_str().unwrap()])
+            .output()
+            .unwrap()
+    };
+    let list = cli(&["service-token", "list"]);
+    assert!(
+        list.status.success(),
+        "{}",
+        String::from_utf8_lossy(&list.stderr)
+    );
+    let listed = String::from_utf8_lossy(&list.stdout);
+    assert!(
+        listed.contains("demo") && listed.contains("active"),
+        "{listed}"
+    );
+    assert!(!listed.contains(token));
+    assert!(cli(&["service-token", "revoke", "demo"]).status.success());
+    let t0 = std::time::Instant::now();
+    while post(
+        g.addr,
+        "/v1/chat/completions",
+        chat,
+        &format!("Authorization: Bearer {token}\r\n"),
+    )
+    .status
+        != 401
+    {
+        assert!(
+            t0.elapsed() < std::time::Duration::from_secs(5),
+            "revocation not applied"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
     // The token itself went to the terminal (stderr) once, never into the JSON log on stdout.
     let out = g.output();
     assert!(

@@ -36,7 +36,7 @@ pub struct JwtCache {
 }
 
 impl JwtCache {
-    fn get(&mut self, token: &str, generation: u64, now: i64) -> Option<Identity> {
+    pub fn get(&mut self, token: &str, generation: u64, now: i64) -> Option<Identity> {
         if generation != self.generation {
             self.entries.clear();
             self.generation = generation;
@@ -52,7 +52,7 @@ impl JwtCache {
         }
     }
 
-    fn put(&mut self, token: &str, id: Identity, exp: i64, cap: usize, now: i64) {
+    pub fn put(&mut self, token: &str, id: Identity, exp: i64, cap: usize, now: i64) {
         if cap == 0 {
             return;
         }
