@@ -5,14 +5,17 @@
 //! [`PriceBook::cost`] per request. [`login`] signs people in at their IdP for `tollgate login` and
 //! `tollgate token`. Who calls and what they may do: [`auth`] (OIDC JWT verification and key fetching),
 //! [`service_tokens`] (hashed tokens for CI/CD agents) and [`identity`] (identities and model policies).
-//! Later issues add budgets and a REST API.
+//! Dollar budgets: [`budget`] (configuration, windows, which budgets apply) and [`ledger`] (the
+//! single-threaded per-owner spend ledger). A later issue adds a REST API.
 
 #![forbid(unsafe_code)]
 
 pub mod auth;
+pub mod budget;
 pub mod config;
 pub mod domain;
 pub mod identity;
+pub mod ledger;
 pub mod login;
 pub mod money;
 pub mod pricing;
