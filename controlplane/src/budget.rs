@@ -203,13 +203,12 @@ impl Window {
                 };
                 Ok((start(first)?, start(next)?))
             }
-            Window::Rolling { span, bucket } => {
+            Window::Rolling { bucket, .. } => {
                 let (lo, hi) = self.rolling_range(now).ok_or(BudgetError::Window {
                     at: now,
                     reason: "out of range".into(),
                 })?;
-                let _ = (span, bucket);
-                let b = bucket.as_secs();
+                let b = bucket.as_secs().max(1);
                 let ts = |i: i64| {
                     i.checked_mul(b)
                         .and_then(|s| Timestamp::from_second(s).ok())
