@@ -15,6 +15,7 @@ pub mod error;
 pub mod http1;
 pub mod identity;
 pub mod iovec;
+pub mod mailbox;
 pub mod pipeline;
 pub mod resolve;
 pub mod server;
