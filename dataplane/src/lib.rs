@@ -24,6 +24,7 @@ pub mod sse;
 pub mod tokens;
 pub mod upstream;
 pub mod usage;
+pub mod webhook;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
