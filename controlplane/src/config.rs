@@ -90,6 +90,12 @@ pub struct RawConfig {
     /// `[store]`: where the gateway keeps its state (service tokens).
     #[serde(default)]
     pub store: RawStore,
+    /// `[attributes]`: custom request attributes (key -> header) budgets can filter on.
+    #[serde(default)]
+    pub attributes: crate::budget::RawAttributes,
+    /// `[[budgets]]`: dollar budgets.
+    #[serde(default)]
+    pub budgets: Vec<crate::budget::RawBudget>,
 }
 
 /// `[store]` as written.
@@ -181,6 +187,9 @@ pub struct RawRoute {
     pub provider: Option<String>,
     /// The model name sent upstream; absent means the client's name unchanged.
     pub upstream_model: Option<String>,
+    /// The output cap written into requests on this route that set none, when a budget applies to them: it
+    /// makes the budget's reservation a true bound (no overshoot).
+    pub default_max_tokens: Option<u64>,
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -200,6 +209,7 @@ pub struct Config {
     pub auth: crate::auth::AuthConfig,
     pub policies: std::sync::Arc<crate::identity::PolicySet>,
     pub store: StoreConfig,
+    pub budgets: std::sync::Arc<crate::budget::BudgetSet>,
 }
 
 /// Which I/O driver the workers use.
@@ -353,6 +363,7 @@ pub struct RouteConfig {
     /// Index into [`Config::providers`].
     pub provider: usize,
     pub upstream_model: Option<String>,
+    pub default_max_tokens: Option<u64>,
 }
 
 impl Config {
@@ -686,10 +697,17 @@ impl TryFrom<Located<'_>> for Config {
                     continue;
                 }
             }
+            if r.default_max_tokens == Some(0) {
+                is.push(
+                    format!("routes[{i}].default_max_tokens"),
+                    "must be at least 1",
+                );
+            }
             routes.push(RouteConfig {
                 pattern,
                 provider,
                 upstream_model: r.upstream_model,
+                default_max_tokens: r.default_max_tokens,
             });
         }
         if routes.is_empty() && is.list.is_empty() {
@@ -734,6 +752,27 @@ impl TryFrom<Located<'_>> for Config {
                 crate::identity::PolicySet::default()
             }
         };
+        let budgets = match crate::budget::BudgetSet::from_raw(raw.budgets, raw.attributes) {
+            Ok(b) => b,
+            Err(list) => {
+                for (f, r) in list {
+                    is.push(f, r);
+                }
+                crate::budget::BudgetSet::default()
+            }
+        };
+        // A downgrade target must be a model this gateway routes.
+        for (i, b) in budgets.budgets().iter().enumerate() {
+            if let crate::budget::Action::Downgrade(m) = &b.action {
+                let routed = routes.iter().any(|r| r.pattern.matches(m));
+                if !routed {
+                    is.push(
+                        format!("budgets[{i}].downgrade_to"),
+                        format!("no route serves the model {m:?}"),
+                    );
+                }
+            }
+        }
         let store = StoreConfig {
             dir: match raw.store.dir {
                 Some(d) if d.is_relative() => base.join(d),
@@ -752,6 +791,7 @@ impl TryFrom<Located<'_>> for Config {
                 auth,
                 policies: std::sync::Arc::new(policies),
                 store,
+                budgets: std::sync::Arc::new(budgets),
             }),
             _ => Err(ConfigError { issues: is.list }),
         }

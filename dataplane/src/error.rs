@@ -38,6 +38,10 @@ pub enum ErrorKind {
     Unauthenticated,
     /// The caller's policy does not allow this request (403).
     PolicyDenied,
+    /// A budget that applies cannot cover the request (429).
+    BudgetExceeded,
+    /// A budget's owning core could not be asked (503): the request is refused rather than unbudgeted.
+    BudgetUnavailable,
     /// The model has no price and no fallback price is configured (403): never served for free.
     Unpriced,
     /// The Transfer-Encoding or Expect asked for is not supported (501 / 417 folded into 400 family).
@@ -90,10 +94,11 @@ impl Error {
             ErrorKind::ClientTimeout => 408,
             ErrorKind::BodyTooLarge => 413,
             ErrorKind::HeadTooLarge => 431,
+            ErrorKind::BudgetExceeded => 429,
             ErrorKind::Internal => 500,
             ErrorKind::Unsupported => 501,
             ErrorKind::UpstreamUnreachable | ErrorKind::UpstreamProtocol => 502,
-            ErrorKind::ShuttingDown => 503,
+            ErrorKind::ShuttingDown | ErrorKind::BudgetUnavailable => 503,
             ErrorKind::UpstreamTimeout => 504,
         }
     }
@@ -103,7 +108,9 @@ impl Error {
             ErrorKind::UpstreamUnreachable
             | ErrorKind::UpstreamProtocol
             | ErrorKind::UpstreamTimeout => Side::Upstream,
-            ErrorKind::ShuttingDown | ErrorKind::Internal => Side::Gateway,
+            ErrorKind::ShuttingDown | ErrorKind::Internal | ErrorKind::BudgetUnavailable => {
+                Side::Gateway
+            }
             _ => Side::Client,
         }
     }
@@ -122,6 +129,8 @@ impl Error {
             ErrorKind::Unpriced => "model_unpriced",
             ErrorKind::Unauthenticated => "invalid_api_key",
             ErrorKind::PolicyDenied => "policy_denied",
+            ErrorKind::BudgetExceeded => "budget_exceeded",
+            ErrorKind::BudgetUnavailable => "budget_unavailable",
             ErrorKind::Unsupported => "unsupported",
             ErrorKind::UpstreamUnreachable => "upstream_unreachable",
             ErrorKind::UpstreamProtocol => "upstream_protocol_error",
@@ -137,12 +146,15 @@ impl Error {
             (ApiShape::OpenAi, 404) if self.kind == ErrorKind::UnknownModel => {
                 "invalid_request_error"
             }
+            // OpenAI's own type for a spent quota, which its SDK maps to RateLimitError.
+            (ApiShape::OpenAi, 429) => "insufficient_quota",
             (ApiShape::OpenAi, 400..=499) => "invalid_request_error",
             (ApiShape::OpenAi, _) => "server_error",
             (ApiShape::Anthropic, 401) => "authentication_error",
             (ApiShape::Anthropic, 404) => "not_found_error",
             (ApiShape::Anthropic, 403) => "permission_error",
             (ApiShape::Anthropic, 413) => "request_too_large",
+            (ApiShape::Anthropic, 429) => "rate_limit_error",
             (ApiShape::Anthropic, 400..=499) => "invalid_request_error",
             (ApiShape::Anthropic, 503) => "overloaded_error",
             (ApiShape::Anthropic, 504) => "timeout_error",
@@ -200,6 +212,8 @@ ctor! {
     unpriced => Unpriced,
     unauthenticated => Unauthenticated,
     policy_denied => PolicyDenied,
+    budget_exceeded => BudgetExceeded,
+    budget_unavailable => BudgetUnavailable,
     unsupported => Unsupported,
     upstream_unreachable => UpstreamUnreachable,
     upstream_protocol => UpstreamProtocol,

@@ -10,6 +10,7 @@
 #![deny(unsafe_code)]
 
 pub mod accesslog;
+pub mod budgets;
 pub mod bufio;
 pub mod error;
 pub mod http1;
@@ -46,6 +47,7 @@ pub struct Gateway {
     server: server::Workers,
     resolver: Option<std::thread::JoinHandle<()>>,
     identity: Option<std::thread::JoinHandle<()>>,
+    webhook_thread: Option<std::thread::JoinHandle<webhook::WebhookTotals>>,
     logger: Option<accesslog::Logger>,
     log_writer: Option<std::thread::JoinHandle<()>>,
 }
@@ -99,10 +101,19 @@ impl Gateway {
             Arc::clone(&shutdown),
         )?;
         let (auth, identity) = identity::start(&config, &logger, Arc::clone(&shutdown))?;
+        // Alert webhooks go out from their own thread, only when some budget has one.
+        let (webhooks, webhook_thread) =
+            if config.budgets.budgets().iter().any(|b| b.webhook.is_some()) {
+                let (tx, h) = webhook::Webhooks::start(logger.clone())?;
+                (Some(tx), Some(h))
+            } else {
+                (None, None)
+            };
         let server = server::start(
             &config,
             Arc::clone(&published),
             auth,
+            webhooks,
             &logger,
             Arc::clone(&shutdown),
         )?;
@@ -124,6 +135,7 @@ impl Gateway {
             server,
             resolver: Some(resolver),
             identity: Some(identity),
+            webhook_thread,
             logger: Some(logger),
             log_writer: Some(log_writer),
         })
@@ -145,6 +157,7 @@ impl Gateway {
             server,
             resolver,
             identity,
+            webhook_thread,
             logger,
             log_writer,
             ..
@@ -157,6 +170,10 @@ impl Gateway {
         }
         if let Some(i) = identity.take() {
             let _ = i.join();
+        }
+        // The workers held the webhook senders; with them gone the thread finishes its queue and ends.
+        if let Some(w) = webhook_thread.take() {
+            let _ = w.join();
         }
         if let Some(l) = logger.take() {
             l.event("stopped", &[]);

@@ -113,6 +113,7 @@ pub fn start(
     config: &Config,
     snapshot: Published,
     auth: crate::identity::AuthHandle,
+    webhooks: Option<crate::webhook::WebhookSender>,
     logger: &Logger,
     shutdown: Arc<AtomicBool>,
 ) -> std::io::Result<Workers> {
@@ -132,8 +133,13 @@ pub fn start(
         Vec::new()
     };
     let seed = process_seed();
+    // Budget shards talk over per-core mailboxes (see crate::budgets).
+    let (postman, inboxes) = crate::mailbox::mailboxes::<crate::budgets::Msg>(count, 65_536)
+        .map_err(|e| std::io::Error::other(e.to_string()))?;
     let mut handles = Vec::with_capacity(count);
-    for (i, ls) in listeners.into_iter().enumerate() {
+    for (i, (ls, inbox)) in listeners.into_iter().zip(inboxes).enumerate() {
+        let postman = postman.clone();
+        let webhooks = webhooks.clone();
         let core_id = if cores.is_empty() {
             None
         } else {
@@ -153,6 +159,12 @@ pub fn start(
                     core_affinity::set_for_current(c);
                 }
                 let log = CoreLog::new(logger.clone(), access_log);
+                let budgets = Rc::new(crate::budgets::CoreBudgets::new(
+                    i,
+                    postman,
+                    logger.clone(),
+                    webhooks,
+                ));
                 let core = Rc::new(Core::new(
                     i,
                     crate::pipeline::Shared {
@@ -163,6 +175,7 @@ pub fn start(
                     log,
                     server,
                     upstream,
+                    budgets,
                     seed,
                 ));
                 let res = if driver == "io_uring" {
@@ -170,12 +183,12 @@ pub fn start(
                         .with_entries(1024)
                         .enable_timer()
                         .build()
-                        .map(|mut rt| rt.block_on(worker_main(Rc::clone(&core), ls)))
+                        .map(|mut rt| rt.block_on(worker_main(Rc::clone(&core), ls, inbox)))
                 } else {
                     monoio::RuntimeBuilder::<monoio::LegacyDriver>::new()
                         .enable_timer()
                         .build()
-                        .map(|mut rt| rt.block_on(worker_main(Rc::clone(&core), ls)))
+                        .map(|mut rt| rt.block_on(worker_main(Rc::clone(&core), ls, inbox)))
                 };
                 if let Err(e) = res {
                     logger.event(
@@ -239,8 +252,20 @@ impl LocalSignal {
     }
 }
 
-async fn worker_main(core: Rc<Core>, listeners: Vec<std::net::TcpListener>) {
+async fn worker_main(
+    core: Rc<Core>,
+    listeners: Vec<std::net::TcpListener>,
+    inbox: crate::mailbox::Inbox<crate::budgets::Msg>,
+) {
     let stop = Rc::new(LocalSignal::default());
+    let shard = Rc::downgrade(&core.budgets);
+    monoio::spawn(async move {
+        if let Err(e) = crate::budgets::CoreBudgets::serve(shard.clone(), inbox).await {
+            if let Some(b) = shard.upgrade() {
+                b.log_error("budget_inbox_failed", &e.to_string());
+            }
+        }
+    });
     let mut accepting = Vec::new();
     for l in listeners {
         match TcpListener::from_std(l) {

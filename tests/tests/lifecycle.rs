@@ -35,10 +35,9 @@ fn sigterm_finishes_in_flight_streams_then_exits_zero() {
         g.output()
     );
     g.wait_json(&[("event", json!("stopped"))]);
-    assert!(
-        std::net::TcpStream::connect(g.addr).is_err(),
-        "still accepting after shutdown"
-    );
+    // (No connect-after-exit check: with SO_REUSEPORT, a gateway another test starts on port 0 may be
+    // given the same port, so a successful connect would not mean this one still listens. The exit
+    // status above already proves the listeners are gone.)
 }
 
 #[test]

@@ -12,6 +12,9 @@
 //! when one came, else the generated text relayed so far, counted the same way (relayed bytes past the
 //! keep cap, and anything the tokenizer cannot read, count at bytes/4, which errs towards charging).
 //!
+//! Budgets: the admit phase's reservation is settled here with the effective cost; a request that ends
+//! with nothing to settle (never reached a provider) drops its reservation, which releases it.
+//!
 //! Cost: the quote was taken when the request started (its price date is the request's); pricing a usage is
 //! a handful of integer multiplications. Fails: never.
 
@@ -83,6 +86,10 @@ pub fn settle(ctx: &mut RequestCtx) {
         }
     };
     let cost = quote.cost(&usage);
+    // The budgets are charged the negotiated cost, once; the rest of the reservation goes back.
+    if let Some(r) = ctx.reservation.take() {
+        r.settle(cost.effective);
+    }
     ctx.account = Some(Settled {
         usage,
         source,

@@ -270,6 +270,7 @@ async fn exchange(
     out.extend_from_slice(b"x-request-id: ");
     out.extend_from_slice(ctx.id.as_bytes());
     out.extend_from_slice(b"\r\n");
+    out.extend_from_slice(&super::admit::header_lines(ctx));
     if let Some(cost) = cost_header {
         // The effective (negotiated) cost of this request in USD, exact.
         out.extend_from_slice(b"x-tollgate-cost: ");

@@ -3,7 +3,8 @@
 //! Fields: `ts`, `event` ("request"), `request_id`, `core`, `method`, `path`, `status`, `outcome`, `api`,
 //! `provider`, `route`, `model`, `upstream_model`, `stream`, `bytes_in`, `bytes_out`, `upstream_ttfb_us`,
 //! `total_us`; the caller's identity (`identity_kind` user|service|anonymous, `subject`, `email` where known,
-//! `groups`, `identity_source`: the issuer's name or `service-token`, `token_id` for service tokens); for requests that reached a provider, `usage` (`reported`, `estimated` or `none`), the token
+//! `groups`, `identity_source`: the issuer's name or `service-token`, `token_id` for service tokens); budgets: `reserved_pusd` (what admission held), `budget_refused` (on a 429),
+//! `downgraded_from`, `max_tokens_lowered`; for requests that reached a provider, `usage` (`reported`, `estimated` or `none`), the token
 //! counts (`input_tokens` uncached, `cached_input_tokens`, `cache_write_5m_tokens`, `cache_write_1h_tokens`,
 //! `output_tokens` including `reasoning_tokens`), and the cost: `list_cost_pusd` / `cost_pusd` (exact integers
 //! in pico-USD, list and negotiated) with `list_cost_usd` / `cost_usd` as decimal strings; and `error` (code
@@ -80,6 +81,19 @@ pub fn access(core: &Core, ctx: &RequestCtx) {
         }
         if let Some(p) = &ctx.provider {
             field_str(out, "provider", &p.name);
+        }
+        if let Some(m) = &ctx.downgraded_from {
+            field_str(out, "downgraded_from", m);
+        }
+        if let Some(n) = ctx.max_tokens_lowered {
+            field_num(out, "max_tokens_lowered", n);
+        }
+        if let Some(r) = &ctx.refusal {
+            field_str(out, "budget_refused", &r.label);
+        }
+        if let Some(m) = ctx.reserved {
+            out.extend_from_slice(b",\"reserved_pusd\":");
+            out.extend_from_slice(m.pico().to_string().as_bytes());
         }
         if let Some(r) = &ctx.route {
             field_str(out, "route", r);

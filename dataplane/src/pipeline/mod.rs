@@ -15,12 +15,14 @@
 //! the status from [`Error::status`]; after the head, failures end the stream cleanly (see [`forward`]).
 
 pub mod account;
+pub mod admit;
 pub mod authorize;
 pub mod client;
 pub mod forward;
 pub mod identify;
 pub mod log;
 pub mod parse;
+pub mod reserve;
 pub mod route;
 
 use std::cell::Cell;
@@ -59,6 +61,8 @@ pub struct Core {
     pub auth: AuthHandle,
     /// Verified JWTs on this core.
     pub jwt_cache: identify::CoreJwtCache,
+    /// This core's shard of the budget state, and its links to the other shards.
+    pub budgets: std::rc::Rc<crate::budgets::CoreBudgets>,
     pub in_flight: Cell<usize>,
     requests: Cell<u64>,
     id_prefix: String,
@@ -79,6 +83,7 @@ impl Core {
         log: CoreLog,
         server: ServerConfig,
         upstream: UpstreamConfig,
+        budgets: std::rc::Rc<crate::budgets::CoreBudgets>,
         process_seed: u32,
     ) -> Core {
         let Shared {
@@ -105,6 +110,7 @@ impl Core {
             shutdown,
             auth,
             jwt_cache: Default::default(),
+            budgets,
             in_flight: Cell::new(0),
             requests: Cell::new(0),
             id_prefix: format!("{process_seed:08x}{:02x}", id & 0xff),
@@ -182,6 +188,16 @@ pub struct RequestCtx {
     pub relayed: forward::Relayed,
     /// Set by the account phase.
     pub account: Option<account::Settled>,
+    /// The admit phase's hold on the budgets; the account phase settles it (dropped unsettled, it releases).
+    pub reservation: Option<crate::budgets::Reservation>,
+    /// What the admit phase reserved on each applicable budget (pico-USD), for the log.
+    pub reserved: Option<tollgate_controlplane::Money>,
+    /// The budget that refused the request, for the 429's headers.
+    pub refusal: Option<tollgate_controlplane::ledger::Refusal>,
+    /// The model the client asked for, when a budget downgraded the request to another.
+    pub downgraded_from: Option<String>,
+    /// The output cap the admit phase lowered the request to, to fit a budget.
+    pub max_tokens_lowered: Option<u64>,
 }
 
 /// Serves one request on `io`; returns whether the connection stays open.
@@ -199,6 +215,7 @@ pub async fn run_one(core: &Core, io: &mut ClientIo) -> bool {
                 &e.body(ApiShape::OpenAi),
                 false,
                 None,
+                b"",
             )
             .await;
             log::parse_failure(core, &e);
@@ -230,6 +247,11 @@ pub async fn run_one(core: &Core, io: &mut ClientIo) -> bool {
         meter: None,
         relayed: forward::Relayed::default(),
         account: None,
+        reservation: None,
+        reserved: None,
+        refusal: None,
+        downgraded_from: None,
+        max_tokens_lowered: None,
     };
     handle(core, &mut ctx, io).await;
     // 8. log
@@ -308,44 +330,58 @@ async fn handle(core: &Core, ctx: &mut RequestCtx, io: &mut ClientIo) {
         Ok(id) => ctx.identity = Some(id),
         Err(e) => return fail(ctx, io, e).await,
     }
-    // 3. route
-    let mut routed = match route::route(&snap, ep, &ctx.body) {
-        Ok(r) => r,
-        Err(e) => return fail(ctx, io, e).await,
+    // 3-5. route, authorize, admit; a budget's downgrade routes the request once more, to its cheaper model.
+    let mut body = ctx.body.clone();
+    let routed = loop {
+        // 3. route
+        let mut routed = match route::route(&snap, ep, &body) {
+            Ok(r) => r,
+            Err(e) => return fail(ctx, io, e).await,
+        };
+        ctx.model = Some(routed.model.clone());
+        ctx.stream = routed.stream;
+        ctx.route = Some(routed.route.clone());
+        ctx.upstream_model = routed.upstream_model.clone();
+        ctx.provider = Some(Arc::clone(&routed.provider));
+        // 4. authorize
+        if let Some(id) = &ctx.identity {
+            let auth = core.auth.state.load();
+            if let Err(e) = authorize::authorize(&auth, id, &mut routed) {
+                return fail(ctx, io, e).await;
+            }
+        }
+        // Price the request as of its start; a model without a price is never served for free.
+        let billed_model = routed
+            .upstream_model
+            .as_deref()
+            .unwrap_or(routed.model.as_str());
+        match snap.config.prices.price_at_timestamp(
+            routed.provider.kind,
+            billed_model,
+            jiff::Timestamp::now(),
+        ) {
+            Ok(q) => ctx.quote = Some(q),
+            Err(unpriced) => {
+                let e = Error::unpriced(format!(
+                    "the model `{}` of provider {} has no price on {}: add it to the price sheet or set pricing.fallback",
+                    unpriced.model, routed.provider.name, unpriced.date
+                ));
+                return fail(ctx, io, e).await;
+            }
+        }
+        // 5. admit
+        match admit::admit(core, ctx, &snap, &mut routed).await {
+            Ok(admit::Admitted::Yes) => break routed,
+            Ok(admit::Admitted::Downgrade(model)) => {
+                match route::with_model(&body, &model) {
+                    Ok(b) => body = b,
+                    Err(e) => return fail(ctx, io, e).await,
+                }
+                ctx.downgraded_from = ctx.model.clone();
+            }
+            Err(e) => return fail(ctx, io, e).await,
+        }
     };
-    ctx.model = Some(routed.model.clone());
-    ctx.stream = routed.stream;
-    ctx.route = Some(routed.route.clone());
-    ctx.upstream_model = routed.upstream_model.clone();
-    ctx.provider = Some(Arc::clone(&routed.provider));
-    // 4. authorize
-    if let Some(id) = &ctx.identity {
-        let auth = core.auth.state.load();
-        if let Err(e) = authorize::authorize(&auth, id, &mut routed) {
-            return fail(ctx, io, e).await;
-        }
-    }
-    // 5. admit: arrives with spend limits (issue 6).
-    // Price the request as of its start; a model without a price is never served for free.
-    let billed_model = ctx
-        .upstream_model
-        .as_deref()
-        .or(ctx.model.as_deref())
-        .unwrap_or_default();
-    match snap.config.prices.price_at_timestamp(
-        routed.provider.kind,
-        billed_model,
-        jiff::Timestamp::now(),
-    ) {
-        Ok(q) => ctx.quote = Some(q),
-        Err(unpriced) => {
-            let e = Error::unpriced(format!(
-                "the model `{}` of provider {} has no price on {}: add it to the price sheet or set pricing.fallback",
-                unpriced.model, routed.provider.name, unpriced.date
-            ));
-            return fail(ctx, io, e).await;
-        }
-    }
     // 6. forward
     if let Err(e) = forward::forward(
         core,
@@ -377,6 +413,7 @@ async fn fail(ctx: &mut RequestCtx, io: &mut ClientIo, e: Error) {
     let body = e.body(ctx.api);
     ctx.status = e.status();
     ctx.outcome = Outcome::Rejected;
+    let extra = admit::header_lines(ctx);
     match write_simple(
         io,
         ctx.status,
@@ -384,6 +421,7 @@ async fn fail(ctx: &mut RequestCtx, io: &mut ClientIo, e: Error) {
         &body,
         ctx.keep_alive,
         Some(&ctx.id),
+        &extra,
     )
     .await
     {
@@ -412,6 +450,7 @@ async fn local(
         &body,
         ctx.keep_alive,
         Some(&ctx.id),
+        b"",
     )
     .await
     {
@@ -434,6 +473,7 @@ pub async fn write_simple(
     body: &[u8],
     keep_alive: bool,
     request_id: Option<&str>,
+    extra_headers: &[u8],
 ) -> std::io::Result<usize> {
     let mut out = Vec::with_capacity(256 + body.len());
     out.extend_from_slice(format!("HTTP/1.1 {status} {}\r\n", http1::reason(status)).as_bytes());
@@ -445,6 +485,7 @@ pub async fn write_simple(
         out.extend_from_slice(id.as_bytes());
         out.extend_from_slice(b"\r\n");
     }
+    out.extend_from_slice(extra_headers);
     if !keep_alive {
         out.extend_from_slice(b"connection: close\r\n");
     }

@@ -133,6 +133,8 @@ pub struct Routed {
     pub strip_usage: bool,
     /// The larger of the body's `max_tokens` and `max_completion_tokens`, when it sets either.
     pub max_tokens: Option<u64>,
+    /// The route's `default_max_tokens`.
+    pub default_max_tokens: Option<u64>,
 }
 
 /// Routes a chat request by the `model` in its body.
@@ -189,6 +191,7 @@ pub fn route(snap: &Snapshot, ep: Endpoint, body: &Bytes) -> Result<Routed> {
     Ok(Routed {
         strip_usage,
         max_tokens: probe.max_tokens.max(probe.max_completion_tokens),
+        default_max_tokens: route.default_max_tokens,
         model: model.into_owned(),
         stream,
         provider,
@@ -248,6 +251,21 @@ fn request_usage(body: &Bytes, has_options: bool) -> Result<Bytes> {
             }
             None => return Err(Error::invalid_body("`stream_options` must be an object")),
         }
+    }
+    serde_json::to_vec(&v)
+        .map(Bytes::from)
+        .map_err(|_| Error::internal("could not re-encode the request body"))
+}
+
+/// The body with its top-level `model` replaced by `model` (a budget's downgrade; a re-encode, rare).
+pub fn with_model(body: &Bytes, model: &str) -> Result<Bytes> {
+    let mut v: serde_json::Value = serde_json::from_slice(body)
+        .map_err(|e| Error::invalid_body(format!("invalid JSON: {e}")))?;
+    match v.as_object_mut() {
+        Some(obj) => {
+            obj.insert("model".into(), serde_json::Value::String(model.to_owned()));
+        }
+        None => return Err(Error::invalid_body("request body is not a JSON object")),
     }
     serde_json::to_vec(&v)
         .map(Bytes::from)

@@ -1,0 +1,230 @@
+//! Phase 5, admit: hold the request's maximum cost against every budget that applies, before forwarding.
+//!
+//! Owns: picking the budgets (`BudgetSet::applicable`: scope, model/provider globs, declared attributes from
+//! the request's headers), the amount (the input-token bound and the output cap, priced at the request's
+//! quote: [`super::reserve`]), the reservation on the owning cores ([`crate::budgets`]), and what happens
+//! when a budget cannot cover it: `block` (429 naming the budget, its limit, spend and reset),
+//! `downgrade` (the caller routes the request again to the budget's cheaper model, once), or, when the
+//! budget says `on_insufficient = "lower_max_tokens"` and the remaining amount pays for the input and at
+//! least one output token, lower the request's output cap to what the remaining amount pays for.
+//!
+//! The output cap: the request's `max_tokens`/`max_completion_tokens`; else the route's
+//! `default_max_tokens`, written into the body so the provider enforces it (the reservation is then a true
+//! bound); else [`super::reserve::DEFAULT_OUTPUT_TOKENS`] reserved without changing the request (a response
+//! longer than that can overshoot by its excess: the documented overshoot bound).
+//!
+//! Fails: 400 for an undeclared `x-tollgate-attr-*` header, 429 `budget_exceeded`, 503
+//! `budget_unavailable` when a budget's owner cannot be asked (never skipped). Cost: see `bench/admission`.
+
+use bytes::Bytes;
+use tollgate_controlplane::budget::{Action, BudgetRequest, Insufficient};
+use tollgate_controlplane::ledger::Refusal;
+use tollgate_controlplane::{Money, ProviderKind};
+
+use super::reserve::{input_token_bound, max_cost, DEFAULT_OUTPUT_TOKENS};
+use super::route::{insert_member, Routed};
+use super::{Core, RequestCtx};
+use crate::error::{Error, Result};
+use crate::snapshot::Snapshot;
+
+/// What the admit phase decided.
+#[derive(Debug)]
+pub enum Admitted {
+    /// Go ahead (with or without a reservation in `ctx.reservation`).
+    Yes,
+    /// Route the request again to this model (a budget's `downgrade_to`), then admit it again.
+    Downgrade(String),
+}
+
+/// The request's `x-tollgate-*` headers, names lowercased, for the attribute check.
+fn tollgate_headers(ctx: &RequestCtx) -> Vec<(String, String)> {
+    ctx.head
+        .headers()
+        .filter(|(n, _)| n.len() > 11 && n[..11].eq_ignore_ascii_case(b"x-tollgate-"))
+        .map(|(n, v)| {
+            (
+                String::from_utf8_lossy(n).to_ascii_lowercase(),
+                String::from_utf8_lossy(v).into_owned(),
+            )
+        })
+        .collect()
+}
+
+/// Admits `routed` for `ctx.identity`; on success the reservation is in `ctx.reservation`.
+pub async fn admit(
+    core: &Core,
+    ctx: &mut RequestCtx,
+    snap: &Snapshot,
+    routed: &mut Routed,
+) -> Result<Admitted> {
+    let budgets = &snap.config.budgets;
+    let attributes = budgets
+        .check_attributes(&tollgate_headers(ctx))
+        .map_err(Error::bad_request)?;
+    if budgets.is_empty() {
+        return Ok(Admitted::Yes);
+    }
+    let (Some(id), Some(quote)) = (ctx.identity.as_ref(), ctx.quote) else {
+        return Ok(Admitted::Yes);
+    };
+    let keys = budgets.applicable(
+        id,
+        &BudgetRequest {
+            model: &routed.model,
+            upstream_model: routed.upstream_model.as_deref(),
+            provider: &routed.provider.name,
+            attributes: &attributes,
+        },
+    );
+    if keys.is_empty() {
+        return Ok(Admitted::Yes);
+    }
+    let output = match (routed.max_tokens, routed.default_max_tokens) {
+        (Some(m), _) => m,
+        (None, Some(cap)) => {
+            set_max_tokens(routed, cap)?;
+            cap
+        }
+        (None, None) => DEFAULT_OUTPUT_TOKENS,
+    };
+    let input = input_token_bound(&routed.body);
+    let amount = max_cost(&quote, input, output);
+    let refusal = match core.budgets.reserve(keys.clone(), amount).await {
+        Ok(Ok(r)) => {
+            ctx.reserved = Some(r.amount);
+            ctx.reservation = Some(r);
+            return Ok(Admitted::Yes);
+        }
+        Ok(Err(refusal)) => refusal,
+        Err(e) => return Err(Error::budget_unavailable(e.to_string())),
+    };
+    if let Action::Downgrade(model) = &refusal.action {
+        if ctx.downgraded_from.is_none() {
+            return Ok(Admitted::Downgrade(model.clone()));
+        }
+    }
+    let lower = budgets
+        .get(&refusal.budget)
+        .is_some_and(|b| b.on_insufficient == Insufficient::LowerMaxTokens);
+    if lower {
+        // What is left on the refusing instance pays for the input first, then as many output tokens as fit.
+        let left = refusal
+            .limit
+            .checked_sub(refusal.spent)
+            .and_then(|m| m.checked_sub(refusal.reserved))
+            .unwrap_or(Money::ZERO);
+        let input_cost = max_cost(&quote, input, 0);
+        let per_output = max_cost(&quote, 0, 1).pico();
+        let affordable = left
+            .checked_sub(input_cost)
+            .filter(|m| !m.is_negative())
+            .map(|m| {
+                if per_output > 0 {
+                    m.pico() / per_output
+                } else {
+                    0
+                }
+            })
+            .unwrap_or(0);
+        let affordable = u64::try_from(affordable)
+            .unwrap_or(0)
+            .min(output.saturating_sub(1));
+        if affordable >= 1 {
+            set_max_tokens(routed, affordable)?;
+            let amount = max_cost(&quote, input, affordable);
+            match core.budgets.reserve(keys, amount).await {
+                Ok(Ok(r)) => {
+                    ctx.reserved = Some(r.amount);
+                    ctx.reservation = Some(r);
+                    ctx.max_tokens_lowered = Some(affordable);
+                    return Ok(Admitted::Yes);
+                }
+                Ok(Err(again)) => return Err(exceeded(&again)),
+                Err(e) => return Err(Error::budget_unavailable(e.to_string())),
+            }
+        }
+    }
+    let e = exceeded(&refusal);
+    ctx.refusal = Some(*refusal);
+    Err(e)
+}
+
+/// The 429 for a budget that cannot cover the request.
+fn exceeded(r: &Refusal) -> Error {
+    Error::budget_exceeded(format!(
+        "budget `{}` cannot cover this request: limit ${}, spent ${}, reserved by requests in flight ${}; it resets at {}",
+        r.label,
+        r.limit.usd(),
+        r.spent.usd(),
+        r.reserved.usd(),
+        r.resets_at
+    ))
+}
+
+/// Sets the request's output cap to `n`: the fields it already has are rewritten (a re-encode, rare), or
+/// the provider's field is spliced in.
+fn set_max_tokens(routed: &mut Routed, n: u64) -> Result<()> {
+    if routed.max_tokens.is_none() {
+        let member = match routed.provider.kind {
+            ProviderKind::OpenAi => format!("\"max_completion_tokens\":{n},"),
+            ProviderKind::Anthropic => format!("\"max_tokens\":{n},"),
+        };
+        routed.body = insert_member(&routed.body, member.as_bytes())
+            .ok_or_else(|| Error::invalid_body("request body is not a JSON object"))?;
+    } else {
+        let mut v: serde_json::Value = serde_json::from_slice(&routed.body)
+            .map_err(|e| Error::invalid_body(format!("invalid JSON: {e}")))?;
+        if let Some(obj) = v.as_object_mut() {
+            for field in ["max_tokens", "max_completion_tokens"] {
+                if obj.contains_key(field) {
+                    obj.insert(field.to_owned(), serde_json::Value::from(n));
+                }
+            }
+        }
+        routed.body = serde_json::to_vec(&v)
+            .map(Bytes::from)
+            .map_err(|_| Error::internal("could not re-encode the request body"))?;
+    }
+    routed.max_tokens = Some(n);
+    Ok(())
+}
+
+/// Response header lines about budgets: the tightest budget's name, limit, remaining amount (USD) and reset
+/// time (RFC 3339) after this request's reservation, or the refusing budget's on a 429 (with
+/// `retry-after` in seconds); plus what the admit phase changed (`x-tollgate-max-tokens-lowered`,
+/// `x-tollgate-downgraded-from`).
+pub fn header_lines(ctx: &RequestCtx) -> Vec<u8> {
+    let mut out = Vec::new();
+    let mut line = |name: &str, value: &str| {
+        out.extend_from_slice(name.as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    };
+    if let Some(t) = ctx.reservation.as_ref().and_then(|r| r.tightest()) {
+        line("x-tollgate-budget", &t.label);
+        line("x-tollgate-budget-limit", &t.limit.usd());
+        line("x-tollgate-budget-remaining", &t.remaining.usd());
+        line("x-tollgate-budget-reset", &t.resets_at.to_string());
+    } else if let Some(r) = &ctx.refusal {
+        let left = r
+            .limit
+            .checked_sub(r.spent)
+            .and_then(|m| m.checked_sub(r.reserved))
+            .filter(|m| !m.is_negative())
+            .unwrap_or(Money::ZERO);
+        line("x-tollgate-budget", &r.label);
+        line("x-tollgate-budget-limit", &r.limit.usd());
+        line("x-tollgate-budget-remaining", &left.usd());
+        line("x-tollgate-budget-reset", &r.resets_at.to_string());
+        let wait = r.resets_at.as_second() - jiff::Timestamp::now().as_second();
+        line("retry-after", &wait.max(1).to_string());
+    }
+    if let Some(n) = ctx.max_tokens_lowered {
+        line("x-tollgate-max-tokens-lowered", &n.to_string());
+    }
+    if let Some(m) = &ctx.downgraded_from {
+        line("x-tollgate-downgraded-from", m);
+    }
+    out
+}
