@@ -3,7 +3,8 @@
 //! Read [`pipeline`] first: it is the request path, top-down, as named phases. Around it: [`server`] (workers,
 //! listeners, shutdown), [`http1`] (parsing and framing), [`sse`] (event framing), [`upstream`] (provider
 //! connections and pools), [`snapshot`] (the immutable per-request view of config), [`resolve`] (DNS off the
-//! cores) and [`accesslog`] (logging that never blocks a core).
+//! cores), [`accesslog`] (logging that never blocks a core), [`mailbox`] (asking another core, without blocking
+//! either) and [`webhook`] (alert POSTs, off the cores).
 //!
 //! [`Gateway`] wires them together for the binary and for tests.
 
