@@ -17,7 +17,8 @@ use tollgate_controlplane::{Identity, IdentityKind, Money};
 use tollgate_dataplane::pipeline::reserve::input_token_bound;
 
 fn body(bytes: usize) -> Vec<u8> {
-    let sentence = "The quick brown fox jumps over the lazy dog while the platform team watches the budget. ";
+    let sentence =
+        "The quick brown fox jumps over the lazy dog while the platform team watches the budget. ";
     let text: String = sentence.repeat(bytes / sentence.len() + 1)[..bytes].to_owned();
     serde_json::to_vec(&serde_json::json!({
         "model": "gpt-4o-mini", "max_tokens": 256,
