@@ -22,6 +22,7 @@ use std::time::Duration;
 
 use monoio::net::{TcpListener, TcpStream};
 use socket2::{Domain, Protocol, Socket, Type};
+use tollgate_controlplane::budget::BudgetSet;
 use tollgate_controlplane::config::{Config, DriverChoice};
 
 use crate::accesslog::{CoreLog, Logger};
@@ -37,6 +38,8 @@ pub struct Workers {
     /// Whether each worker is pinned to its own core (`server.pin_workers`).
     pub pinned: bool,
     handles: Vec<std::thread::JoinHandle<()>>,
+    /// Posts to every core's budget inbox: how a reload reaches the ledger shards.
+    postman: Option<crate::mailbox::Postman<crate::budgets::Msg>>,
 }
 
 impl Workers {
@@ -47,7 +50,23 @@ impl Workers {
             count: 0,
             pinned: false,
             handles: Vec::new(),
+            postman: None,
         }
+    }
+
+    /// Asks every core to rekey its budget ledger to `budgets`; returns the cores the message could not
+    /// reach (inbox full or closed) with the reason.
+    pub fn rekey(&self, budgets: &Arc<BudgetSet>) -> Vec<(usize, String)> {
+        let Some(p) = &self.postman else {
+            return Vec::new();
+        };
+        (0..p.cores())
+            .filter_map(|core| {
+                p.send(core, crate::budgets::Msg::Rekey(Arc::clone(budgets)))
+                    .err()
+                    .map(|e| (core, e.to_string()))
+            })
+            .collect()
     }
 
     /// Waits for every worker to return (after the shutdown flag is set).
@@ -206,6 +225,7 @@ pub fn start(
         count,
         pinned: !cores.is_empty(),
         handles,
+        postman: Some(postman),
     })
 }
 
