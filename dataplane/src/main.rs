@@ -1,6 +1,8 @@
-//! The `tollgate` binary: `serve` runs a gateway, `check-config` validates a configuration file,
-//! `service-token` creates, revokes and lists the tokens CI/CD agents present, `login` signs a person in at
-//! their IdP and `token` prints a fresh access token for scripts.
+//! The `tollgate` binary: `serve` runs a gateway (SIGHUP re-reads and applies its configuration file, see
+//! [`Gateway::reload`]; a file with errors is refused with a `reload_failed` event and the running
+//! configuration stays), `check-config` validates a configuration file, `service-token` creates, revokes and
+//! lists the tokens CI/CD agents present, `login` signs a person in at their IdP and `token` prints a fresh
+//! access token for scripts.
 
 #![forbid(unsafe_code)]
 

@@ -253,3 +253,54 @@ scope = "everyone"
     assert!(remaining < before, "{remaining} >= {before}");
     assert!(remaining > 0, "{remaining}");
 }
+
+#[test]
+fn reloaded_issuers_keep_unchanged_keys_fetch_new_ones_and_drop_removed_ones() {
+    use tollgate_tests::idp::TestIdp;
+    let m = mock(&["--expect-key", MOCK_KEY]);
+    let base = format!("http://{}", m.addr);
+    let (a, b) = (TestIdp::start(), TestIdp::start());
+    let issuer = |name: &str, idp: &TestIdp| {
+        format!(
+            "\n[[auth.issuers]]\nname = \"{name}\"\nissuer = \"{}\"\naudiences = [\"tollgate\"]\n",
+            idp.issuer()
+        )
+    };
+    let config = |issuers: &str| config_for(&base, "", &format!("[auth]\n{issuers}"));
+    let g = gateway(&config(&issuer("idp-a", &a)));
+    let token = |idp: &TestIdp| {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        let claims = json!({
+            "iss": idp.issuer(), "aud": "tollgate", "sub": "u-alice", "iat": now, "exp": now + 600
+        });
+        format!("Authorization: Bearer {}\r\n", idp.sign(&claims, "rsa-a"))
+    };
+    let send = |idp: &TestIdp| post(g.addr, "/v1/chat/completions", &chat("gpt-4o"), &token(idp));
+    assert_eq!(send(&a).status, 200);
+    assert_eq!(send(&b).status, 401);
+    let a_fetches = a.jwks_fetches();
+
+    // Add issuer B, A unchanged: B's keys are fetched, A's kept.
+    g.rewrite_config(&config(&format!(
+        "{}{}",
+        issuer("idp-a", &a),
+        issuer("idp-b", &b)
+    )));
+    let line = reload(&g, 1, 2);
+    assert_eq!(line["issuers"], 2, "{line}");
+    g.wait_json(&[("event", json!("keys_loaded")), ("issuer", json!("idp-b"))]);
+    let r = send(&b);
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(send(&a).status, 200);
+    assert_eq!(a.jwks_fetches(), a_fetches, "A's keys were fetched again");
+
+    // Remove A: its tokens stop working at once, cached verifications included.
+    g.rewrite_config(&config(&issuer("idp-b", &b)));
+    reload(&g, 2, 2);
+    let r = send(&a);
+    assert_eq!(r.status, 401, "{}", r.text());
+    assert_eq!(send(&b).status, 200);
+}
