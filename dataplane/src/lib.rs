@@ -309,6 +309,19 @@ impl Gateway {
                 }
                 (None, None) => {}
             }
+            let was_mock = old.providers.iter().any(|o| o.name == p.name && o.is_mock);
+            if let (true, false, Some(l)) = (p.is_mock, was_mock, log) {
+                l.event(
+                    "provider_mocked",
+                    &[
+                        ("provider", &p.name),
+                        (
+                            "reason",
+                            "no API key configured: serving from the bundled mock",
+                        ),
+                    ],
+                );
+            }
         }
         let (done_tx, done_rx) = crossbeam_channel::bounded(1);
         let sent = self.identity_ctl.reload.try_send(identity::Reload {

@@ -3,7 +3,8 @@
 //! Owns: listener creation (the first socket binds, possibly to port 0, and the others join its actual port
 //! with SO_REUSEPORT, so the kernel spreads connections across cores), worker threads and their runtimes
 //! (io_uring where the kernel allows, epoll otherwise, as `server.driver` says), each worker's accept loop,
-//! connection loop and 50 ms housekeeping ticker, and graceful shutdown.
+//! connection loop and 50 ms housekeeping ticker, graceful shutdown, and the control side's handle on the
+//! cores' budget inboxes ([`Workers::rekey`], for reloads).
 //!
 //! Shutdown: when the shared flag is set, each worker stops accepting, lets in-flight requests finish (their
 //! responses carry `connection: close`) until `server.shutdown_grace_ms`, flushes its log buffer and returns;
