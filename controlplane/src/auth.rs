@@ -91,8 +91,8 @@ pub enum JwksSource {
     File(PathBuf),
 }
 
-/// One trusted issuer, validated.
-#[derive(Debug, Clone)]
+/// One trusted issuer, validated. Equality tells a reload which issuers' keys it may keep.
+#[derive(Debug, Clone, PartialEq)]
 pub struct IssuerConfig {
     pub name: Arc<str>,
     pub issuer: String,

@@ -4,7 +4,7 @@
 //! Owns: [`CoreBudgets`] (this core's ledger shard, its mailbox handles, and the replies it waits for),
 //! [`Reservation`] (a guard that settles exactly once: explicitly with the actual cost, or, when dropped
 //! unsettled because the request ended early in any way, by releasing), and the message protocol between
-//! cores ([`Msg`]).
+//! cores ([`Msg`]). A reload reaches each shard as [`Msg::Rekey`], posted by the control side.
 //!
 //! Ownership: an instance scoped to one identity (each member of a group, each identity, one user, one
 //! token) is owned by the core the identity hashes to, so all of one identity's budgets live on one core;
@@ -21,9 +21,10 @@
 use std::cell::RefCell;
 use std::hash::{Hash, Hasher};
 use std::rc::{Rc, Weak};
+use std::sync::Arc;
 
 use jiff::Timestamp;
-use tollgate_controlplane::budget::InstanceKey;
+use tollgate_controlplane::budget::{BudgetSet, InstanceKey};
 use tollgate_controlplane::ledger::{AlertEvent, BudgetStatus, Ledger, Refusal, ReservationId};
 use tollgate_controlplane::Money;
 
@@ -54,6 +55,9 @@ pub enum Msg {
         owner: usize,
         result: Answer,
     },
+    /// A reload changed `[[budgets]]`: carry this core's instances over to the new definitions
+    /// ([`Ledger::rekey`]: spend is kept, a changed window is recomputed from the spend history).
+    Rekey(Arc<BudgetSet>),
 }
 
 /// An owner's answer to a reservation: the id and the standing of each instance, or the refusal.
@@ -217,6 +221,17 @@ impl CoreBudgets {
                 if let (false, Some(res)) = (me.pending.complete(id, result), held) {
                     me.send_release(owner, res);
                 }
+            }
+            Msg::Rekey(set) => {
+                let mut ledger = me.ledger.borrow_mut();
+                ledger.rekey(&set);
+                me.log.event(
+                    "budgets_rekeyed",
+                    &[
+                        ("core", &me.core.to_string()),
+                        ("instances", &ledger.len().to_string()),
+                    ],
+                );
             }
         }
     }

@@ -3,7 +3,11 @@
 //!
 //! Owns: JWKS fetches (periodic per `refresh_s`, and on demand when a core meets an unknown `kid`, at most
 //! once per `min_refresh_s` per issuer), watching the service-token file (every 250 ms; a revocation reaches
-//! the cores within a second), and creating the quickstart's demo token.
+//! the cores within a second), creating the quickstart's demo token, and applying a reload's `[auth]` and
+//! `[[policies]]` ([`Reload`], sent over [`IdentityControl`]): it republishes at once with the new policies
+//! and issuers, keeping the fetched keys of every issuer whose configuration is unchanged, acknowledges, and
+//! then fetches keys for the new issuers. Every reload starts a new key generation, so JWT verifications
+//! cached under the old issuer settings (claims, group mapping) are verified again.
 //!
 //! Fails: a failed fetch keeps the previous keys and is logged (`keys_failed`) and retried; a service-token
 //! file that cannot be read keeps the previous set (`service_tokens_failed`). Nothing here runs on a core:
@@ -55,6 +59,21 @@ pub type AuthPublished = Arc<ArcSwap<AuthState>>;
 pub struct AuthHandle {
     pub state: AuthPublished,
     pub refresh: Sender<usize>,
+}
+
+/// A reload's new identity settings, for the identity thread.
+#[derive(Debug)]
+pub struct Reload {
+    pub auth: AuthConfig,
+    pub policies: Arc<PolicySet>,
+    /// Answered once the new policies and issuers are published (before new issuers' keys are fetched).
+    pub done: Sender<()>,
+}
+
+/// The control side's handle on the identity thread.
+#[derive(Debug, Clone)]
+pub struct IdentityControl {
+    pub reload: Sender<Reload>,
 }
 
 /// Why identity could not start.
@@ -147,6 +166,55 @@ impl Sync {
                 }));
             }
         }
+    }
+
+    /// Switches to a reload's settings; returns the indexes of the issuers whose keys must be fetched.
+    fn apply(&mut self, auth: AuthConfig, policies: Arc<PolicySet>) -> Vec<usize> {
+        let n = auth.issuers.len();
+        let mut agents = Vec::with_capacity(n);
+        let mut issuers = Vec::with_capacity(n);
+        let mut prints = Vec::with_capacity(n);
+        let mut fetch = Vec::new();
+        for (i, c) in auth.issuers.iter().enumerate() {
+            match self.config.issuers.iter().position(|o| **o == **c) {
+                Some(j) => {
+                    agents.push(self.agents.get_mut(j).and_then(Option::take));
+                    issuers.push(self.issuers.get(j).cloned().unwrap_or_default());
+                    prints.push(self.prints.get(j).cloned().unwrap_or_default());
+                }
+                None => {
+                    agents.push(None);
+                    issuers.push(IssuerKeys::default());
+                    prints.push(String::new());
+                    fetch.push(i);
+                }
+            }
+        }
+        self.config = Arc::new(auth);
+        self.policies = policies;
+        self.agents = agents;
+        self.issuers = issuers;
+        self.prints = prints;
+        self.key_generation += 1;
+        fetch
+    }
+
+    /// When each issuer's keys are next due: a full period after keys, seconds after a failure.
+    fn due_times(&self) -> Vec<Instant> {
+        self.config
+            .issuers
+            .iter()
+            .zip(&self.issuers)
+            .map(|(c, k)| {
+                // An issuer whose first fetch failed is retried within seconds, not after a full period.
+                Instant::now()
+                    + if k.keys.is_some() {
+                        c.refresh
+                    } else {
+                        c.refresh.min(Duration::from_secs(10))
+                    }
+            })
+            .collect()
     }
 
     /// Reloads the service-token file when it changed; returns whether anything was published.
@@ -242,7 +310,7 @@ pub fn start(
     config: &Config,
     logger: &Logger,
     shutdown: Arc<AtomicBool>,
-) -> Result<(AuthHandle, std::thread::JoinHandle<()>), IdentityError> {
+) -> Result<(AuthHandle, IdentityControl, std::thread::JoinHandle<()>), IdentityError> {
     if config.auth.demo_token {
         demo_token(config, logger)?;
     }
@@ -277,46 +345,64 @@ pub fn start(
     }
     sync.publish();
     let (tx, rx) = crossbeam_channel::bounded::<usize>(64);
+    let (ctl_tx, ctl_rx) = crossbeam_channel::bounded::<Reload>(4);
     let handle = std::thread::Builder::new()
         .name("tollgate-identity".into())
-        .spawn(move || run(sync, rx, shutdown))?;
+        .spawn(move || run(sync, rx, ctl_rx, shutdown))?;
     Ok((
         AuthHandle {
             state: published,
             refresh: tx,
         },
+        IdentityControl { reload: ctl_tx },
         handle,
     ))
 }
 
-fn run(mut sync: Sync, rx: Receiver<usize>, shutdown: Arc<AtomicBool>) {
-    let mut next_refresh: Vec<Instant> = sync
-        .config
-        .issuers
-        .iter()
-        .zip(&sync.issuers)
-        .map(|(c, k)| {
-            // An issuer whose first fetch failed is retried within seconds, not after a full period.
-            Instant::now()
-                + if k.keys.is_some() {
-                    c.refresh
-                } else {
-                    c.refresh.min(Duration::from_secs(10))
-                }
-        })
-        .collect();
+fn run(mut sync: Sync, rx: Receiver<usize>, ctl: Receiver<Reload>, shutdown: Arc<AtomicBool>) {
+    let mut next_refresh = sync.due_times();
+    // Once the control side has gone, stop listening to it (a closed channel is always ready).
+    let mut ctl = ctl;
     while !shutdown.load(Ordering::Relaxed) {
         let mut changed = false;
         let mut asked: Vec<usize> = Vec::new();
-        match rx.recv_timeout(TOKEN_POLL) {
-            Ok(i) => {
-                asked.push(i);
-                while let Ok(j) = rx.try_recv() {
-                    asked.push(j);
-                }
+        let mut reloads: Vec<Reload> = Vec::new();
+        let mut ctl_closed = false;
+        crossbeam_channel::select! {
+            recv(rx) -> m => match m {
+                Ok(i) => asked.push(i),
+                Err(_) => break,
+            },
+            recv(ctl) -> m => match m {
+                Ok(r) => reloads.push(r),
+                Err(_) => ctl_closed = true,
+            },
+            default(TOKEN_POLL) => {}
+        }
+        if ctl_closed {
+            ctl = crossbeam_channel::never();
+        }
+        while let Ok(j) = rx.try_recv() {
+            asked.push(j);
+        }
+        while let Ok(r) = ctl.try_recv() {
+            reloads.push(r);
+        }
+        // A reload: publish the new policies and issuers at once (keys kept where the issuer is unchanged),
+        // acknowledge, then fetch keys for the new issuers. Refresh asks from before it may name issuers
+        // by their old positions: they are dropped.
+        if !reloads.is_empty() {
+            asked.clear();
+        }
+        for r in reloads {
+            let fetch = sync.apply(r.auth, r.policies);
+            sync.publish();
+            let _ = r.done.send(());
+            for i in fetch {
+                sync.fetch(i);
+                changed = true;
             }
-            Err(crossbeam_channel::RecvTimeoutError::Timeout) => {}
-            Err(crossbeam_channel::RecvTimeoutError::Disconnected) => break,
+            next_refresh = sync.due_times();
         }
         asked.sort_unstable();
         asked.dedup();

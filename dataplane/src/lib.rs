@@ -6,7 +6,8 @@
 //! cores), [`accesslog`] (logging that never blocks a core), [`mailbox`] (asking another core, without blocking
 //! either) and [`webhook`] (alert POSTs, off the cores).
 //!
-//! [`Gateway`] wires them together for the binary and for tests.
+//! [`Gateway`] wires them together for the binary and for tests, and applies a changed configuration to a
+//! running gateway ([`Gateway::reload`]).
 
 #![deny(unsafe_code)]
 
@@ -45,6 +46,8 @@ pub struct Gateway {
     pub driver: &'static str,
     pub workers: usize,
     shutdown: Arc<AtomicBool>,
+    published: snapshot::Published,
+    identity_ctl: identity::IdentityControl,
     server: server::Workers,
     resolver: Option<std::thread::JoinHandle<()>>,
     identity: Option<std::thread::JoinHandle<()>>,
@@ -62,6 +65,126 @@ pub enum StartError {
     Identity(#[from] identity::IdentityError),
     #[error("{0}")]
     Io(#[from] std::io::Error),
+}
+
+/// Why a reload was not applied (the old configuration stays in effect).
+#[derive(Debug, thiserror::Error)]
+pub enum ReloadError {
+    #[error(transparent)]
+    Build(#[from] snapshot::BuildError),
+}
+
+/// How long a reload waits for the identity thread to publish the new policies before publishing the new
+/// snapshot anyway (it is busy only while fetching an issuer's keys, bounded by the fetch timeouts).
+pub const IDENTITY_ACK: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Settings a reload leaves as they are: they are read once, when the workers, listeners, resolver, log
+/// writer and identity thread start. Named as in the configuration file.
+pub const RESTART_REQUIRED: &[&str] = &[
+    "server.listen",
+    "server.workers",
+    "server.pin_workers",
+    "server.driver",
+    "server.max_head_bytes",
+    "server.max_headers",
+    "server.max_body_bytes",
+    "server.header_timeout_ms",
+    "server.body_timeout_ms",
+    "server.idle_timeout_ms",
+    "server.shutdown_grace_ms",
+    "upstream.connect_timeout_ms",
+    "upstream.first_byte_timeout_ms",
+    "upstream.read_timeout_ms",
+    "upstream.pool_idle_timeout_ms",
+    "upstream.pool_max_idle_per_provider",
+    "upstream.dns_refresh_ms",
+    "log.access_log",
+    "store.dir",
+    "auth.demo_token",
+];
+
+/// Which of [`RESTART_REQUIRED`] differ between the running configuration and a new one.
+pub fn restart_required(old: &Config, new: &Config) -> Vec<&'static str> {
+    let (os, ns) = (&old.server, &new.server);
+    let (ou, nu) = (&old.upstream, &new.upstream);
+    let changed = [
+        os.listen != ns.listen,
+        os.workers != ns.workers,
+        os.pin_workers != ns.pin_workers,
+        os.driver != ns.driver,
+        os.max_head_bytes != ns.max_head_bytes,
+        os.max_headers != ns.max_headers,
+        os.max_body_bytes != ns.max_body_bytes,
+        os.header_timeout != ns.header_timeout,
+        os.body_timeout != ns.body_timeout,
+        os.idle_timeout != ns.idle_timeout,
+        os.shutdown_grace != ns.shutdown_grace,
+        ou.connect_timeout != nu.connect_timeout,
+        ou.first_byte_timeout != nu.first_byte_timeout,
+        ou.read_timeout != nu.read_timeout,
+        ou.pool_idle_timeout != nu.pool_idle_timeout,
+        ou.pool_max_idle_per_provider != nu.pool_max_idle_per_provider,
+        ou.dns_refresh != nu.dns_refresh,
+        old.log.access_log != new.log.access_log,
+        old.store.dir != new.store.dir,
+        old.auth.demo_token != new.auth.demo_token,
+    ];
+    RESTART_REQUIRED
+        .iter()
+        .zip(changed)
+        .filter_map(|(name, c)| c.then_some(*name))
+        .collect()
+}
+
+/// What a reload applied.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReloadOutcome {
+    pub providers: usize,
+    pub routes: usize,
+    pub budgets: usize,
+    pub policies: usize,
+    pub issuers: usize,
+    /// Providers whose endpoint is new (resolved during the reload).
+    pub resolved: usize,
+    /// The identity thread acknowledged the new policies and issuers within [`IDENTITY_ACK`].
+    pub identity_published: bool,
+    /// Start-only settings that changed in the file and were left as they run.
+    pub restart_required: Vec<&'static str>,
+    /// Cores whose budget mailbox refused the rekey message, with the reason.
+    pub rekey_failed: Vec<(usize, String)>,
+}
+
+impl ReloadOutcome {
+    fn log(&self, l: &accesslog::Logger) {
+        let ts = accesslog::now_rfc3339();
+        if !self.restart_required.is_empty() {
+            l.value(serde_json::json!({
+                "ts": ts,
+                "event": "reload_restart_required",
+                "fields": self.restart_required,
+                "reason": "these settings take effect at start: restart to apply them; the running values are kept",
+            }));
+        }
+        for (core, reason) in &self.rekey_failed {
+            l.value(serde_json::json!({
+                "ts": ts,
+                "event": "budget_rekey_failed",
+                "core": core,
+                "reason": reason,
+            }));
+        }
+        l.value(serde_json::json!({
+            "ts": ts,
+            "event": "reloaded",
+            "providers": self.providers,
+            "routes": self.routes,
+            "budgets": self.budgets,
+            "policies": self.policies,
+            "issuers": self.issuers,
+            "resolved": self.resolved,
+            "identity_published": self.identity_published,
+        }));
+    }
 }
 
 impl Gateway {
@@ -101,20 +224,16 @@ impl Gateway {
             logger.clone(),
             Arc::clone(&shutdown),
         )?;
-        let (auth, identity) = identity::start(&config, &logger, Arc::clone(&shutdown))?;
-        // Alert webhooks go out from their own thread, only when some budget has one.
-        let (webhooks, webhook_thread) =
-            if config.budgets.budgets().iter().any(|b| b.webhook.is_some()) {
-                let (tx, h) = webhook::Webhooks::start(logger.clone())?;
-                (Some(tx), Some(h))
-            } else {
-                (None, None)
-            };
+        let (auth, identity_ctl, identity) =
+            identity::start(&config, &logger, Arc::clone(&shutdown))?;
+        // Alert webhooks go out from their own thread (idle on its queue until a budget with a webhook
+        // alerts; always there, so a reload can add webhooks).
+        let (webhooks, webhook_thread) = webhook::Webhooks::start(logger.clone())?;
         let server = server::start(
             &config,
             Arc::clone(&published),
             auth,
-            webhooks,
+            Some(webhooks),
             &logger,
             Arc::clone(&shutdown),
         )?;
@@ -133,13 +252,116 @@ impl Gateway {
             driver: server.driver,
             workers: server.count,
             shutdown,
+            published,
+            identity_ctl,
             server,
             resolver: Some(resolver),
             identity: Some(identity),
-            webhook_thread,
+            webhook_thread: Some(webhook_thread),
             logger: Some(logger),
             log_writer: Some(log_writer),
         })
+    }
+
+    /// Applies a new, validated configuration to the running gateway; in-flight requests finish on the
+    /// snapshot they loaded, nothing is dropped.
+    ///
+    /// In order: settings that only take effect at start (see [`RESTART_REQUIRED`]) are kept as running and
+    /// named in the outcome; the new snapshot is built (keys, TLS configs, headers) and its providers get
+    /// their addresses (carried over where the endpoint is unchanged, resolved once here otherwise); the
+    /// identity thread publishes the new `[auth]` issuers and `[[policies]]` (waited for, up to
+    /// [`IDENTITY_ACK`]), so a new route never serves before its policies; the snapshot is published with one
+    /// store; then every core rekeys its budget ledger. Connection pools are keyed by endpoint and survive.
+    ///
+    /// Fails: a snapshot that cannot be built returns the error and changes nothing. Logs `reloaded`
+    /// (and `reload_restart_required` when start-only settings changed) on success. Cost: control-side
+    /// work (key and CA files, DNS for new hosts); the cores see one atomic swap and one mailbox message each.
+    pub fn reload(
+        &self,
+        config: Config,
+        opts: &BuildOptions,
+    ) -> Result<ReloadOutcome, ReloadError> {
+        let old = self.published.load_full();
+        let mut config = config;
+        let restart_required = restart_required(&old.config, &config);
+        // Start-only settings stay as they run, so the published config says what is in effect.
+        config.server = old.config.server.clone();
+        config.upstream = old.config.upstream.clone();
+        config.log = old.config.log.clone();
+        config.store = old.config.store.clone();
+        config.auth.demo_token = old.config.auth.demo_token;
+        let config = Arc::new(config);
+        let snap = Snapshot::build(Arc::clone(&config), opts)?;
+        let log = self.logger.as_ref();
+        let mut resolved = 0;
+        for p in &snap.providers {
+            let kept = old
+                .providers
+                .iter()
+                .find(|o| o.pool_key == p.pool_key)
+                .map(|o| o.addrs.load_full())
+                .filter(|a| !a.is_empty());
+            match (kept, log) {
+                (Some(addrs), _) => p.addrs.store(addrs),
+                (None, Some(l)) => {
+                    resolve::resolve_now(p, l);
+                    resolved += 1;
+                }
+                (None, None) => {}
+            }
+            let was_mock = old.providers.iter().any(|o| o.name == p.name && o.is_mock);
+            if let (true, false, Some(l)) = (p.is_mock, was_mock, log) {
+                l.event(
+                    "provider_mocked",
+                    &[
+                        ("provider", &p.name),
+                        (
+                            "reason",
+                            "no API key configured: serving from the bundled mock",
+                        ),
+                    ],
+                );
+            }
+        }
+        let (done_tx, done_rx) = crossbeam_channel::bounded(1);
+        let sent = self.identity_ctl.reload.try_send(identity::Reload {
+            auth: config.auth.clone(),
+            policies: Arc::clone(&config.policies),
+            done: done_tx,
+        });
+        let identity_published = sent.is_ok() && done_rx.recv_timeout(IDENTITY_ACK).is_ok();
+        let outcome = ReloadOutcome {
+            providers: snap.providers.len(),
+            routes: config.routes.len(),
+            budgets: config.budgets.budgets().len(),
+            policies: config.policies.len(),
+            issuers: config.auth.issuers.len(),
+            resolved,
+            identity_published,
+            restart_required,
+            rekey_failed: Vec::new(),
+        };
+        self.published.store(Arc::new(snap));
+        let outcome = ReloadOutcome {
+            rekey_failed: self.server.rekey(&config.budgets),
+            ..outcome
+        };
+        if let Some(l) = log {
+            outcome.log(l);
+        }
+        Ok(outcome)
+    }
+
+    /// Logs one JSON event line (e.g. `reload_failed` from the binary).
+    pub fn log_value(&self, v: serde_json::Value) {
+        if let Some(l) = &self.logger {
+            l.value(v);
+        }
+    }
+
+    /// The configuration in effect (the published snapshot's).
+    pub fn config(&self) -> Arc<Config> {
+        Arc::clone(&self.published.load().config)
     }
 
     /// Starts a graceful shutdown; returns at once.

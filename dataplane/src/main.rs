@@ -1,6 +1,8 @@
-//! The `tollgate` binary: `serve` runs a gateway, `check-config` validates a configuration file,
-//! `service-token` creates, revokes and lists the tokens CI/CD agents present, `login` signs a person in at
-//! their IdP and `token` prints a fresh access token for scripts.
+//! The `tollgate` binary: `serve` runs a gateway (SIGHUP re-reads and applies its configuration file, see
+//! [`Gateway::reload`]; a file with errors is refused with a `reload_failed` event and the running
+//! configuration stays), `check-config` validates a configuration file, `service-token` creates, revokes and
+//! lists the tokens CI/CD agents present, `login` signs a person in at their IdP and `token` prints a fresh
+//! access token for scripts.
 
 #![forbid(unsafe_code)]
 
@@ -10,7 +12,7 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use signal_hook::consts::{SIGINT, SIGTERM};
+use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use tollgate_controlplane::config::{parse_base_url, KeySource};
 use tollgate_controlplane::Config;
 use tollgate_dataplane::snapshot::MOCK_KEY;
@@ -29,7 +31,7 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run a gateway until SIGTERM or SIGINT.
+    /// Run a gateway until SIGTERM or SIGINT; SIGHUP re-reads the configuration file and applies it.
     Serve {
         /// The TOML configuration file.
         #[arg(long, short)]
@@ -342,13 +344,12 @@ fn service_token(action: ServiceTokenAction) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn serve(
-    path: &std::path::Path,
-    listen: Vec<String>,
+/// Applies the command line's `--listen` and `--workers` over the file's `[server]`.
+fn apply_overrides(
+    config: &mut Config,
+    listen: &[String],
     workers: Option<usize>,
 ) -> anyhow::Result<()> {
-    let mut config =
-        Config::load(path).map_err(|e| anyhow::anyhow!("invalid configuration:\n{e}"))?;
     if !listen.is_empty() {
         config.server.listen = listen
             .iter()
@@ -361,41 +362,118 @@ fn serve(
     if let Some(w) = workers {
         config.server.workers = w;
     }
+    Ok(())
+}
 
-    // The bundled mock serves providers that allow it and have no key, so the quickstart runs offline.
-    let needs_mock = config
+/// Whether some provider will be served by the bundled mock (it allows it and has no key).
+fn needs_mock(config: &Config) -> bool {
+    config
         .providers
         .iter()
-        .any(|p| p.mock_when_no_key && (p.key == KeySource::None || p.load_key().is_err()));
-    let mock = if needs_mock {
-        let cfg = tollgate_loadtest::MockConfig {
-            defaults: tollgate_loadtest::MockDefaults {
-                expected_key: Some(MOCK_KEY.to_owned()),
-                ..Default::default()
-            },
-            threads: 1,
+        .any(|p| p.mock_when_no_key && (p.key == KeySource::None || p.load_key().is_err()))
+}
+
+/// Starts the bundled mock provider and points `opts` at it.
+fn start_mock(opts: &mut BuildOptions) -> anyhow::Result<tollgate_loadtest::MockHandle> {
+    let cfg = tollgate_loadtest::MockConfig {
+        defaults: tollgate_loadtest::MockDefaults {
+            expected_key: Some(MOCK_KEY.to_owned()),
             ..Default::default()
-        };
-        Some(tollgate_loadtest::spawn(cfg).context("starting the bundled mock provider")?)
+        },
+        threads: 1,
+        ..Default::default()
+    };
+    let m = tollgate_loadtest::spawn(cfg).context("starting the bundled mock provider")?;
+    opts.mock_base =
+        Some(parse_base_url(&format!("http://{}", m.addr())).map_err(anyhow::Error::msg)?);
+    Ok(m)
+}
+
+fn serve(
+    path: &std::path::Path,
+    listen: Vec<String>,
+    workers: Option<usize>,
+) -> anyhow::Result<()> {
+    let mut config =
+        Config::load(path).map_err(|e| anyhow::anyhow!("invalid configuration:\n{e}"))?;
+    apply_overrides(&mut config, &listen, workers)?;
+
+    // The bundled mock serves providers that allow it and have no key, so the quickstart runs offline.
+    let mut opts = BuildOptions::default();
+    let mut mock = if needs_mock(&config) {
+        Some(start_mock(&mut opts)?)
     } else {
         None
     };
-    let mut opts = BuildOptions::default();
-    if let Some(m) = &mock {
-        opts.mock_base =
-            Some(parse_base_url(&format!("http://{}", m.addr())).map_err(anyhow::Error::msg)?);
-    }
 
     // Block the signals before any thread starts so only the waiting thread sees them.
-    let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT])
+    let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT, SIGHUP])
         .context("installing signal handlers")?;
     let gateway = Gateway::start(config, &opts).context("starting the gateway")?;
-    if let Some(sig) = signals.forever().next() {
-        let _ = sig;
+    for sig in signals.forever() {
+        if sig != SIGHUP {
+            break;
+        }
+        reload(&gateway, path, &listen, workers, &mut opts, &mut mock);
     }
     gateway.shutdown();
     if let Some(m) = mock {
         m.shutdown();
     }
     Ok(())
+}
+
+/// SIGHUP: re-reads and validates `path` and applies it; on any error logs `reload_failed` with every
+/// issue and keeps the running configuration.
+fn reload(
+    gateway: &Gateway,
+    path: &std::path::Path,
+    listen: &[String],
+    workers: Option<usize>,
+    opts: &mut BuildOptions,
+    mock: &mut Option<tollgate_loadtest::MockHandle>,
+) {
+    let file = path.display().to_string();
+    let issue = |field: &str, reason: String| serde_json::json!({ "file": file, "field": field, "reason": reason });
+    let failed = |issues: Vec<serde_json::Value>| {
+        gateway.log_value(serde_json::json!({
+            "ts": tollgate_dataplane::accesslog::now_rfc3339(),
+            "event": "reload_failed",
+            "file": file,
+            "issues": issues,
+            "keeping": "the running configuration",
+        }));
+    };
+    let mut config = match Config::load(path) {
+        Ok(c) => c,
+        Err(e) => {
+            return failed(
+                e.issues
+                    .iter()
+                    .map(|i| {
+                        serde_json::json!({
+                            "file": i.file.display().to_string(),
+                            "field": i.field,
+                            "reason": i.reason,
+                        })
+                    })
+                    .collect(),
+            )
+        }
+    };
+    if let Err(e) = apply_overrides(&mut config, listen, workers) {
+        return failed(vec![issue("server", format!("{e:#}"))]);
+    }
+    if mock.is_none() && needs_mock(&config) {
+        match start_mock(opts) {
+            Ok(m) => *mock = Some(m),
+            Err(e) => return failed(vec![issue("providers", format!("{e:#}"))]),
+        }
+    }
+    if let Err(e) = gateway.reload(config, opts) {
+        let tollgate_dataplane::ReloadError::Build(
+            tollgate_dataplane::snapshot::BuildError::Provider { provider, reason },
+        ) = e;
+        failed(vec![issue(&format!("providers.{provider}"), reason)]);
+    }
 }

@@ -3,7 +3,8 @@
 //! Owns: listener creation (the first socket binds, possibly to port 0, and the others join its actual port
 //! with SO_REUSEPORT, so the kernel spreads connections across cores), worker threads and their runtimes
 //! (io_uring where the kernel allows, epoll otherwise, as `server.driver` says), each worker's accept loop,
-//! connection loop and 50 ms housekeeping ticker, and graceful shutdown.
+//! connection loop and 50 ms housekeeping ticker, graceful shutdown, and the control side's handle on the
+//! cores' budget inboxes ([`Workers::rekey`], for reloads).
 //!
 //! Shutdown: when the shared flag is set, each worker stops accepting, lets in-flight requests finish (their
 //! responses carry `connection: close`) until `server.shutdown_grace_ms`, flushes its log buffer and returns;
@@ -22,6 +23,7 @@ use std::time::Duration;
 
 use monoio::net::{TcpListener, TcpStream};
 use socket2::{Domain, Protocol, Socket, Type};
+use tollgate_controlplane::budget::BudgetSet;
 use tollgate_controlplane::config::{Config, DriverChoice};
 
 use crate::accesslog::{CoreLog, Logger};
@@ -37,6 +39,8 @@ pub struct Workers {
     /// Whether each worker is pinned to its own core (`server.pin_workers`).
     pub pinned: bool,
     handles: Vec<std::thread::JoinHandle<()>>,
+    /// Posts to every core's budget inbox: how a reload reaches the ledger shards.
+    postman: Option<crate::mailbox::Postman<crate::budgets::Msg>>,
 }
 
 impl Workers {
@@ -47,7 +51,23 @@ impl Workers {
             count: 0,
             pinned: false,
             handles: Vec::new(),
+            postman: None,
         }
+    }
+
+    /// Asks every core to rekey its budget ledger to `budgets`; returns the cores the message could not
+    /// reach (inbox full or closed) with the reason.
+    pub fn rekey(&self, budgets: &Arc<BudgetSet>) -> Vec<(usize, String)> {
+        let Some(p) = &self.postman else {
+            return Vec::new();
+        };
+        (0..p.cores())
+            .filter_map(|core| {
+                p.send(core, crate::budgets::Msg::Rekey(Arc::clone(budgets)))
+                    .err()
+                    .map(|e| (core, e.to_string()))
+            })
+            .collect()
     }
 
     /// Waits for every worker to return (after the shutdown flag is set).
@@ -206,6 +226,7 @@ pub fn start(
         count,
         pinned: !cores.is_empty(),
         handles,
+        postman: Some(postman),
     })
 }
 

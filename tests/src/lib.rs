@@ -173,6 +173,57 @@ impl Proc {
             .status();
     }
 
+    /// Sends SIGHUP (a running gateway re-reads its configuration file).
+    pub fn sighup(&self) {
+        let _ = Command::new("kill")
+            .args(["-HUP", &self.child.id().to_string()])
+            .status();
+    }
+
+    /// Waits until `n` JSON log lines match all of `fields` (e.g. the second `reloaded`); returns the n-th.
+    pub fn wait_json_nth(
+        &self,
+        fields: &[(&str, serde_json::Value)],
+        n: usize,
+    ) -> serde_json::Value {
+        let matches = |l: &String| {
+            serde_json::from_str::<serde_json::Value>(l)
+                .map(|v| fields.iter().all(|(k, want)| &v[*k] == want))
+                .unwrap_or(false)
+        };
+        let deadline = Instant::now() + WAIT;
+        let mut lines = self.out.lines.lock().unwrap();
+        loop {
+            if let Some(l) = lines.iter().filter(|l| matches(l)).nth(n.saturating_sub(1)) {
+                return serde_json::from_str(l).unwrap();
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                drop(lines);
+                panic!(
+                    "fewer than {n} log lines with {fields:?}; output:\n{}",
+                    self.output()
+                );
+            }
+            lines = self.out.cv.wait_timeout(lines, deadline - now).unwrap().0;
+        }
+    }
+
+    /// How many JSON log lines so far match all of `fields`.
+    pub fn count_json(&self, fields: &[(&str, serde_json::Value)]) -> usize {
+        self.out
+            .lines
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|l| {
+                serde_json::from_str::<serde_json::Value>(l)
+                    .map(|v| fields.iter().all(|(k, want)| &v[*k] == want))
+                    .unwrap_or(false)
+            })
+            .count()
+    }
+
     /// Waits for exit, returning the status code.
     pub fn wait_exit(&mut self, timeout: Duration) -> Option<i32> {
         let deadline = Instant::now() + timeout;
@@ -301,6 +352,18 @@ impl std::ops::Deref for Gateway {
 impl std::ops::DerefMut for Gateway {
     fn deref_mut(&mut self) -> &mut Proc {
         &mut self.proc
+    }
+}
+
+impl Gateway {
+    /// The configuration file the gateway was started with.
+    pub fn config_path(&self) -> PathBuf {
+        self._dir.0.join("tollgate.toml")
+    }
+
+    /// Replaces the configuration file (apply it with [`Proc::sighup`]).
+    pub fn rewrite_config(&self, toml: &str) {
+        std::fs::write(self.config_path(), toml).unwrap();
     }
 }
 

@@ -7,8 +7,9 @@
 //! issuer its `iss` names, with the keys the identity thread published.
 //!
 //! Owns: the per-core verification cache ([`JwtCache`]: token -> identity until the token's `exp`, bounded,
-//! dropped wholesale when an issuer's keys change). An unknown `kid` asks the identity thread for one
-//! refresh (rate-limited there) and waits for it on this core's own timer, polling the published state;
+//! dropped wholesale when an issuer's keys change and on every reload). An unknown `kid` asks the identity
+//! thread for one refresh (rate-limited there) and waits for it on this core's own timer, polling the
+//! published state (a reload meanwhile makes it look the issuer up again in the new state);
 //! the core never blocks and never awaits another thread.
 //!
 //! Fails: 401 in the client's API shape naming the reason (missing, malformed, expired, wrong audience,
@@ -168,13 +169,21 @@ async fn verify_jwt(
             while quanta::Instant::now() < deadline {
                 monoio::time::sleep(Duration::from_millis(10)).await;
                 let s = core.auth.state.load_full();
-                if s.issuers.get(index).map(|k| k.attempts).unwrap_or(0) != before {
+                // A reload (a new key generation) may have moved or removed the issuer: look again below.
+                if s.key_generation != state.key_generation
+                    || s.issuers.get(index).map(|k| k.attempts).unwrap_or(0) != before
+                {
                     state = s;
                     break;
                 }
             }
         }
     }
+    let Some((index, _)) = auth::issuer_for(&state.config.issuers, &pk.iss) else {
+        return Err(unauthenticated(&Rejection::UnknownIssuer(
+            pk.iss.chars().take(128).collect(),
+        )));
+    };
     let Some(issuer) = state.config.issuers.get(index) else {
         return Err(Error::internal("issuer index out of range"));
     };
