@@ -5,7 +5,8 @@
 //! 2. [`identify`]: who is calling (OIDC JWT, service token, or anonymous where allowed); 401 otherwise.
 //! 3. [`route`]: endpoint, model, provider, upstream body.
 //! 4. [`authorize`]: may this identity send this request there (model policies, `max_tokens` cap); 403.
-//! 5. admit: reserve budget. Added with spend limits (issue 6).
+//! 5. [`admit`]: reserve the maximum cost on every applicable budget (owning cores, all or nothing); 429 /
+//!    downgrade / lower `max_tokens` when one cannot cover it.
 //! 6. [`forward`]: the upstream exchange, streamed back to the client event by event.
 //! 7. [`account`]: usage from the response (or an estimate) priced with the quote taken at the start.
 //! 8. [`log`]: one JSON access-log line per request, through the core's buffer.
