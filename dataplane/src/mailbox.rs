@@ -694,6 +694,27 @@ mod tests {
     }
 
     #[test]
+    fn a_post_that_is_not_queued_gives_the_message_back() {
+        let (postman, _inboxes) = mailboxes::<String>(2, 1).unwrap();
+        postman.post(1, "first".to_owned()).unwrap();
+        match postman.post(1, "second".to_owned()) {
+            Err((MailboxError::Full { core: 1 }, Some(m))) => assert_eq!(m, "second"),
+            other => panic!("{other:?}"),
+        }
+        match postman.post(5, "third".to_owned()) {
+            Err((MailboxError::NoSuchCore { core: 5, cores: 2 }, Some(m))) => {
+                assert_eq!(m, "third")
+            }
+            other => panic!("{other:?}"),
+        }
+        postman.close();
+        match postman.post(0, "fourth".to_owned()) {
+            Err((MailboxError::Closed { core: 0 }, Some(m))) => assert_eq!(m, "fourth"),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
     fn a_full_ask_leaves_nothing_registered() {
         let (postman, _inboxes) = mailboxes::<Msg>(2, 1).unwrap();
         block_on(false, async move {

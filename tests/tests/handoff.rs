@@ -137,6 +137,24 @@ fn a_connection_shared_by_two_callers_moves_at_most_once() {
 }
 
 #[test]
+fn the_read_in_flight_is_cancelled_without_loss_on_the_epoll_driver_too() {
+    let (_m, g, _s, tokens) = setup(1, "driver = \"epoll\"");
+    let mut c = Conn::open(g.addr);
+    let mut cores = Vec::new();
+    for i in 0..6 {
+        c.send(request(&tokens[0]).as_bytes());
+        let r = c.read_response();
+        assert_eq!(r.status, 200, "request {i}: {}", r.text());
+        let line = logged(&g, &r);
+        cores.push((line["core"].as_u64().unwrap(), line["owner_local"].clone()));
+    }
+    for (i, (core, local)) in cores.iter().enumerate().skip(1) {
+        assert_eq!(*core, cores[1].0, "request {i}: {cores:?}");
+        assert_eq!(*local, json!(true), "request {i}: {cores:?}");
+    }
+}
+
+#[test]
 fn with_handoff_off_a_connection_stays_where_it_was_accepted() {
     let (_m, g, _s, tokens) = setup(1, "handoff = false");
     let mut c = Conn::open(g.addr);
