@@ -142,6 +142,8 @@ pub struct RawServer {
     pub body_timeout_ms: Option<u64>,
     pub idle_timeout_ms: Option<u64>,
     pub shutdown_grace_ms: Option<u64>,
+    /// Hand a keep-alive connection to the core that owns its identity's budgets (default true).
+    pub handoff: Option<bool>,
 }
 
 /// `[upstream]`: how Tollgate talks to providers.
@@ -235,6 +237,8 @@ pub struct ServerConfig {
     pub body_timeout: Duration,
     pub idle_timeout: Duration,
     pub shutdown_grace: Duration,
+    /// Hand a keep-alive connection, once, to the core that owns its caller's budgets.
+    pub handoff: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -513,6 +517,7 @@ impl TryFrom<Located<'_>> for Config {
             listen,
             workers,
             pin_workers: s.pin_workers,
+            handoff: s.handoff.unwrap_or(true),
             driver,
             max_head_bytes,
             max_headers,

@@ -4,7 +4,9 @@
 //! Owns: [`CoreBudgets`] (this core's ledger shard, its mailbox handles, and the replies it waits for),
 //! [`Reservation`] (a guard that settles exactly once: explicitly with the actual cost, or, when dropped
 //! unsettled because the request ended early in any way, by releasing), and the message protocol between
-//! cores ([`Msg`]). A reload reaches each shard as [`Msg::Rekey`], posted by the control side.
+//! cores ([`Msg`]). A reload reaches each shard as [`Msg::Rekey`], posted by the control side. A keep-alive
+//! connection handed to the core that owns its caller's budgets arrives as [`Msg::Adopt`] (see
+//! [`crate::handoff`]).
 //!
 //! Ownership: an instance scoped to one identity (each member of a group, each identity, one user, one
 //! token) is owned by the core the identity hashes to, so all of one identity's budgets live on one core;
@@ -58,7 +60,16 @@ pub enum Msg {
     /// A reload changed `[[budgets]]`: carry this core's instances over to the new definitions
     /// ([`Ledger::rekey`]: spend is kept, a changed window is recomputed from the spend history).
     Rekey(Arc<BudgetSet>),
+    /// A keep-alive connection handed over by the core that accepted it, because this core owns its
+    /// caller's budgets (see [`crate::handoff`]): serve it here, starting with the bytes already read.
+    Adopt {
+        stream: std::net::TcpStream,
+        buffered: bytes::Bytes,
+    },
 }
+
+/// What a core does with an adopted connection: spawn its connection loop (set by the worker).
+pub type Adopter = Box<dyn Fn(std::net::TcpStream, bytes::Bytes)>;
 
 /// An owner's answer to a reservation: the id and the standing of each instance, or the refusal.
 pub type Answer = Result<(ReservationId, Vec<BudgetStatus>), Box<Refusal>>;
@@ -79,6 +90,7 @@ pub struct CoreBudgets {
     pending: PendingReplies<Answer>,
     log: Logger,
     webhooks: Option<WebhookSender>,
+    adopter: RefCell<Option<Adopter>>,
 }
 
 impl std::fmt::Debug for CoreBudgets {
@@ -161,7 +173,29 @@ impl CoreBudgets {
             pending: PendingReplies::new(core),
             log,
             webhooks,
+            adopter: RefCell::new(None),
         }
+    }
+
+    /// Posts a connection to `owner` ([`Msg::Adopt`]). A connection that was not queued comes back with
+    /// the error, so the caller can keep serving it.
+    pub fn post_adopt(
+        &self,
+        owner: usize,
+        stream: std::net::TcpStream,
+        buffered: bytes::Bytes,
+    ) -> Result<(), (MailboxError, Option<(std::net::TcpStream, bytes::Bytes)>)> {
+        self.postman
+            .post(owner, Msg::Adopt { stream, buffered })
+            .map_err(|(e, m)| match m {
+                Some(Msg::Adopt { stream, buffered }) => (e, Some((stream, buffered))),
+                _ => (e, None),
+            })
+    }
+
+    /// Sets what this core does with connections handed to it ([`Msg::Adopt`]).
+    pub fn set_adopter(&self, adopter: Adopter) {
+        *self.adopter.borrow_mut() = Some(adopter);
     }
 
     pub fn cores(&self) -> usize {
@@ -233,6 +267,14 @@ impl CoreBudgets {
                     ],
                 );
             }
+            Msg::Adopt { stream, buffered } => match me.adopter.borrow().as_ref() {
+                Some(adopt) => adopt(stream, buffered),
+                // Only before the worker has set its adopter: the connection closes (the client retries).
+                None => me.log.event(
+                    "handoff_dropped",
+                    &[("core", &me.core.to_string()), ("reason", "no adopter")],
+                ),
+            },
         }
     }
 

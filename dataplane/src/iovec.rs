@@ -2,7 +2,7 @@
 //! chunk header, the chunk and its CRLF, without copying any of them into a staging buffer.
 //!
 //! Owns: [`IoVecs`], a list of [`Bytes`] with the matching `iovec` array, handed to monoio's
-//! `write_vectored_all`. This is the data plane's only `unsafe`: monoio's `IoVecBuf` is an unsafe trait
+//! `write_vectored_all`. One of the data plane's two `unsafe` modules (the other is [`crate::handoff`]): monoio's `IoVecBuf` is an unsafe trait
 //! (the runtime reads the memory the iovecs point at while the operation is in flight).
 //! Why it pays: the profile of a non-streamed request showed ~80% of the core's time in the kernel's TCP
 //! send path, and writing head and body separately cost one extra send (and one extra wake-up of the peer)

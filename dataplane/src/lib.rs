@@ -15,6 +15,7 @@ pub mod accesslog;
 pub mod budgets;
 pub mod bufio;
 pub mod error;
+pub mod handoff;
 pub mod http1;
 pub mod identity;
 pub mod iovec;
@@ -92,6 +93,7 @@ pub const RESTART_REQUIRED: &[&str] = &[
     "server.body_timeout_ms",
     "server.idle_timeout_ms",
     "server.shutdown_grace_ms",
+    "server.handoff",
     "upstream.connect_timeout_ms",
     "upstream.first_byte_timeout_ms",
     "upstream.read_timeout_ms",
@@ -119,6 +121,7 @@ pub fn restart_required(old: &Config, new: &Config) -> Vec<&'static str> {
         os.body_timeout != ns.body_timeout,
         os.idle_timeout != ns.idle_timeout,
         os.shutdown_grace != ns.shutdown_grace,
+        os.handoff != ns.handoff,
         ou.connect_timeout != nu.connect_timeout,
         ou.first_byte_timeout != nu.first_byte_timeout,
         ou.read_timeout != nu.read_timeout,

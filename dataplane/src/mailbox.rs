@@ -156,19 +156,28 @@ impl<M> Postman<M> {
 
     /// Posts `msg` to `core` and wakes it. Never blocks: a full inbox is an error the caller handles.
     pub fn send(&self, core: usize, msg: M) -> Result<(), MailboxError> {
-        let lane = self.lanes.get(core).ok_or(MailboxError::NoSuchCore {
-            core,
-            cores: self.lanes.len(),
-        })?;
+        self.post(core, msg).map_err(|(e, _)| e)
+    }
+
+    /// Like [`Postman::send`], but a message that was not queued comes back with the error (a message
+    /// that owns something the sender must keep, such as a connection). `None` with the error: the message
+    /// was queued but the bell could not be rung (the inbox is gone, and the message with it).
+    pub fn post(&self, core: usize, msg: M) -> Result<(), (MailboxError, Option<M>)> {
+        let Some(lane) = self.lanes.get(core) else {
+            let cores = self.lanes.len();
+            return Err((MailboxError::NoSuchCore { core, cores }, Some(msg)));
+        };
         if lane.closed.load(Ordering::Acquire) {
-            return Err(MailboxError::Closed { core });
+            return Err((MailboxError::Closed { core }, Some(msg)));
         }
-        lane.tx.try_send(msg).map_err(|e| match e {
-            TrySendError::Full(_) => MailboxError::Full { core },
-            TrySendError::Disconnected(_) => MailboxError::Closed { core },
-        })?;
+        if let Err(e) = lane.tx.try_send(msg) {
+            return Err(match e {
+                TrySendError::Full(m) => (MailboxError::Full { core }, Some(m)),
+                TrySendError::Disconnected(m) => (MailboxError::Closed { core }, Some(m)),
+            });
+        }
         if !lane.ringing.swap(true, Ordering::AcqRel) {
-            ring(lane, core)?;
+            ring(lane, core).map_err(|e| (e, None))?;
         }
         Ok(())
     }
@@ -682,6 +691,27 @@ mod tests {
         })
         .unwrap();
         assert_eq!(got, vec![0, 1, 2, 3]);
+    }
+
+    #[test]
+    fn a_post_that_is_not_queued_gives_the_message_back() {
+        let (postman, _inboxes) = mailboxes::<String>(2, 1).unwrap();
+        postman.post(1, "first".to_owned()).unwrap();
+        match postman.post(1, "second".to_owned()) {
+            Err((MailboxError::Full { core: 1 }, Some(m))) => assert_eq!(m, "second"),
+            other => panic!("{other:?}"),
+        }
+        match postman.post(5, "third".to_owned()) {
+            Err((MailboxError::NoSuchCore { core: 5, cores: 2 }, Some(m))) => {
+                assert_eq!(m, "third")
+            }
+            other => panic!("{other:?}"),
+        }
+        postman.close();
+        match postman.post(0, "fourth".to_owned()) {
+            Err((MailboxError::Closed { core: 0 }, Some(m))) => assert_eq!(m, "fourth"),
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]

@@ -4,7 +4,10 @@
 //! with SO_REUSEPORT, so the kernel spreads connections across cores), worker threads and their runtimes
 //! (io_uring where the kernel allows, epoll otherwise, as `server.driver` says), each worker's accept loop,
 //! connection loop and 50 ms housekeeping ticker, graceful shutdown, and the control side's handle on the
-//! cores' budget inboxes ([`Workers::rekey`], for reloads).
+//! cores' budget inboxes ([`Workers::rekey`], for reloads). The connection loop moves a keep-alive connection
+//! once to the core that owns its caller's budgets, and serves connections handed to this core
+//! ([`crate::handoff`]); each core logs its `connection_handoff` counts every 10 s when they changed, and
+//! at shutdown.
 //!
 //! Shutdown: when the shared flag is set, each worker stops accepting, lets in-flight requests finish (their
 //! responses carry `connection: close`) until `server.shutdown_grace_ms`, flushes its log buffer and returns;
@@ -21,12 +24,14 @@ use std::sync::Arc;
 use std::task::{Poll, Waker};
 use std::time::Duration;
 
+use bytes::Bytes;
 use monoio::net::{TcpListener, TcpStream};
 use socket2::{Domain, Protocol, Socket, Type};
 use tollgate_controlplane::budget::BudgetSet;
 use tollgate_controlplane::config::{Config, DriverChoice};
 
 use crate::accesslog::{CoreLog, Logger};
+use crate::handoff::{self, Handoff};
 use crate::pipeline::{self, ClientIo, Core};
 use crate::snapshot::Published;
 
@@ -279,6 +284,7 @@ async fn worker_main(
     inbox: crate::mailbox::Inbox<crate::budgets::Msg>,
 ) {
     let stop = Rc::new(LocalSignal::default());
+    core.budgets.set_adopter(adopter(&core));
     let shard = Rc::downgrade(&core.budgets);
     monoio::spawn(async move {
         if let Err(e) = crate::budgets::CoreBudgets::serve(shard.clone(), inbox).await {
@@ -310,6 +316,9 @@ async fn worker_main(
         if ticks.is_multiple_of(20) {
             core.pool.sweep();
         }
+        if ticks.is_multiple_of(200) {
+            core.handoff.log(core.log.logger(), core.id, false);
+        }
     }
     stop.fire();
     for a in accepting {
@@ -319,6 +328,7 @@ async fn worker_main(
     while core.in_flight.get() > 0 && quanta::Instant::now() < deadline {
         monoio::time::sleep(Duration::from_millis(10)).await;
     }
+    core.handoff.log(core.log.logger(), core.id, true);
     core.log.flush();
 }
 
@@ -336,7 +346,7 @@ async fn accept_loop(core: Rc<Core>, listener: TcpListener, stop: Rc<LocalSignal
         match next {
             None => return,
             Some(Ok((stream, _peer))) => {
-                monoio::spawn(serve_conn(Rc::clone(&core), stream));
+                monoio::spawn(serve_conn(Rc::clone(&core), stream, Bytes::new(), false));
             }
             Some(Err(e)) => {
                 // EMFILE and friends: back off briefly instead of spinning.
@@ -349,8 +359,44 @@ async fn accept_loop(core: Rc<Core>, listener: TcpListener, stop: Rc<LocalSignal
     }
 }
 
-async fn serve_conn(core: Rc<Core>, stream: TcpStream) {
+/// Serves one client connection until it closes or moves to another core. `buffered`: bytes already read
+/// off it (by the core that handed it over); `handed_off`: it moved once already and never moves again.
+async fn serve_conn(core: Rc<Core>, stream: TcpStream, buffered: Bytes, handed_off: bool) {
     let _ = stream.set_nodelay(true);
-    let mut io = ClientIo::new(stream);
-    while pipeline::run_one(&core, &mut io).await {}
+    let mut io = ClientIo::with_buffered(stream, &buffered);
+    drop(buffered);
+    io.handed_off = handed_off;
+    while pipeline::run_one(&core, &mut io).await {
+        // Between requests: nothing is being written, and a next request read early stays in `io.buf`.
+        let Some(owner) = io.owner.filter(|&o| o != core.id) else {
+            continue;
+        };
+        match handoff::hand_off(&core, io, owner).await {
+            Handoff::Handed | Handoff::Closed => return,
+            Handoff::Kept(kept) => io = kept,
+        }
+    }
+}
+
+/// What this core does with a connection another core hands it: serve it here, never to move again.
+fn adopter(core: &Rc<Core>) -> crate::budgets::Adopter {
+    let weak = Rc::downgrade(core);
+    Box::new(move |stream: std::net::TcpStream, buffered: Bytes| {
+        let Some(core) = weak.upgrade() else {
+            return;
+        };
+        match TcpStream::from_std(stream) {
+            Ok(s) => {
+                handoff::bump(&core.handoff.adopted);
+                monoio::spawn(serve_conn(core, s, buffered, true));
+            }
+            Err(e) => {
+                handoff::bump(&core.handoff.failed);
+                core.log.logger().event(
+                    "handoff_failed",
+                    &[("core", &core.id.to_string()), ("error", &e.to_string())],
+                );
+            }
+        }
+    })
 }

@@ -10,16 +10,20 @@
 //! Fails: read errors come back as `Err` from [`ClientIo::read_more`]; a read that ends in EOF or an error
 //! while watching turns [`ClientIo::guard`] into [`ClientGone`]. Bytes a client sends early (pipelining) are
 //! kept in the buffer for the next request. Cost: one boxed future per read.
+//!
+//! Handoff: [`ClientIo::detach`] takes the connection apart between requests so it can move to another core
+//! (see [`crate::handoff`]): the read in flight is cancelled and awaited (its bytes, if it completed first,
+//! are kept), so the socket leaves with every byte read but not consumed. Reads are cancelable for this,
+//! through one `Canceller` per connection (an `Rc` clone and a set insert per read).
 
 use std::future::Future;
 use std::pin::Pin;
 use std::task::Poll;
 
-use bytes::BytesMut;
-use monoio::io::{OwnedReadHalf, OwnedWriteHalf};
+use bytes::{Bytes, BytesMut};
+use monoio::buf::IoBufMut;
+use monoio::io::{CancelHandle, CancelableAsyncReadRent, Canceller, OwnedReadHalf, OwnedWriteHalf};
 use monoio::net::TcpStream;
-
-use crate::bufio::read_append;
 
 /// How much spare capacity a client read asks for.
 const READ_CHUNK: usize = 16 * 1024;
@@ -54,6 +58,36 @@ pub struct ClientIo {
     pub buf: BytesMut,
     /// The last read in flight completed with end-of-stream or an error.
     closed: bool,
+    /// Cancels the read in flight when the connection is detached for a handoff.
+    canceller: Canceller,
+    /// The connection was handed to another core once already (it is never handed again).
+    pub handed_off: bool,
+    /// The core owning the budgets of the last request's caller, where a handoff could apply.
+    pub owner: Option<usize>,
+}
+
+/// A connection taken apart by [`ClientIo::detach`].
+#[derive(Debug)]
+pub enum Detached {
+    /// The socket, with the bytes read but not yet consumed.
+    Socket(TcpStream, Bytes),
+    /// The client closed (or the socket failed) while the read was being cancelled.
+    Closed,
+}
+
+/// Appends a cancelable read into the spare capacity of `buf`, like [`crate::bufio::read_append`].
+async fn read_append_cancelable(
+    rd: &mut OwnedReadHalf<TcpStream>,
+    mut buf: BytesMut,
+    min_spare: usize,
+    c: CancelHandle,
+) -> (std::io::Result<usize>, BytesMut) {
+    if buf.capacity() - buf.len() < min_spare.max(1) {
+        buf.reserve(min_spare.max(1));
+    }
+    let (len, cap) = (buf.len(), buf.capacity());
+    let (res, slice) = rd.cancelable_read(buf.slice_mut(len..cap), c).await;
+    (res, slice.into_inner())
 }
 
 impl std::fmt::Debug for ClientIo {
@@ -68,13 +102,53 @@ impl std::fmt::Debug for ClientIo {
 
 impl ClientIo {
     pub fn new(stream: TcpStream) -> ClientIo {
+        ClientIo::with_buffered(stream, &[])
+    }
+
+    /// A connection whose first bytes were read already (by the core that handed it over).
+    pub fn with_buffered(stream: TcpStream, buffered: &[u8]) -> ClientIo {
         use monoio::io::Splitable;
         let (rd, wr) = stream.into_split();
+        let mut buf = BytesMut::with_capacity(READ_CHUNK.max(buffered.len()));
+        buf.extend_from_slice(buffered);
         ClientIo {
             rd: ReadSide::Idle(rd),
             wr,
-            buf: BytesMut::with_capacity(READ_CHUNK),
+            buf,
             closed: false,
+            canceller: Canceller::new(),
+            handed_off: false,
+            owner: None,
+        }
+    }
+
+    /// Takes the connection apart between requests: cancels the read in flight and waits for it to end
+    /// (bytes it read before the cancellation took are kept), then reunites the socket's halves.
+    pub async fn detach(mut self) -> Detached {
+        if let ReadSide::Reading(_) = self.rd {
+            let ReadSide::Reading(fut) = std::mem::replace(&mut self.rd, ReadSide::Gone) else {
+                return Detached::Closed;
+            };
+            self.canceller = std::mem::take(&mut self.canceller).cancel();
+            let done = fut.await;
+            self.rd = ReadSide::Idle(done.rd);
+            self.buf = done.buf;
+            match done.res {
+                Ok(0) => return Detached::Closed,
+                Ok(_) => {}
+                Err(e) if is_cancelled(&e) => {}
+                Err(_) => return Detached::Closed,
+            }
+        }
+        if self.closed {
+            return Detached::Closed;
+        }
+        let ReadSide::Idle(rd) = std::mem::replace(&mut self.rd, ReadSide::Gone) else {
+            return Detached::Closed;
+        };
+        match rd.reunite(self.wr) {
+            Ok(stream) => Detached::Socket(stream, self.buf.freeze()),
+            Err(_) => Detached::Closed,
         }
     }
 
@@ -85,8 +159,9 @@ impl ClientIo {
                 return;
             };
             let buf = std::mem::take(&mut self.buf);
+            let cancel = self.canceller.handle();
             self.rd = ReadSide::Reading(Box::pin(async move {
-                let (res, buf) = read_append(&mut rd, buf, READ_CHUNK).await;
+                let (res, buf) = read_append_cancelable(&mut rd, buf, READ_CHUNK, cancel).await;
                 ReadDone { res, buf, rd }
             }));
         }
@@ -148,4 +223,10 @@ impl ClientIo {
             },
         }
     }
+}
+
+/// Whether a read ended because it was cancelled: `ECANCELED` from io_uring, and from monoio itself when the
+/// cancellation came first or on the epoll driver; `EINTR` leaves the socket as good as a cancellation does.
+fn is_cancelled(e: &std::io::Error) -> bool {
+    e.raw_os_error() == Some(libc::ECANCELED) || e.kind() == std::io::ErrorKind::Interrupted
 }

@@ -65,6 +65,8 @@ pub struct Core {
     /// This core's shard of the budget state, and its links to the other shards.
     pub budgets: std::rc::Rc<crate::budgets::CoreBudgets>,
     pub in_flight: Cell<usize>,
+    /// Connection handoffs and where budgeted requests were served (see [`crate::handoff`]).
+    pub handoff: crate::handoff::Counters,
     requests: Cell<u64>,
     id_prefix: String,
 }
@@ -113,6 +115,7 @@ impl Core {
             jwt_cache: Default::default(),
             budgets,
             in_flight: Cell::new(0),
+            handoff: Default::default(),
             requests: Cell::new(0),
             id_prefix: format!("{process_seed:08x}{:02x}", id & 0xff),
         }
@@ -199,6 +202,8 @@ pub struct RequestCtx {
     pub downgraded_from: Option<String>,
     /// The output cap the admit phase lowered the request to, to fit a budget.
     pub max_tokens_lowered: Option<u64>,
+    /// For a request that had budgets applied: whether this core owns its caller's budgets.
+    pub owner_local: Option<bool>,
 }
 
 /// Serves one request on `io`; returns whether the connection stays open.
@@ -253,12 +258,54 @@ pub async fn run_one(core: &Core, io: &mut ClientIo) -> bool {
         refusal: None,
         downgraded_from: None,
         max_tokens_lowered: None,
+        owner_local: None,
     };
     handle(core, &mut ctx, io).await;
+    note_owner(core, &mut ctx, io);
     // 8. log
     log::access(core, &ctx);
     core.in_flight.set(core.in_flight.get().saturating_sub(1));
     ctx.keep_alive && !core.shutting_down()
+}
+
+/// Records whether a budgeted request was served on the core owning its caller's budgets, and, where the
+/// connection may still move, which core that is (the connection loop hands it over; see
+/// [`crate::handoff`]).
+fn note_owner(core: &Core, ctx: &mut RequestCtx, io: &mut ClientIo) {
+    let may_hand_off = core.server.handoff && !io.handed_off && ctx.keep_alive;
+    io.owner = None;
+    if ctx.reserved.is_none() && !may_hand_off {
+        return;
+    }
+    let owner = budget_owner(core, ctx);
+    if let (Some(o), Some(_)) = (owner, ctx.reserved) {
+        let local = o == core.id;
+        ctx.owner_local = Some(local);
+        crate::handoff::bump(if local {
+            &core.handoff.owner_local
+        } else {
+            &core.handoff.owner_remote
+        });
+    }
+    if may_hand_off {
+        io.owner = owner;
+    }
+}
+
+/// The core that owns the budgets of this request's caller, where that can matter: the caller is not
+/// anonymous and budgets are configured.
+fn budget_owner(core: &Core, ctx: &RequestCtx) -> Option<usize> {
+    let id = ctx.identity.as_ref()?;
+    if id.kind == tollgate_controlplane::IdentityKind::Anonymous
+        || core.snapshot.load().config.budgets.is_empty()
+    {
+        return None;
+    }
+    let member = format!("{}:{}", id.source, id.subject);
+    Some(crate::budgets::owner_of_member(
+        &member,
+        core.budgets.cores(),
+    ))
 }
 
 async fn handle(core: &Core, ctx: &mut RequestCtx, io: &mut ClientIo) {
