@@ -21,6 +21,9 @@ use crossbeam_channel::{bounded, Receiver, Sender, TrySendError};
 pub struct Logger {
     tx: Sender<Vec<u8>>,
     dropped: Arc<AtomicU64>,
+    /// Set by [`Logger::close`]: the writer drains what is queued and exits even if some clone is still alive
+    /// (a task a runtime never dropped, e.g. an idle keep-alive connection's, holds one).
+    stop: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// Flush a core's buffer once it holds this many bytes.
@@ -30,16 +33,26 @@ impl Logger {
     /// Starts the writer thread; it exits when every `Logger` and `CoreLog` is dropped, after writing all.
     pub fn start() -> std::io::Result<(Logger, std::thread::JoinHandle<()>)> {
         let (tx, rx) = bounded::<Vec<u8>>(1024);
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stop_w = Arc::clone(&stop);
         let handle = std::thread::Builder::new()
             .name("tollgate-log".into())
-            .spawn(move || writer(rx))?;
+            .spawn(move || writer(rx, stop_w))?;
         Ok((
             Logger {
                 tx,
                 dropped: Arc::new(AtomicU64::new(0)),
+                stop,
             },
             handle,
         ))
+    }
+
+    /// Asks the writer to finish: it writes everything queued so far and exits.
+    pub fn close(&self) {
+        self.stop.store(true, Ordering::Release);
+        // Wake it if it is waiting (an empty batch writes nothing).
+        let _ = self.tx.try_send(Vec::new());
     }
 
     /// Writes one event line: `{"ts":..,"event":name, k: v, ...}`. For start-up and background events.
@@ -77,9 +90,19 @@ impl Logger {
     }
 }
 
-fn writer(rx: Receiver<Vec<u8>>) {
+fn writer(rx: Receiver<Vec<u8>>, stop: Arc<std::sync::atomic::AtomicBool>) {
     let stdout = std::io::stdout();
-    while let Ok(first) = rx.recv() {
+    loop {
+        let first = match rx.recv_timeout(std::time::Duration::from_millis(200)) {
+            Ok(b) => b,
+            Err(crossbeam_channel::RecvTimeoutError::Timeout) => {
+                if stop.load(Ordering::Acquire) {
+                    return;
+                }
+                continue;
+            }
+            Err(crossbeam_channel::RecvTimeoutError::Disconnected) => return,
+        };
         let mut out = stdout.lock();
         let _ = out.write_all(&first);
         // Drain whatever else is queued before one flush.
@@ -87,6 +110,9 @@ fn writer(rx: Receiver<Vec<u8>>) {
             let _ = out.write_all(&more);
         }
         let _ = out.flush();
+        if stop.load(Ordering::Acquire) && rx.is_empty() {
+            return;
+        }
     }
 }
 

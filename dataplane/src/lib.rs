@@ -397,12 +397,22 @@ impl Gateway {
         if let Some(i) = identity.take() {
             let _ = i.join();
         }
-        // The workers held the webhook senders; with them gone the thread finishes its queue and ends.
+        // The workers held the webhook senders; with them gone the thread finishes its queue and ends. A
+        // task its runtime never dropped (an idle keep-alive connection's) may still hold a sender, so the
+        // wait is bounded: webhooks still being retried after it are abandoned with the process.
         if let Some(w) = webhook_thread.take() {
-            let _ = w.join();
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+            while !w.is_finished() && std::time::Instant::now() < deadline {
+                std::thread::park_timeout(std::time::Duration::from_millis(20));
+            }
+            if w.is_finished() {
+                let _ = w.join();
+            }
         }
         if let Some(l) = logger.take() {
             l.event("stopped", &[]);
+            // The same goes for log handles: tell the writer to finish instead of waiting for every clone.
+            l.close();
         }
         if let Some(w) = log_writer.take() {
             let _ = w.join();

@@ -190,3 +190,28 @@ fn quickstart_runs_offline_on_the_bundled_mock() {
         .filter(|l| l.starts_with('{'))
         .any(|l| l.contains(token)));
 }
+
+#[test]
+fn an_idle_keep_alive_connection_does_not_hold_up_shutdown() {
+    let (_m, mut g) = mock_and_gateway("shutdown_grace_ms = 500");
+    // One request, then the connection stays open and idle (keep-alive), as SDK pools leave them.
+    let mut c = Conn::open(g.addr);
+    c.send(
+        post_bytes(
+            "/v1/chat/completions",
+            r#"{"model":"gpt-4o-mini","messages":[{"role":"user","content":"hi"}]}"#,
+            "",
+        )
+        .as_bytes(),
+    );
+    assert_eq!(c.read_response().status, 200);
+    g.sigterm();
+    assert_eq!(
+        g.wait_exit(Duration::from_secs(20)),
+        Some(0),
+        "{}",
+        g.output()
+    );
+    g.wait_json(&[("event", json!("stopped"))]);
+    drop(c);
+}
