@@ -5,6 +5,9 @@
 //! - `reserve_settle/local_3_budgets`: reserving on three budget instances in one core's ledger and settling,
 //!   the common path when an identity's budgets live on the core serving it. The cross-core path is the
 //!   mailbox round trip (`cargo bench --bench mailbox`).
+//! - `reserve_settle/slice_shared_budget`: holding and settling on a core's slice of a shared budget
+//!   (`tollgate_controlplane::lease`), what a core does instead of asking the budget's owner; with a
+//!   report to the owner (applied to its ledger) every 1,000 requests, as a busy core's 50 ms tick would.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
@@ -12,6 +15,7 @@ use std::sync::Arc;
 
 use criterion::{black_box, criterion_group, criterion_main, Criterion};
 use tollgate_controlplane::budget::{BudgetRequest, BudgetSet, RawBudget};
+use tollgate_controlplane::lease::{Lend, Lender};
 use tollgate_controlplane::ledger::Ledger;
 use tollgate_controlplane::{Identity, IdentityKind, Money};
 use tollgate_dataplane::pipeline::reserve::input_token_bound;
@@ -94,6 +98,48 @@ fn reserve_settle(c: &mut Criterion) {
                 .reserve(black_box(&keys), Money::from_pico(24_600_000), now)
                 .unwrap();
             black_box(ledger.settle(r, Money::from_pico(13_350_000), now));
+        })
+    });
+    let shared = keys[2].clone();
+    let mut owner = Ledger::new();
+    let mut lender = Lender::new(16);
+    let Lend::Granted(g) = lender.lend(
+        &mut owner,
+        1,
+        &shared,
+        Money::from_pico(24_600_000),
+        now,
+        true,
+    ) else {
+        panic!("no grant");
+    };
+    let mut lease = tollgate_controlplane::lease::Lease::new(&g, now);
+    lease.apply(&g, Money::ZERO);
+    let mut n = 0u32;
+    c.bench_function("reserve_settle/slice_shared_budget", |b| {
+        b.iter(|| {
+            let amount = Money::from_pico(24_600_000);
+            let took = lease.take(black_box(amount), now);
+            assert_eq!(took, amount);
+            black_box(lease.settle(took, Money::from_pico(13_350_000), now));
+            n += 1;
+            if n.is_multiple_of(1000) {
+                let r = lease.report(false);
+                lender.report(&mut owner, 1, &shared, lease.res, &r, false);
+                // Top the slice up as a borrower would when it runs low.
+                if lease.available() < Money::from_pico(1_000_000_000) {
+                    if let Lend::Granted(g) = lender.lend(
+                        &mut owner,
+                        1,
+                        &shared,
+                        Money::from_pico(24_600_000),
+                        now,
+                        true,
+                    ) {
+                        lease.apply(&g, Money::ZERO);
+                    }
+                }
+            }
         })
     });
     c.bench_function("reserve_settle/applicable_3_budgets", |b| {

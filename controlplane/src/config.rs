@@ -144,6 +144,8 @@ pub struct RawServer {
     pub shutdown_grace_ms: Option<u64>,
     /// Hand a keep-alive connection to the core that owns its identity's budgets (default true).
     pub handoff: Option<bool>,
+    /// Lend slices of shared budgets to the cores that spend them (default true).
+    pub budget_slices: Option<bool>,
 }
 
 /// `[upstream]`: how Tollgate talks to providers.
@@ -239,6 +241,8 @@ pub struct ServerConfig {
     pub shutdown_grace: Duration,
     /// Hand a keep-alive connection, once, to the core that owns its caller's budgets.
     pub handoff: bool,
+    /// Shared budget instances lend slices to the other cores (see `tollgate_controlplane::lease`).
+    pub budget_slices: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -518,6 +522,7 @@ impl TryFrom<Located<'_>> for Config {
             workers,
             pin_workers: s.pin_workers,
             handoff: s.handoff.unwrap_or(true),
+            budget_slices: s.budget_slices.unwrap_or(true),
             driver,
             max_head_bytes,
             max_headers,

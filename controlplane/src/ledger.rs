@@ -391,27 +391,8 @@ impl Ledger {
                 unique.push(k);
             }
         }
-        for key in &unique {
-            let (budget, v, reserved) = self.look(key, now);
-            if budget.action == Action::Alert {
-                continue;
-            }
-            let fits = v
-                .spent
-                .checked_add(reserved)
-                .and_then(|m| m.checked_add(amount))
-                .is_some_and(|total| total <= budget.amount);
-            if !fits {
-                return Err(Refusal {
-                    budget: Arc::clone(&budget.name),
-                    label: key.label(),
-                    action: budget.action.clone(),
-                    limit: budget.amount,
-                    spent: v.spent,
-                    reserved,
-                    resets_at: v.resets_at,
-                });
-            }
+        if let Some(r) = self.refusal_among(unique.iter().copied(), amount, now) {
+            return Err(r);
         }
         let mut held = Vec::with_capacity(unique.len());
         for key in unique {
@@ -461,6 +442,116 @@ impl Ledger {
             }
         }
         true
+    }
+
+    /// Adds `extra` to an open reservation on every instance it holds (a budget slice lent to another core
+    /// growing), all or nothing, under the same rule as [`Ledger::reserve`]. An unknown id refuses nothing
+    /// and grows nothing (`Ok(false)`).
+    #[allow(clippy::result_large_err)]
+    pub fn grow(
+        &mut self,
+        id: ReservationId,
+        extra: Money,
+        now: Timestamp,
+    ) -> Result<bool, Refusal> {
+        let extra = extra.max(Money::ZERO);
+        let Some(keys) = self
+            .reservations
+            .get(&id.0)
+            .map(|held| held.iter().map(|(k, _)| k.clone()).collect::<Vec<_>>())
+        else {
+            return Ok(false);
+        };
+        if let Some(r) = self.refusal(&keys, extra, now) {
+            return Err(r);
+        }
+        for k in &keys {
+            let st = self.state_mut(k, now);
+            st.reserved = sat_add(st.reserved, extra);
+        }
+        if let Some(held) = self.reservations.get_mut(&id.0) {
+            for (_, amount) in held.iter_mut() {
+                *amount = sat_add(*amount, extra);
+            }
+        }
+        Ok(true)
+    }
+
+    /// Charges `spent` (made at `at`) to an open reservation's instances and shrinks it by `spent +
+    /// returned`, keeping it open: how a lent slice reports what its borrower settled and gives back what
+    /// it no longer needs. Spend reported against an unknown id (a reservation dropped by a reload) is
+    /// still recorded on `key`: spend is never lost. Returns the alerts the spend crossed.
+    pub fn draw(
+        &mut self,
+        id: ReservationId,
+        key: &InstanceKey,
+        spent: Money,
+        returned: Money,
+        at: Timestamp,
+    ) -> Vec<AlertEvent> {
+        let spent = spent.max(Money::ZERO);
+        let shrink = sat_add(spent, returned.max(Money::ZERO));
+        let cuts: Vec<(InstanceKey, Money)> = match self.reservations.get_mut(&id.0) {
+            Some(held) => held
+                .iter_mut()
+                .map(|(k, amount)| {
+                    let cut = shrink.min(*amount);
+                    *amount = floor_sub(*amount, cut);
+                    (k.clone(), cut)
+                })
+                .collect(),
+            None => vec![(key.clone(), Money::ZERO)],
+        };
+        let mut alerts = Vec::new();
+        for (k, cut) in cuts {
+            if let Some(st) = self.instances.get_mut(&k) {
+                st.reserved = floor_sub(st.reserved, cut);
+            }
+            if spent.pico() > 0 {
+                alerts.extend(self.record(&k, spent, at));
+            }
+        }
+        alerts
+    }
+
+    /// What an open reservation still holds (on each of its instances), or `None` when it is closed.
+    pub fn held(&self, id: ReservationId) -> Option<Money> {
+        self.reservations
+            .get(&id.0)
+            .map(|h| h.first().map_or(Money::ZERO, |(_, m)| *m))
+    }
+
+    /// The refusal [`Ledger::reserve`] would give for `amount` on `keys` at `now`, or `None` if it fits.
+    pub fn refusal(&self, keys: &[InstanceKey], amount: Money, now: Timestamp) -> Option<Refusal> {
+        self.refusal_among(keys.iter(), amount, now)
+    }
+
+    fn refusal_among<'k>(
+        &self,
+        mut keys: impl Iterator<Item = &'k InstanceKey>,
+        amount: Money,
+        now: Timestamp,
+    ) -> Option<Refusal> {
+        keys.find_map(|key| {
+            let (budget, v, reserved) = self.look(key, now);
+            if budget.action == Action::Alert {
+                return None;
+            }
+            let fits = v
+                .spent
+                .checked_add(reserved)
+                .and_then(|m| m.checked_add(amount))
+                .is_some_and(|total| total <= budget.amount);
+            (!fits).then(|| Refusal {
+                budget: Arc::clone(&budget.name),
+                label: key.label(),
+                action: budget.action.clone(),
+                limit: budget.amount,
+                spent: v.spent,
+                reserved,
+                resets_at: v.resets_at,
+            })
+        })
     }
 
     /// Limit, spend, reserved, remaining and reset time of `key` at `now`, for response headers.

@@ -15,6 +15,7 @@ pub mod budget;
 pub mod config;
 pub mod domain;
 pub mod identity;
+pub mod lease;
 pub mod ledger;
 pub mod login;
 pub mod money;

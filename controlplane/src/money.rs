@@ -67,6 +67,10 @@ impl Money {
         self.0.checked_mul(n).map(Money)
     }
 
+    pub fn is_zero(self) -> bool {
+        self.0 == 0
+    }
+
     pub fn is_negative(self) -> bool {
         self.0 < 0
     }

@@ -16,6 +16,14 @@
 //! core's own inbox (the core awaits only its own local oneshot). A request whose instances live on several
 //! cores reserves on each in turn and releases what it holds if any refuses, so admission is all-or-nothing.
 //!
+//! Slices (`server.budget_slices`, default on): a shared instance's owner lends slices of its remaining
+//! amount to the other cores ([`tollgate_controlplane::lease`]), so a core admits requests against a
+//! team's or everyone's budget locally, with no message per request: it asks the owner ([`Msg::Borrow`])
+//! only when its slice falls short, reports what it settled (and gets the owner's view back) on the
+//! housekeeping tick, and gives the slice back after 2 s unused. Before refusing a request the owner
+//! recalls fat slices ([`Msg::Recall`]) and decides once they are back, so slices never cause a refusal
+//! the budget would not have made.
+//!
 //! Fails: a full or closed mailbox fails the request closed (503 `budget_unavailable`): a budget is never
 //! skipped. Settlement and release are fire-and-forget messages; a core that is gone takes its shard with it.
 //! Cost: local reservation ~0.2 us (bench `admission`); a cross-core ask ~15 us (the owner's wake-up).
@@ -26,7 +34,10 @@ use std::rc::{Rc, Weak};
 use std::sync::Arc;
 
 use jiff::Timestamp;
+use std::collections::HashMap;
+
 use tollgate_controlplane::budget::{BudgetSet, InstanceKey};
+use tollgate_controlplane::lease::{Grant, Lease, Lend, Lender, Report};
 use tollgate_controlplane::ledger::{AlertEvent, BudgetStatus, Ledger, Refusal, ReservationId};
 use tollgate_controlplane::Money;
 
@@ -57,6 +68,38 @@ pub enum Msg {
         owner: usize,
         result: Answer,
     },
+    /// A core's slice of a shared instance this core owns fell short of a request by `need`.
+    Borrow {
+        from: usize,
+        id: u64,
+        key: InstanceKey,
+        need: Money,
+    },
+    /// The owner's answer to [`Msg::Borrow`].
+    Lent {
+        id: u64,
+        key: InstanceKey,
+        need: Money,
+        result: Result<Grant, Box<Refusal>>,
+    },
+    /// The owner of `key` is about to refuse: report, give back everything unused, run thin.
+    Recall {
+        key: InstanceKey,
+    },
+    /// A borrower's report on its slice (`res`; `None` when it has none: its spend is still recorded).
+    LeaseReport {
+        from: usize,
+        key: InstanceKey,
+        res: Option<ReservationId>,
+        report: Report,
+        close: bool,
+        ack: bool,
+    },
+    /// The owner's view after a report, for the borrower's response headers.
+    LeaseStatus {
+        key: InstanceKey,
+        status: BudgetStatus,
+    },
     /// A reload changed `[[budgets]]`: carry this core's instances over to the new definitions
     /// ([`Ledger::rekey`]: spend is kept, a changed window is recomputed from the spend history).
     Rekey(Arc<BudgetSet>),
@@ -81,13 +124,49 @@ pub enum BudgetError {
     Unavailable { core: usize, reason: String },
 }
 
+/// An ask the owner answers once the slices it recalled are back.
+#[derive(Debug)]
+enum Deferred {
+    Reserve {
+        from: usize,
+        id: u64,
+        keys: Vec<InstanceKey>,
+        amount: Money,
+    },
+    Borrow {
+        from: usize,
+        id: u64,
+        key: InstanceKey,
+        need: Money,
+    },
+}
+
+#[derive(Debug)]
+struct Waiting {
+    ask: Deferred,
+    /// Recalled borrowers (and the instance) not yet known to be thin.
+    on: Vec<(usize, InstanceKey)>,
+    since: Timestamp,
+}
+
+/// How long an owner waits for recalled slices before deciding with what it has.
+const RECALL_WAIT_MS: i64 = 200;
+/// A slice unused this long goes back to its owner.
+const LEASE_IDLE_MS: i64 = 2_000;
+
 /// This core's share of the budget state and its links to the other cores.
 pub struct CoreBudgets {
     pub core: usize,
     cores: usize,
     ledger: RefCell<Ledger>,
+    /// Lend slices of the shared instances this core owns, and borrow those owned elsewhere.
+    slices: bool,
+    lender: RefCell<Lender>,
+    leases: RefCell<HashMap<InstanceKey, Lease>>,
+    waiting: RefCell<Vec<Waiting>>,
     postman: Postman<Msg>,
     pending: PendingReplies<Answer>,
+    pending_lent: PendingReplies<Result<(), Box<Refusal>>>,
     log: Logger,
     webhooks: Option<WebhookSender>,
     adopter: RefCell<Option<Adopter>>,
@@ -112,6 +191,26 @@ pub fn owner(key: &InstanceKey, cores: usize) -> usize {
     (h.finish() % cores.max(1) as u64) as usize
 }
 
+/// The borrower id of an ask's asker.
+fn key_borrower(ask: &Deferred) -> u64 {
+    match ask {
+        Deferred::Reserve { from, .. } | Deferred::Borrow { from, .. } => *from as u64,
+    }
+}
+
+/// A refusal for an instance the owner could not describe (only if its own state changed under it).
+fn unavailable_refusal(key: &InstanceKey) -> Refusal {
+    Refusal {
+        budget: std::sync::Arc::clone(&key.budget.name),
+        label: key.label(),
+        action: key.budget.action.clone(),
+        limit: key.budget.amount,
+        spent: key.budget.amount,
+        reserved: Money::ZERO,
+        resets_at: Timestamp::now(),
+    }
+}
+
 /// Which core owns the budgets of the identity with this member key (`source:subject`).
 pub fn owner_of_member(member: &str, cores: usize) -> usize {
     let mut h = std::collections::hash_map::DefaultHasher::new();
@@ -125,8 +224,12 @@ pub fn owner_of_member(member: &str, cores: usize) -> usize {
 pub struct Reservation {
     budgets: Rc<CoreBudgets>,
     parts: Vec<(usize, ReservationId)>,
+    /// Amounts held on this core's slices of shared instances owned elsewhere.
+    leased: Vec<(InstanceKey, Money)>,
     /// The amount reserved on each instance.
     pub amount: Money,
+    /// Messages to other cores this admission waited for (0: admitted on this core alone).
+    pub asks: u32,
     /// The standing of every instance after this reservation.
     pub statuses: Vec<BudgetStatus>,
     done: bool,
@@ -138,6 +241,9 @@ impl Reservation {
         let now = Timestamp::now();
         for (core, res) in std::mem::take(&mut self.parts) {
             self.budgets.send_settle(core, res, actual, now);
+        }
+        for (key, amount) in std::mem::take(&mut self.leased) {
+            self.budgets.settle_leased(key, amount, actual, now);
         }
         self.done = true;
     }
@@ -154,6 +260,9 @@ impl Drop for Reservation {
             for (core, res) in std::mem::take(&mut self.parts) {
                 self.budgets.send_release(core, res);
             }
+            for (key, amount) in std::mem::take(&mut self.leased) {
+                self.budgets.put_back_leased(key, amount);
+            }
         }
     }
 }
@@ -164,13 +273,20 @@ impl CoreBudgets {
         postman: Postman<Msg>,
         log: Logger,
         webhooks: Option<WebhookSender>,
+        slices: bool,
     ) -> CoreBudgets {
+        let cores = postman.cores();
         CoreBudgets {
             core,
-            cores: postman.cores(),
+            cores,
             ledger: RefCell::new(Ledger::new()),
+            slices: slices && cores > 1,
+            lender: RefCell::new(Lender::new(cores)),
+            leases: RefCell::new(HashMap::new()),
+            waiting: RefCell::new(Vec::new()),
             postman,
             pending: PendingReplies::new(core),
+            pending_lent: PendingReplies::new(core),
             log,
             webhooks,
             adopter: RefCell::new(None),
@@ -223,26 +339,42 @@ impl CoreBudgets {
                 id,
                 keys,
                 amount,
-                now,
-            } => {
-                let result = me.reserve_local(&keys, amount, now);
-                let held = result.as_ref().ok().map(|(r, _)| *r);
-                let delivered = if from == me.core {
-                    me.pending.complete(id, result)
-                } else {
-                    me.postman
-                        .send(
-                            from,
-                            Msg::Answer {
-                                id,
-                                owner: me.core,
-                                result,
-                            },
-                        )
-                        .is_ok()
-                };
-                if let (false, Some(r)) = (delivered, held) {
-                    me.ledger.borrow_mut().release(r);
+                now: _,
+            } => me.owned_reserve(Deferred::Reserve {
+                from,
+                id,
+                keys,
+                amount,
+            }),
+            Msg::Borrow {
+                from,
+                id,
+                key,
+                need,
+            } => me.owned_reserve(Deferred::Borrow {
+                from,
+                id,
+                key,
+                need,
+            }),
+            Msg::Lent {
+                id,
+                key,
+                need,
+                result,
+            } => me.lent(id, key, need, result),
+            Msg::Recall { key } => me.recalled(key),
+            Msg::LeaseReport {
+                from,
+                key,
+                res,
+                report,
+                close,
+                ack,
+            } => me.lease_report(from, key, res, report, close, ack),
+            Msg::LeaseStatus { key, status } => {
+                if let Some(l) = me.leases.borrow_mut().get_mut(&key) {
+                    l.refresh(status);
                 }
             }
             Msg::Settle { res, actual, now } => me.settle_local(res, actual, now),
@@ -257,6 +389,16 @@ impl CoreBudgets {
                 }
             }
             Msg::Rekey(set) => {
+                // Slices go back (and run thin) so new grants carry the new definitions.
+                let reports: Vec<(InstanceKey, ReservationId, Report)> = me
+                    .leases
+                    .borrow_mut()
+                    .iter_mut()
+                    .map(|(k, l)| (k.clone(), l.res, l.recall()))
+                    .collect();
+                for (key, res, report) in reports {
+                    me.send_lease_report(key, Some(res), report, false, false);
+                }
                 let mut ledger = me.ledger.borrow_mut();
                 ledger.rekey(&set);
                 me.log.event(
@@ -281,8 +423,356 @@ impl CoreBudgets {
     fn reserve_local(&self, keys: &[InstanceKey], amount: Money, now: Timestamp) -> Answer {
         let mut ledger = self.ledger.borrow_mut();
         let res = ledger.reserve(keys, amount, now).map_err(Box::new)?;
-        let statuses = keys.iter().map(|k| ledger.status(k, now)).collect();
+        let lender = self.lender.borrow();
+        let statuses = keys
+            .iter()
+            .map(|k| lender.status(&ledger, k, now))
+            .collect();
         Ok((res, statuses))
+    }
+
+    /// Answers an ask for instances this core owns (a reservation, or a slice), or, when it would be
+    /// refused while other cores hold slices with unused amounts, recalls them and answers later.
+    fn owned_reserve(&self, ask: Deferred) {
+        let now = Timestamp::now();
+        let keys: Vec<InstanceKey> = match &ask {
+            Deferred::Reserve { keys, .. } => keys.clone(),
+            Deferred::Borrow { key, .. } => vec![key.clone()],
+        };
+        let targets = match &ask {
+            Deferred::Reserve { keys, amount, .. } => {
+                if self.ledger.borrow().refusal(keys, *amount, now).is_some() {
+                    self.lender.borrow().recall_targets(keys, None)
+                } else {
+                    Vec::new()
+                }
+            }
+            Deferred::Borrow { key, need, .. } => {
+                let lend = self.lender.borrow_mut().lend(
+                    &mut self.ledger.borrow_mut(),
+                    key_borrower(&ask),
+                    key,
+                    *need,
+                    now,
+                    true,
+                );
+                match lend {
+                    Lend::Recall(_) => self.lender.borrow().recall_targets(&keys, None),
+                    other => {
+                        self.deliver_lend(&ask, other);
+                        return;
+                    }
+                }
+            }
+        };
+        if targets.is_empty() {
+            self.answer(ask);
+            return;
+        }
+        let mut on = Vec::new();
+        for (b, key) in targets {
+            let b = b as usize;
+            self.lender.borrow_mut().tighten(&key, now);
+            if b != self.core
+                && self
+                    .postman
+                    .send(b, Msg::Recall { key: key.clone() })
+                    .is_ok()
+            {
+                on.push((b, key));
+            }
+        }
+        if on.is_empty() {
+            self.answer(ask);
+        } else {
+            self.waiting.borrow_mut().push(Waiting {
+                ask,
+                on,
+                since: now,
+            });
+        }
+    }
+
+    /// Decides an ask with what this core knows now, without recalling.
+    fn answer(&self, ask: Deferred) {
+        let now = Timestamp::now();
+        match ask {
+            Deferred::Reserve {
+                from,
+                id,
+                keys,
+                amount,
+            } => {
+                let result = self.reserve_local(&keys, amount, now);
+                let held = result.as_ref().ok().map(|(r, _)| *r);
+                let delivered = if from == self.core {
+                    self.pending.complete(id, result)
+                } else {
+                    self.postman
+                        .send(
+                            from,
+                            Msg::Answer {
+                                id,
+                                owner: self.core,
+                                result,
+                            },
+                        )
+                        .is_ok()
+                };
+                if let (false, Some(r)) = (delivered, held) {
+                    self.ledger.borrow_mut().release(r);
+                }
+            }
+            Deferred::Borrow { .. } => {
+                let lend = match &ask {
+                    Deferred::Borrow { key, need, .. } => self.lender.borrow_mut().lend(
+                        &mut self.ledger.borrow_mut(),
+                        key_borrower(&ask),
+                        key,
+                        *need,
+                        now,
+                        false,
+                    ),
+                    Deferred::Reserve { .. } => return,
+                };
+                self.deliver_lend(&ask, lend);
+            }
+        }
+    }
+
+    /// Sends a borrower the owner's decision; a grant that cannot be delivered is taken back.
+    fn deliver_lend(&self, ask: &Deferred, lend: Lend) {
+        let Deferred::Borrow {
+            from,
+            id,
+            key,
+            need,
+        } = ask
+        else {
+            return;
+        };
+        let result = match lend {
+            Lend::Granted(g) => Ok(g),
+            Lend::Refused(r) => Err(r),
+            // Not asked to recall here: refuse with the owner's view.
+            Lend::Recall(_) => Err(Box::new(
+                self.ledger
+                    .borrow()
+                    .refusal(std::slice::from_ref(key), *need, Timestamp::now())
+                    .unwrap_or_else(|| unavailable_refusal(key)),
+            )),
+        };
+        let grant = result.as_ref().ok().cloned();
+        let sent = self.postman.send(
+            *from,
+            Msg::Lent {
+                id: *id,
+                key: key.clone(),
+                need: *need,
+                result,
+            },
+        );
+        if let (Err(_), Some(g)) = (sent, grant) {
+            self.lender
+                .borrow_mut()
+                .undeliverable(&mut self.ledger.borrow_mut(), key, &g);
+        }
+    }
+
+    /// A borrower's report: charge the spend, free what came back, answer asks waiting on it.
+    fn lease_report(
+        &self,
+        from: usize,
+        key: InstanceKey,
+        res: Option<ReservationId>,
+        report: Report,
+        close: bool,
+        ack: bool,
+    ) {
+        let alerts = match res {
+            Some(res) => self.lender.borrow_mut().report(
+                &mut self.ledger.borrow_mut(),
+                from as u64,
+                &key,
+                res,
+                &report,
+                close,
+            ),
+            None => self
+                .ledger
+                .borrow_mut()
+                .record(&key, report.spent, report.at),
+        };
+        for a in &alerts {
+            self.alert(a);
+        }
+        if ack && !close {
+            let status = self
+                .lender
+                .borrow()
+                .status(&self.ledger.borrow(), &key, Timestamp::now());
+            let _ = self.postman.send(from, Msg::LeaseStatus { key, status });
+        }
+        self.wake_waiting(false);
+    }
+
+    /// Answers the deferred asks whose recalled slices are all back (or, with `timeout`, that waited
+    /// longer than [`RECALL_WAIT_MS`]).
+    fn wake_waiting(&self, timeout: bool) {
+        let now = Timestamp::now();
+        let ready: Vec<Deferred> = {
+            let lender = self.lender.borrow();
+            let mut waiting = self.waiting.borrow_mut();
+            if waiting.is_empty() {
+                return;
+            }
+            for w in waiting.iter_mut() {
+                w.on.retain(|(b, k)| lender.is_fat(*b as u64, k));
+            }
+            let (ready, keep): (Vec<Waiting>, Vec<Waiting>) =
+                std::mem::take(&mut *waiting).into_iter().partition(|w| {
+                    w.on.is_empty()
+                        || (timeout
+                            && now.duration_since(w.since).as_millis()
+                                >= i128::from(RECALL_WAIT_MS))
+                });
+            *waiting = keep;
+            ready.into_iter().map(|w| w.ask).collect()
+        };
+        for ask in ready {
+            self.answer(ask);
+        }
+    }
+
+    /// The owner recalls this core's slice of `key`.
+    fn recalled(&self, key: InstanceKey) {
+        let (res, report) = match self.leases.borrow_mut().get_mut(&key) {
+            Some(l) => (Some(l.res), l.recall()),
+            None => (
+                None,
+                Report {
+                    spent: Money::ZERO,
+                    returned: Money::ZERO,
+                    at: Timestamp::now(),
+                    thin: true,
+                    seq: 0,
+                },
+            ),
+        };
+        self.send_lease_report(key, res, report, false, false);
+    }
+
+    /// The owner's answer to this core's [`Msg::Borrow`]: the grant goes on the slice, and `need` of it is
+    /// held for the request that asked (given back if that request is gone).
+    fn lent(&self, id: u64, key: InstanceKey, need: Money, result: Result<Grant, Box<Refusal>>) {
+        match result {
+            Ok(g) => {
+                let report = {
+                    let mut leases = self.leases.borrow_mut();
+                    let l = leases
+                        .entry(key.clone())
+                        .or_insert_with(|| Lease::new(&g, Timestamp::now()));
+                    l.apply(&g, need).map(|r| (l.res, r))
+                };
+                if let Some((res, r)) = report {
+                    self.send_lease_report(key.clone(), Some(res), r, false, false);
+                }
+                if !self.pending_lent.complete(id, Ok(())) {
+                    self.put_back_leased(key, need);
+                }
+            }
+            Err(r) => {
+                self.pending_lent.complete(id, Err(r));
+            }
+        }
+    }
+
+    fn send_lease_report(
+        &self,
+        key: InstanceKey,
+        res: Option<ReservationId>,
+        report: Report,
+        close: bool,
+        ack: bool,
+    ) {
+        let to = owner(&key, self.cores);
+        let msg = Msg::LeaseReport {
+            from: self.core,
+            key,
+            res,
+            report,
+            close,
+            ack,
+        };
+        if self.postman.send(to, msg).is_err() {
+            self.log.event(
+                "budget_settle_lost",
+                &[
+                    ("core", &to.to_string()),
+                    ("reason", "owner mailbox full or closed"),
+                ],
+            );
+        }
+    }
+
+    /// A request held `amount` on this core's slice of `key` and spent `actual`.
+    fn settle_leased(&self, key: InstanceKey, amount: Money, actual: Money, now: Timestamp) {
+        let report = match self.leases.borrow_mut().get_mut(&key) {
+            Some(l) => l.settle(amount, actual, now).map(|r| (Some(l.res), r)),
+            // The slice is gone (a reload): the spend still goes to the owner.
+            None => Some((
+                None,
+                Report {
+                    spent: actual,
+                    returned: Money::ZERO,
+                    at: now,
+                    thin: true,
+                    seq: 0,
+                },
+            )),
+        };
+        if let Some((res, r)) = report {
+            self.send_lease_report(key, res, r, false, false);
+        }
+    }
+
+    /// A request's hold on this core's slice of `key` comes back unspent.
+    fn put_back_leased(&self, key: InstanceKey, amount: Money) {
+        let report = self
+            .leases
+            .borrow_mut()
+            .get_mut(&key)
+            .and_then(|l| l.put_back(amount).map(|r| (l.res, r)));
+        if let Some((res, r)) = report {
+            self.send_lease_report(key, Some(res), r, false, false);
+        }
+    }
+
+    /// Housekeeping, on the core's tick: report the spend settled on slices (and take the owner's view
+    /// back), give back slices unused for [`LEASE_IDLE_MS`], and stop waiting for recalls that take too
+    /// long.
+    pub fn tick(&self) {
+        if !self.slices {
+            return;
+        }
+        let now = Timestamp::now();
+        let mut out = Vec::new();
+        self.leases.borrow_mut().retain(|key, l| {
+            let idle = l.is_idle()
+                && now.duration_since(l.last_used).as_millis() >= i128::from(LEASE_IDLE_MS);
+            if idle {
+                out.push((key.clone(), l.res, l.report(true), true));
+                return false;
+            }
+            if l.dirty {
+                out.push((key.clone(), l.res, l.report(l.thin), false));
+            }
+            true
+        });
+        for (key, res, report, close) in out {
+            self.send_lease_report(key, Some(res), report, close, !close);
+        }
+        self.wake_waiting(true);
     }
 
     fn settle_local(&self, res: ReservationId, actual: Money, now: Timestamp) {
@@ -353,8 +843,13 @@ impl CoreBudgets {
     ) -> Result<Result<Reservation, Box<Refusal>>, BudgetError> {
         let now = Timestamp::now();
         let mut by_owner: Vec<(usize, Vec<InstanceKey>)> = Vec::new();
+        let mut lendable: Vec<(usize, InstanceKey)> = Vec::new();
         for k in keys {
             let o = owner(&k, self.cores);
+            if self.slices && o != self.core && k.member.is_none() {
+                lendable.push((o, k));
+                continue;
+            }
             match by_owner.iter_mut().find(|(c, _)| *c == o) {
                 Some((_, v)) => v.push(k),
                 None => by_owner.push((o, vec![k])),
@@ -365,14 +860,40 @@ impl CoreBudgets {
         let mut held = Reservation {
             budgets: Rc::clone(self),
             parts: Vec::with_capacity(by_owner.len()),
+            leased: Vec::with_capacity(lendable.len()),
             amount,
+            asks: 0,
             statuses: Vec::new(),
             done: false,
         };
+        let mut first = true;
         for (core, keys) in by_owner {
             let answer = if core == self.core {
-                self.reserve_local(&keys, amount, now)
+                let answer = self.reserve_local(&keys, amount, now);
+                match answer {
+                    Err(_) if !self.lender.borrow().recall_targets(&keys, None).is_empty() => {
+                        // Other cores hold slices with unused amounts: recall them, then decide.
+                        let (id, rx) = self.pending.register();
+                        self.owned_reserve(Deferred::Reserve {
+                            from: self.core,
+                            id,
+                            keys,
+                            amount,
+                        });
+                        match rx.await {
+                            Ok(a) => a,
+                            Err(_) => {
+                                return Err(BudgetError::Unavailable {
+                                    core,
+                                    reason: "the owner stopped".to_owned(),
+                                })
+                            }
+                        }
+                    }
+                    other => other,
+                }
             } else {
+                held.asks += 1;
                 let (id, rx) = self.pending.register();
                 let ask = Msg::Reserve {
                     from: self.core,
@@ -406,19 +927,83 @@ impl CoreBudgets {
                 // Dropping `held` releases what was reserved on the other owners.
                 Err(refusal) => return Ok(Err(refusal)),
             }
+            if first {
+                first = false;
+                // Shared instances next: on this core's slices, usually without leaving the core.
+                for (owner_core, key) in std::mem::take(&mut lendable) {
+                    if let Err(e) = self
+                        .reserve_leased(&mut held, owner_core, key, amount)
+                        .await?
+                    {
+                        return Ok(Err(e));
+                    }
+                }
+            }
+        }
+        for (owner_core, key) in lendable {
+            if let Err(e) = self
+                .reserve_leased(&mut held, owner_core, key, amount)
+                .await?
+            {
+                return Ok(Err(e));
+            }
         }
         Ok(Ok(held))
     }
 
-    /// How much every instance in `keys` that this core owns could still take (for lowering max_tokens).
-    /// Instances owned elsewhere are not consulted: the lowered request is reserved again anyway.
-    pub fn local_headroom(&self, keys: &[InstanceKey]) -> Option<Money> {
-        let mine: Vec<InstanceKey> = keys
-            .iter()
-            .filter(|k| owner(k, self.cores) == self.core)
-            .cloned()
-            .collect();
-        (!mine.is_empty()).then(|| self.ledger.borrow().headroom(&mine, Timestamp::now()))
+    /// Holds `amount` on this core's slice of the shared instance `key`, asking its owner for the
+    /// shortfall when the slice cannot cover it.
+    async fn reserve_leased(
+        &self,
+        held: &mut Reservation,
+        owner_core: usize,
+        key: InstanceKey,
+        amount: Money,
+    ) -> Result<Result<(), Box<Refusal>>, BudgetError> {
+        let now = Timestamp::now();
+        let took = self
+            .leases
+            .borrow_mut()
+            .get_mut(&key)
+            .map_or(Money::ZERO, |l| l.take(amount, now));
+        let at = held.leased.len();
+        held.leased.push((key.clone(), took));
+        if took < amount {
+            held.asks += 1;
+            let need = amount.checked_sub(took).unwrap_or(amount);
+            let (id, rx) = self.pending_lent.register();
+            let ask = Msg::Borrow {
+                from: self.core,
+                id,
+                key: key.clone(),
+                need,
+            };
+            if let Err(e) = self.postman.send(owner_core, ask) {
+                self.pending_lent.cancel(id);
+                return Err(BudgetError::Unavailable {
+                    core: owner_core,
+                    reason: e.to_string(),
+                });
+            }
+            match rx.await {
+                Ok(Ok(())) => {
+                    if let Some(part) = held.leased.get_mut(at) {
+                        part.1 = amount;
+                    }
+                }
+                Ok(Err(refusal)) => return Ok(Err(refusal)),
+                Err(_) => {
+                    return Err(BudgetError::Unavailable {
+                        core: owner_core,
+                        reason: "the owner stopped".to_owned(),
+                    })
+                }
+            }
+        }
+        if let Some(l) = self.leases.borrow().get(&key) {
+            held.statuses.push(l.status());
+        }
+        Ok(Ok(()))
     }
 
     /// Logs a failure of this shard's machinery.

@@ -94,6 +94,7 @@ pub const RESTART_REQUIRED: &[&str] = &[
     "server.idle_timeout_ms",
     "server.shutdown_grace_ms",
     "server.handoff",
+    "server.budget_slices",
     "upstream.connect_timeout_ms",
     "upstream.first_byte_timeout_ms",
     "upstream.read_timeout_ms",

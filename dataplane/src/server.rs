@@ -189,6 +189,7 @@ pub fn start(
                     postman,
                     logger.clone(),
                     webhooks,
+                    server.budget_slices,
                 ));
                 let core = Rc::new(Core::new(
                     i,
@@ -312,6 +313,7 @@ async fn worker_main(
     while !core.shutting_down() {
         monoio::time::sleep(Duration::from_millis(50)).await;
         core.log.flush();
+        core.budgets.tick();
         ticks += 1;
         if ticks.is_multiple_of(20) {
             core.pool.sweep();

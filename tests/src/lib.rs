@@ -381,6 +381,29 @@ pub fn gateway(toml: &str) -> Gateway {
     Gateway { proc, _dir: dir }
 }
 
+/// A mock (checking the provider key), a gateway with its own store, `[auth]` (no anonymous callers),
+/// the `[[budgets]]` in `budgets` and `server_extra` under `[server]`, and one service token per entry of
+/// `teams` (its team). The store directory must outlive the gateway: keep the returned [`TempDir`].
+pub fn budgeted_gateway(
+    server_extra: &str,
+    budgets: &str,
+    teams: &[&str],
+) -> (Proc, Gateway, TempDir, Vec<String>) {
+    let m = mock(&["--expect-key", MOCK_KEY]);
+    let store = TempDir::new("budget-store");
+    let tokens = teams.iter().map(|t| service_token(&store.0, t)).collect();
+    let extra = format!(
+        "[store]\ndir = \"{}\"\n[auth]\n{budgets}\n",
+        store.0.display()
+    );
+    let g = gateway(&config_for(
+        &format!("http://{}", m.addr),
+        server_extra,
+        &extra,
+    ));
+    (m, g, store, tokens)
+}
+
 /// A mock that checks the gateway's key, and a gateway in front of it.
 pub fn mock_and_gateway(server_extra: &str) -> (Proc, Gateway) {
     let m = mock(&["--expect-key", MOCK_KEY]);

@@ -21,21 +21,9 @@ fn chat(max_tokens: u64) -> String {
     )
 }
 
-/// A gateway with `budgets` (TOML), its own store, and a token per team in `teams`.
+/// A gateway with two workers, `budgets` (TOML), its own store, and a token per team in `teams`.
 fn setup(budgets: &str, teams: &[&str]) -> (Proc, Gateway, TempDir, Vec<String>) {
-    let m = mock(&["--expect-key", MOCK_KEY]);
-    let store = TempDir::new("budget-store");
-    let tokens = teams.iter().map(|t| service_token(&store.0, t)).collect();
-    let extra = format!(
-        "[store]\ndir = \"{}\"\n[auth]\n{budgets}\n",
-        store.0.display()
-    );
-    let g = gateway(&config_for(
-        &format!("http://{}", m.addr),
-        "workers = 2",
-        &extra,
-    ));
-    (m, g, store, tokens)
+    budgeted_gateway("workers = 2", budgets, teams)
 }
 
 fn auth(token: &str) -> String {

@@ -15,21 +15,13 @@ const BODY: &str =
 
 /// A gateway with four workers, a roomy per-identity budget, its own store, and `tokens` service tokens.
 fn setup(tokens: usize, server_extra: &str) -> (Proc, Gateway, TempDir, Vec<String>) {
-    let m = mock(&["--expect-key", MOCK_KEY]);
-    let store = TempDir::new("handoff-store");
-    let toks = (0..tokens)
-        .map(|i| service_token(&store.0, &format!("team{i}")))
-        .collect();
-    let extra = format!(
-        "[store]\ndir = \"{}\"\n[auth]\n\n[[budgets]]\nname = \"per-caller\"\namount_usd = \"100\"\nwindow = \"day\"\nscope = \"each_identity\"\n",
-        store.0.display()
-    );
-    let g = gateway(&config_for(
-        &format!("http://{}", m.addr),
+    let teams: Vec<String> = (0..tokens).map(|i| format!("team{i}")).collect();
+    let teams: Vec<&str> = teams.iter().map(String::as_str).collect();
+    budgeted_gateway(
         &format!("workers = 4\n{server_extra}"),
-        &extra,
-    ));
-    (m, g, store, toks)
+        "[[budgets]]\nname = \"per-caller\"\namount_usd = \"100\"\nwindow = \"day\"\nscope = \"each_identity\"\n",
+        &teams,
+    )
 }
 
 fn request(token: &str) -> String {

@@ -92,6 +92,7 @@ pub async fn admit(
     let refusal = match core.budgets.reserve(keys.clone(), amount).await {
         Ok(Ok(r)) => {
             ctx.reserved = Some(r.amount);
+            ctx.budget_asks = Some(r.asks);
             ctx.reservation = Some(r);
             return Ok(Admitted::Yes);
         }
@@ -135,6 +136,7 @@ pub async fn admit(
             match core.budgets.reserve(keys, amount).await {
                 Ok(Ok(r)) => {
                     ctx.reserved = Some(r.amount);
+                    ctx.budget_asks = Some(r.asks);
                     ctx.reservation = Some(r);
                     ctx.max_tokens_lowered = Some(affordable);
                     return Ok(Admitted::Yes);

@@ -204,6 +204,8 @@ pub struct RequestCtx {
     pub max_tokens_lowered: Option<u64>,
     /// For a request that had budgets applied: whether this core owns its caller's budgets.
     pub owner_local: Option<bool>,
+    /// Cross-core messages the admission waited for (see [`crate::budgets::Reservation::asks`]).
+    pub budget_asks: Option<u32>,
 }
 
 /// Serves one request on `io`; returns whether the connection stays open.
@@ -259,6 +261,7 @@ pub async fn run_one(core: &Core, io: &mut ClientIo) -> bool {
         downgraded_from: None,
         max_tokens_lowered: None,
         owner_local: None,
+        budget_asks: None,
     };
     handle(core, &mut ctx, io).await;
     note_owner(core, &mut ctx, io);
