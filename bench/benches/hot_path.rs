@@ -6,6 +6,8 @@
 //!   `serde_json::Value` parse of the body.
 //! - `sse_framing`: the zero-copy SSE framer over a realistic stream delivered in network-sized pieces vs.
 //!   accumulating a `String` and splitting it into owned events.
+//! - `stream_cutoff`: what a budget's stream cut-off costs per event: nothing while the stream's bytes stay
+//!   under the reserved output tokens, then a parse and two tokenizer passes per event once counting.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
@@ -168,12 +170,9 @@ fn openai_stream_with_usage() -> Vec<u8> {
     s
 }
 
-fn usage_extraction(c: &mut Criterion) {
-    use tollgate_controlplane::ProviderKind;
-    use tollgate_dataplane::usage::UsageMeter;
-    let stream = openai_stream_with_usage();
-    // Events as providers flush them: one per piece.
-    let text = Bytes::from(stream.clone());
+/// The stream's events as providers flush them: one per piece.
+fn one_event_per_piece(stream: Vec<u8>) -> Vec<Bytes> {
+    let text = Bytes::from(stream);
     let mut events = Vec::new();
     let mut start = 0;
     for (i, w) in text.windows(2).enumerate() {
@@ -182,6 +181,13 @@ fn usage_extraction(c: &mut Criterion) {
             start = i + 2;
         }
     }
+    events
+}
+
+fn usage_extraction(c: &mut Criterion) {
+    use tollgate_controlplane::ProviderKind;
+    use tollgate_dataplane::usage::UsageMeter;
+    let events = one_event_per_piece(openai_stream_with_usage());
     let mut g = c.benchmark_group("usage_extraction");
     g.throughput(Throughput::Elements(events.len() as u64));
     g.bench_function("tollgate_frame_and_meter/stream_202_events", |b| {
@@ -218,11 +224,41 @@ fn usage_extraction(c: &mut Criterion) {
     g.finish();
 }
 
+fn stream_cutoff(c: &mut Criterion) {
+    use tollgate_dataplane::cutoff::StreamCutoff;
+    assert!(tollgate_dataplane::tokens::warm());
+    let events = one_event_per_piece(openai_stream_with_usage());
+    let mut g = c.benchmark_group("stream_cutoff");
+    g.throughput(Throughput::Elements(events.len() as u64));
+    for (name, cap) in [
+        ("under_the_byte_bound", 1u64 << 40),
+        ("counting", 1_000_000),
+    ] {
+        // Counting starts past `cap` bytes: for "counting", prime it over the bound first.
+        let mut primed = StreamCutoff::new(cap);
+        if cap < 1 << 40 {
+            primed.admit(Bytes::from(vec![b':'; cap as usize]), &[]);
+        }
+        g.bench_function(format!("{name}/stream_202_events"), |b| {
+            b.iter(|| {
+                let mut cut = primed.clone();
+                for e in &events {
+                    black_box(cut.admit(e.clone(), &[]));
+                }
+                assert!(!cut.reached());
+                black_box(cut.tokens())
+            })
+        });
+    }
+    g.finish();
+}
+
 criterion_group!(
     benches,
     head_parse,
     model_probe,
     sse_framing,
-    usage_extraction
+    usage_extraction,
+    stream_cutoff
 );
 criterion_main!(benches);

@@ -26,6 +26,7 @@
 //! action = "block"                # block (default) | downgrade | alert
 //! downgrade_to = "gpt-4o-mini"    # required iff action = "downgrade"
 //! on_insufficient = "block"       # block (default) | lower_max_tokens
+//! stream_cutoff = false           # end a stream whose visible output reaches what was reserved
 //! alert_at = [50, 80, 100]        # percent thresholds, 1..=1000, each fires once per window
 //! webhook = "https://hooks.example.com/x"  # https (http only for loopback)
 //! ```
@@ -91,6 +92,7 @@ pub struct RawBudget {
     pub action: Option<String>,
     pub downgrade_to: Option<String>,
     pub on_insufficient: Option<String>,
+    pub stream_cutoff: Option<bool>,
     #[serde(default)]
     pub alert_at: Vec<u32>,
     pub webhook: Option<String>,
@@ -294,6 +296,9 @@ pub struct Budget {
     pub attributes: Vec<(String, String)>,
     pub action: Action,
     pub on_insufficient: Insufficient,
+    /// End a stream once its visible output reaches the output tokens its reservation covers (the data
+    /// plane's forward phase), so a request without a cap cannot spend past its reservation.
+    pub stream_cutoff: bool,
     /// Percent thresholds, ascending, without duplicates.
     pub alert_at: Vec<u32>,
     pub webhook: Option<String>,
@@ -594,6 +599,7 @@ impl BudgetSet {
                 attributes,
                 action,
                 on_insufficient,
+                stream_cutoff: b.stream_cutoff.unwrap_or(false),
                 alert_at,
                 webhook: b.webhook,
             }));

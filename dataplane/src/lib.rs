@@ -14,6 +14,7 @@
 pub mod accesslog;
 pub mod budgets;
 pub mod bufio;
+pub mod cutoff;
 pub mod error;
 pub mod handoff;
 pub mod http1;

@@ -101,41 +101,46 @@ pub fn prompt_tokens(body: &[u8]) -> Option<u64> {
 pub fn completion_tokens(pieces: &[bytes::Bytes]) -> u64 {
     let mut text = String::new();
     for piece in pieces {
-        for line in piece.split(|&b| b == b'\n' || b == b'\r') {
-            let data = line
-                .strip_prefix(b"data:")
-                .map(|d| d.strip_prefix(b" ").unwrap_or(d))
-                .unwrap_or(line);
-            if data.first() != Some(&b'{') {
-                continue;
-            }
-            let Ok(v) = serde_json::from_slice::<serde_json::Value>(data) else {
-                continue;
-            };
-            for c in v
-                .get("choices")
-                .and_then(|c| c.as_array())
-                .into_iter()
-                .flatten()
-            {
-                for key in ["delta", "message"] {
-                    if let Some(t) = c.get(key).and_then(|d| d.get("content")) {
-                        push_text(t, &mut text, false);
-                    }
-                }
-            }
-            if let Some(t) = v.get("delta").and_then(|d| d.get("text")) {
-                push_text(t, &mut text, false);
-            }
-            if let Some(content) = v.get("content") {
-                push_text(content, &mut text, false);
-            }
-        }
+        push_generated_text(piece, &mut text);
         if text.len() > 4 * MAX_TEXT {
             break;
         }
     }
     count(&text)
+}
+
+/// Appends the generated text of one relayed piece (SSE events or a JSON body) to `out`.
+pub fn push_generated_text(piece: &[u8], out: &mut String) {
+    for line in piece.split(|&b| b == b'\n' || b == b'\r') {
+        let data = line
+            .strip_prefix(b"data:")
+            .map(|d| d.strip_prefix(b" ").unwrap_or(d))
+            .unwrap_or(line);
+        if data.first() != Some(&b'{') {
+            continue;
+        }
+        let Ok(v) = serde_json::from_slice::<serde_json::Value>(data) else {
+            continue;
+        };
+        for c in v
+            .get("choices")
+            .and_then(|c| c.as_array())
+            .into_iter()
+            .flatten()
+        {
+            for key in ["delta", "message"] {
+                if let Some(t) = c.get(key).and_then(|d| d.get("content")) {
+                    push_text(t, out, false);
+                }
+            }
+        }
+        if let Some(t) = v.get("delta").and_then(|d| d.get("text")) {
+            push_text(t, out, false);
+        }
+        if let Some(content) = v.get("content") {
+            push_text(content, out, false);
+        }
+    }
 }
 
 #[cfg(test)]

@@ -314,8 +314,9 @@ pub fn strip_openai_usage(run: bytes::Bytes) -> Option<bytes::Bytes> {
     }
 }
 
-/// Splits a run of complete events at blank lines (`\n\n`, `\r\r`, `\r\n\r\n`).
-fn split_events(run: &[u8]) -> impl Iterator<Item = &[u8]> {
+/// Splits a run of complete events at blank lines (`\n\n`, `\r\r`, `\r\n\r\n`); each event keeps its
+/// terminator.
+pub(crate) fn split_events(run: &[u8]) -> impl Iterator<Item = &[u8]> {
     let mut rest = run;
     std::iter::from_fn(move || {
         if rest.is_empty() {

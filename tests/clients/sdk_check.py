@@ -9,7 +9,9 @@ send their key (`Authorization: Bearer` for OpenAI, `x-api-key` for Anthropic).
 The gateway must route `gpt-*` to an OpenAI-kind provider and `claude-*` to an Anthropic-kind provider, both
 being `tollgate-mock`, whose output is deterministic: token i is the i-th word of MOCK_WORDS plus a space, the
 output token count is min(16, max_tokens), and the input token count is taken from `x-mock-input-tokens`
-when sent (the gateway forwards it). Prints one line per check; exits 1 if any check fails.
+when sent (the gateway forwards it). A budget with `stream_cutoff = true` must apply to every request (the
+cut-off check streams more than the default reservation covers). Prints one line per check; exits 1 if any
+check fails.
 """
 
 import sys
@@ -88,6 +90,28 @@ def check_openai_stream(oa):
     assert usage.completion_tokens == 6, f"completion_tokens: {usage.completion_tokens}"
     assert usage.prompt_tokens == INPUT_TOKENS, f"prompt_tokens: {usage.prompt_tokens}"
     return f"{chunks} chunks text={text!r} finish={finish} usage={usage.prompt_tokens}+{usage.completion_tokens}"
+
+
+def check_openai_stream_cut_off(oa):
+    """No output cap: 4,096 tokens are reserved and the mock streams 6,000; the gateway's cut-off ends the
+    stream at the reservation with a final chunk the SDK reads as finish_reason "length"."""
+    stream = oa.chat.completions.create(
+        model="gpt-4o-mini",
+        messages=MESSAGES,
+        stream=True,
+        extra_headers={**HEADERS, "x-mock-output-tokens": "6000", "x-mock-token-delay-ms": "0"},
+    )
+    words, finish = 0, None
+    with stream:
+        for chunk in stream:
+            for choice in chunk.choices:
+                if choice.delta and choice.delta.content:
+                    words += 1
+                if choice.finish_reason:
+                    finish = choice.finish_reason
+    assert finish == "length", f"finish_reason: {finish!r}"
+    assert 0 < words < 6000, f"{words} content chunks"
+    return f"{words} content chunks, finish={finish}"
 
 
 def check_anthropic_messages(an):
@@ -184,6 +208,7 @@ def main():
         ("openai chat.completions", check_openai_chat, oa),
         ("openai chat.completions (counted input)", check_openai_chat_default_input_tokens, oa),
         ("openai chat.completions stream", check_openai_stream, oa),
+        ("openai chat.completions stream cut off at its reservation", check_openai_stream_cut_off, oa),
         ("anthropic messages", check_anthropic_messages, an),
         ("anthropic messages.stream", check_anthropic_stream, an),
         ("openai unknown model", check_openai_unknown_model, oa),

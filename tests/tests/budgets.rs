@@ -450,3 +450,85 @@ webhook = "http://{hook_addr}/hook"
         "{bodies:?}"
     );
 }
+
+#[test]
+fn a_stream_without_a_cap_is_cut_off_at_its_reservation() {
+    // No max_tokens and no route default: 4,096 output tokens are reserved. The provider streams 6,000.
+    let budgets = |cutoff: bool| {
+        format!(
+            r#"
+[[budgets]]
+name = "capped"
+amount_usd = "10"
+window = "day"
+scope = "everyone"
+stream_cutoff = {cutoff}
+"#
+        )
+    };
+    let body =
+        r#"{"model":"gpt-4o-mini","stream":true,"messages":[{"role":"user","content":"hi"}]}"#;
+    let hdr = |t: &str| {
+        format!(
+            "{}x-mock-output-tokens: 6000\r\nx-mock-token-delay-ms: 0\r\n",
+            auth(t)
+        )
+    };
+
+    let (_m, g, _s, tokens) = setup(&budgets(true), &["eng"]);
+    let r = post(g.addr, "/v1/chat/completions", body, &hdr(&tokens[0]));
+    assert_eq!(r.status, 200);
+    let text = r.text();
+    // A well-formed end: the last chunk says "length", then [DONE]; nothing after.
+    let events: Vec<&str> = text
+        .split("\n\n")
+        .filter(|e| e.starts_with("data: "))
+        .collect();
+    assert_eq!(
+        *events.last().unwrap(),
+        "data: [DONE]",
+        "{}",
+        &text[text.len() - 300..]
+    );
+    let last: serde_json::Value =
+        serde_json::from_str(events[events.len() - 2].strip_prefix("data: ").unwrap()).unwrap();
+    assert_eq!(last["choices"][0]["finish_reason"], "length", "{last}");
+    assert_eq!(last["object"], "chat.completion.chunk");
+    assert!(
+        last["id"].as_str().unwrap().starts_with("chatcmpl"),
+        "{last}"
+    );
+    let content_events = events.len() - 2;
+    assert!(content_events < 6000, "{content_events} events relayed");
+    let line = g.wait_json(&[
+        ("event", json!("request")),
+        ("request_id", json!(r.header("x-request-id").unwrap())),
+    ]);
+    assert_eq!(line["outcome"], "cut_off", "{line}");
+    assert_eq!(line["usage"], "estimated", "{line}");
+    let out = line["output_tokens"].as_u64().unwrap();
+    eprintln!("cut off after {content_events} events, {out} output tokens: {line}");
+    assert!((1..=4096).contains(&out), "{line}");
+    let cost = line["cost_pusd"].as_i64().unwrap();
+    assert!(
+        cost > 0 && cost <= line["reserved_pusd"].as_i64().unwrap(),
+        "{line}"
+    );
+    // The connection stays usable: the response ended with its last chunk.
+    drop(g);
+
+    // Without the cut-off the same stream runs to the end and costs more than was reserved.
+    let (_m, g, _s, tokens) = setup(&budgets(false), &["eng"]);
+    let r = post(g.addr, "/v1/chat/completions", body, &hdr(&tokens[0]));
+    assert_eq!(r.status, 200);
+    let line = g.wait_json(&[
+        ("event", json!("request")),
+        ("request_id", json!(r.header("x-request-id").unwrap())),
+    ]);
+    assert_eq!(line["outcome"], "complete", "{line}");
+    assert_eq!(line["output_tokens"], 6000, "{line}");
+    assert!(
+        line["cost_pusd"].as_i64().unwrap() > line["reserved_pusd"].as_i64().unwrap(),
+        "{line}"
+    );
+}

@@ -1,5 +1,6 @@
 //! The official OpenAI and Anthropic Python SDKs against the real gateway in front of the mock provider:
-//! both APIs, streaming and not, usage, and error mapping, as the SDKs parse them (`tests/clients/sdk_check.py`).
+//! both APIs, streaming and not, usage, error mapping, and a stream cut off at its reservation, as the SDKs
+//! parse them (`tests/clients/sdk_check.py`).
 //!
 //! Ignored by default, since it needs Python and the SDKs:
 //!
@@ -29,7 +30,13 @@ fn official_sdks_through_the_gateway() {
         .join("tests/clients/sdk_check.py");
     // The SDKs present a service token as their API key; identity is on as in any deployment.
     let token = service_token(&test_store(), "sdk");
-    let (_m, g) = mock_and_gateway("");
+    // A budget that cuts streams off at their reservation applies to every request.
+    let m = mock(&["--expect-key", MOCK_KEY]);
+    let g = gateway(&config_for(
+        &format!("http://{}", m.addr),
+        "",
+        "[[budgets]]\nname = \"sdk\"\namount_usd = \"100\"\nwindow = \"day\"\nscope = \"everyone\"\nstream_cutoff = true\n",
+    ));
     let base = g.url("");
     let out = Command::new(&python)
         .arg(&script)

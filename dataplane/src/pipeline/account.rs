@@ -9,8 +9,9 @@
 //!
 //! The estimate: input tokens from the provider's `message_start` when it came, else the prompt's text
 //! counted with the embedded tokenizer ([`crate::tokens`]); output tokens from the last cumulative count
-//! when one came, else the generated text relayed so far, counted the same way (relayed bytes past the
-//! keep cap, and anything the tokenizer cannot read, count at bytes/4, which errs towards charging).
+//! when one came, else the count of a stream cut off at its reservation ([`crate::cutoff`]), else the
+//! generated text relayed so far, counted the same way (relayed bytes past the keep cap count at the kept
+//! part's tokens per byte, or bytes/4 when nothing readable was kept, which errs towards charging).
 //!
 //! Budgets: the admit phase's reservation is settled here with the effective cost; a request that ends
 //! with nothing to settle (never reached a provider) drops its reservation, which releases it.
@@ -73,8 +74,17 @@ pub fn settle(ctx: &mut RequestCtx) {
                 .or_else(|| crate::tokens::prompt_tokens(&ctx.body))
                 .unwrap_or_else(|| (ctx.body.len() as u64).div_ceil(4));
             let relayed = std::mem::take(&mut ctx.relayed);
-            let output = output.unwrap_or_else(|| {
-                crate::tokens::completion_tokens(&relayed.kept) + relayed.dropped_bytes.div_ceil(4)
+            let output = output.or(relayed.counted_output).unwrap_or_else(|| {
+                let kept = crate::tokens::completion_tokens(&relayed.kept);
+                // Past the keep cap, at the kept part's tokens per byte (bytes/4 if nothing was kept).
+                let kept_bytes: u64 = relayed.kept.iter().map(|b| b.len() as u64).sum();
+                let dropped = if kept_bytes > 0 && kept > 0 {
+                    (u128::from(relayed.dropped_bytes) * u128::from(kept))
+                        .div_ceil(u128::from(kept_bytes)) as u64
+                } else {
+                    relayed.dropped_bytes.div_ceil(4)
+                };
+                kept.saturating_add(dropped)
             });
             let mut u = Usage {
                 input_tokens: input,

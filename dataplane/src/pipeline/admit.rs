@@ -89,11 +89,17 @@ pub async fn admit(
     };
     let input = input_token_bound(&routed.body);
     let amount = max_cost(&quote, input, output);
+    // Only a reservation the provider does not enforce needs cutting off: one whose output part is the
+    // gateway's default because neither the request nor its route set a cap.
+    let cutoff = routed.max_tokens.is_none()
+        && routed.default_max_tokens.is_none()
+        && keys.iter().any(|k| k.budget.stream_cutoff);
     let refusal = match core.budgets.reserve(keys.clone(), amount).await {
         Ok(Ok(r)) => {
             ctx.reserved = Some(r.amount);
             ctx.budget_asks = Some(r.asks);
             ctx.reservation = Some(r);
+            ctx.cutoff_tokens = cutoff.then_some(output);
             return Ok(Admitted::Yes);
         }
         Ok(Err(refusal)) => refusal,

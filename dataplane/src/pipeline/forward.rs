@@ -130,6 +130,8 @@ fn build_request_head(ctx: &RequestCtx, p: &ProviderRuntime, body_len: usize) ->
 enum Stop {
     ClientGone,
     Upstream(Error),
+    /// A budget's stream cut-off ended the stream; the client got its protocol's final events.
+    CutOff,
 }
 
 /// Forwards the request. `Err` only when nothing was written to the client yet.
@@ -207,6 +209,9 @@ async fn exchange(
         (200..300).contains(&resp.status),
         strip_usage && sse,
     );
+    if sse && (200..300).contains(&resp.status) {
+        tap.cutoff = ctx.cutoff_tokens.map(crate::cutoff::StreamCutoff::new);
+    }
     // A successful non-streamed answer is read whole before it is relayed (the client waits for all of it
     // anyway), so its cost can travel in the response head as `x-tollgate-cost`.
     let mut cost_header = None;
@@ -318,6 +323,14 @@ async fn exchange(
             // Dropping `conn` closes the upstream socket: the provider stops generating.
             ctx.outcome = Outcome::ClientGone;
             ctx.keep_alive = false;
+        }
+        // The client's stream ended well-formed; dropping `conn` stops the provider.
+        Err(Stop::CutOff) => {
+            ctx.outcome = Outcome::CutOff;
+            if !client_chunked {
+                // Its length was the upstream's (or the connection's end): only a close delimits it now.
+                ctx.keep_alive = false;
+            }
         }
         Err(Stop::Upstream(e)) => {
             ctx.outcome = Outcome::UpstreamFailed;
@@ -521,6 +534,17 @@ async fn relay_body(
             }
             Framing::Empty => finished = true,
         }
+        if let Some(c) = tap.cutoff.as_ref().filter(|c| c.reached()) {
+            // Cut at the reservation: the final events of the client's protocol, then the last chunk.
+            if client_chunked {
+                batch.push_chunk(Bytes::from(c.tail(ctx.api)));
+                batch.push(Bytes::from_static(b"0\r\n\r\n"));
+            } else {
+                batch.push(Bytes::from(c.tail(ctx.api)));
+            }
+            flush(ctx, &mut io.wr, batch).await?;
+            return Err(Stop::CutOff);
+        }
         if finished {
             if let Some(rest) = framer
                 .as_mut()
@@ -598,6 +622,8 @@ pub struct Tap {
     kept: Vec<Bytes>,
     kept_bytes: usize,
     dropped_bytes: u64,
+    /// A budget's stream cut-off, counting the stream's visible output.
+    cutoff: Option<crate::cutoff::StreamCutoff>,
 }
 
 /// What the tap hands the account phase.
@@ -607,6 +633,8 @@ pub struct Relayed {
     pub kept: Vec<Bytes>,
     /// Relayed bytes beyond the keep cap (counted at bytes/4 when estimating).
     pub dropped_bytes: u64,
+    /// Output tokens counted by a stream cut-off that ended the stream.
+    pub counted_output: Option<u64>,
 }
 
 /// Larger non-streamed bodies are not parsed for usage (the account phase then estimates).
@@ -630,6 +658,7 @@ impl Tap {
             kept: Vec::new(),
             kept_bytes: 0,
             dropped_bytes: 0,
+            cutoff: None,
         }
     }
 
@@ -644,6 +673,16 @@ impl Tap {
 
     /// Observes what is about to be relayed and returns what the client should get.
     fn pass(&mut self, out: Bytes) -> Option<Bytes> {
+        let out = match self.cutoff.as_mut() {
+            Some(c) => {
+                let out = c.admit(out, &self.kept);
+                if out.is_empty() {
+                    return None;
+                }
+                out
+            }
+            None => out,
+        };
         self.observe(&out);
         if self.sse {
             self.keep(&out);
@@ -691,6 +730,11 @@ impl Tap {
             Relayed {
                 kept: self.kept,
                 dropped_bytes: self.dropped_bytes,
+                counted_output: self
+                    .cutoff
+                    .as_ref()
+                    .filter(|c| c.reached())
+                    .map(|c| c.tokens()),
             },
         )
     }

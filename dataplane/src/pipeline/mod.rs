@@ -147,6 +147,9 @@ pub enum Outcome {
     ClientGone,
     /// The upstream failed after the response began; the client's stream was ended cleanly.
     UpstreamFailed,
+    /// A budget's `stream_cutoff` ended the stream when its visible output reached the reservation; the
+    /// client's stream was ended with its protocol's final events.
+    CutOff,
 }
 
 impl Outcome {
@@ -156,6 +159,7 @@ impl Outcome {
             Outcome::Rejected => "rejected",
             Outcome::ClientGone => "client_gone",
             Outcome::UpstreamFailed => "upstream_failed",
+            Outcome::CutOff => "cut_off",
         }
     }
 }
@@ -204,6 +208,9 @@ pub struct RequestCtx {
     pub max_tokens_lowered: Option<u64>,
     /// For a request that had budgets applied: whether this core owns its caller's budgets.
     pub owner_local: Option<bool>,
+    /// Output tokens after which a stream is cut off (a budget with `stream_cutoff` applied): the output
+    /// its reservation covers.
+    pub cutoff_tokens: Option<u64>,
     /// Cross-core messages the admission waited for (see [`crate::budgets::Reservation::asks`]).
     pub budget_asks: Option<u32>,
 }
@@ -262,6 +269,7 @@ pub async fn run_one(core: &Core, io: &mut ClientIo) -> bool {
         max_tokens_lowered: None,
         owner_local: None,
         budget_asks: None,
+        cutoff_tokens: None,
     };
     handle(core, &mut ctx, io).await;
     note_owner(core, &mut ctx, io);
