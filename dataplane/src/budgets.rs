@@ -1017,3 +1017,64 @@ impl CoreBudgets {
         self.ledger.borrow().reserved_total()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+    use super::*;
+    use tollgate_controlplane::budget::RawBudget;
+
+    fn per_identity_key(member: &str) -> InstanceKey {
+        let raw: Vec<RawBudget> = toml::from_str::<toml::Table>(
+            "[[budgets]]\nname = \"me\"\namount_usd = \"10\"\nwindow = \"day\"\nscope = \"each_identity\"\n",
+        )
+        .unwrap()["budgets"]
+            .clone()
+            .try_into()
+            .unwrap();
+        let set = BudgetSet::from_raw(raw, Default::default()).unwrap();
+        InstanceKey {
+            budget: Arc::clone(set.get("me").unwrap()),
+            member: Some(Arc::from(member)),
+        }
+    }
+
+    /// An owner whose mailbox is full fails the ask closed: the request gets 503 `budget_unavailable`,
+    /// never an admission that skipped the budget.
+    #[test]
+    fn a_full_owner_mailbox_fails_the_reservation_closed() {
+        let (log, writer) = Logger::start().unwrap();
+        let (postman, _inboxes) = crate::mailbox::mailboxes::<Msg>(2, 1).unwrap();
+        let me = Rc::new(CoreBudgets::new(
+            0,
+            postman.clone(),
+            log.clone(),
+            None,
+            true,
+        ));
+        // A key core 1 owns; core 1's inbox is never served, and one message fills it.
+        let key = (0..)
+            .map(|i| per_identity_key(&format!("okta:user{i}")))
+            .find(|k| owner(k, 2) == 1)
+            .unwrap();
+        postman
+            .send(1, Msg::Rekey(Arc::new(BudgetSet::default())))
+            .unwrap();
+        let rt = monoio::RuntimeBuilder::<monoio::LegacyDriver>::new()
+            .enable_timer()
+            .build();
+        let result = rt
+            .unwrap()
+            .block_on(me.reserve(vec![key], Money::from_pico(1)));
+        match result {
+            Err(BudgetError::Unavailable { core, .. }) => assert_eq!(core, 1),
+            other => panic!("expected unavailable, got {other:?}"),
+        }
+        assert_eq!(me.reserved_total(), Money::ZERO);
+        drop(me);
+        log.close();
+        drop(log);
+        let _ = writer.join();
+    }
+}
