@@ -21,6 +21,7 @@ pub mod login;
 pub mod money;
 pub mod pricing;
 pub mod service_tokens;
+pub mod store;
 pub mod usage;
 
 pub use config::{Config, ConfigError, ConfigIssue};
