@@ -1,7 +1,7 @@
 //! The store interface every durable part of Tollgate is written against, modelled on FoundationDB:
-//! ordered byte keys (laid out with the tuple encoding in [`tuple`]; the schema is in `docs/store.md`),
-//! serializable read-write transactions with read-your-writes, range reads, atomic add, and a retry loop
-//! ([`transact`]) for conflicts and commits whose outcome is unknown.
+//! ordered byte keys (laid out with the tuple encoding in [`tuple`](mod@tuple); the schema is in
+//! `docs/store.md`), serializable read-write transactions with read-your-writes, range reads, atomic add,
+//! and a retry loop ([`transact`]) for conflicts and commits whose outcome is unknown.
 //!
 //! Owns: [`Store`] and [`Transaction`] (the interface), [`StoreError`] (what can go wrong, and which of it
 //! a retry can fix), [`transact`] (FoundationDB's `run` loop: retry with capped backoff up to a limit).
@@ -16,6 +16,11 @@
 //! Fails: every operation returns [`StoreError`]; nothing panics. Cost: see each implementation.
 
 use std::time::Duration;
+
+pub mod conformance;
+pub mod mem;
+pub mod sqlite;
+pub mod tuple;
 
 /// A key and its value, as range reads return them.
 pub type KeyValue = (Vec<u8>, Vec<u8>);
@@ -41,7 +46,10 @@ pub enum StoreError {
     Corrupt(String),
     /// [`transact`] gave up after this many attempts; the last error is kept.
     #[error("gave up after {attempts} attempts: {last}")]
-    RetryLimit { attempts: u32, last: Box<StoreError> },
+    RetryLimit {
+        attempts: u32,
+        last: Box<StoreError>,
+    },
 }
 
 impl StoreError {
