@@ -18,7 +18,8 @@
 //! Fails: every SQLite error becomes a [`StoreError`]: a busy lock past the timeout, an I/O error, a
 //! failed commit (rolled back), or a write through a read-only handle is `Unavailable`; a damaged file
 //! or a value that is not a BLOB is `Corrupt`. Writes cannot return errors (the trait's `set` returns
-//! nothing), so the first one is kept and returned by every later read and by `commit`. Dropping a transaction uncommitted rolls it back. Nothing panics.
+//! nothing), so the first one is kept and returned by every later read and by `commit`. Dropping a
+//! transaction uncommitted rolls it back. Nothing panics.
 //!
 //! Cost, measured (`store_sqlite_commit_latency`, optimised `ci` profile, a file under /tmp on this
 //! machine's virtual disk (ext4), 2 cores, 50 commits after 10 warm-up ones): a transaction of 100 `add`s
@@ -468,8 +469,8 @@ mod tests {
         assert!(matches!(t.get(b"\x01"), Err(StoreError::Corrupt(_))));
     }
 
-    /// Prints the commit latency the module docs quote. Run with
-    /// `cargo test -p tollgate-controlplane --profile ci store_sqlite_commit_latency -- --ignored --nocapture`.
+    /// Prints the commit latency the module docs quote. Run with `cargo test -p tollgate-controlplane
+    /// --profile ci --lib store_sqlite_commit_latency -- --ignored --nocapture`.
     #[test]
     #[ignore]
     fn store_sqlite_commit_latency() {
