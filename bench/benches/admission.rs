@@ -8,6 +8,9 @@
 //! - `reserve_settle/slice_shared_budget`: holding and settling on a core's slice of a shared budget
 //!   (`tollgate_controlplane::lease`), what a core does instead of asking the budget's owner; with a
 //!   report to the owner (applied to its ledger) every 1,000 requests, as a busy core's 50 ms tick would.
+//! - `settle/journal_append_3_budgets`: what a settlement adds for durability: one JSON line appended to
+//!   the core's journal file (a `write(2)` into the page cache) and a `try_send` to the ledger thread;
+//!   beside `settle/baseline_fsync_each`, the naive way (an fsync per settlement).
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
@@ -157,5 +160,52 @@ fn reserve_settle(c: &mut Criterion) {
     });
 }
 
-criterion_group!(benches, input_bound, reserve_settle);
+fn journal(c: &mut Criterion) {
+    let set = BudgetSet::from_raw(
+        toml::from_str::<toml::Table>(
+            "[[budgets]]\nname = \"me\"\namount_usd = \"1\"\nwindow = \"day\"\nscope = \"each_identity\"\n[[budgets]]\nname = \"team\"\namount_usd = \"1\"\nwindow = \"day\"\nscope = \"everyone\"\n[[budgets]]\nname = \"all\"\namount_usd = \"1\"\nwindow = \"7d\"\nscope = \"everyone\"\n",
+        )
+        .unwrap()["budgets"]
+            .clone()
+            .try_into()
+            .unwrap(),
+        Default::default(),
+    )
+    .unwrap();
+    let keys: Vec<_> = ["me", "team", "all"]
+        .iter()
+        .map(|n| tollgate_controlplane::budget::InstanceKey {
+            budget: Arc::clone(set.get(n).unwrap()),
+            member: (*n == "me").then(|| Arc::from("okta:alice")),
+        })
+        .collect();
+    let dir = std::env::temp_dir().join(format!("tg-bench-journal-{}", std::process::id()));
+    let (tx, rx) = crossbeam_channel::bounded(1 << 20);
+    let j = tollgate_dataplane::journal::Journal::new(&dir, "bench-c0", tx);
+    let now = jiff::Timestamp::now();
+    c.bench_function("settle/journal_append_3_budgets", |b| {
+        b.iter(|| {
+            j.record(black_box(&keys), Money::from_pico(13_350_000), now)
+                .unwrap();
+            if rx.len() > 100_000 {
+                while rx.try_recv().is_ok() {}
+            }
+        })
+    });
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join("fsync.log"))
+        .unwrap();
+    c.bench_function("settle/baseline_fsync_each", |b| {
+        b.iter(|| {
+            use std::io::Write;
+            (&f).write_all(b"{\"q\":1}\n").unwrap();
+            f.sync_data().unwrap();
+        })
+    });
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+criterion_group!(benches, input_bound, reserve_settle, journal);
 criterion_main!(benches);

@@ -27,6 +27,7 @@
 //! downgrade_to = "gpt-4o-mini"    # required iff action = "downgrade"
 //! on_insufficient = "block"       # block (default) | lower_max_tokens
 //! stream_cutoff = false           # end a stream whose visible output reaches what was reserved
+//! on_store_failure = "closed"     # closed (default) | open: when spend cannot be made durable
 //! alert_at = [50, 80, 100]        # percent thresholds, 1..=1000, each fires once per window
 //! webhook = "https://hooks.example.com/x"  # https (http only for loopback)
 //! ```
@@ -93,6 +94,7 @@ pub struct RawBudget {
     pub downgrade_to: Option<String>,
     pub on_insufficient: Option<String>,
     pub stream_cutoff: Option<bool>,
+    pub on_store_failure: Option<String>,
     #[serde(default)]
     pub alert_at: Vec<u32>,
     pub webhook: Option<String>,
@@ -120,6 +122,22 @@ pub enum Window {
         span: SignedDuration,
         bucket: SignedDuration,
     },
+}
+
+impl std::fmt::Display for Window {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Window::Calendar { unit, tz } => {
+                let unit = match unit {
+                    CalendarUnit::Day => "day",
+                    CalendarUnit::Week => "week",
+                    CalendarUnit::Month => "month",
+                };
+                write!(f, "{unit} ({})", tz.iana_name().unwrap_or("UTC"))
+            }
+            Window::Rolling { span, .. } => write!(f, "rolling {}s", span.as_secs()),
+        }
+    }
 }
 
 impl Window {
@@ -299,6 +317,9 @@ pub struct Budget {
     /// End a stream once its visible output reaches the output tokens its reservation covers (the data
     /// plane's forward phase), so a request without a cap cannot spend past its reservation.
     pub stream_cutoff: bool,
+    /// Whether the budget keeps admitting when spend cannot be made durable (the journal cannot be
+    /// written, or the store has failed for longer than `ledger.fail_closed_after_ms`).
+    pub fail_open: bool,
     /// Percent thresholds, ascending, without duplicates.
     pub alert_at: Vec<u32>,
     pub webhook: Option<String>,
@@ -560,6 +581,17 @@ impl BudgetSet {
                     Action::Block
                 }
             };
+            let fail_open = match b.on_store_failure.as_deref().unwrap_or("closed") {
+                "closed" => false,
+                "open" => true,
+                other => {
+                    is.push((
+                        at("on_store_failure"),
+                        format!("{other:?} is not allowed: write closed or open"),
+                    ));
+                    false
+                }
+            };
             let on_insufficient = match b.on_insufficient.as_deref().unwrap_or("block") {
                 "block" => Insufficient::Block,
                 "lower_max_tokens" => Insufficient::LowerMaxTokens,
@@ -600,6 +632,7 @@ impl BudgetSet {
                 action,
                 on_insufficient,
                 stream_cutoff: b.stream_cutoff.unwrap_or(false),
+                fail_open,
                 alert_at,
                 webhook: b.webhook,
             }));

@@ -90,6 +90,9 @@ pub struct RawConfig {
     /// `[store]`: where the gateway keeps its state (service tokens).
     #[serde(default)]
     pub store: RawStore,
+    /// `[ledger]`: the durable spend ledger.
+    #[serde(default)]
+    pub ledger: RawLedger,
     /// `[attributes]`: custom request attributes (key -> header) budgets can filter on.
     #[serde(default)]
     pub attributes: crate::budget::RawAttributes,
@@ -111,6 +114,28 @@ pub struct RawStore {
 #[derive(Debug, Clone)]
 pub struct StoreConfig {
     pub dir: PathBuf,
+}
+
+/// `[ledger]` as written.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawLedger {
+    /// Directory of the spend store (`ledger.sqlite`) and the journals; relative to the config file.
+    /// Default: `ledger` under the store directory.
+    pub dir: Option<PathBuf>,
+    /// How often settled spend is committed to the store, in one transaction (default 50).
+    pub commit_interval_ms: Option<u64>,
+    /// How long the store may fail before budgets with `on_store_failure = "closed"` refuse new spend
+    /// (default 30000).
+    pub fail_closed_after_ms: Option<u64>,
+}
+
+/// `[ledger]`, resolved.
+#[derive(Debug, Clone)]
+pub struct LedgerConfig {
+    pub dir: PathBuf,
+    pub commit_interval: Duration,
+    pub fail_closed_after: Duration,
 }
 
 fn default_store_dir() -> PathBuf {
@@ -213,6 +238,7 @@ pub struct Config {
     pub auth: crate::auth::AuthConfig,
     pub policies: std::sync::Arc<crate::identity::PolicySet>,
     pub store: StoreConfig,
+    pub ledger: LedgerConfig,
     pub budgets: std::sync::Arc<crate::budget::BudgetSet>,
 }
 
@@ -790,6 +816,24 @@ impl TryFrom<Located<'_>> for Config {
                 None => default_store_dir(),
             },
         };
+        let commit_interval_ms = raw.ledger.commit_interval_ms.unwrap_or(50);
+        if !(1..=60_000).contains(&commit_interval_ms) {
+            is.push(
+                "ledger.commit_interval_ms",
+                format!("{commit_interval_ms} is outside 1..=60000"),
+            );
+        }
+        let ledger = LedgerConfig {
+            dir: match raw.ledger.dir {
+                Some(d) if d.is_relative() => base.join(d),
+                Some(d) => d,
+                None => store.dir.join("ledger"),
+            },
+            commit_interval: Duration::from_millis(commit_interval_ms),
+            fail_closed_after: Duration::from_millis(
+                raw.ledger.fail_closed_after_ms.unwrap_or(30_000),
+            ),
+        };
         match prices {
             Some(prices) if is.list.is_empty() => Ok(Config {
                 server,
@@ -801,6 +845,7 @@ impl TryFrom<Located<'_>> for Config {
                 auth,
                 policies: std::sync::Arc::new(policies),
                 store,
+                ledger,
                 budgets: std::sync::Arc::new(budgets),
             }),
             _ => Err(ConfigError { issues: is.list }),

@@ -21,6 +21,7 @@ pub mod login;
 pub mod money;
 pub mod pricing;
 pub mod service_tokens;
+pub mod spend;
 pub mod store;
 pub mod usage;
 

@@ -164,6 +164,10 @@ pub struct CoreBudgets {
     lender: RefCell<Lender>,
     leases: RefCell<HashMap<InstanceKey, Lease>>,
     waiting: RefCell<Vec<Waiting>>,
+    /// Where settlements go to become durable (see [`crate::journal`]); `None` only in unit tests.
+    journal: Option<crate::journal::Journal>,
+    health: Option<Arc<crate::ledger::Health>>,
+    fail_closed_after: std::time::Duration,
     postman: Postman<Msg>,
     pending: PendingReplies<Answer>,
     pending_lent: PendingReplies<Result<(), Box<Refusal>>>,
@@ -226,6 +230,8 @@ pub struct Reservation {
     parts: Vec<(usize, ReservationId)>,
     /// Amounts held on this core's slices of shared instances owned elsewhere.
     leased: Vec<(InstanceKey, Money)>,
+    /// Every instance charged: what the journal records.
+    keys: Vec<InstanceKey>,
     /// The amount reserved on each instance.
     pub amount: Money,
     /// Messages to other cores this admission waited for (0: admitted on this core alone).
@@ -239,6 +245,8 @@ impl Reservation {
     /// Charges `actual` to every instance held and releases the rest of the reservation. Exactly once.
     pub fn settle(mut self, actual: Money) {
         let now = Timestamp::now();
+        // Durable first: the journal has the settlement before anything else learns of it.
+        self.budgets.journal(&self.keys, actual, now);
         for (core, res) in std::mem::take(&mut self.parts) {
             self.budgets.send_settle(core, res, actual, now);
         }
@@ -284,6 +292,9 @@ impl CoreBudgets {
             lender: RefCell::new(Lender::new(cores)),
             leases: RefCell::new(HashMap::new()),
             waiting: RefCell::new(Vec::new()),
+            journal: None,
+            health: None,
+            fail_closed_after: std::time::Duration::from_secs(30),
             postman,
             pending: PendingReplies::new(core),
             pending_lent: PendingReplies::new(core),
@@ -291,6 +302,71 @@ impl CoreBudgets {
             webhooks,
             adopter: RefCell::new(None),
         }
+    }
+
+    /// Connects this core to the spend ledger: its journal, the store's health, and how long a failing
+    /// store is tolerated before `on_store_failure = "closed"` budgets refuse.
+    pub fn set_spend(
+        &mut self,
+        journal: crate::journal::Journal,
+        health: Arc<crate::ledger::Health>,
+        fail_closed_after: std::time::Duration,
+    ) {
+        self.journal = Some(journal);
+        self.health = Some(health);
+        self.fail_closed_after = fail_closed_after;
+    }
+
+    /// Loads stored spend into the instances this core owns (at start, before serving). Each slot's
+    /// spend counts as made at the slot's last second (or now, for the current slot): late, never early.
+    pub fn preload(&self, set: &BudgetSet, history: &[tollgate_controlplane::spend::SlotSpend]) {
+        let now = Timestamp::now();
+        let mut ledger = self.ledger.borrow_mut();
+        let mut loaded = 0usize;
+        for h in history {
+            let Some(key) = crate::ledger::instance_key(set, &h.instance) else {
+                continue;
+            };
+            if owner(&key, self.cores) != self.core {
+                continue;
+            }
+            let at = crate::ledger::slot_time(h.slot_start, now);
+            // Alerts already fired for this spend before the restart: the ledger re-arms from it.
+            let _ = ledger.record(&key, h.amount, at);
+            loaded += 1;
+        }
+        if loaded > 0 {
+            self.log.event(
+                "budgets_loaded",
+                &[
+                    ("core", &self.core.to_string()),
+                    ("slots", &loaded.to_string()),
+                ],
+            );
+        }
+    }
+
+    /// Journals a settlement and hands it to the ledger thread.
+    fn journal(&self, keys: &[InstanceKey], actual: Money, now: Timestamp) {
+        if let Some(j) = &self.journal {
+            if let Err(e) = j.record(keys, actual, now) {
+                self.log.event(
+                    "journal_failed",
+                    &[("core", &self.core.to_string()), ("error", &e.to_string())],
+                );
+            }
+        }
+    }
+
+    /// Whether spend cannot be made durable now: this core's journal failed, or the store has been failing
+    /// for longer than `ledger.fail_closed_after_ms`. Budgets with `on_store_failure = "closed"` then
+    /// refuse new spend.
+    pub fn store_closed(&self) -> bool {
+        self.journal.as_ref().is_some_and(|j| j.failed())
+            || self
+                .health
+                .as_ref()
+                .is_some_and(|h| h.failing_longer_than(self.fail_closed_after))
     }
 
     /// Posts a connection to `owner` ([`Msg::Adopt`]). A connection that was not queued comes back with
@@ -842,6 +918,7 @@ impl CoreBudgets {
         amount: Money,
     ) -> Result<Result<Reservation, Box<Refusal>>, BudgetError> {
         let now = Timestamp::now();
+        let all_keys = keys.clone();
         let mut by_owner: Vec<(usize, Vec<InstanceKey>)> = Vec::new();
         let mut lendable: Vec<(usize, InstanceKey)> = Vec::new();
         for k in keys {
@@ -861,11 +938,13 @@ impl CoreBudgets {
             budgets: Rc::clone(self),
             parts: Vec::with_capacity(by_owner.len()),
             leased: Vec::with_capacity(lendable.len()),
+            keys: Vec::new(),
             amount,
             asks: 0,
             statuses: Vec::new(),
             done: false,
         };
+        held.keys = all_keys;
         let mut first = true;
         for (core, keys) in by_owner {
             let answer = if core == self.core {

@@ -20,6 +20,8 @@ pub mod handoff;
 pub mod http1;
 pub mod identity;
 pub mod iovec;
+pub mod journal;
+pub mod ledger;
 pub mod mailbox;
 pub mod pipeline;
 pub mod resolve;
@@ -54,6 +56,7 @@ pub struct Gateway {
     resolver: Option<std::thread::JoinHandle<()>>,
     identity: Option<std::thread::JoinHandle<()>>,
     webhook_thread: Option<std::thread::JoinHandle<webhook::WebhookTotals>>,
+    ledger: Option<ledger::LedgerHandle>,
     logger: Option<accesslog::Logger>,
     log_writer: Option<std::thread::JoinHandle<()>>,
 }
@@ -67,6 +70,8 @@ pub enum StartError {
     Identity(#[from] identity::IdentityError),
     #[error("{0}")]
     Io(#[from] std::io::Error),
+    #[error("{0}")]
+    Ledger(String),
 }
 
 /// Why a reload was not applied (the old configuration stays in effect).
@@ -104,6 +109,7 @@ pub const RESTART_REQUIRED: &[&str] = &[
     "upstream.dns_refresh_ms",
     "log.access_log",
     "store.dir",
+    "ledger",
     "auth.demo_token",
 ];
 
@@ -132,6 +138,9 @@ pub fn restart_required(old: &Config, new: &Config) -> Vec<&'static str> {
         ou.dns_refresh != nu.dns_refresh,
         old.log.access_log != new.log.access_log,
         old.store.dir != new.store.dir,
+        old.ledger.dir != new.ledger.dir
+            || old.ledger.commit_interval != new.ledger.commit_interval
+            || old.ledger.fail_closed_after != new.ledger.fail_closed_after,
         old.auth.demo_token != new.auth.demo_token,
     ];
     RESTART_REQUIRED
@@ -234,6 +243,8 @@ impl Gateway {
         // Alert webhooks go out from their own thread (idle on its queue until a budget with a webhook
         // alerts; always there, so a reload can add webhooks).
         let (webhooks, webhook_thread) = webhook::Webhooks::start(logger.clone())?;
+        // Spend: the store, earlier runs' journals replayed, and the history the budgets start from.
+        let ledger = ledger::start(&config.ledger, &logger).map_err(StartError::Ledger)?;
         let server = server::start(
             &config,
             Arc::clone(&published),
@@ -241,6 +252,14 @@ impl Gateway {
             Some(webhooks),
             &logger,
             Arc::clone(&shutdown),
+            server::Spend {
+                tx: ledger.handle.tx.clone(),
+                health: Arc::clone(&ledger.handle.health),
+                run: ledger.handle.run.clone(),
+                journal_dir: ledger.handle.journal_dir.clone(),
+                history: Arc::new(ledger.history),
+                fail_closed_after: config.ledger.fail_closed_after,
+            },
         )?;
         for a in &server.addrs {
             logger.value(serde_json::json!({
@@ -263,6 +282,7 @@ impl Gateway {
             resolver: Some(resolver),
             identity: Some(identity),
             webhook_thread: Some(webhook_thread),
+            ledger: Some(ledger.handle),
             logger: Some(logger),
             log_writer: Some(log_writer),
         })
@@ -294,6 +314,7 @@ impl Gateway {
         config.upstream = old.config.upstream.clone();
         config.log = old.config.log.clone();
         config.store = old.config.store.clone();
+        config.ledger = old.config.ledger.clone();
         config.auth.demo_token = old.config.auth.demo_token;
         let config = Arc::new(config);
         let snap = Snapshot::build(Arc::clone(&config), opts)?;
@@ -386,12 +407,17 @@ impl Gateway {
             resolver,
             identity,
             webhook_thread,
+            ledger,
             logger,
             log_writer,
             ..
         } = &mut self;
         let server = std::mem::replace(server, server::Workers::empty());
         server.join();
+        // Every request has settled: commit what is pending and sync the journals.
+        if let Some(mut l) = ledger.take() {
+            l.shutdown(std::time::Duration::from_secs(5));
+        }
         if let Some(r) = resolver.take() {
             r.thread().unpark();
             let _ = r.join();

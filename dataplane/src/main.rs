@@ -48,6 +48,19 @@ enum Command {
         /// The TOML configuration file.
         file: PathBuf,
     },
+    /// Print current spend and the remaining amount per budget and per identity, from the spend store
+    /// (read-only: safe while a gateway runs) and journal entries not yet in it.
+    Spend {
+        /// The gateway's configuration file (its budgets and `[ledger] dir`).
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Only this budget.
+        #[arg(long)]
+        budget: Option<String>,
+        /// One JSON object per line.
+        #[arg(long)]
+        json: bool,
+    },
     /// Create, revoke or list service tokens (for CI/CD agents) in a token store directory.
     ServiceToken {
         #[command(subcommand)]
@@ -146,6 +159,17 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::CheckConfig { file } => check_config(&file),
+        Command::Spend {
+            config,
+            budget,
+            json,
+        } => match spend(&config, budget.as_deref(), json) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("tollgate spend: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
         Command::ServiceToken { action } => match service_token(action) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
@@ -242,6 +266,35 @@ fn check_config(file: &std::path::Path) -> ExitCode {
             ExitCode::from(2)
         }
     }
+}
+
+fn spend(config: &std::path::Path, budget: Option<&str>, json: bool) -> anyhow::Result<()> {
+    let config = Config::load(config).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let rows: Vec<_> = tollgate_dataplane::ledger::report(&config)
+        .map_err(|e| anyhow::anyhow!(e))?
+        .into_iter()
+        .filter(|r| budget.is_none_or(|b| r.budget == b))
+        .collect();
+    let mut out = std::io::stdout().lock();
+    if json {
+        for r in &rows {
+            writeln!(out, "{}", serde_json::to_string(r)?)?;
+        }
+        return Ok(());
+    }
+    writeln!(
+        out,
+        "{:<28} {:<18} {:>14} {:>14} {:>14}  RESETS",
+        "INSTANCE", "WINDOW", "SPENT_USD", "LIMIT_USD", "REMAINING_USD"
+    )?;
+    for r in &rows {
+        writeln!(
+            out,
+            "{:<28} {:<18} {:>14} {:>14} {:>14}  {}",
+            r.instance, r.window, r.spent_usd, r.limit_usd, r.remaining_usd, r.resets_at
+        )?;
+    }
+    Ok(())
 }
 
 fn service_token(action: ServiceTokenAction) -> anyhow::Result<()> {

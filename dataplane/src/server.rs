@@ -133,6 +133,18 @@ pub fn resolve_driver(choice: DriverChoice) -> std::io::Result<&'static str> {
     }
 }
 
+/// What the cores need of the spend ledger: the channel to its thread, its health, where to journal, and
+/// the stored spend their budgets start from.
+#[derive(Debug, Clone)]
+pub struct Spend {
+    pub tx: crossbeam_channel::Sender<crate::journal::ToLedger>,
+    pub health: Arc<crate::ledger::Health>,
+    pub run: String,
+    pub journal_dir: std::path::PathBuf,
+    pub history: Arc<Vec<tollgate_controlplane::spend::SlotSpend>>,
+    pub fail_closed_after: Duration,
+}
+
 /// Starts the workers. They run until `shutdown` is set.
 pub fn start(
     config: &Config,
@@ -141,6 +153,7 @@ pub fn start(
     webhooks: Option<crate::webhook::WebhookSender>,
     logger: &Logger,
     shutdown: Arc<AtomicBool>,
+    spend: Spend,
 ) -> std::io::Result<Workers> {
     let available = std::thread::available_parallelism()
         .map(|n| n.get())
@@ -165,6 +178,8 @@ pub fn start(
     for (i, (ls, inbox)) in listeners.into_iter().zip(inboxes).enumerate() {
         let postman = postman.clone();
         let webhooks = webhooks.clone();
+        let spend = spend.clone();
+        let budget_set = Arc::clone(&config.budgets);
         let core_id = if cores.is_empty() {
             None
         } else {
@@ -184,13 +199,24 @@ pub fn start(
                     core_affinity::set_for_current(c);
                 }
                 let log = CoreLog::new(logger.clone(), access_log);
-                let budgets = Rc::new(crate::budgets::CoreBudgets::new(
+                let mut budgets = crate::budgets::CoreBudgets::new(
                     i,
                     postman,
                     logger.clone(),
                     webhooks,
                     server.budget_slices,
-                ));
+                );
+                budgets.set_spend(
+                    crate::journal::Journal::new(
+                        &spend.journal_dir,
+                        &format!("{}-c{i}", spend.run),
+                        spend.tx.clone(),
+                    ),
+                    Arc::clone(&spend.health),
+                    spend.fail_closed_after,
+                );
+                budgets.preload(&budget_set, &spend.history);
+                let budgets = Rc::new(budgets);
                 let core = Rc::new(Core::new(
                     i,
                     crate::pipeline::Shared {

@@ -300,6 +300,10 @@ pub fn config_for(base: &str, server_extra: &str, extra: &str) -> String {
             test_store().display()
         ));
     }
+    if !extra.contains("[ledger]") {
+        // Each gateway its own spend store, next to its config file (relative paths resolve there).
+        extra.push_str("\n[ledger]\ndir = \"ledger\"\n");
+    }
     format!(
         r#"
 [server]
@@ -359,6 +363,47 @@ impl Gateway {
     /// The configuration file the gateway was started with.
     pub fn config_path(&self) -> PathBuf {
         self._dir.0.join("tollgate.toml")
+    }
+
+    /// Kills the gateway with SIGKILL (no shutdown of any kind) and waits for it to be gone.
+    pub fn kill9(&mut self) {
+        let _ = self.proc.child.kill();
+        let _ = self.proc.child.wait();
+    }
+
+    /// Starts the gateway again from the same configuration file (after [`Gateway::kill9`] or an exit).
+    pub fn restart(&mut self) {
+        let cfg = self.config_path();
+        self.proc = Proc::start(
+            &bin("tollgate"),
+            &["serve", "--config", cfg.to_str().unwrap()],
+            &[
+                ("TG_TEST_OPENAI_KEY", MOCK_KEY),
+                ("TG_TEST_ANTHROPIC_KEY", MOCK_KEY),
+            ],
+        );
+    }
+
+    /// `tollgate spend --json` for this gateway's configuration: one JSON object per instance.
+    pub fn spend(&self) -> Vec<serde_json::Value> {
+        let out = Command::new(bin("tollgate"))
+            .args([
+                "spend",
+                "--json",
+                "--config",
+                self.config_path().to_str().unwrap(),
+            ])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "tollgate spend failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
     }
 
     /// Replaces the configuration file (apply it with [`Proc::sighup`]).

@@ -14,7 +14,8 @@
 //! longer than that can overshoot by its excess: the documented overshoot bound).
 //!
 //! Fails: 400 for an undeclared `x-tollgate-attr-*` header, 429 `budget_exceeded`, 503
-//! `budget_unavailable` when a budget's owner cannot be asked (never skipped). Cost: see `bench/admission`.
+//! `budget_unavailable` when a budget's owner cannot be asked (never skipped), or when spend cannot be
+//! made durable and a budget that applies has `on_store_failure = "closed"` (see [`crate::ledger`]). Cost: see `bench/admission`.
 
 use bytes::Bytes;
 use tollgate_controlplane::budget::{Action, BudgetRequest, Insufficient};
@@ -78,6 +79,14 @@ pub async fn admit(
     );
     if keys.is_empty() {
         return Ok(Admitted::Yes);
+    }
+    if let Some(k) = keys.iter().find(|k| !k.budget.fail_open) {
+        if core.budgets.store_closed() {
+            return Err(Error::budget_unavailable(format!(
+                "spend cannot be made durable right now (the spend store keeps failing, or this node's journal cannot be written), and budget `{}` refuses new spend until it can (on_store_failure = \"closed\")",
+                k.label()
+            )));
+        }
     }
     let output = match (routed.max_tokens, routed.default_max_tokens) {
         (Some(m), _) => m,

@@ -309,9 +309,11 @@ async fn exchange(
         &mut tap,
     )
     .await;
-    let (meter, relayed) = tap.finish();
-    ctx.meter = Some(meter);
-    ctx.relayed = relayed;
+    if ctx.account.is_none() {
+        let (meter, relayed) = tap.finish();
+        ctx.meter = Some(meter);
+        ctx.relayed = relayed;
+    }
     match relay {
         Ok(reusable) => {
             ctx.outcome = Outcome::Complete;
@@ -542,6 +544,7 @@ async fn relay_body(
             } else {
                 batch.push(Bytes::from(c.tail(ctx.api)));
             }
+            settle_before_last_bytes(ctx, tap);
             flush(ctx, &mut io.wr, batch).await?;
             return Err(Stop::CutOff);
         }
@@ -565,6 +568,7 @@ async fn relay_body(
                 }
                 batch.push(Bytes::from_static(b"0\r\n\r\n"));
             }
+            settle_before_last_bytes(ctx, tap);
             flush(ctx, &mut io.wr, batch).await?;
             return Ok(true);
         }
@@ -597,6 +601,7 @@ async fn relay_body(
                         batch.push_chunk(rest);
                     }
                     batch.push(Bytes::from_static(b"0\r\n\r\n"));
+                    settle_before_last_bytes(ctx, tap);
                     flush(ctx, &mut io.wr, batch).await?;
                     return Ok(false);
                 }
@@ -614,6 +619,7 @@ async fn relay_body(
 /// relayed (refcounts of the same buffers, capped at [`MAX_KEPT`]) until the end, for the estimate path when
 /// the provider's usage never arrives.
 pub struct Tap {
+    kind: tollgate_controlplane::ProviderKind,
     meter: UsageMeter,
     sse: bool,
     json: Option<Vec<u8>>,
@@ -651,6 +657,7 @@ impl Tap {
         strip_usage: bool,
     ) -> Tap {
         Tap {
+            kind,
             meter: UsageMeter::new(kind),
             sse,
             json: (!sse && success).then(Vec::new),
@@ -715,29 +722,41 @@ impl Tap {
         self.json = None;
     }
 
-    fn finish(mut self) -> (UsageMeter, Relayed) {
+    /// What the account phase needs: the meter and what was relayed. The tap is left empty (a second call
+    /// returns an empty meter).
+    fn finish(&mut self) -> (UsageMeter, Relayed) {
         if let Some(j) = self.json.take() {
             self.meter.observe_json(&j);
             if self.meter.usage().is_none() {
                 self.keep(&Bytes::from(j));
             }
         }
-        if self.meter.usage().is_some() {
-            self.kept.clear();
+        let meter = std::mem::replace(&mut self.meter, UsageMeter::new(self.kind));
+        let mut kept = std::mem::take(&mut self.kept);
+        if meter.usage().is_some() {
+            kept.clear();
         }
-        (
-            self.meter,
-            Relayed {
-                kept: self.kept,
-                dropped_bytes: self.dropped_bytes,
-                counted_output: self
-                    .cutoff
-                    .as_ref()
-                    .filter(|c| c.reached())
-                    .map(|c| c.tokens()),
-            },
-        )
+        let relayed = Relayed {
+            kept,
+            dropped_bytes: std::mem::take(&mut self.dropped_bytes),
+            counted_output: self
+                .cutoff
+                .as_ref()
+                .filter(|c| c.reached())
+                .map(|c| c.tokens()),
+        };
+        self.kept_bytes = 0;
+        (meter, relayed)
     }
+}
+
+/// Settles the request before its last bytes go to the client (see `crate::journal`: the settlement is
+/// journaled first, so a response the client saw complete is never lost to a crash).
+fn settle_before_last_bytes(ctx: &mut RequestCtx, tap: &mut Tap) {
+    let (meter, relayed) = tap.finish();
+    ctx.meter = Some(meter);
+    ctx.relayed = relayed;
+    super::account::settle(ctx);
 }
 
 /// The cost of a completed stream, as its last bytes: an SSE comment line (`: tollgate-cost=USD`), which

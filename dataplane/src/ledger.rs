@@ -1,0 +1,573 @@
+//! The ledger thread: the one place spend meets the store. Cores never wait on it.
+//!
+//! Owns: start-up ([`start`]: open the store, check its schema, replay the journals of earlier runs, prune
+//! and load the spend history the cores' budgets start from) and the thread that, every
+//! `ledger.commit_interval_ms` (50 ms), merges the settlements the cores handed over
+//! ([`crate::journal::ToLedger`], a crossbeam channel) per (budget instance, 15-minute slot) and commits
+//! them in one transaction ([`tollgate_controlplane::spend::apply_batch`]), with the highest journal
+//! sequence number per source recorded in the same transaction: a retried commit, or one whose outcome was
+//! unknown, is never counted twice. A batch that was attempted is retried as it is (never merged with
+//! later spend) until it commits. After each interval it `fsync`s this run's journal files and deletes
+//! those wholly committed.
+//!
+//! Failure: while the store fails, settlements keep arriving and merge into the next batch (one entry
+//! per instance and slot, so the buffer grows by at most one entry per budget instance per 15 minutes);
+//! the journals hold every settlement regardless. [`Health`] tells the cores since when the store has
+//! been failing: budgets with `on_store_failure = "closed"` (the default) refuse new spend once that is
+//! longer than `ledger.fail_closed_after_ms`, or at once on a core whose journal cannot be written;
+//! `"open"` budgets keep admitting. A settlement whose hand-off found the channel full is read back from
+//! its journal file when the gap in its source's sequence numbers shows.
+//!
+//! Cost to the hot path: the journal append (see [`crate::journal`]) and one `try_send`; nothing waits.
+//! The thread's own numbers (commits, batch sizes, commit time) are logged as `ledger_stats` every 10 s.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
+use jiff::Timestamp;
+use tollgate_controlplane::config::LedgerConfig;
+use tollgate_controlplane::spend::{self, Batch, SlotSpend};
+use tollgate_controlplane::store::{transact, RetryPolicy, Store, StoreError};
+
+use crate::accesslog::Logger;
+use crate::journal::{self, Record, ToLedger};
+
+/// How far back spend is kept and loaded: the ledger's 32 days and a slot.
+const HISTORY: Duration = Duration::from_secs(32 * 86_400 + 900);
+
+/// Settlements in flight between the cores and the ledger thread.
+const CHANNEL: usize = 65_536;
+
+/// What the cores read about the store's health.
+#[derive(Debug, Default)]
+pub struct Health {
+    /// Unix milliseconds since which commits have been failing; 0 while they succeed.
+    failing_since_ms: AtomicI64,
+    pub commits: AtomicU64,
+}
+
+impl Health {
+    /// Whether the store has been failing for longer than `after`.
+    pub fn failing_longer_than(&self, after: Duration) -> bool {
+        let since = self.failing_since_ms.load(Ordering::Relaxed);
+        since != 0
+            && Timestamp::now().as_millisecond().saturating_sub(since)
+                > i64::try_from(after.as_millis()).unwrap_or(i64::MAX)
+    }
+}
+
+/// A running ledger thread.
+#[derive(Debug)]
+pub struct LedgerHandle {
+    pub tx: Sender<ToLedger>,
+    pub health: Arc<Health>,
+    /// This run's name: journal sources are `{run}-c{core}`.
+    pub run: String,
+    pub journal_dir: PathBuf,
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+    /// Held for the process's life: the ledger directory's lock.
+    lock: Option<std::fs::File>,
+}
+
+impl LedgerHandle {
+    /// Commits what is pending (a few attempts) and stops the thread; waits at most `wait`.
+    pub fn shutdown(&mut self, wait: Duration) {
+        self.stop.store(true, Ordering::Release);
+        if let Some(t) = self.thread.take() {
+            let deadline = Instant::now() + wait;
+            while !t.is_finished() && Instant::now() < deadline {
+                std::thread::park_timeout(Duration::from_millis(5));
+            }
+            if t.is_finished() {
+                let _ = t.join();
+            }
+        }
+    }
+}
+
+/// What [`start`] hands the gateway: the thread, and the spend the cores' budgets start from.
+#[derive(Debug)]
+pub struct Started {
+    pub handle: LedgerHandle,
+    pub history: Vec<SlotSpend>,
+    /// Journal entries of earlier runs replayed into the store at start.
+    pub replayed: usize,
+}
+
+/// Opens the embedded store under `cfg.dir`, checks its schema, replays earlier runs' journals, loads the
+/// spend history, and starts the ledger thread.
+pub fn start(cfg: &LedgerConfig, logger: &Logger) -> Result<Started, String> {
+    std::fs::create_dir_all(&cfg.dir)
+        .map_err(|e| format!("ledger.dir {}: {e}", cfg.dir.display()))?;
+    // One gateway per ledger directory: another one's journals are not ours to replay.
+    let lock_path = cfg.dir.join("lock");
+    let lock = std::fs::File::create(&lock_path)
+        .map_err(|e| format!("ledger.dir {}: {e}", cfg.dir.display()))?;
+    if lock.try_lock().is_err() {
+        return Err(format!(
+            "another tollgate is running with ledger.dir {} (it holds {}): give each gateway its own store directory",
+            cfg.dir.display(),
+            lock_path.display()
+        ));
+    }
+    let path = cfg.dir.join("ledger.sqlite");
+    let store = tollgate_controlplane::store::sqlite::SqliteStore::open(&path)
+        .map_err(|e| format!("the spend store {}: {e}", path.display()))?;
+    let mut started = start_with(Box::new(store), cfg, logger)?;
+    started.handle.lock = Some(lock);
+    Ok(started)
+}
+
+/// [`start`] on any store (tests use the in-memory one).
+pub fn start_with(
+    store: Box<dyn Store>,
+    cfg: &LedgerConfig,
+    logger: &Logger,
+) -> Result<Started, String> {
+    let policy = RetryPolicy::default();
+    let journal_dir = cfg.dir.join("journal");
+    spend::check_schema(store.as_ref(), &policy)
+        .map_err(|e| format!("the spend store in {}: {e}", cfg.dir.display()))?;
+    let replayed = replay(store.as_ref(), &journal_dir, &policy)
+        .map_err(|e| format!("replaying the journals in {}: {e}", journal_dir.display()))?;
+    let now = Timestamp::now();
+    let since = now
+        .checked_sub(jiff::SignedDuration::try_from(HISTORY).unwrap_or_default())
+        .unwrap_or(now);
+    let pruned = transact(store.as_ref(), &policy, |txn| {
+        spend::prune_before(txn, since)
+    })
+    .map_err(|e| format!("pruning old spend: {e}"))?;
+    let history = transact(store.as_ref(), &policy, |txn| spend::load_since(txn, since))
+        .map_err(|e| format!("loading spend: {e}"))?;
+    let run = format!("{}-{}", now.as_millisecond(), std::process::id());
+    logger.event(
+        "ledger_started",
+        &[
+            ("store", store.kind()),
+            ("dir", &cfg.dir.display().to_string()),
+            ("replayed", &replayed.to_string()),
+            ("pruned_slots", &pruned.to_string()),
+            ("loaded_slots", &history.len().to_string()),
+        ],
+    );
+    let (tx, rx) = crossbeam_channel::bounded(CHANNEL);
+    let health = Arc::new(Health::default());
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut worker = Worker {
+        store,
+        rx,
+        interval: cfg.commit_interval,
+        health: Arc::clone(&health),
+        stop: Arc::clone(&stop),
+        logger: logger.clone(),
+        journal_dir: journal_dir.clone(),
+        run: run.clone(),
+        pending: Batch::default(),
+        inflight: None,
+        seen: HashMap::new(),
+        committed: BTreeMap::new(),
+        stats: Stats::default(),
+    };
+    let thread = std::thread::Builder::new()
+        .name("tollgate-ledger".into())
+        .spawn(move || worker.run())
+        .map_err(|e| format!("starting the ledger thread: {e}"))?;
+    Ok(Started {
+        handle: LedgerHandle {
+            tx,
+            health,
+            run,
+            journal_dir,
+            stop,
+            thread: Some(thread),
+            lock: None,
+        },
+        history,
+        replayed,
+    })
+}
+
+/// Applies every journal entry of earlier runs the store does not have, then removes those journals.
+fn replay(store: &dyn Store, dir: &Path, policy: &RetryPolicy) -> Result<usize, StoreError> {
+    let sources = journal::list(dir).map_err(|e| StoreError::Unavailable(e.to_string()))?;
+    let mut replayed = 0;
+    for (source, files) in sources {
+        let applied = transact(store, policy, |txn| spend::applied(txn, &source))?;
+        let mut batch = Batch::default();
+        for (_, path) in &files {
+            let records =
+                journal::read_file(path).map_err(|e| StoreError::Unavailable(e.to_string()))?;
+            for r in records.into_iter().filter(|r| r.seq > applied) {
+                replayed += 1;
+                add_record(&mut batch, &r);
+            }
+        }
+        if !batch.is_empty() {
+            transact(store, policy, |txn| spend::apply_batch(txn, &batch))?;
+        }
+        for (_, path) in &files {
+            let _ = std::fs::remove_file(path);
+        }
+        transact(store, policy, |txn| {
+            spend::forget_source(txn, &source);
+            Ok(())
+        })?;
+    }
+    Ok(replayed)
+}
+
+fn add_record(batch: &mut Batch, r: &Record) {
+    for i in &r.instances {
+        batch.add(&r.source, r.seq, i.clone(), r.amount, r.at);
+    }
+    if r.instances.is_empty() {
+        batch.upto.insert(r.source.to_string(), r.seq);
+    }
+}
+
+#[derive(Debug, Default)]
+struct Stats {
+    commits: u64,
+    settlements: u64,
+    entries: u64,
+    max_entries: u64,
+    commit_us_total: u64,
+    commit_us_max: u64,
+    failures: u64,
+    recovered: u64,
+}
+
+struct Worker {
+    store: Box<dyn Store>,
+    rx: Receiver<ToLedger>,
+    interval: Duration,
+    health: Arc<Health>,
+    stop: Arc<AtomicBool>,
+    logger: Logger,
+    journal_dir: PathBuf,
+    run: String,
+    /// Settlements not yet in a batch that was attempted.
+    pending: Batch,
+    /// The batch being committed: retried as it is until it commits.
+    inflight: Option<Batch>,
+    /// The last sequence number received per source.
+    seen: HashMap<Arc<str>, u64>,
+    /// The last sequence number committed per source.
+    committed: BTreeMap<String, u64>,
+    stats: Stats,
+}
+
+impl Worker {
+    fn run(&mut self) {
+        let mut next = Instant::now() + self.interval;
+        let mut next_stats = Instant::now() + Duration::from_secs(10);
+        loop {
+            let stopping = self.stop.load(Ordering::Acquire);
+            let wait = next.saturating_duration_since(Instant::now());
+            match self
+                .rx
+                .recv_timeout(if stopping { Duration::ZERO } else { wait })
+            {
+                Ok(ToLedger::Settled(r)) => self.take(r),
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => {
+                    self.commit();
+                    self.commit();
+                    self.log_stats();
+                    return;
+                }
+            }
+            if stopping && self.rx.is_empty() {
+                for _ in 0..3 {
+                    self.commit();
+                    if self.inflight.is_none() && self.pending.is_empty() {
+                        break;
+                    }
+                }
+                self.sync_journals();
+                self.log_stats();
+                return;
+            }
+            if Instant::now() >= next {
+                self.commit();
+                self.sync_journals();
+                next = Instant::now() + self.interval;
+            }
+            if Instant::now() >= next_stats {
+                self.log_stats();
+                next_stats = Instant::now() + Duration::from_secs(10);
+            }
+        }
+    }
+
+    /// Adds a settlement; a gap in its source's sequence numbers is filled from the journal.
+    fn take(&mut self, r: Record) {
+        let last = self.seen.get(&r.source).copied().unwrap_or(0);
+        if r.seq > last + 1 {
+            self.recover(&r.source, last + 1, r.seq);
+        }
+        if r.seq > last {
+            self.seen.insert(std::sync::Arc::clone(&r.source), r.seq);
+            self.stats.settlements += 1;
+            add_record(&mut self.pending, &r);
+        }
+    }
+
+    /// Reads entries `from..to` of `source` back from its journal files.
+    fn recover(&mut self, source: &str, from: u64, to: u64) {
+        let files = journal::list(&self.journal_dir).unwrap_or_default();
+        for (_, path) in files.get(source).into_iter().flatten() {
+            for r in journal::read_file(path).unwrap_or_default() {
+                if (from..to).contains(&r.seq) {
+                    self.stats.recovered += 1;
+                    self.stats.settlements += 1;
+                    add_record(&mut self.pending, &r);
+                }
+            }
+        }
+    }
+
+    fn commit(&mut self) {
+        if self.inflight.is_none() && !self.pending.is_empty() {
+            self.inflight = Some(std::mem::take(&mut self.pending));
+        }
+        let Some(batch) = self.inflight.as_ref() else {
+            return;
+        };
+        let started = Instant::now();
+        let policy = RetryPolicy {
+            max_attempts: 3,
+            ..RetryPolicy::default()
+        };
+        match transact(self.store.as_ref(), &policy, |txn| {
+            spend::apply_batch(txn, batch)
+        }) {
+            Ok(_) => {
+                let us = started.elapsed().as_micros() as u64;
+                let entries = batch.spend.len() as u64;
+                self.stats.commits += 1;
+                self.stats.entries += entries;
+                self.stats.max_entries = self.stats.max_entries.max(entries);
+                self.stats.commit_us_total += us;
+                self.stats.commit_us_max = self.stats.commit_us_max.max(us);
+                for (s, q) in &batch.upto {
+                    let c = self.committed.entry(s.clone()).or_insert(0);
+                    *c = (*c).max(*q);
+                }
+                self.inflight = None;
+                self.health.commits.fetch_add(1, Ordering::Relaxed);
+                if self.health.failing_since_ms.swap(0, Ordering::Relaxed) != 0 {
+                    self.logger.event("ledger_store_recovered", &[]);
+                }
+            }
+            Err(e) => {
+                self.stats.failures += 1;
+                let now = Timestamp::now().as_millisecond();
+                if self
+                    .health
+                    .failing_since_ms
+                    .compare_exchange(0, now, Ordering::Relaxed, Ordering::Relaxed)
+                    .is_ok()
+                {
+                    self.logger.event(
+                        "ledger_store_failing",
+                        &[("error", &e.to_string()), ("kind", self.store.kind())],
+                    );
+                }
+            }
+        }
+    }
+
+    /// `fsync`s this run's journal files (a machine crash then loses at most one interval) and deletes
+    /// the files whose every entry is committed (all but the newest of a source, once the next file's
+    /// first sequence number is committed).
+    fn sync_journals(&mut self) {
+        let Ok(files) = journal::list(&self.journal_dir) else {
+            return;
+        };
+        for (source, files) in files {
+            if !source.starts_with(&self.run) {
+                continue;
+            }
+            let committed = self.committed.get(&source).copied().unwrap_or(0);
+            for (i, (_, path)) in files.iter().enumerate() {
+                let next_first = files.get(i + 1).map(|(f, _)| *f);
+                match next_first {
+                    Some(f) if f.saturating_sub(1) <= committed => {
+                        let _ = std::fs::remove_file(path);
+                    }
+                    _ => {
+                        if let Ok(f) = std::fs::File::open(path) {
+                            let _ = f.sync_data();
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    fn log_stats(&mut self) {
+        let s = &self.stats;
+        if s.commits == 0 && s.failures == 0 {
+            return;
+        }
+        self.logger.event(
+            "ledger_stats",
+            &[
+                ("commits", &s.commits.to_string()),
+                ("settlements", &s.settlements.to_string()),
+                ("entries", &s.entries.to_string()),
+                ("max_entries_per_commit", &s.max_entries.to_string()),
+                (
+                    "mean_commit_us",
+                    &(s.commit_us_total / s.commits.max(1)).to_string(),
+                ),
+                ("max_commit_us", &s.commit_us_max.to_string()),
+                ("failures", &s.failures.to_string()),
+                ("recovered_from_journal", &s.recovered.to_string()),
+                ("pending_entries", &self.pending.spend.len().to_string()),
+            ],
+        );
+        self.stats = Stats::default();
+    }
+}
+
+/// The budget instance a stored name stands for under the current budgets, if it still exists with the
+/// same kind of scope (per member, or shared).
+pub fn instance_key(
+    set: &tollgate_controlplane::budget::BudgetSet,
+    name: &spend::InstanceName,
+) -> Option<tollgate_controlplane::budget::InstanceKey> {
+    use tollgate_controlplane::budget::Scope;
+    let budget = set.get(&name.budget)?;
+    let per_member = matches!(budget.scope, Scope::EachMember(_) | Scope::EachIdentity);
+    if per_member == name.member.is_empty() {
+        return None;
+    }
+    Some(tollgate_controlplane::budget::InstanceKey {
+        budget: Arc::clone(budget),
+        member: (!name.member.is_empty()).then(|| Arc::from(name.member.as_str())),
+    })
+}
+
+/// When a stored slot's spend counts as made: its last second, or now for the current slot (late, never
+/// early: a rolling window never drops spend before it is due).
+pub fn slot_time(slot_start: Timestamp, now: Timestamp) -> Timestamp {
+    slot_start
+        .checked_add(jiff::SignedDuration::from_secs(spend::SLOT_SECS - 1))
+        .unwrap_or(slot_start)
+        .min(now)
+}
+
+/// One row of `tollgate spend`.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct SpendRow {
+    pub budget: String,
+    pub instance: String,
+    pub window: String,
+    pub spent_usd: String,
+    pub limit_usd: String,
+    pub remaining_usd: String,
+    pub resets_at: String,
+    /// Spend read from journals not yet in the store (a run that is still going, or one that crashed and
+    /// has not been replayed).
+    pub unreplayed_usd: String,
+}
+
+/// Current spend per budget instance, from the store (read-only, while a gateway may be writing) plus
+/// journal entries the store has not applied yet. Shared instances of every budget are listed, spent or
+/// not; per-member instances once they have spend.
+pub fn report(config: &tollgate_controlplane::Config) -> Result<Vec<SpendRow>, String> {
+    use tollgate_controlplane::budget::InstanceKey;
+    use tollgate_controlplane::ledger::Ledger;
+    let path = config.ledger.dir.join("ledger.sqlite");
+    if !path.exists() {
+        return Err(format!(
+            "no spend store at {} (no gateway has run with this ledger.dir yet)",
+            path.display()
+        ));
+    }
+    let store = tollgate_controlplane::store::sqlite::SqliteStore::open_read_only(&path)
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    let policy = RetryPolicy::default();
+    let now = Timestamp::now();
+    let since = now
+        .checked_sub(jiff::SignedDuration::try_from(HISTORY).unwrap_or_default())
+        .unwrap_or(now);
+    let stored = transact(&store, &policy, |txn| spend::load_since(txn, since))
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    let set = &config.budgets;
+    let mut ledger = Ledger::new();
+    let mut keys: Vec<InstanceKey> = Vec::new();
+    let note = |k: &InstanceKey, keys: &mut Vec<InstanceKey>| {
+        if !keys.contains(k) {
+            keys.push(k.clone());
+        }
+    };
+    for b in set.budgets() {
+        if !matches!(
+            b.scope,
+            tollgate_controlplane::budget::Scope::EachMember(_)
+                | tollgate_controlplane::budget::Scope::EachIdentity
+        ) {
+            note(
+                &InstanceKey {
+                    budget: Arc::clone(b),
+                    member: None,
+                },
+                &mut keys,
+            );
+        }
+    }
+    for h in &stored {
+        if let Some(k) = instance_key(set, &h.instance) {
+            ledger.record(&k, h.amount, slot_time(h.slot_start, now));
+            note(&k, &mut keys);
+        }
+    }
+    let mut unreplayed: HashMap<InstanceKey, i128> = HashMap::new();
+    let journal_dir = config.ledger.dir.join("journal");
+    for (source, files) in journal::list(&journal_dir).map_err(|e| e.to_string())? {
+        let applied = transact(&store, &policy, |txn| spend::applied(txn, &source))
+            .map_err(|e| e.to_string())?;
+        for (_, file) in files {
+            for r in journal::read_file(&file).unwrap_or_default() {
+                if r.seq <= applied {
+                    continue;
+                }
+                for i in &r.instances {
+                    if let Some(k) = instance_key(set, i) {
+                        ledger.record(&k, r.amount, r.at);
+                        *unreplayed.entry(k.clone()).or_insert(0) += r.amount.pico();
+                        note(&k, &mut keys);
+                    }
+                }
+            }
+        }
+    }
+    Ok(keys
+        .iter()
+        .map(|k| {
+            let s = ledger.status(k, now);
+            SpendRow {
+                budget: k.budget.name.to_string(),
+                instance: s.label.clone(),
+                window: k.budget.window.to_string(),
+                spent_usd: s.spent.usd(),
+                limit_usd: s.limit.usd(),
+                remaining_usd: s.remaining.usd(),
+                resets_at: s.resets_at.to_string(),
+                unreplayed_usd: tollgate_controlplane::Money::from_pico(
+                    unreplayed.get(k).copied().unwrap_or(0),
+                )
+                .usd(),
+            }
+        })
+        .collect())
+}
