@@ -14,6 +14,7 @@ pub mod auth;
 pub mod budget;
 pub mod config;
 pub mod domain;
+pub mod fleet;
 pub mod identity;
 pub mod lease;
 pub mod ledger;
