@@ -128,14 +128,23 @@ pub struct RawLedger {
     /// How long the store may fail before budgets with `on_store_failure = "closed"` refuse new spend
     /// (default 30000).
     pub fail_closed_after_ms: Option<u64>,
+    /// A FoundationDB cluster file: keep spend in that cluster (a fleet) instead of `ledger.sqlite`.
+    /// Relative to the config file. Needs a binary built with the `fdb` feature.
+    pub cluster_file: Option<PathBuf>,
 }
 
 /// `[ledger]`, resolved.
 #[derive(Debug, Clone)]
 pub struct LedgerConfig {
+    /// The journals (`journal/`) and, without `cluster_file`, the SQLite store (`ledger.sqlite`).
     pub dir: PathBuf,
     pub commit_interval: Duration,
     pub fail_closed_after: Duration,
+    /// The store to use: `Some` selects FoundationDB through this cluster file
+    /// (`store::fdb::FdbStore::open`, feature `fdb`; validation refuses it on a binary built without
+    /// the feature), `None` the embedded SQLite store in `dir`. Whoever opens the ledger's store picks
+    /// it from here.
+    pub cluster_file: Option<PathBuf>,
 }
 
 fn default_store_dir() -> PathBuf {
@@ -823,7 +832,22 @@ impl TryFrom<Located<'_>> for Config {
                 format!("{commit_interval_ms} is outside 1..=60000"),
             );
         }
+        if raw.ledger.cluster_file.is_some() && !cfg!(feature = "fdb") {
+            is.push(
+                "ledger.cluster_file",
+                "selects FoundationDB, but this binary was built without FoundationDB support \
+                 (cargo feature `fdb`); remove ledger.cluster_file to use the embedded store, or \
+                 run a build with `--features fdb`",
+            );
+        }
         let ledger = LedgerConfig {
+            cluster_file: raw.ledger.cluster_file.map(|f| {
+                if f.is_relative() {
+                    base.join(f)
+                } else {
+                    f
+                }
+            }),
             dir: match raw.ledger.dir {
                 Some(d) if d.is_relative() => base.join(d),
                 Some(d) => d,
@@ -931,6 +955,26 @@ mod tests {
         assert!(!c.providers[0].base_url.tls);
         assert!(c.route_for("gpt-4o").is_some());
         assert!(c.route_for("claude-3").is_none());
+    }
+
+    #[test]
+    fn ledger_cluster_file_selects_foundationdb_only_when_built_with_it() {
+        let c = parse(MIN).unwrap();
+        assert_eq!(c.ledger.cluster_file, None);
+        let text = format!("{MIN}\n[ledger]\ncluster_file = \"fdb.cluster\"\n");
+        let got = Config::parse(Path::new("/etc/tollgate/t.toml"), &text);
+        if cfg!(feature = "fdb") {
+            assert_eq!(
+                got.unwrap().ledger.cluster_file.as_deref(),
+                Some(Path::new("/etc/tollgate/fdb.cluster"))
+            );
+        } else {
+            let err = got.unwrap_err();
+            assert_eq!(err.issues.len(), 1, "{err}");
+            assert_eq!(err.issues[0].field, "ledger.cluster_file");
+            let msg = err.to_string();
+            assert!(msg.contains("built without FoundationDB support"), "{msg}");
+        }
     }
 
     #[test]

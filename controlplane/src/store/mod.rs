@@ -7,8 +7,9 @@
 //! a retry can fix), [`transact`] (FoundationDB's `run` loop: retry with capped backoff up to a limit).
 //! Implementations: [`sqlite::SqliteStore`] (the embedded default: one file, crash-safe, readable by other
 //! processes while the gateway writes) and [`mem::MemStore`] (in memory with FoundationDB's conflict
-//! semantics and injectable faults, for tests and the fleet simulation). [`conformance`] runs the same
-//! checks against any implementation.
+//! semantics and injectable faults, for tests and the fleet simulation), and, with the `fdb` cargo feature,
+//! `fdb::FdbStore` (a FoundationDB cluster, for a fleet). [`conformance`] runs the same checks against any
+//! implementation.
 //!
 //! Values written by [`Transaction::add`] are 16-byte little-endian two's-complement integers (pico-USD
 //! amounts are `i128`); [`decode_i128`] reads them.
@@ -18,6 +19,8 @@
 use std::time::Duration;
 
 pub mod conformance;
+#[cfg(feature = "fdb")]
+pub mod fdb;
 pub mod mem;
 pub mod sqlite;
 pub mod tuple;
