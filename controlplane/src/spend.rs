@@ -125,7 +125,7 @@ pub fn check_schema(
                 match version.cmp(&SCHEMA_VERSION) {
                     std::cmp::Ordering::Equal => Ok(()),
                     std::cmp::Ordering::Greater => Err(StoreError::Corrupt(format!(
-                        "the store was written by a newer Tollgate (schema {version}; this binary reads schema {SCHEMA_VERSION}): upgrade Tollgate, or point store.dir at another directory"
+                        "the store was written by a newer Tollgate (schema {version}; this binary reads schema {SCHEMA_VERSION}): upgrade Tollgate, or point [ledger] at another store"
                     ))),
                     // No older schema was ever released: there is nothing to migrate from.
                     std::cmp::Ordering::Less => Err(StoreError::Corrupt(format!(

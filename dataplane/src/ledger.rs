@@ -145,7 +145,18 @@ pub fn start_with(
     .map_err(|e| format!("pruning old spend: {e}"))?;
     let history = transact(store.as_ref(), &policy, |txn| spend::load_since(txn, since))
         .map_err(|e| format!("loading spend: {e}"))?;
-    let run = format!("{}-{}", now.as_millisecond(), std::process::id());
+    // Unique per run, also across containers that all run as pid 1: time, pid and 32 random bits.
+    let nonce = {
+        use std::hash::{BuildHasher, Hasher};
+        std::collections::hash_map::RandomState::new()
+            .build_hasher()
+            .finish() as u32
+    };
+    let run = format!(
+        "{}-{}-{nonce:08x}",
+        now.as_millisecond(),
+        std::process::id()
+    );
     logger.event(
         "ledger_started",
         &[
