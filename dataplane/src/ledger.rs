@@ -582,3 +582,74 @@ pub fn report(config: &tollgate_controlplane::Config) -> Result<Vec<SpendRow>, S
         })
         .collect())
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+    use super::*;
+    use tollgate_controlplane::spend::InstanceName;
+    use tollgate_controlplane::store::mem::MemStore;
+    use tollgate_controlplane::Money;
+
+    /// Settlements whose hand-off was dropped (channel full) are read back from the journal when the next
+    /// one shows the gap; every one is committed once.
+    #[test]
+    fn a_gap_in_the_hand_offs_is_filled_from_the_journal() {
+        let dir = std::env::temp_dir().join(format!("tg-ledger-gap-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let cfg = LedgerConfig {
+            dir: dir.clone(),
+            commit_interval: Duration::from_millis(10),
+            fail_closed_after: Duration::from_secs(30),
+            cluster_file: None,
+        };
+        let (log, writer) = Logger::start().unwrap();
+        let store = MemStore::new();
+        let mut started = start_with(Box::new(store.clone()), &cfg, &log).unwrap();
+        let source = format!("{}-c0", started.handle.run);
+        let at = Timestamp::now();
+        let team = InstanceName {
+            budget: "team".into(),
+            member: String::new(),
+        };
+        // Entries 1..=3 reached only the journal; entry 4 is handed over.
+        std::fs::create_dir_all(&started.handle.journal_dir).unwrap();
+        let mut lines = String::new();
+        for q in 1..=3 {
+            lines.push_str(&format!(
+                "{{\"q\":{q},\"t\":{},\"a\":\"{}\",\"k\":[[\"team\",\"\"]]}}\n",
+                at.as_millisecond(),
+                q * 100
+            ));
+        }
+        std::fs::write(
+            started.handle.journal_dir.join(format!("{source}.1.log")),
+            lines,
+        )
+        .unwrap();
+        started
+            .handle
+            .tx
+            .send(ToLedger::Settled(Record {
+                source: Arc::from(source.as_str()),
+                seq: 4,
+                at,
+                amount: Money::from_pico(400),
+                instances: vec![team.clone()],
+            }))
+            .unwrap();
+        started.handle.shutdown(Duration::from_secs(5));
+        let got = transact(&store, &RetryPolicy::default(), |txn| {
+            spend::load_since(txn, Timestamp::UNIX_EPOCH)
+        })
+        .unwrap();
+        assert_eq!(got.len(), 1, "{got:?}");
+        assert_eq!(got[0].instance, team);
+        assert_eq!(got[0].amount, Money::from_pico(100 + 200 + 300 + 400));
+        log.close();
+        drop(log);
+        let _ = writer.join();
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}

@@ -526,3 +526,89 @@ fn fleet_simulation_holds_the_limit_under_faults() {
         );
     }
 }
+
+/// Leases and store transactions one node needs at 10,000 requests/s on one budget, with its `want`
+/// sized from its spend rate (one second of spend) and leases renewed when a quarter is left or two
+/// thirds of the TTL have passed. Virtual time; no faults. Prints the rates (see docs/fleet.md).
+#[test]
+fn lease_and_transaction_rates_of_a_node_at_10k_requests_per_second() {
+    let store = MemStore::new();
+    let w = WindowRef {
+        instance: InstanceName {
+            budget: "org".into(),
+            member: String::new(),
+        },
+        start: 0,
+        end: 1_000_000_000,
+        limit: i128::MAX / 4,
+    };
+    let (per_ms, seconds) = (10i64, 20i64);
+    let reserved: i128 = 20_000;
+    let actual: i128 = 12_000;
+    let mut avail: i128 = 0;
+    let (mut expires, mut last_added) = (0i64, 0i128);
+    let (mut acquires, mut commits, mut seq) = (0u64, 0u64, 0u64);
+    let mut unbatched: i128 = 0;
+    let mut settled_total: i128 = 0;
+    let mut batch = Batch::default();
+    for t in 0..seconds * 1_000 {
+        let rate_per_s = i128::from(per_ms) * 1_000 * reserved;
+        let renew = avail < last_added / 4 || t > expires - TTL_MS / 3;
+        if renew {
+            let ask = Ask {
+                node: 1,
+                need: 0,
+                want: rate_per_s,
+                nodes: 1,
+                now_ms: t,
+                ttl_ms: TTL_MS,
+                max_skew_ms: MAX_SKEW_MS,
+            };
+            let g = transact(&store, &policy(), |txn| acquire(txn, &w, &ask))
+                .unwrap()
+                .unwrap();
+            acquires += 1;
+            avail = g.total - unbatched;
+            last_added = g.added;
+            expires = g.expires_ms;
+        }
+        for _ in 0..per_ms {
+            assert!(avail >= reserved, "ran dry at {t} ms");
+            // Admitted (holding `reserved`) and settled at `actual` in the same millisecond.
+            avail -= actual;
+            unbatched += actual;
+            settled_total += actual;
+            seq += 1;
+            batch.add(
+                "n1",
+                seq,
+                w.instance.clone(),
+                crate::money::Money::from_pico(actual),
+                jiff::Timestamp::from_second(t / 1000 + 1).unwrap(),
+            );
+        }
+        if t % COMMIT_MS == 0 {
+            let b = std::mem::take(&mut batch);
+            let from = [(w.clone(), unbatched)];
+            transact(&store, &policy(), |txn| commit(txn, &b, 1, &from)).unwrap();
+            commits += 1;
+            unbatched = 0;
+        }
+    }
+    let secs = seconds as f64;
+    eprintln!(
+        "one node at {} requests/s: {:.1} lease transactions/s, {:.1} commit transactions/s, {:.1} store transactions/s in all",
+        per_ms * 1_000,
+        acquires as f64 / secs,
+        commits as f64 / secs,
+        (acquires + commits) as f64 / secs
+    );
+    // A lease lasts about its TTL's two thirds or three quarters of a second of spend: at most a few
+    // per second, whatever the request rate.
+    assert!(
+        acquires as f64 / secs <= 3.0,
+        "{acquires} leases in {seconds} s"
+    );
+    let spent = transact(&store, &policy(), |txn| committed(txn, &w)).unwrap();
+    assert_eq!(spent + unbatched, settled_total);
+}
