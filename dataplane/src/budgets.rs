@@ -349,11 +349,17 @@ impl CoreBudgets {
     /// Journals a settlement and hands it to the ledger thread.
     fn journal(&self, keys: &[InstanceKey], actual: Money, now: Timestamp) {
         if let Some(j) = &self.journal {
-            if let Err(e) = j.record(keys, actual, now) {
-                self.log.event(
+            let was_failing = j.failed();
+            match j.record(keys, actual, now) {
+                // One event when appends start failing and one when they work again, not one per request.
+                Err(e) if !was_failing => self.log.event(
                     "journal_failed",
                     &[("core", &self.core.to_string()), ("error", &e.to_string())],
-                );
+                ),
+                Ok(()) if was_failing => self
+                    .log
+                    .event("journal_recovered", &[("core", &self.core.to_string())]),
+                _ => {}
             }
         }
     }

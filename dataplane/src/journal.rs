@@ -274,4 +274,52 @@ mod tests {
         assert_eq!(listed["123-456-c0"].len(), 1);
         std::fs::remove_dir_all(&dir).unwrap();
     }
+
+    /// A journal that cannot be written says so (budgets with on_store_failure = "closed" then refuse on
+    /// this core), still hands the settlement to the ledger thread, and recovers when writes work again.
+    #[test]
+    fn an_unwritable_journal_reports_failure_and_still_hands_off() {
+        let base = std::env::temp_dir().join(format!("tg-journal-ro-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&base);
+        std::fs::create_dir_all(&base).unwrap();
+        // The journal directory's path is a file: nothing can be created under it.
+        let blocked = base.join("journal");
+        std::fs::write(&blocked, b"not a directory").unwrap();
+        let (tx, rx) = crossbeam_channel::bounded(16);
+        let j = Journal::new(&blocked, "run-c0", tx);
+        let set = tollgate_controlplane::budget::BudgetSet::from_raw(
+            toml::from_str::<toml::Table>(
+                "[[budgets]]\nname = \"team\"\namount_usd = \"1\"\nwindow = \"day\"\nscope = \"everyone\"\n",
+            )
+            .unwrap()["budgets"]
+                .clone()
+                .try_into()
+                .unwrap(),
+            Default::default(),
+        )
+        .unwrap();
+        let key = InstanceKey {
+            budget: std::sync::Arc::clone(set.get("team").unwrap()),
+            member: None,
+        };
+        let now = Timestamp::now();
+        assert!(j
+            .record(std::slice::from_ref(&key), Money::from_pico(5), now)
+            .is_err());
+        assert!(j.failed());
+        assert!(
+            matches!(rx.try_recv(), Ok(ToLedger::Settled(r)) if r.amount == Money::from_pico(5))
+        );
+        // The path becomes a directory: appends work again.
+        std::fs::remove_file(&blocked).unwrap();
+        std::fs::create_dir_all(&blocked).unwrap();
+        j.record(std::slice::from_ref(&key), Money::from_pico(7), now)
+            .unwrap();
+        assert!(!j.failed());
+        let files = list(&blocked).unwrap();
+        let recs = read_file(&files["run-c0"][0].1).unwrap();
+        assert_eq!(recs.len(), 1);
+        assert_eq!(recs[0].seq, 2);
+        std::fs::remove_dir_all(&base).unwrap();
+    }
 }
