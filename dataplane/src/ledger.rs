@@ -115,12 +115,55 @@ pub fn start(cfg: &LedgerConfig, logger: &Logger) -> Result<Started, String> {
             lock_path.display()
         ));
     }
-    let path = cfg.dir.join("ledger.sqlite");
-    let store = tollgate_controlplane::store::sqlite::SqliteStore::open(&path)
-        .map_err(|e| format!("the spend store {}: {e}", path.display()))?;
-    let mut started = start_with(Box::new(store), cfg, logger)?;
+    let store = open_store(cfg, false)?;
+    if cfg.cluster_file.is_some() {
+        // The store is shared, the limits are not yet: say so where operators look.
+        logger.event(
+            "ledger_fleet_limits_per_node",
+            &[(
+                "warning",
+                "spend from every node goes to the shared FoundationDB store, but budgets are still enforced per node: fleet-wide leases are not wired into the data plane yet (docs/fleet.md, known limits)",
+            )],
+        );
+    }
+    let mut started = start_with(store, cfg, logger)?;
     started.handle.lock = Some(lock);
     Ok(started)
+}
+
+/// The configured spend store: FoundationDB when `ledger.cluster_file` is set (binaries built with the
+/// `fdb` feature; config loading refuses the field otherwise), else SQLite in `ledger.dir`.
+fn open_store(cfg: &LedgerConfig, read_only: bool) -> Result<Box<dyn Store>, String> {
+    if let Some(cluster_file) = &cfg.cluster_file {
+        #[cfg(feature = "fdb")]
+        {
+            use tollgate_controlplane::store::fdb::{FdbOptions, FdbStore};
+            let _ = read_only;
+            return FdbStore::open(cluster_file, FdbOptions::default())
+                .map(|s| Box::new(s) as Box<dyn Store>)
+                .map_err(|e| format!("the FoundationDB cluster {}: {e}", cluster_file.display()));
+        }
+        #[cfg(not(feature = "fdb"))]
+        return Err(format!(
+            "ledger.cluster_file {}: this binary was built without FoundationDB support (build with --features fdb)",
+            cluster_file.display()
+        ));
+    }
+    let path = cfg.dir.join("ledger.sqlite");
+    let opened = if read_only {
+        if !path.exists() {
+            return Err(format!(
+                "no spend store at {} (no gateway has run with this ledger.dir yet)",
+                path.display()
+            ));
+        }
+        tollgate_controlplane::store::sqlite::SqliteStore::open_read_only(&path)
+    } else {
+        tollgate_controlplane::store::sqlite::SqliteStore::open(&path)
+    };
+    opened
+        .map(|s| Box::new(s) as Box<dyn Store>)
+        .map_err(|e| format!("the spend store {}: {e}", path.display()))
 }
 
 /// [`start`] on any store (tests use the in-memory one).
@@ -497,22 +540,16 @@ pub struct SpendRow {
 pub fn report(config: &tollgate_controlplane::Config) -> Result<Vec<SpendRow>, String> {
     use tollgate_controlplane::budget::InstanceKey;
     use tollgate_controlplane::ledger::Ledger;
-    let path = config.ledger.dir.join("ledger.sqlite");
-    if !path.exists() {
-        return Err(format!(
-            "no spend store at {} (no gateway has run with this ledger.dir yet)",
-            path.display()
-        ));
-    }
-    let store = tollgate_controlplane::store::sqlite::SqliteStore::open_read_only(&path)
-        .map_err(|e| format!("{}: {e}", path.display()))?;
+    let store = open_store(&config.ledger, true)?;
+    let store = store.as_ref();
+    let path = config.ledger.dir.display();
     let policy = RetryPolicy::default();
     let now = Timestamp::now();
     let since = now
         .checked_sub(jiff::SignedDuration::try_from(HISTORY).unwrap_or_default())
         .unwrap_or(now);
-    let stored = transact(&store, &policy, |txn| spend::load_since(txn, since))
-        .map_err(|e| format!("{}: {e}", path.display()))?;
+    let stored = transact(store, &policy, |txn| spend::load_since(txn, since))
+        .map_err(|e| format!("{path}: {e}"))?;
     let set = &config.budgets;
     let mut ledger = Ledger::new();
     let mut keys: Vec<InstanceKey> = Vec::new();
@@ -545,7 +582,7 @@ pub fn report(config: &tollgate_controlplane::Config) -> Result<Vec<SpendRow>, S
     let mut unreplayed: HashMap<InstanceKey, i128> = HashMap::new();
     let journal_dir = config.ledger.dir.join("journal");
     for (source, files) in journal::list(&journal_dir).map_err(|e| e.to_string())? {
-        let applied = transact(&store, &policy, |txn| spend::applied(txn, &source))
+        let applied = transact(store, &policy, |txn| spend::applied(txn, &source))
             .map_err(|e| e.to_string())?;
         for (_, file) in files {
             for r in journal::read_file(&file).unwrap_or_default() {

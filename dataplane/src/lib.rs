@@ -418,6 +418,9 @@ impl Gateway {
         if let Some(mut l) = ledger.take() {
             l.shutdown(std::time::Duration::from_secs(5));
         }
+        // FoundationDB's client network must be stopped before the process exits (after the last commit).
+        #[cfg(feature = "fdb")]
+        tollgate_controlplane::store::fdb::stop_network();
         if let Some(r) = resolver.take() {
             r.thread().unpark();
             let _ = r.join();
