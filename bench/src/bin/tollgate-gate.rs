@@ -289,7 +289,7 @@ fn run() -> anyhow::Result<bool> {
         &["--listen", "127.0.0.1:0", "--threads", "1", "--no-record"],
         &[],
     );
-    // Requests carry a service token, as a deployment's would.
+    // Requests carry a service token, as a deployment's would, and three budgets apply to each.
     let store = dir.0.join("store");
     let token = service_token(&store, "bench");
     let gw_conf = dir.file(
@@ -314,6 +314,24 @@ provider = "openai"
 [[routes]]
 model = "claude-*"
 provider = "anthropic"
+# Budgets in the path, as a deployment's would be (never exhausted here): every request reserves on three
+# instances, settles, journals and reaches the ledger thread, whose work counts in the CPU per request.
+[[budgets]]
+name = "per-caller"
+amount_usd = "1000000"
+window = "day"
+scope = "each_identity"
+[[budgets]]
+name = "team"
+amount_usd = "1000000"
+window = "month"
+scope = "group"
+group = "bench"
+[[budgets]]
+name = "everyone"
+amount_usd = "10000000"
+window = "7d"
+scope = "everyone"
 "#,
             workers = cfg.gateway_workers,
             store = store.display(),
