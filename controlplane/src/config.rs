@@ -131,6 +131,14 @@ pub struct RawLedger {
     /// A FoundationDB cluster file: keep spend in that cluster (a fleet) instead of `ledger.sqlite`.
     /// Relative to the config file. Needs a binary built with the `fdb` feature.
     pub cluster_file: Option<PathBuf>,
+    /// Fleet mode: this node's id in the store's budget leases (default: random per start).
+    pub node_id: Option<u64>,
+    /// Fleet mode: how many nodes share the store, a hint for lease sizing (default 4).
+    pub fleet_nodes: Option<u64>,
+    /// Fleet mode: how long a budget lease lives unrenewed, in ms (default 10000).
+    pub lease_ttl_ms: Option<u64>,
+    /// Fleet mode: the most the nodes' clocks disagree, in ms (default 1000).
+    pub max_skew_ms: Option<u64>,
 }
 
 /// `[ledger]`, resolved.
@@ -145,6 +153,29 @@ pub struct LedgerConfig {
     /// the feature), `None` the embedded SQLite store in `dir`. Whoever opens the ledger's store picks
     /// it from here.
     pub cluster_file: Option<PathBuf>,
+    /// Fleet mode's budget leases (see `docs/fleet.md`); used only when the store is shared.
+    pub fleet: FleetConfig,
+}
+
+/// `[ledger]`'s fleet settings, resolved.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FleetConfig {
+    /// `None`: a random id per start.
+    pub node_id: Option<u64>,
+    pub nodes: u64,
+    pub lease_ttl_ms: i64,
+    pub max_skew_ms: i64,
+}
+
+impl Default for FleetConfig {
+    fn default() -> FleetConfig {
+        FleetConfig {
+            node_id: None,
+            nodes: 4,
+            lease_ttl_ms: 10_000,
+            max_skew_ms: 1_000,
+        }
+    }
 }
 
 fn default_store_dir() -> PathBuf {
@@ -840,7 +871,40 @@ impl TryFrom<Located<'_>> for Config {
                  run a build with `--features fdb`",
             );
         }
+        if raw.ledger.node_id.is_some_and(|n| n > i64::MAX as u64) {
+            is.push(
+                "ledger.node_id",
+                format!("must be below 2^63 (it is {:?})", raw.ledger.node_id),
+            );
+        }
+        let fleet_nodes = raw.ledger.fleet_nodes.unwrap_or(4);
+        if !(1..=10_000).contains(&fleet_nodes) {
+            is.push(
+                "ledger.fleet_nodes",
+                format!("{fleet_nodes} is outside 1..=10000"),
+            );
+        }
+        let lease_ttl_ms = raw.ledger.lease_ttl_ms.unwrap_or(10_000);
+        if !(100..=3_600_000).contains(&lease_ttl_ms) {
+            is.push(
+                "ledger.lease_ttl_ms",
+                format!("{lease_ttl_ms} is outside 100..=3600000"),
+            );
+        }
+        let max_skew_ms = raw.ledger.max_skew_ms.unwrap_or(1_000);
+        if max_skew_ms > 3_600_000 {
+            is.push(
+                "ledger.max_skew_ms",
+                format!("{max_skew_ms} is outside 0..=3600000"),
+            );
+        }
         let ledger = LedgerConfig {
+            fleet: FleetConfig {
+                node_id: raw.ledger.node_id,
+                nodes: fleet_nodes,
+                lease_ttl_ms: lease_ttl_ms.min(3_600_000) as i64,
+                max_skew_ms: max_skew_ms.min(3_600_000) as i64,
+            },
             cluster_file: raw.ledger.cluster_file.map(|f| {
                 if f.is_relative() {
                     base.join(f)
@@ -975,6 +1039,39 @@ mod tests {
             let msg = err.to_string();
             assert!(msg.contains("built without FoundationDB support"), "{msg}");
         }
+    }
+
+    #[test]
+    fn ledger_fleet_settings_default_and_are_validated_by_name() {
+        let c = parse(MIN).unwrap();
+        assert_eq!(c.ledger.fleet, FleetConfig::default());
+        let c = parse(&format!(
+            "{MIN}\n[ledger]\nnode_id = 7\nfleet_nodes = 3\nlease_ttl_ms = 2000\nmax_skew_ms = 0\n"
+        ))
+        .unwrap();
+        assert_eq!(
+            c.ledger.fleet,
+            FleetConfig {
+                node_id: Some(7),
+                nodes: 3,
+                lease_ttl_ms: 2000,
+                max_skew_ms: 0,
+            }
+        );
+        let err = parse(&format!(
+            "{MIN}\n[ledger]\nfleet_nodes = 0\nlease_ttl_ms = 5\nmax_skew_ms = 4000000\n"
+        ))
+        .unwrap_err();
+        let fields: Vec<&str> = err.issues.iter().map(|i| i.field.as_str()).collect();
+        assert_eq!(
+            fields,
+            [
+                "ledger.fleet_nodes",
+                "ledger.lease_ttl_ms",
+                "ledger.max_skew_ms"
+            ],
+            "{err}"
+        );
     }
 
     #[test]

@@ -232,5 +232,22 @@ pub fn release(txn: &mut dyn Transaction, w: &WindowRef, node: u64) -> Result<i1
     Ok(left)
 }
 
+/// Gives back every lease `node` holds, on any instance and window (a node that restarts with the same
+/// id, after replaying its journal: its old leases counted spend that is now committed). Reads every
+/// lease key of the fleet. Returns how many leases were cleared.
+pub fn release_all(txn: &mut dyn Transaction, node: u64) -> Result<usize, StoreError> {
+    let mut cleared = 0;
+    for kind in ["lease", "lease_exp"] {
+        let (b, e) = range(&[Element::from("tg"), Element::from(kind)]);
+        for (k, _) in txn.get_range(&b, &e, 0)? {
+            if matches!(unpack(&k)?.last(), Some(Element::Int(n)) if *n as u64 == node) {
+                txn.clear(&k);
+                cleared += usize::from(kind == "lease");
+            }
+        }
+    }
+    Ok(cleared)
+}
+
 #[cfg(test)]
 mod sim;

@@ -24,6 +24,27 @@
 //! recalls fat slices ([`Msg::Recall`]) and decides once they are back, so slices never cause a refusal
 //! the budget would not have made.
 //!
+//! Fleet mode (a spend store shared by several gateways: `ledger.cluster_file`, or
+//! [`crate::Gateway::start_with_store`] with `fleet`): slices are off, and the owner of each instance whose
+//! budget is not alert-only also keeps this node's budget lease on it ([`tollgate_controlplane::fleet`]):
+//! `avail`, its expiry and window. A reservation is admitted only if the local ledger admits it AND every
+//! such lease has `avail >= amount` (all or nothing; the amount is taken off on success). A lease that is
+//! missing, short, of an ended window, or in the last quarter of its TTL sends a lease ask to the ledger
+//! thread ([`crate::journal::ToLedger::Lease`]) and defers the reservation (as a recall does) until the
+//! answer ([`Msg::FleetLease`]); it is then decided once, without asking again: still short is a 429
+//! naming the budget. A grant sets `avail = lease - (this node's uncommitted spend + holds + what settled
+//! since the ask)`, a conservative count (a settlement may be counted twice until the next grant, never
+//! missed). Settling gives `reserved - actual` back to the lease (the actual leaves it in the store when
+//! its batch commits), releasing gives `reserved` back. A lease running low (under a quarter of what was
+//! last added) or in the last third of its TTL is renewed in the background, without waiting. The
+//! response headers' budget view is this node's.
+//!
+//! Fleet mode fails closed: a lease ask the ledger thread cannot take (its channel full), a store that
+//! fails during the ask, or no answer within 5 s refuses the requests the node's leases cannot cover (429),
+//! while requests within them keep being admitted until a quarter TTL before their expiry. Cost: an
+//! admission within the lease is the local one plus a few map operations; an ask costs one store
+//! transaction on the ledger thread (not on the core), at most one per request that finds its lease short.
+//!
 //! Fails: a full or closed mailbox fails the request closed (503 `budget_unavailable`): a budget is never
 //! skipped. Settlement and release are fire-and-forget messages; a core that is gone takes its shard with it.
 //! Cost: local reservation ~0.2 us (bench `admission`); a cross-core ask ~15 us (the owner's wake-up).
@@ -36,7 +57,8 @@ use std::sync::Arc;
 use jiff::Timestamp;
 use std::collections::HashMap;
 
-use tollgate_controlplane::budget::{BudgetSet, InstanceKey};
+use tollgate_controlplane::budget::{Action, BudgetSet, InstanceKey};
+use tollgate_controlplane::fleet::LeaseGrant;
 use tollgate_controlplane::lease::{Grant, Lease, Lend, Lender, Report};
 use tollgate_controlplane::ledger::{AlertEvent, BudgetStatus, Ledger, Refusal, ReservationId};
 use tollgate_controlplane::Money;
@@ -109,7 +131,62 @@ pub enum Msg {
         stream: std::net::TcpStream,
         buffered: bytes::Bytes,
     },
+    /// Fleet mode: the ledger thread's answer to this core's lease ask `id` on `key`.
+    FleetLease {
+        id: u64,
+        key: InstanceKey,
+        answer: FleetAnswer,
+    },
 }
+
+/// The ledger thread's answer to a lease ask ([`crate::journal::ToLedger::Lease`]).
+#[derive(Debug, Clone, Copy)]
+pub struct FleetAnswer {
+    /// `None`: the budget cannot cover what was needed (or the store failed).
+    pub grant: Option<LeaseGrant>,
+    /// The fleet's committed spend in the window, and the limit (for a refusal's numbers).
+    pub spent: Money,
+    pub limit: Money,
+    /// This node's spend in the window handed to the ledger thread and not yet committed, pico-USD.
+    pub uncommitted: i128,
+    /// The window, Unix seconds (`[start, end)`).
+    pub window_start: i64,
+    pub window_end: i64,
+}
+
+/// This node's lease on one instance this core owns (fleet mode).
+#[derive(Debug, Default)]
+struct NodeLease {
+    /// What new reservations may still take, pico-USD.
+    avail: i128,
+    expires_ms: i64,
+    last_added: i128,
+    window_start: i64,
+    window_end_ms: i64,
+    /// Reserved and not yet settled or released, pico-USD.
+    held: i128,
+    /// Everything settled on this instance so far (a running total), pico-USD.
+    settled: i128,
+    /// The last answer's view, for refusals.
+    spent: Money,
+    limit: Money,
+}
+
+/// Fleet mode on a core (see the module docs).
+#[derive(Debug)]
+struct Fleet {
+    tx: crossbeam_channel::Sender<crate::journal::ToLedger>,
+    ttl_ms: i64,
+    leases: RefCell<HashMap<InstanceKey, NodeLease>>,
+    /// Per reservation: the leased instances it holds, and the amount on each.
+    held: RefCell<HashMap<ReservationId, (Vec<InstanceKey>, i128)>>,
+    /// Asks in flight: the instance, and its settled total when the ask was sent.
+    asks: RefCell<HashMap<u64, (InstanceKey, i128)>>,
+    next_ask: std::cell::Cell<u64>,
+}
+
+/// How long a deferred ask waits for the ledger thread's lease answer before deciding with what it has.
+const FLEET_WAIT_MS: i64 = 5_000;
 
 /// What a core does with an adopted connection: spawn its connection loop (set by the worker).
 pub type Adopter = Box<dyn Fn(std::net::TcpStream, bytes::Bytes)>;
@@ -146,6 +223,8 @@ struct Waiting {
     ask: Deferred,
     /// Recalled borrowers (and the instance) not yet known to be thin.
     on: Vec<(usize, InstanceKey)>,
+    /// Fleet mode: lease asks to the ledger thread not yet answered.
+    fleet_on: Vec<u64>,
     since: Timestamp,
 }
 
@@ -174,6 +253,7 @@ pub struct CoreBudgets {
     log: Logger,
     webhooks: Option<WebhookSender>,
     adopter: RefCell<Option<Adopter>>,
+    fleet: Option<Fleet>,
 }
 
 impl std::fmt::Debug for CoreBudgets {
@@ -301,7 +381,26 @@ impl CoreBudgets {
             log,
             webhooks,
             adopter: RefCell::new(None),
+            fleet: None,
         }
+    }
+
+    /// Fleet mode: admissions also need this node's budget leases, asked of the ledger thread over `tx`
+    /// (see the module docs). Turns slices off.
+    pub fn set_fleet(
+        &mut self,
+        tx: crossbeam_channel::Sender<crate::journal::ToLedger>,
+        ttl_ms: i64,
+    ) {
+        self.slices = false;
+        self.fleet = Some(Fleet {
+            tx,
+            ttl_ms: ttl_ms.max(1),
+            leases: RefCell::new(HashMap::new()),
+            held: RefCell::new(HashMap::new()),
+            asks: RefCell::new(HashMap::new()),
+            next_ask: std::cell::Cell::new(1),
+        });
     }
 
     /// Connects this core to the spend ledger: its journal, the store's health, and how long a failing
@@ -460,9 +559,8 @@ impl CoreBudgets {
                 }
             }
             Msg::Settle { res, actual, now } => me.settle_local(res, actual, now),
-            Msg::Release { res } => {
-                me.ledger.borrow_mut().release(res);
-            }
+            Msg::Release { res } => me.release_local(res),
+            Msg::FleetLease { id, key, answer } => me.fleet_answer(id, key, answer),
             Msg::Answer { id, owner, result } => {
                 // The asker may have gone (client disconnected while waiting): give the hold back.
                 let held = result.as_ref().ok().map(|(r, _)| *r);
@@ -503,6 +601,20 @@ impl CoreBudgets {
     }
 
     fn reserve_local(&self, keys: &[InstanceKey], amount: Money, now: Timestamp) -> Answer {
+        let leased = amount.max(Money::ZERO).pico();
+        if let Some(f) = &self.fleet {
+            // Fleet mode: this node's leases must cover the amount too (the local ledger's refusal,
+            // when it refuses as well, carries better numbers).
+            if let Some(k) = self
+                .fleet_short(f, keys, leased, now.as_millisecond())
+                .first()
+            {
+                let local = self.ledger.borrow().refusal(keys, amount, now);
+                return Err(Box::new(
+                    local.unwrap_or_else(|| self.fleet_refusal(f, k, now)),
+                ));
+            }
+        }
         let mut ledger = self.ledger.borrow_mut();
         let res = ledger.reserve(keys, amount, now).map_err(Box::new)?;
         let lender = self.lender.borrow();
@@ -510,12 +622,255 @@ impl CoreBudgets {
             .iter()
             .map(|k| lender.status(&ledger, k, now))
             .collect();
+        drop(lender);
+        drop(ledger);
+        if let Some(f) = &self.fleet {
+            self.fleet_consume(f, res, keys, leased, now.as_millisecond());
+        }
         Ok((res, statuses))
+    }
+
+    /// Releases a reservation on this core's ledger (and, in fleet mode, its hold on the leases).
+    fn release_local(&self, res: ReservationId) {
+        self.ledger.borrow_mut().release(res);
+        self.fleet_settled(res, None);
+    }
+
+    /// Fleet mode: the instances among `keys` that need a lease (all but alert-only ones), once each.
+    fn leased_keys(keys: &[InstanceKey]) -> Vec<&InstanceKey> {
+        let mut out: Vec<&InstanceKey> = Vec::with_capacity(keys.len());
+        for k in keys {
+            if !matches!(k.budget.action, Action::Alert) && !out.contains(&k) {
+                out.push(k);
+            }
+        }
+        out
+    }
+
+    /// Fleet mode: the leased instances among `keys` whose lease cannot take `amount` now (none yet, in
+    /// its last quarter TTL, of an earlier window, or short).
+    fn fleet_short(
+        &self,
+        f: &Fleet,
+        keys: &[InstanceKey],
+        amount: i128,
+        now_ms: i64,
+    ) -> Vec<InstanceKey> {
+        let leases = f.leases.borrow();
+        Self::leased_keys(keys)
+            .into_iter()
+            .filter(|k| match leases.get(*k) {
+                Some(l) => {
+                    !(now_ms < l.expires_ms.saturating_sub(f.ttl_ms / 4)
+                        && now_ms < l.window_end_ms
+                        && l.avail >= amount)
+                }
+                None => true,
+            })
+            .cloned()
+            .collect()
+    }
+
+    /// Fleet mode: asks the ledger thread for `need` more (and some to spare) on this node's lease of
+    /// `key`. The ask's id, or `None` when it could not be handed over.
+    fn fleet_ask(&self, f: &Fleet, key: &InstanceKey, need: i128, amount: i128) -> Option<u64> {
+        let id = f.next_ask.get();
+        f.next_ask.set(id.wrapping_add(1));
+        let (settled, want) = {
+            let leases = f.leases.borrow();
+            let l = leases.get(key);
+            (
+                l.map_or(0, |l| l.settled),
+                l.map_or(0, |l| l.last_added)
+                    .saturating_mul(2)
+                    .max(amount.saturating_mul(16)),
+            )
+        };
+        f.asks.borrow_mut().insert(id, (key.clone(), settled));
+        let msg = crate::journal::ToLedger::Lease {
+            core: self.core,
+            id,
+            key: key.clone(),
+            need: Money::from_pico(need.max(0)),
+            want: Money::from_pico(want.max(0)),
+        };
+        if f.tx.try_send(msg).is_err() {
+            f.asks.borrow_mut().remove(&id);
+            return None;
+        }
+        Some(id)
+    }
+
+    /// Fleet mode, an ask for instances this core owns: answered now when the leases cover it (or the
+    /// local ledger refuses anyway), else deferred until the ledger thread answers the lease asks it
+    /// sends, then decided once, without asking again.
+    fn fleet_reserve(&self, ask: Deferred) {
+        let (Some(f), Deferred::Reserve { keys, amount, .. }) = (&self.fleet, &ask) else {
+            self.answer(ask);
+            return;
+        };
+        let now = Timestamp::now();
+        let now_ms = now.as_millisecond();
+        let amount_p = (*amount).max(Money::ZERO).pico();
+        let short = self.fleet_short(f, keys, amount_p, now_ms);
+        if short.is_empty() || self.ledger.borrow().refusal(keys, *amount, now).is_some() {
+            self.answer(ask);
+            return;
+        }
+        let mut on = Vec::with_capacity(short.len());
+        for k in &short {
+            let need = match f.leases.borrow().get(k) {
+                Some(l) if now_ms < l.window_end_ms && now_ms < l.expires_ms => {
+                    amount_p.saturating_sub(l.avail.max(0)).max(0)
+                }
+                _ => amount_p,
+            };
+            if let Some(id) = self.fleet_ask(f, k, need, amount_p) {
+                on.push(id);
+            }
+        }
+        if on.is_empty() {
+            self.answer(ask);
+        } else {
+            self.waiting.borrow_mut().push(Waiting {
+                ask,
+                on: Vec::new(),
+                fleet_on: on,
+                since: now,
+            });
+        }
+    }
+
+    /// Fleet mode: a reservation `res` took `amount` off the leases of its leased instances; renews in
+    /// the background a lease that runs low (under a quarter of what was last added) or nears its expiry
+    /// (its last third TTL).
+    fn fleet_consume(
+        &self,
+        f: &Fleet,
+        res: ReservationId,
+        keys: &[InstanceKey],
+        amount: i128,
+        now_ms: i64,
+    ) {
+        let leased: Vec<InstanceKey> = Self::leased_keys(keys).into_iter().cloned().collect();
+        if leased.is_empty() {
+            return;
+        }
+        let mut renew = Vec::new();
+        {
+            let mut leases = f.leases.borrow_mut();
+            for k in &leased {
+                if let Some(l) = leases.get_mut(k) {
+                    l.avail = l.avail.saturating_sub(amount);
+                    l.held = l.held.saturating_add(amount);
+                    if l.avail < l.last_added / 4
+                        || now_ms > l.expires_ms.saturating_sub(f.ttl_ms / 3)
+                    {
+                        renew.push(k.clone());
+                    }
+                }
+            }
+        }
+        f.held.borrow_mut().insert(res, (leased, amount));
+        for k in renew {
+            let asking = f.asks.borrow().values().any(|(a, _)| *a == k);
+            if !asking {
+                let _ = self.fleet_ask(f, &k, 0, amount);
+            }
+        }
+    }
+
+    /// Fleet mode: reservation `res` settled for `actual` (or was released: `None`); its holds go back to
+    /// the leases, less the actual (which leaves the lease in the store when its batch commits).
+    fn fleet_settled(&self, res: ReservationId, actual: Option<Money>) {
+        let Some(f) = &self.fleet else {
+            return;
+        };
+        let Some((keys, amount)) = f.held.borrow_mut().remove(&res) else {
+            return;
+        };
+        let actual = actual.map_or(0, |a| a.max(Money::ZERO).pico());
+        let mut leases = f.leases.borrow_mut();
+        for k in keys {
+            if let Some(l) = leases.get_mut(&k) {
+                l.held = l.held.saturating_sub(amount);
+                l.avail = l.avail.saturating_add(amount.saturating_sub(actual));
+                l.settled = l.settled.saturating_add(actual);
+            }
+        }
+    }
+
+    /// Fleet mode: the ledger thread answered lease ask `id`. A grant sets the lease to what is left of
+    /// it for new reservations: the store's unspent amount, less this node's spend not yet committed, its
+    /// holds, and what settled since the ask (counted at most twice, never missed). Then the asks that
+    /// waited on it are decided.
+    fn fleet_answer(&self, id: u64, key: InstanceKey, a: FleetAnswer) {
+        let Some(f) = &self.fleet else {
+            return;
+        };
+        let sent = f.asks.borrow_mut().remove(&id).map_or(0, |(_, s)| s);
+        {
+            let mut leases = f.leases.borrow_mut();
+            let l = leases.entry(key).or_default();
+            l.spent = a.spent;
+            l.limit = a.limit;
+            if let Some(g) = a.grant {
+                let since = l.settled.saturating_sub(sent).max(0);
+                l.avail = g
+                    .total
+                    .saturating_sub(a.uncommitted)
+                    .saturating_sub(l.held)
+                    .saturating_sub(since);
+                l.expires_ms = g.expires_ms;
+                l.last_added = g.added;
+                l.window_start = a.window_start;
+                l.window_end_ms = a.window_end.saturating_mul(1000);
+            }
+        }
+        let ready: Vec<Deferred> = {
+            let mut waiting = self.waiting.borrow_mut();
+            for w in waiting.iter_mut() {
+                w.fleet_on.retain(|x| *x != id);
+            }
+            let (ready, keep): (Vec<Waiting>, Vec<Waiting>) = std::mem::take(&mut *waiting)
+                .into_iter()
+                .partition(|w| w.on.is_empty() && w.fleet_on.is_empty());
+            *waiting = keep;
+            ready.into_iter().map(|w| w.ask).collect()
+        };
+        for ask in ready {
+            self.answer(ask);
+        }
+    }
+
+    /// Fleet mode: the refusal for an instance this node's lease cannot cover (the fleet's committed
+    /// spend as last seen; the rest of the limit is held by leases or in flight).
+    fn fleet_refusal(&self, f: &Fleet, key: &InstanceKey, now: Timestamp) -> Refusal {
+        let limit = key.budget.amount;
+        let spent = f
+            .leases
+            .borrow()
+            .get(key)
+            .map_or(Money::ZERO, |l| l.spent)
+            .min(limit);
+        Refusal {
+            budget: Arc::clone(&key.budget.name),
+            label: key.label(),
+            action: key.budget.action.clone(),
+            limit,
+            spent,
+            reserved: limit.checked_sub(spent).unwrap_or(Money::ZERO),
+            resets_at: key.budget.window.period(now).map_or(now, |(_, end)| end),
+        }
     }
 
     /// Answers an ask for instances this core owns (a reservation, or a slice), or, when it would be
     /// refused while other cores hold slices with unused amounts, recalls them and answers later.
     fn owned_reserve(&self, ask: Deferred) {
+        if self.fleet.is_some() {
+            self.fleet_reserve(ask);
+            return;
+        }
         let now = Timestamp::now();
         let keys: Vec<InstanceKey> = match &ask {
             Deferred::Reserve { keys, .. } => keys.clone(),
@@ -570,6 +925,7 @@ impl CoreBudgets {
             self.waiting.borrow_mut().push(Waiting {
                 ask,
                 on,
+                fleet_on: Vec::new(),
                 since: now,
             });
         }
@@ -602,7 +958,7 @@ impl CoreBudgets {
                         .is_ok()
                 };
                 if let (false, Some(r)) = (delivered, held) {
-                    self.ledger.borrow_mut().release(r);
+                    self.release_local(r);
                 }
             }
             Deferred::Borrow { .. } => {
@@ -713,10 +1069,13 @@ impl CoreBudgets {
             }
             let (ready, keep): (Vec<Waiting>, Vec<Waiting>) =
                 std::mem::take(&mut *waiting).into_iter().partition(|w| {
-                    w.on.is_empty()
-                        || (timeout
-                            && now.duration_since(w.since).as_millis()
-                                >= i128::from(RECALL_WAIT_MS))
+                    let wait = if w.fleet_on.is_empty() {
+                        RECALL_WAIT_MS
+                    } else {
+                        FLEET_WAIT_MS
+                    };
+                    (w.on.is_empty() && w.fleet_on.is_empty())
+                        || (timeout && now.duration_since(w.since).as_millis() >= i128::from(wait))
                 });
             *waiting = keep;
             ready.into_iter().map(|w| w.ask).collect()
@@ -835,6 +1194,10 @@ impl CoreBudgets {
     /// long.
     pub fn tick(&self) {
         if !self.slices {
+            if self.fleet.is_some() {
+                // Asks whose lease answer is late are decided with what this core has.
+                self.wake_waiting(true);
+            }
             return;
         }
         let now = Timestamp::now();
@@ -858,6 +1221,7 @@ impl CoreBudgets {
     }
 
     fn settle_local(&self, res: ReservationId, actual: Money, now: Timestamp) {
+        self.fleet_settled(res, Some(actual));
         let (_, alerts) = self.ledger.borrow_mut().settle(res, actual, now);
         for a in alerts {
             self.alert(&a);
@@ -905,7 +1269,7 @@ impl CoreBudgets {
 
     fn send_release(&self, core: usize, res: ReservationId) {
         if core == self.core {
-            self.ledger.borrow_mut().release(res);
+            self.release_local(res);
         } else if self.postman.send(core, Msg::Release { res }).is_err() {
             self.log.event(
                 "budget_release_lost",
@@ -953,7 +1317,25 @@ impl CoreBudgets {
         held.keys = all_keys;
         let mut first = true;
         for (core, keys) in by_owner {
-            let answer = if core == self.core {
+            let answer = if core == self.core && self.fleet.is_some() {
+                // Fleet mode: decided now, or once the ledger thread answers this node's lease asks.
+                let (id, rx) = self.pending.register();
+                self.owned_reserve(Deferred::Reserve {
+                    from: self.core,
+                    id,
+                    keys,
+                    amount,
+                });
+                match rx.await {
+                    Ok(a) => a,
+                    Err(_) => {
+                        return Err(BudgetError::Unavailable {
+                            core,
+                            reason: "the owner stopped".to_owned(),
+                        })
+                    }
+                }
+            } else if core == self.core {
                 let answer = self.reserve_local(&keys, amount, now);
                 match answer {
                     Err(_) if !self.lender.borrow().recall_targets(&keys, None).is_empty() => {

@@ -57,6 +57,17 @@ struct Line<'a> {
 #[derive(Debug)]
 pub enum ToLedger {
     Settled(Record),
+    /// Fleet mode: core `core` asks for (more of) a budget lease on `key`'s current window: at least
+    /// `need` (or nothing), and up to `want` on top. Answered with [`crate::budgets::Msg::FleetLease`].
+    Lease {
+        core: usize,
+        id: u64,
+        key: tollgate_controlplane::budget::InstanceKey,
+        need: Money,
+        want: Money,
+    },
+    /// Fleet mode: the cores' mailboxes, for the answers (sent once the workers exist).
+    Cores(crate::mailbox::Postman<crate::budgets::Msg>),
 }
 
 /// The name of instance `k` in the store.

@@ -18,6 +18,19 @@
 //! `"open"` budgets keep admitting. A settlement whose hand-off found the channel full is read back from
 //! its journal file when the gap in its source's sequence numbers shows.
 //!
+//! Fleet mode ([`start_fleet`] with `fleet`: the store is shared with other gateways, see
+//! `docs/fleet.md`): the thread also answers the cores' lease asks ([`ToLedger::Lease`]) with
+//! [`tollgate_controlplane::fleet::acquire`] on the instance's current calendar window (one transaction,
+//! three quick attempts; a failure grants nothing) and replies on the asking core's mailbox
+//! ([`crate::budgets::Msg::FleetLease`], with this node's spend in that window not yet committed), commits
+//! its batches with [`tollgate_controlplane::fleet::commit`] (the spend also leaves this node's lease of the
+//! window it falls in, in the same transaction, recomputed per attempt), and at shutdown, after the last
+//! commits, releases every lease it was granted. At start it releases the leases a previous run with the
+//! same `ledger.node_id` left, after replaying that run's journals. Rolling windows are not leased (fleet
+//! mode refuses to start with a rolling budget that is not alert-only; one added by a reload is refused
+//! at admission). Cost: one store transaction per lease ask, reading the window's spend slots and the
+//! instance's leases.
+//!
 //! Cost to the hot path: the journal append (see [`crate::journal`]) and one `try_send`; nothing waits.
 //! The thread's own numbers (commits, batch sizes, commit time) are logged as `ledger_stats` every 10 s.
 
@@ -29,12 +42,17 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use jiff::Timestamp;
-use tollgate_controlplane::config::LedgerConfig;
-use tollgate_controlplane::spend::{self, Batch, SlotSpend};
+use tollgate_controlplane::budget::InstanceKey;
+use tollgate_controlplane::config::{FleetConfig, LedgerConfig};
+use tollgate_controlplane::fleet::{self, Ask, WindowRef};
+use tollgate_controlplane::spend::{self, Batch, InstanceName, SlotSpend, SLOT_SECS};
 use tollgate_controlplane::store::{transact, RetryPolicy, Store, StoreError};
+use tollgate_controlplane::Money;
 
 use crate::accesslog::Logger;
+use crate::budgets::{FleetAnswer, Msg};
 use crate::journal::{self, Record, ToLedger};
+use crate::mailbox::Postman;
 
 /// How far back spend is kept and loaded: the ledger's 32 days and a slot.
 const HISTORY: Duration = Duration::from_secs(32 * 86_400 + 900);
@@ -116,17 +134,8 @@ pub fn start(cfg: &LedgerConfig, logger: &Logger) -> Result<Started, String> {
         ));
     }
     let store = open_store(cfg, false)?;
-    if cfg.cluster_file.is_some() {
-        // The store is shared, the limits are not yet: say so where operators look.
-        logger.event(
-            "ledger_fleet_limits_per_node",
-            &[(
-                "warning",
-                "spend from every node goes to the shared FoundationDB store, but budgets are still enforced per node: fleet-wide leases are not wired into the data plane yet (docs/fleet.md, known limits)",
-            )],
-        );
-    }
-    let mut started = start_with(store, cfg, logger)?;
+    // A shared store (FoundationDB) is fleet mode: budget limits hold across the nodes through leases.
+    let mut started = start_fleet(store, cfg, logger, cfg.cluster_file.is_some())?;
     started.handle.lock = Some(lock);
     Ok(started)
 }
@@ -172,6 +181,17 @@ pub fn start_with(
     cfg: &LedgerConfig,
     logger: &Logger,
 ) -> Result<Started, String> {
+    start_fleet(store, cfg, logger, false)
+}
+
+/// [`start_with`], in fleet mode when `fleet` (the store is shared with other nodes: the thread also
+/// grants the cores budget leases and releases them at shutdown; see [`crate::budgets`]).
+pub fn start_fleet(
+    store: Box<dyn Store>,
+    cfg: &LedgerConfig,
+    logger: &Logger,
+    fleet: bool,
+) -> Result<Started, String> {
     let policy = RetryPolicy::default();
     let journal_dir = cfg.dir.join("journal");
     spend::check_schema(store.as_ref(), &policy)
@@ -210,6 +230,36 @@ pub fn start_with(
             ("loaded_slots", &history.len().to_string()),
         ],
     );
+    let fleet = fleet.then(|| FleetWorker {
+        node: cfg.fleet.node_id.unwrap_or_else(random_node_id),
+        cfg: cfg.fleet.clone(),
+        cores: None,
+        leases: HashMap::new(),
+    });
+    if let Some(f) = &fleet {
+        // A restart with the same node id: the old leases counted spend the replay just committed.
+        let released = transact(store.as_ref(), &policy, |txn| {
+            fleet::release_all(txn, f.node)
+        })
+        .map_err(|e| format!("releasing this node's old leases: {e}"))?;
+        if released > 0 {
+            logger.event(
+                "fleet_leases_released",
+                &[
+                    ("node", &f.node.to_string()),
+                    ("leases", &released.to_string()),
+                ],
+            );
+        }
+        logger.event(
+            "ledger_fleet",
+            &[
+                ("node", &f.node.to_string()),
+                ("lease_ttl_ms", &f.cfg.lease_ttl_ms.to_string()),
+                ("max_skew_ms", &f.cfg.max_skew_ms.to_string()),
+            ],
+        );
+    }
     let (tx, rx) = crossbeam_channel::bounded(CHANNEL);
     let health = Arc::new(Health::default());
     let stop = Arc::new(AtomicBool::new(false));
@@ -227,6 +277,7 @@ pub fn start_with(
         seen: HashMap::new(),
         committed: BTreeMap::new(),
         stats: Stats::default(),
+        fleet,
     };
     let thread = std::thread::Builder::new()
         .name("tollgate-ledger".into())
@@ -276,6 +327,28 @@ fn replay(store: &dyn Store, dir: &Path, policy: &RetryPolicy) -> Result<usize, 
     Ok(replayed)
 }
 
+/// Per lease this node holds, the batch's spend in that lease's window (alert-only budgets hold none).
+fn lease_decrements(
+    batch: &Batch,
+    leases: &HashMap<(InstanceName, i64), WindowRef>,
+) -> Vec<(WindowRef, i128)> {
+    let mut out: Vec<(WindowRef, i128)> = Vec::new();
+    for ((instance, slot), amount) in &batch.spend {
+        let at = slot.saturating_mul(SLOT_SECS);
+        let found = leases
+            .iter()
+            .find(|((i, _), w)| i == instance && w.start <= at && at < w.end);
+        let Some((_, w)) = found else {
+            continue;
+        };
+        match out.iter_mut().find(|(o, _)| o == w) {
+            Some((_, a)) => *a = a.saturating_add(*amount),
+            None => out.push((w.clone(), *amount)),
+        }
+    }
+    out
+}
+
 fn add_record(batch: &mut Batch, r: &Record) {
     for i in &r.instances {
         batch.add(&r.source, r.seq, i.clone(), r.amount, r.at);
@@ -297,7 +370,28 @@ struct Stats {
     recovered: u64,
 }
 
+/// A random node id: this start's, when `ledger.node_id` is not set.
+fn random_node_id() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(Timestamp::now().as_nanosecond().unsigned_abs());
+    h.write_u32(std::process::id());
+    // Non-negative as an i64: the store's lease keys hold node ids as tuple integers.
+    h.finish() >> 1
+}
+
+/// The ledger thread's side of fleet mode: this node's leases in the store.
+struct FleetWorker {
+    node: u64,
+    cfg: FleetConfig,
+    /// The cores' mailboxes, for the answers.
+    cores: Option<Postman<Msg>>,
+    /// Every lease this node was granted in this run, by instance and window start.
+    leases: HashMap<(InstanceName, i64), WindowRef>,
+}
+
 struct Worker {
+    fleet: Option<FleetWorker>,
     store: Box<dyn Store>,
     rx: Receiver<ToLedger>,
     interval: Duration,
@@ -329,10 +423,23 @@ impl Worker {
                 .recv_timeout(if stopping { Duration::ZERO } else { wait })
             {
                 Ok(ToLedger::Settled(r)) => self.take(r),
+                Ok(ToLedger::Lease {
+                    core,
+                    id,
+                    key,
+                    need,
+                    want,
+                }) => self.lease(core, id, key, need, want),
+                Ok(ToLedger::Cores(p)) => {
+                    if let Some(f) = &mut self.fleet {
+                        f.cores = Some(p);
+                    }
+                }
                 Err(RecvTimeoutError::Timeout) => {}
                 Err(RecvTimeoutError::Disconnected) => {
                     self.commit();
                     self.commit();
+                    self.release_leases();
                     self.log_stats();
                     return;
                 }
@@ -345,6 +452,7 @@ impl Worker {
                     }
                 }
                 self.sync_journals();
+                self.release_leases();
                 self.log_stats();
                 return;
             }
@@ -399,8 +507,17 @@ impl Worker {
             max_attempts: 3,
             ..RetryPolicy::default()
         };
-        match transact(self.store.as_ref(), &policy, |txn| {
-            spend::apply_batch(txn, batch)
+        // Fleet mode: the batch's spend also leaves this node's leases of the windows it falls in
+        // (computed per attempt: a lease granted since the last attempt counted this spend as
+        // uncommitted, so its commit must take it off that lease).
+        let from_leases = self
+            .fleet
+            .as_ref()
+            .map(|f| lease_decrements(batch, &f.leases));
+        let node = self.fleet.as_ref().map_or(0, |f| f.node);
+        match transact(self.store.as_ref(), &policy, |txn| match &from_leases {
+            Some(from) => fleet::commit(txn, batch, node, from),
+            None => spend::apply_batch(txn, batch),
         }) {
             Ok(_) => {
                 let us = started.elapsed().as_micros() as u64;
@@ -434,6 +551,116 @@ impl Worker {
                         &[("error", &e.to_string()), ("kind", self.store.kind())],
                     );
                 }
+            }
+        }
+    }
+
+    /// Spend settled on this node and not yet committed, on `w`: the pending and in-flight batches.
+    fn uncommitted(&self, w: &WindowRef) -> i128 {
+        let (from, to) = (w.start.div_euclid(SLOT_SECS), w.end.div_euclid(SLOT_SECS));
+        self.inflight
+            .iter()
+            .chain(std::iter::once(&self.pending))
+            .flat_map(|b| b.spend.iter())
+            .filter(|((i, slot), _)| *i == w.instance && (from..to).contains(slot))
+            .fold(0i128, |a, (_, v)| a.saturating_add(*v))
+    }
+
+    /// Fleet mode: a core asks for a lease on `key`'s current window. Runs [`fleet::acquire`] and answers
+    /// with [`Msg::FleetLease`]; a store that fails (after a few quick attempts) grants nothing, so
+    /// requests beyond the node's current leases are refused until it answers again.
+    fn lease(&mut self, core: usize, id: u64, key: InstanceKey, need: Money, want: Money) {
+        let Some(f) = &self.fleet else {
+            return;
+        };
+        let now = Timestamp::now();
+        let limit = key.budget.amount;
+        let window = if key.budget.window.is_rolling() {
+            None
+        } else {
+            key.budget.window.period(now).ok()
+        };
+        let mut answer = FleetAnswer {
+            grant: None,
+            spent: limit,
+            limit,
+            uncommitted: 0,
+            window_start: now.as_second(),
+            window_end: now.as_second(),
+        };
+        if let Some((start, end)) = window {
+            let w = WindowRef {
+                instance: journal::instance_name(&key),
+                start: start.as_second(),
+                end: end.as_second(),
+                limit: limit.pico(),
+            };
+            let ask = Ask {
+                node: f.node,
+                need: need.pico(),
+                want: want.pico(),
+                nodes: f.cfg.nodes,
+                now_ms: now.as_millisecond(),
+                ttl_ms: f.cfg.lease_ttl_ms,
+                max_skew_ms: f.cfg.max_skew_ms,
+            };
+            let policy = RetryPolicy {
+                max_attempts: 3,
+                backoff: Duration::from_millis(2),
+                max_backoff: Duration::from_millis(10),
+            };
+            match transact(self.store.as_ref(), &policy, |txn| {
+                let grant = fleet::acquire(txn, &w, &ask)?;
+                Ok((grant, fleet::committed(txn, &w)?))
+            }) {
+                Ok((grant, spent)) => {
+                    answer.grant = grant;
+                    answer.spent = Money::from_pico(spent);
+                    answer.uncommitted = self.uncommitted(&w);
+                    answer.window_start = w.start;
+                    answer.window_end = w.end;
+                    if grant.is_some() {
+                        if let Some(f) = &mut self.fleet {
+                            f.leases.insert((w.instance.clone(), w.start), w);
+                        }
+                    }
+                }
+                Err(e) => self.logger.event(
+                    "fleet_lease_failed",
+                    &[("budget", &key.budget.name), ("error", &e.to_string())],
+                ),
+            }
+        }
+        let Some(cores) = self.fleet.as_ref().and_then(|f| f.cores.as_ref()) else {
+            return;
+        };
+        // An answer that cannot be delivered leaves the grant unused on the lease: it goes back at
+        // release or expiry.
+        let _ = cores.send(core, Msg::FleetLease { id, key, answer });
+    }
+
+    /// Fleet mode, at shutdown (after the last commits): gives back every lease this node holds.
+    fn release_leases(&mut self) {
+        let Some(f) = &mut self.fleet else {
+            return;
+        };
+        let node = f.node;
+        let policy = RetryPolicy {
+            max_attempts: 3,
+            ..RetryPolicy::default()
+        };
+        for (_, w) in std::mem::take(&mut f.leases) {
+            if let Err(e) = transact(self.store.as_ref(), &policy, |txn| {
+                fleet::release(txn, &w, node)
+            }) {
+                self.logger.event(
+                    "fleet_release_failed",
+                    &[
+                        ("budget", &w.instance.budget),
+                        ("error", &e.to_string()),
+                        ("expires", "at the lease's expiry"),
+                    ],
+                );
             }
         }
     }
@@ -640,6 +867,7 @@ mod tests {
             commit_interval: Duration::from_millis(10),
             fail_closed_after: Duration::from_secs(30),
             cluster_file: None,
+            fleet: Default::default(),
         };
         let (log, writer) = Logger::start().unwrap();
         let store = MemStore::new();

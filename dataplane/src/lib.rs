@@ -140,7 +140,8 @@ pub fn restart_required(old: &Config, new: &Config) -> Vec<&'static str> {
         old.store.dir != new.store.dir,
         old.ledger.dir != new.ledger.dir
             || old.ledger.commit_interval != new.ledger.commit_interval
-            || old.ledger.fail_closed_after != new.ledger.fail_closed_after,
+            || old.ledger.fail_closed_after != new.ledger.fail_closed_after
+            || old.ledger.fleet != new.ledger.fleet,
         old.auth.demo_token != new.auth.demo_token,
     ];
     RESTART_REQUIRED
@@ -205,6 +206,41 @@ impl Gateway {
     /// Builds the first snapshot, resolves provider hosts once, starts the log writer, resolver and workers,
     /// and logs one `listening` event per address (tests read the bound port from it).
     pub fn start(config: Config, opts: &BuildOptions) -> Result<Gateway, StartError> {
+        Gateway::start_inner(config, opts, None)
+    }
+
+    /// [`Gateway::start`] with the spend store given instead of opened from `[ledger]` (tests; a
+    /// [`tollgate_controlplane::store::mem::MemStore`] clone is the same store). With `fleet`, the store
+    /// is shared with other gateways: fleet mode, where budget limits hold across all of them through
+    /// budget leases (see [`budgets`] and `docs/fleet.md`).
+    pub fn start_with_store(
+        config: Config,
+        opts: &BuildOptions,
+        store: Box<dyn tollgate_controlplane::store::Store>,
+        fleet: bool,
+    ) -> Result<Gateway, StartError> {
+        Gateway::start_inner(config, opts, Some((store, fleet)))
+    }
+
+    fn start_inner(
+        config: Config,
+        opts: &BuildOptions,
+        store: Option<(Box<dyn tollgate_controlplane::store::Store>, bool)>,
+    ) -> Result<Gateway, StartError> {
+        let fleet = config.ledger.cluster_file.is_some() || store.as_ref().is_some_and(|s| s.1);
+        if fleet {
+            // Leases are per calendar window; a rolling window has no fixed start to lease against.
+            if let Some(b) = config.budgets.budgets().iter().find(|b| {
+                b.window.is_rolling()
+                    && !matches!(b.action, tollgate_controlplane::budget::Action::Alert)
+            }) {
+                return Err(StartError::Ledger(format!(
+                    "budgets.{}: window \"{}\" is rolling, and fleet mode (a shared spend store) leases \
+                     calendar windows only: use a day, week or month window, or action = \"alert\"",
+                    b.name, b.window
+                )));
+            }
+        }
         let config = Arc::new(config);
         let (logger, log_writer) = accesslog::Logger::start()?;
         let snap = Snapshot::build(Arc::clone(&config), opts)?;
@@ -244,7 +280,13 @@ impl Gateway {
         // alerts; always there, so a reload can add webhooks).
         let (webhooks, webhook_thread) = webhook::Webhooks::start(logger.clone())?;
         // Spend: the store, earlier runs' journals replayed, and the history the budgets start from.
-        let ledger = ledger::start(&config.ledger, &logger).map_err(StartError::Ledger)?;
+        let ledger = match store {
+            None => ledger::start(&config.ledger, &logger),
+            Some((store, fleet)) => std::fs::create_dir_all(&config.ledger.dir)
+                .map_err(|e| format!("ledger.dir {}: {e}", config.ledger.dir.display()))
+                .and_then(|()| ledger::start_fleet(store, &config.ledger, &logger, fleet)),
+        }
+        .map_err(StartError::Ledger)?;
         let server = server::start(
             &config,
             Arc::clone(&published),
@@ -259,6 +301,7 @@ impl Gateway {
                 journal_dir: ledger.handle.journal_dir.clone(),
                 history: Arc::new(ledger.history),
                 fail_closed_after: config.ledger.fail_closed_after,
+                fleet_ttl_ms: fleet.then_some(config.ledger.fleet.lease_ttl_ms),
             },
         )?;
         for a in &server.addrs {

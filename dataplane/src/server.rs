@@ -143,6 +143,8 @@ pub struct Spend {
     pub journal_dir: std::path::PathBuf,
     pub history: Arc<Vec<tollgate_controlplane::spend::SlotSpend>>,
     pub fail_closed_after: Duration,
+    /// Fleet mode: the budget leases' TTL (ms); `None` outside fleet mode.
+    pub fleet_ttl_ms: Option<i64>,
 }
 
 /// Starts the workers. They run until `shutdown` is set.
@@ -174,6 +176,13 @@ pub fn start(
     // Budget shards talk over per-core mailboxes (see crate::budgets).
     let (postman, inboxes) = crate::mailbox::mailboxes::<crate::budgets::Msg>(count, 65_536)
         .map_err(|e| std::io::Error::other(e.to_string()))?;
+    if spend.fleet_ttl_ms.is_some() {
+        // Fleet mode: the ledger thread answers the cores' lease asks through their mailboxes.
+        spend
+            .tx
+            .send(crate::journal::ToLedger::Cores(postman.clone()))
+            .map_err(|e| std::io::Error::other(format!("the ledger thread is gone: {e}")))?;
+    }
     let mut handles = Vec::with_capacity(count);
     for (i, (ls, inbox)) in listeners.into_iter().zip(inboxes).enumerate() {
         let postman = postman.clone();
@@ -215,6 +224,9 @@ pub fn start(
                     Arc::clone(&spend.health),
                     spend.fail_closed_after,
                 );
+                if let Some(ttl) = spend.fleet_ttl_ms {
+                    budgets.set_fleet(spend.tx.clone(), ttl);
+                }
                 budgets.preload(&budget_set, &spend.history);
                 let budgets = Rc::new(budgets);
                 let core = Rc::new(Core::new(
