@@ -176,6 +176,8 @@ struct NodeLease {
 #[derive(Debug)]
 struct Fleet {
     tx: crossbeam_channel::Sender<crate::journal::ToLedger>,
+    /// The ledger thread: woken after a lease ask (it otherwise sleeps until its next interval).
+    wake: Option<std::thread::Thread>,
     ttl_ms: i64,
     leases: RefCell<HashMap<InstanceKey, NodeLease>>,
     /// Per reservation: the leased instances it holds, and the amount on each.
@@ -390,11 +392,13 @@ impl CoreBudgets {
     pub fn set_fleet(
         &mut self,
         tx: crossbeam_channel::Sender<crate::journal::ToLedger>,
+        wake: Option<std::thread::Thread>,
         ttl_ms: i64,
     ) {
         self.slices = false;
         self.fleet = Some(Fleet {
             tx,
+            wake,
             ttl_ms: ttl_ms.max(1),
             leases: RefCell::new(HashMap::new()),
             held: RefCell::new(HashMap::new()),
@@ -697,6 +701,9 @@ impl CoreBudgets {
         if f.tx.try_send(msg).is_err() {
             f.asks.borrow_mut().remove(&id);
             return None;
+        }
+        if let Some(t) = &f.wake {
+            t.unpark();
         }
         Some(id)
     }

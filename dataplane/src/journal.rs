@@ -10,7 +10,8 @@
 //!
 //! Guarantee: an append is one `write(2)` to a file opened with `O_APPEND`: once it returns, the entry is in
 //! the kernel's page cache, which a process crash (`kill -9`, a panic, OOM) cannot lose; a machine crash
-//! or power loss can lose what the ledger thread has not yet `fsync`ed (at most one commit interval).
+//! or power loss can lose what the ledger thread has not yet `fsync`ed (at most one second: it syncs the
+//! journals once a second).
 //! Sources: each core of each process run writes its own source (`{run}-c{core}`), in files rotated every
 //! [`ROTATE_BYTES`] (`{source}.{first_seq}.log`), so sequence numbers identify entries without locks.
 //!

@@ -40,7 +40,7 @@ use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
+use crossbeam_channel::{Receiver, Sender};
 use jiff::Timestamp;
 use tollgate_controlplane::budget::InstanceKey;
 use tollgate_controlplane::config::{FleetConfig, LedgerConfig};
@@ -59,6 +59,11 @@ const HISTORY: Duration = Duration::from_secs(32 * 86_400 + 900);
 
 /// Settlements in flight between the cores and the ledger thread.
 const CHANNEL: usize = 65_536;
+
+/// How often this run's journal files are `fsync`ed: what a machine crash or power loss can lose at most
+/// (a process crash loses nothing: appends are in the page cache once `write(2)` returns). Each fsync
+/// also stalls appends to the page being written back, so it is not done every commit interval.
+const JOURNAL_SYNC: Duration = Duration::from_secs(1);
 
 /// What the cores read about the store's health.
 #[derive(Debug, Default)]
@@ -93,10 +98,17 @@ pub struct LedgerHandle {
 }
 
 impl LedgerHandle {
+    /// The ledger thread, for cores to wake it when a request waits on a lease answer (settlements never
+    /// wake it: they wait for its next interval).
+    pub fn waker(&self) -> Option<std::thread::Thread> {
+        self.thread.as_ref().map(|t| t.thread().clone())
+    }
+
     /// Commits what is pending (a few attempts) and stops the thread; waits at most `wait`.
     pub fn shutdown(&mut self, wait: Duration) {
         self.stop.store(true, Ordering::Release);
         if let Some(t) = self.thread.take() {
+            t.thread().unpark();
             let deadline = Instant::now() + wait;
             while !t.is_finished() && Instant::now() < deadline {
                 std::thread::park_timeout(Duration::from_millis(5));
@@ -412,39 +424,28 @@ struct Worker {
 }
 
 impl Worker {
+    /// Sleeps until the next interval (or until a core wakes it for a lease ask, or shutdown), then
+    /// drains the channel and commits. Settlements never wake the thread: a per-message wake-up costs the
+    /// sending core a futex call and this thread a context switch per request (measured: 28 us of CPU per
+    /// settlement at 2,000 requests/s when it woke per message, against under 1 us now).
     fn run(&mut self) {
         let mut next = Instant::now() + self.interval;
+        let mut next_sync = Instant::now() + JOURNAL_SYNC;
         let mut next_stats = Instant::now() + Duration::from_secs(10);
         loop {
             let stopping = self.stop.load(Ordering::Acquire);
-            let wait = next.saturating_duration_since(Instant::now());
-            match self
-                .rx
-                .recv_timeout(if stopping { Duration::ZERO } else { wait })
-            {
-                Ok(ToLedger::Settled(r)) => self.take(r),
-                Ok(ToLedger::Lease {
-                    core,
-                    id,
-                    key,
-                    need,
-                    want,
-                }) => self.lease(core, id, key, need, want),
-                Ok(ToLedger::Cores(p)) => {
-                    if let Some(f) = &mut self.fleet {
-                        f.cores = Some(p);
+            let mut disconnected = false;
+            loop {
+                match self.rx.try_recv() {
+                    Ok(m) => self.handle(m),
+                    Err(crossbeam_channel::TryRecvError::Empty) => break,
+                    Err(crossbeam_channel::TryRecvError::Disconnected) => {
+                        disconnected = true;
+                        break;
                     }
                 }
-                Err(RecvTimeoutError::Timeout) => {}
-                Err(RecvTimeoutError::Disconnected) => {
-                    self.commit();
-                    self.commit();
-                    self.release_leases();
-                    self.log_stats();
-                    return;
-                }
             }
-            if stopping && self.rx.is_empty() {
+            if stopping || disconnected {
                 for _ in 0..3 {
                     self.commit();
                     if self.inflight.is_none() && self.pending.is_empty() {
@@ -456,14 +457,37 @@ impl Worker {
                 self.log_stats();
                 return;
             }
-            if Instant::now() >= next {
+            let now = Instant::now();
+            if now >= next {
                 self.commit();
-                self.sync_journals();
-                next = Instant::now() + self.interval;
+                next = now + self.interval;
             }
-            if Instant::now() >= next_stats {
+            if now >= next_sync {
+                self.sync_journals();
+                next_sync = now + JOURNAL_SYNC;
+            }
+            if now >= next_stats {
                 self.log_stats();
-                next_stats = Instant::now() + Duration::from_secs(10);
+                next_stats = now + Duration::from_secs(10);
+            }
+            std::thread::park_timeout(next.saturating_duration_since(Instant::now()));
+        }
+    }
+
+    fn handle(&mut self, m: ToLedger) {
+        match m {
+            ToLedger::Settled(r) => self.take(r),
+            ToLedger::Lease {
+                core,
+                id,
+                key,
+                need,
+                want,
+            } => self.lease(core, id, key, need, want),
+            ToLedger::Cores(p) => {
+                if let Some(f) = &mut self.fleet {
+                    f.cores = Some(p);
+                }
             }
         }
     }
@@ -665,7 +689,7 @@ impl Worker {
         }
     }
 
-    /// `fsync`s this run's journal files (a machine crash then loses at most one interval) and deletes
+    /// `fsync`s this run's journal files (a machine crash then loses at most [`JOURNAL_SYNC`]) and deletes
     /// the files whose every entry is committed (all but the newest of a source, once the next file's
     /// first sequence number is committed).
     fn sync_journals(&mut self) {

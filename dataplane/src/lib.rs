@@ -302,6 +302,7 @@ impl Gateway {
                 history: Arc::new(ledger.history),
                 fail_closed_after: config.ledger.fail_closed_after,
                 fleet_ttl_ms: fleet.then_some(config.ledger.fleet.lease_ttl_ms),
+                ledger_thread: ledger.handle.waker(),
             },
         )?;
         for a in &server.addrs {

@@ -145,6 +145,8 @@ pub struct Spend {
     pub fail_closed_after: Duration,
     /// Fleet mode: the budget leases' TTL (ms); `None` outside fleet mode.
     pub fleet_ttl_ms: Option<i64>,
+    /// The ledger thread, woken when a request waits on a lease answer.
+    pub ledger_thread: Option<std::thread::Thread>,
 }
 
 /// Starts the workers. They run until `shutdown` is set.
@@ -225,7 +227,7 @@ pub fn start(
                     spend.fail_closed_after,
                 );
                 if let Some(ttl) = spend.fleet_ttl_ms {
-                    budgets.set_fleet(spend.tx.clone(), ttl);
+                    budgets.set_fleet(spend.tx.clone(), spend.ledger_thread.clone(), ttl);
                 }
                 budgets.preload(&budget_set, &spend.history);
                 let budgets = Rc::new(budgets);

@@ -2,7 +2,7 @@
 //! in-memory store with FoundationDB's semantics, virtual time in milliseconds, and injected faults
 //! (commits that fail, commits whose outcome is unknown, applied or not, store outages, node crashes and
 //! restarts, clock skew). Seeded and replayable: `TOLLGATE_SIM_SEED=n` runs one seed and prints its trace
-//! summary; `TOLLGATE_SIM_SEEDS=n` runs that many (default 1,000).
+//! summary; `TOLLGATE_SIM_SEEDS=n` runs that many (default 2,000).
 //!
 //! Invariants checked after every seed:
 //! 1. fleet spend never exceeds the limit by more than the documented bound (the spend crashed or cut-off
@@ -481,7 +481,7 @@ fn fleet_simulation_holds_the_limit_under_faults() {
     let seeds: u64 = std::env::var("TOLLGATE_SIM_SEEDS")
         .ok()
         .and_then(|s| s.parse().ok())
-        .unwrap_or(1_000);
+        .unwrap_or(2_000);
     let one: Option<u64> = std::env::var("TOLLGATE_SIM_SEED")
         .ok()
         .and_then(|s| s.parse().ok());
