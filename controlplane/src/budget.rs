@@ -962,6 +962,7 @@ mod tests {
             scope = "planet"
             action = "explode"
             on_insufficient = "shrug"
+            on_store_failure = "maybe"
             alert_at = [1001]
 
             [[budgets]]
@@ -998,6 +999,7 @@ mod tests {
             "budgets[2].scope",
             "budgets[2].action",
             "budgets[2].on_insufficient",
+            "budgets[2].on_store_failure",
             "budgets[2].alert_at[0]",
             "budgets[3].service_token",
         ] {

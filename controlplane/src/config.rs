@@ -1075,6 +1075,15 @@ mod tests {
     }
 
     #[test]
+    fn a_commit_interval_outside_its_range_is_named() {
+        for bad in [0, 60_001] {
+            let err = parse(&format!("{MIN}\n[ledger]\ncommit_interval_ms = {bad}\n")).unwrap_err();
+            let fields: Vec<&str> = err.issues.iter().map(|i| i.field.as_str()).collect();
+            assert_eq!(fields, ["ledger.commit_interval_ms"], "{err}");
+        }
+    }
+
+    #[test]
     fn unknown_field_names_file_and_line() {
         let err = parse("[server]\nlisten = [\"127.0.0.1:0\"]\nlisen = 1\n").unwrap_err();
         let msg = err.to_string();

@@ -64,24 +64,16 @@ impl Batch {
         let slot = at.as_second().div_euclid(SLOT_SECS);
         let e = self.spend.entry((instance, slot)).or_insert(0);
         *e = e.wrapping_add(amount.pico());
-        let u = self.upto.entry(source.to_owned()).or_insert(0);
-        *u = (*u).max(seq);
+        match self.upto.get_mut(source) {
+            Some(u) => *u = (*u).max(seq),
+            None => {
+                self.upto.insert(source.to_owned(), seq);
+            }
+        }
     }
 
     pub fn is_empty(&self) -> bool {
         self.spend.is_empty() && self.upto.is_empty()
-    }
-
-    /// Folds `other` (a later batch) into this one.
-    pub fn merge(&mut self, other: Batch) {
-        for (k, v) in other.spend {
-            let e = self.spend.entry(k).or_insert(0);
-            *e = e.wrapping_add(v);
-        }
-        for (s, q) in other.upto {
-            let u = self.upto.entry(s).or_insert(0);
-            *u = (*u).max(q);
-        }
     }
 }
 

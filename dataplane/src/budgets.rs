@@ -75,7 +75,6 @@ pub enum Msg {
         id: u64,
         keys: Vec<InstanceKey>,
         amount: Money,
-        now: Timestamp,
     },
     Settle {
         res: ReservationId,
@@ -275,6 +274,17 @@ pub fn owner(key: &InstanceKey, cores: usize) -> usize {
         None => key.budget.name.hash(&mut h),
     }
     (h.finish() % cores.max(1) as u64) as usize
+}
+
+/// Awaits an owner's answer on this core's own oneshot; an owner that stopped fails closed.
+async fn await_answer(
+    rx: local_sync::oneshot::Receiver<Answer>,
+    core: usize,
+) -> Result<Answer, BudgetError> {
+    rx.await.map_err(|_| BudgetError::Unavailable {
+        core,
+        reason: "the owner stopped".to_owned(),
+    })
 }
 
 /// The borrower id of an ask's asker.
@@ -524,7 +534,6 @@ impl CoreBudgets {
                 id,
                 keys,
                 amount,
-                now: _,
             } => me.owned_reserve(Deferred::Reserve {
                 from,
                 id,
@@ -1324,29 +1333,11 @@ impl CoreBudgets {
         held.keys = all_keys;
         let mut first = true;
         for (core, keys) in by_owner {
-            let answer = if core == self.core && self.fleet.is_some() {
-                // Fleet mode: decided now, or once the ledger thread answers this node's lease asks.
-                let (id, rx) = self.pending.register();
-                self.owned_reserve(Deferred::Reserve {
-                    from: self.core,
-                    id,
-                    keys,
-                    amount,
-                });
-                match rx.await {
-                    Ok(a) => a,
-                    Err(_) => {
-                        return Err(BudgetError::Unavailable {
-                            core,
-                            reason: "the owner stopped".to_owned(),
-                        })
-                    }
-                }
-            } else if core == self.core {
-                let answer = self.reserve_local(&keys, amount, now);
-                match answer {
-                    Err(_) if !self.lender.borrow().recall_targets(&keys, None).is_empty() => {
-                        // Other cores hold slices with unused amounts: recall them, then decide.
+            let answer = if core == self.core {
+                match self.reserve_local_now(&keys, amount, now) {
+                    Some(answer) => answer,
+                    // Fleet leases to ask for, or slices to recall first: decided by the owner path.
+                    None => {
                         let (id, rx) = self.pending.register();
                         self.owned_reserve(Deferred::Reserve {
                             from: self.core,
@@ -1354,17 +1345,8 @@ impl CoreBudgets {
                             keys,
                             amount,
                         });
-                        match rx.await {
-                            Ok(a) => a,
-                            Err(_) => {
-                                return Err(BudgetError::Unavailable {
-                                    core,
-                                    reason: "the owner stopped".to_owned(),
-                                })
-                            }
-                        }
+                        await_answer(rx, core).await?
                     }
-                    other => other,
                 }
             } else {
                 held.asks += 1;
@@ -1374,7 +1356,6 @@ impl CoreBudgets {
                     id,
                     keys,
                     amount,
-                    now,
                 };
                 if let Err(e) = self.postman.send(core, ask) {
                     self.pending.cancel(id);
@@ -1383,15 +1364,7 @@ impl CoreBudgets {
                         reason: e.to_string(),
                     });
                 }
-                match rx.await {
-                    Ok(a) => a,
-                    Err(_) => {
-                        return Err(BudgetError::Unavailable {
-                            core,
-                            reason: "the owner stopped".to_owned(),
-                        })
-                    }
-                }
+                await_answer(rx, core).await?
             };
             match answer {
                 Ok((res, statuses)) => {
@@ -1423,6 +1396,23 @@ impl CoreBudgets {
             }
         }
         Ok(Ok(held))
+    }
+
+    /// This core's own instances, decided at once when nothing needs waiting for: `None` in fleet mode
+    /// (leases may have to be asked for) or when a refusal might be lifted by recalling slices.
+    fn reserve_local_now(
+        &self,
+        keys: &[InstanceKey],
+        amount: Money,
+        now: Timestamp,
+    ) -> Option<Answer> {
+        if self.fleet.is_some() {
+            return None;
+        }
+        match self.reserve_local(keys, amount, now) {
+            Err(_) if !self.lender.borrow().recall_targets(keys, None).is_empty() => None,
+            answer => Some(answer),
+        }
     }
 
     /// Holds `amount` on this core's slice of the shared instance `key`, asking its owner for the

@@ -294,3 +294,54 @@ group = "eng"
     // The tightest is per-caller ($5): 5 - 3 requests - this one's reservation.
     assert_eq!(remaining, 5_000_000_000_000 - 3 * COST - reserve);
 }
+
+#[test]
+fn a_second_gateway_on_the_same_ledger_dir_is_refused_and_spend_without_a_store_says_so() {
+    let (_m, g, _s, tokens) = budget_gateway(
+        "[[budgets]]\nname = \"total\"\namount_usd = \"1\"\nwindow = \"day\"\nscope = \"everyone\"\n",
+    );
+    // The same config file (so the same ledger dir) started again while the first gateway runs.
+    let mut second = Proc::spawn(
+        &bin("tollgate"),
+        &["serve", "--config", g.config_path().to_str().unwrap()],
+        &[
+            ("TG_TEST_OPENAI_KEY", MOCK_KEY),
+            ("TG_TEST_ANTHROPIC_KEY", MOCK_KEY),
+        ],
+    );
+    let code = second.wait_exit(Duration::from_secs(10));
+    assert!(
+        matches!(code, Some(c) if c != 0),
+        "exit {code:?}: {}",
+        second.output()
+    );
+    assert!(
+        second
+            .output()
+            .contains("another tollgate is running with ledger.dir"),
+        "{}",
+        second.output()
+    );
+    // The first one still serves.
+    assert_eq!(
+        post(g.addr, "/v1/chat/completions", CHAT, &headers(&tokens[0])).status,
+        200
+    );
+
+    // `tollgate spend` for a config whose ledger has never run: an error naming the missing store.
+    let dir = TempDir::new("no-ledger");
+    let cfg = dir.file(
+        "tollgate.toml",
+        &config_for("http://127.0.0.1:9", "", "[ledger]\ndir = \"never-ran\"\n"),
+    );
+    let out = std::process::Command::new(bin("tollgate"))
+        .args(["spend", "--config", cfg.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("no spend store at") && err.contains("never-ran"),
+        "{err}"
+    );
+}
