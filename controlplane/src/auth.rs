@@ -459,13 +459,11 @@ pub fn agent_for(issuer: &IssuerConfig) -> Result<ureq::Agent, FetchError> {
                 reason: e.to_string(),
             })?;
         }
-        let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .map_err(|e| FetchError::Invalid(e.to_string()))?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+        let tls = rustls::ClientConfig::builder_with_provider(crate::tls::crypto_provider())
+            .with_safe_default_protocol_versions()
+            .map_err(|e| FetchError::Invalid(e.to_string()))?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
         b = b.tls_config(Arc::new(tls));
     }
     Ok(b.build())

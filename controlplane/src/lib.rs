@@ -27,6 +27,7 @@ pub mod pricing;
 pub mod service_tokens;
 pub mod spend;
 pub mod store;
+pub mod tls;
 pub mod usage;
 
 pub use config::{Config, ConfigError, ConfigIssue};

@@ -21,7 +21,7 @@ use tollgate_dataplane::{BuildOptions, Gateway};
 #[derive(Parser)]
 #[command(
     name = "tollgate",
-    version,
+    version = concat!(env!("CARGO_PKG_VERSION"), " (commit ", env!("TOLLGATE_GIT_COMMIT"), ")"),
     about = "An AI gateway with real-time cost, identity and dollar budgets"
 )]
 struct Cli {

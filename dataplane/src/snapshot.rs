@@ -163,11 +163,11 @@ fn client_tls(ca_file: Option<&Path>) -> Result<Arc<rustls::ClientConfig>, Strin
             return Err(format!("ca_file {} holds no certificate", path.display()));
         }
     }
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let cfg = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(|e| format!("TLS setup: {e}"))?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+    let cfg =
+        rustls::ClientConfig::builder_with_provider(tollgate_controlplane::tls::crypto_provider())
+            .with_safe_default_protocol_versions()
+            .map_err(|e| format!("TLS setup: {e}"))?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
     Ok(Arc::new(cfg))
 }

@@ -59,3 +59,19 @@ fn serve_refuses_a_bad_config_with_the_reason() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/tollgate.toml"));
 }
+
+#[test]
+fn version_names_the_release_and_the_commit() {
+    let out = tollgate().arg("--version").output().unwrap();
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    let want = format!("tollgate {} (commit ", env!("CARGO_PKG_VERSION"));
+    assert!(text.starts_with(&want), "{text}");
+    // Built from this checkout: the commit is a 12-digit hash (or "unknown" from a tarball).
+    let commit = text.trim().trim_start_matches(&want).trim_end_matches(')');
+    assert!(
+        commit == "unknown"
+            || (commit.len() == 12 && commit.bytes().all(|b| b.is_ascii_hexdigit())),
+        "{text}"
+    );
+}

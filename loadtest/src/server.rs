@@ -122,7 +122,7 @@ pub(crate) fn tls_acceptor(files: &TlsFiles) -> Result<TlsAcceptor, MockError> {
     let key = rustls_pemfile::private_key(&mut key_pem.as_slice())
         .map_err(|e| MockError::Tls(format!("parsing {}: {e}", files.key_pem.display())))?
         .ok_or_else(|| MockError::Tls(format!("no private key in {}", files.key_pem.display())))?;
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
     let mut config = rustls::ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .map_err(|e| MockError::Tls(e.to_string()))?
