@@ -6,7 +6,7 @@
 //!   the common path when an identity's budgets live on the core serving it. The cross-core path is the
 //!   mailbox round trip (`cargo bench --bench mailbox`).
 //! - `reserve_settle/slice_shared_budget`: holding and settling on a core's slice of a shared budget
-//!   (`tollgate_controlplane::lease`), what a core does instead of asking the budget's owner; with a
+//!   (`tollgate_core::budget::slices`), what a core does instead of asking the budget's owner; with a
 //!   report to the owner (applied to its ledger) every 1,000 requests, as a busy core's 50 ms tick would.
 //! - `settle/journal_append_3_budgets`: what a settlement adds for durability: one JSON line appended to
 //!   the core's journal file (a `write(2)` into the page cache) and a `try_send` to the ledger thread;
@@ -17,11 +17,11 @@
 use std::sync::Arc;
 
 use criterion::{black_box, criterion_group, criterion_main, Criterion};
-use tollgate_controlplane::budget::{BudgetRequest, BudgetSet, RawBudget};
-use tollgate_controlplane::lease::{Lend, Lender};
-use tollgate_controlplane::ledger::Ledger;
-use tollgate_controlplane::{Identity, IdentityKind, Money};
-use tollgate_dataplane::pipeline::reserve::input_token_bound;
+use tollgate_core::budget::owner::Ledger;
+use tollgate_core::budget::slices::{Lend, Lender};
+use tollgate_core::budget::{BudgetRequest, BudgetSet, RawBudget};
+use tollgate_core::{Identity, IdentityKind, Money};
+use tollgate_dataplane::spend::max_cost::input_token_bound;
 
 fn body(bytes: usize) -> Vec<u8> {
     let sentence =
@@ -35,7 +35,7 @@ fn body(bytes: usize) -> Vec<u8> {
 }
 
 fn input_bound(c: &mut Criterion) {
-    tollgate_dataplane::tokens::warm();
+    tollgate_dataplane::spend::estimate::warm();
     let mut g = c.benchmark_group("input_bound");
     for (name, n) in [("1kb", 1024), ("64kb", 64 * 1024)] {
         let b = body(n);
@@ -43,7 +43,11 @@ fn input_bound(c: &mut Criterion) {
             x.iter(|| black_box(input_token_bound(black_box(&b))))
         });
         g.bench_function(format!("{name}_baseline_tokenize"), |x| {
-            x.iter(|| black_box(tollgate_dataplane::tokens::prompt_tokens(black_box(&b))))
+            x.iter(|| {
+                black_box(tollgate_dataplane::spend::estimate::prompt_tokens(
+                    black_box(&b),
+                ))
+            })
         });
     }
     g.finish();
@@ -116,7 +120,7 @@ fn reserve_settle(c: &mut Criterion) {
     ) else {
         panic!("no grant");
     };
-    let mut lease = tollgate_controlplane::lease::Lease::new(&g, now);
+    let mut lease = tollgate_core::budget::slices::Lease::new(&g, now);
     lease.apply(&g, Money::ZERO);
     let mut n = 0u32;
     c.bench_function("reserve_settle/slice_shared_budget", |b| {
@@ -174,14 +178,14 @@ fn journal(c: &mut Criterion) {
     .unwrap();
     let keys: Vec<_> = ["me", "team", "all"]
         .iter()
-        .map(|n| tollgate_controlplane::budget::InstanceKey {
+        .map(|n| tollgate_core::budget::InstanceKey {
             budget: Arc::clone(set.get(n).unwrap()),
             member: (*n == "me").then(|| Arc::from("okta:alice")),
         })
         .collect();
     let dir = std::env::temp_dir().join(format!("tg-bench-journal-{}", std::process::id()));
     let (tx, rx) = crossbeam_channel::bounded(1 << 20);
-    let j = tollgate_dataplane::journal::Journal::new(&dir, "bench-c0", tx);
+    let j = tollgate_dataplane::spend::journal::Journal::new(&dir, "bench-c0", tx);
     let now = jiff::Timestamp::now();
     c.bench_function("settle/journal_append_3_budgets", |b| {
         b.iter(|| {

@@ -13,8 +13,8 @@
 
 use bytes::{Bytes, BytesMut};
 use criterion::{black_box, criterion_group, criterion_main, Criterion, Throughput};
-use tollgate_dataplane::http1::{parse_request, Limits};
-use tollgate_dataplane::sse::SseFramer;
+use tollgate_dataplane::net::http1::{parse_request, Limits};
+use tollgate_dataplane::net::sse::SseFramer;
 
 const HEAD: &[u8] = b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost:8080\r\nAccept-Encoding: gzip, deflate\r\nConnection: keep-alive\r\nAccept: application/json\r\nContent-Type: application/json\r\nUser-Agent: OpenAI/Python 1.99.1\r\nX-Stainless-Lang: python\r\nX-Stainless-Package-Version: 1.99.1\r\nX-Stainless-OS: Linux\r\nX-Stainless-Arch: x64\r\nX-Stainless-Runtime: CPython\r\nX-Stainless-Runtime-Version: 3.11.7\r\nAuthorization: Bearer eyJhbGciOiJSUzI1NiIsImtpZCI6ImsxIn0.eyJzdWIiOiJ1c2VyIn0.c2ln\r\nX-Stainless-Async: false\r\nX-Stainless-Retry-Count: 0\r\nX-Stainless-Read-Timeout: 600\r\nContent-Length: 96\r\n\r\n";
 
@@ -185,8 +185,8 @@ fn one_event_per_piece(stream: Vec<u8>) -> Vec<Bytes> {
 }
 
 fn usage_extraction(c: &mut Criterion) {
-    use tollgate_controlplane::ProviderKind;
-    use tollgate_dataplane::usage::UsageMeter;
+    use tollgate_core::ProviderKind;
+    use tollgate_dataplane::providers::meter::UsageMeter;
     let events = one_event_per_piece(openai_stream_with_usage());
     let mut g = c.benchmark_group("usage_extraction");
     g.throughput(Throughput::Elements(events.len() as u64));
@@ -225,8 +225,8 @@ fn usage_extraction(c: &mut Criterion) {
 }
 
 fn stream_cutoff(c: &mut Criterion) {
-    use tollgate_dataplane::cutoff::StreamCutoff;
-    assert!(tollgate_dataplane::tokens::warm());
+    use tollgate_dataplane::spend::cutoff::StreamCutoff;
+    assert!(tollgate_dataplane::spend::estimate::warm());
     let events = one_event_per_piece(openai_stream_with_usage());
     let mut g = c.benchmark_group("stream_cutoff");
     g.throughput(Throughput::Elements(events.len() as u64));

@@ -12,8 +12,8 @@ use std::path::Path;
 
 use criterion::{black_box, criterion_group, criterion_main, Criterion};
 use jsonwebtoken::{encode, Algorithm, EncodingKey, Header};
-use tollgate_controlplane::auth::{self, AuthConfig, KeySet, RawAuth, RawIssuer};
-use tollgate_controlplane::service_tokens::{ServiceTokenSet, TokenStore};
+use tollgate_core::auth::jwt::{self, AuthConfig, KeySet, RawAuth, RawIssuer};
+use tollgate_core::auth::service_tokens::{ServiceTokenSet, TokenStore};
 use tollgate_dataplane::pipeline::identify::JwtCache;
 
 const ISS: &str = "https://idp.example.com";
@@ -77,14 +77,14 @@ fn token_verify(c: &mut Criterion) {
         let t = token(key, alg);
         g.bench_function(name, |b| {
             b.iter(|| {
-                let pk = auth::peek(black_box(&t), 8192).unwrap();
-                black_box(auth::verify(&t, &pk, &issuer, &keys).unwrap());
+                let pk = jwt::peek(black_box(&t), 8192).unwrap();
+                black_box(jwt::verify(&t, &pk, &issuer, &keys).unwrap());
             })
         });
     }
     let t = token("rsa-a", Algorithm::RS256);
-    let pk = auth::peek(&t, 8192).unwrap();
-    let v = auth::verify(&t, &pk, &issuer, &keys).unwrap();
+    let pk = jwt::peek(&t, 8192).unwrap();
+    let v = jwt::verify(&t, &pk, &issuer, &keys).unwrap();
     let mut cache = JwtCache::default();
     let n = now();
     cache.get(&t, 1, n);
@@ -105,7 +105,7 @@ fn service_token(c: &mut Criterion) {
     let dir = std::env::temp_dir().join(format!("tollgate-bench-tokens-{}", std::process::id()));
     let store = TokenStore::open(&dir).unwrap();
     let (_, secret) = store.create("bench", "bench", None).unwrap();
-    let mut file = tollgate_controlplane::service_tokens::load(&dir).unwrap();
+    let mut file = tollgate_core::auth::service_tokens::load(&dir).unwrap();
     // 10,000 tokens in the set (synthetic records; only the hash matters for the lookup).
     let template = file.tokens[0].clone();
     for i in 0..10_000u32 {

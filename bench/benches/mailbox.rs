@@ -1,4 +1,4 @@
-//! Cross-core ask/answer through `tollgate_dataplane::mailbox`, against the same call made on one core.
+//! Cross-core ask/answer through `tollgate_dataplane::runtime::mailbox`, against the same call made on one core.
 //!
 //! - `baseline_same_core_call`: the owner's handler called directly (what a request does when its budget
 //!   lives on its own core).
@@ -19,7 +19,7 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use criterion::{black_box, criterion_group, criterion_main, Criterion, Throughput};
-use tollgate_dataplane::mailbox::{mailboxes, PendingReplies, Postman, Reply};
+use tollgate_dataplane::runtime::mailbox::{mailboxes, PendingReplies, Postman, Reply};
 
 enum Msg {
     Ask {

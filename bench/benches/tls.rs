@@ -72,8 +72,8 @@ fn handshake(p: &Pair) -> Option<rustls::NamedGroup> {
 }
 
 fn tls_handshake(c: &mut Criterion) {
-    let hybrid = pair(tollgate_controlplane::tls::crypto_provider());
-    let classic = pair(tollgate_controlplane::tls::classic_crypto_provider());
+    let hybrid = pair(tollgate_core::tls::crypto_provider());
+    let classic = pair(tollgate_core::tls::classic_crypto_provider());
     assert_eq!(handshake(&hybrid), Some(rustls::NamedGroup::X25519MLKEM768));
     assert_eq!(handshake(&classic), Some(rustls::NamedGroup::X25519));
     let mut g = c.benchmark_group("tls_handshake");

@@ -11,37 +11,23 @@
 
 #![deny(unsafe_code)]
 
-pub mod accesslog;
-pub mod budgets;
-pub mod bufio;
-pub mod cutoff;
 pub mod error;
-pub mod handoff;
-pub mod http1;
-pub mod identity;
-pub mod iovec;
-pub mod journal;
-pub mod ledger;
-pub mod mailbox;
+pub mod net;
+pub mod obs;
 pub mod pipeline;
-pub mod resolve;
-pub mod server;
-pub mod snapshot;
-pub mod sse;
-pub mod tokens;
-pub mod upstream;
-pub mod usage;
-pub mod webhook;
+pub mod providers;
+pub mod runtime;
+pub mod spend;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
-use tollgate_controlplane::Config;
+use tollgate_core::Config;
 
 pub use error::{Error, ErrorKind};
-pub use snapshot::{BuildOptions, Snapshot};
+pub use runtime::snapshot::{BuildOptions, Snapshot};
 
 /// A running gateway: workers, resolver and log writer.
 #[derive(Debug)]
@@ -50,14 +36,14 @@ pub struct Gateway {
     pub driver: &'static str,
     pub workers: usize,
     shutdown: Arc<AtomicBool>,
-    published: snapshot::Published,
-    identity_ctl: identity::IdentityControl,
-    server: server::Workers,
+    published: runtime::snapshot::Published,
+    identity_ctl: runtime::credentials::IdentityControl,
+    server: runtime::server::Workers,
     resolver: Option<std::thread::JoinHandle<()>>,
     identity: Option<std::thread::JoinHandle<()>>,
-    webhook_thread: Option<std::thread::JoinHandle<webhook::WebhookTotals>>,
-    ledger: Option<ledger::LedgerHandle>,
-    logger: Option<accesslog::Logger>,
+    webhook_thread: Option<std::thread::JoinHandle<obs::webhook::WebhookTotals>>,
+    ledger: Option<spend::committer::LedgerHandle>,
+    logger: Option<obs::accesslog::Logger>,
     log_writer: Option<std::thread::JoinHandle<()>>,
 }
 
@@ -65,9 +51,9 @@ pub struct Gateway {
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
     #[error(transparent)]
-    Build(#[from] snapshot::BuildError),
+    Build(#[from] runtime::snapshot::BuildError),
     #[error(transparent)]
-    Identity(#[from] identity::IdentityError),
+    Identity(#[from] runtime::credentials::IdentityError),
     #[error("{0}")]
     Io(#[from] std::io::Error),
     #[error("{0}")]
@@ -78,7 +64,7 @@ pub enum StartError {
 #[derive(Debug, thiserror::Error)]
 pub enum ReloadError {
     #[error(transparent)]
-    Build(#[from] snapshot::BuildError),
+    Build(#[from] runtime::snapshot::BuildError),
 }
 
 /// How long a reload waits for the identity thread to publish the new policies before publishing the new
@@ -170,8 +156,8 @@ pub struct ReloadOutcome {
 }
 
 impl ReloadOutcome {
-    fn log(&self, l: &accesslog::Logger) {
-        let ts = accesslog::now_rfc3339();
+    fn log(&self, l: &obs::accesslog::Logger) {
+        let ts = obs::accesslog::now_rfc3339();
         if !self.restart_required.is_empty() {
             l.value(serde_json::json!({
                 "ts": ts,
@@ -210,13 +196,13 @@ impl Gateway {
     }
 
     /// [`Gateway::start`] with the spend store given instead of opened from `[ledger]` (tests; a
-    /// [`tollgate_controlplane::store::mem::MemStore`] clone is the same store). With `fleet`, the store
+    /// [`tollgate_core::store::mem::MemStore`] clone is the same store). With `fleet`, the store
     /// is shared with other gateways: fleet mode, where budget limits hold across all of them through
     /// budget leases (see [`budgets`] and `docs/fleet.md`).
     pub fn start_with_store(
         config: Config,
         opts: &BuildOptions,
-        store: Box<dyn tollgate_controlplane::store::Store>,
+        store: Box<dyn tollgate_core::store::Store>,
         fleet: bool,
     ) -> Result<Gateway, StartError> {
         Gateway::start_inner(config, opts, Some((store, fleet)))
@@ -225,14 +211,13 @@ impl Gateway {
     fn start_inner(
         config: Config,
         opts: &BuildOptions,
-        store: Option<(Box<dyn tollgate_controlplane::store::Store>, bool)>,
+        store: Option<(Box<dyn tollgate_core::store::Store>, bool)>,
     ) -> Result<Gateway, StartError> {
         let fleet = config.ledger.cluster_file.is_some() || store.as_ref().is_some_and(|s| s.1);
         if fleet {
             // Leases are per calendar window; a rolling window has no fixed start to lease against.
             if let Some(b) = config.budgets.budgets().iter().find(|b| {
-                b.window.is_rolling()
-                    && !matches!(b.action, tollgate_controlplane::budget::Action::Alert)
+                b.window.is_rolling() && !matches!(b.action, tollgate_core::budget::Action::Alert)
             }) {
                 return Err(StartError::Ledger(format!(
                     "budgets.{}: window \"{}\" is rolling, and fleet mode (a shared spend store) leases \
@@ -242,17 +227,17 @@ impl Gateway {
             }
         }
         let config = Arc::new(config);
-        let (logger, log_writer) = accesslog::Logger::start()?;
+        let (logger, log_writer) = obs::accesslog::Logger::start()?;
         let snap = Snapshot::build(Arc::clone(&config), opts)?;
         // The estimate path's tokenizer is built here, never on a core.
-        if !tokens::warm() {
+        if !spend::estimate::warm() {
             logger.event(
                 "tokenizer_unavailable",
                 &[("fallback", "bytes/4 estimates")],
             );
         }
         for p in &snap.providers {
-            resolve::resolve_now(p, &logger);
+            runtime::resolve::resolve_now(p, &logger);
             if p.is_mock {
                 logger.event(
                     "provider_mocked",
@@ -266,35 +251,37 @@ impl Gateway {
                 );
             }
         }
-        let published: snapshot::Published = Arc::new(ArcSwap::from_pointee(snap));
+        let published: runtime::snapshot::Published = Arc::new(ArcSwap::from_pointee(snap));
         let shutdown = Arc::new(AtomicBool::new(false));
-        let resolver = resolve::spawn(
+        let resolver = runtime::resolve::spawn(
             Arc::clone(&published),
             config.upstream.dns_refresh,
             logger.clone(),
             Arc::clone(&shutdown),
         )?;
         let (auth, identity_ctl, identity) =
-            identity::start(&config, &logger, Arc::clone(&shutdown))?;
+            runtime::credentials::start(&config, &logger, Arc::clone(&shutdown))?;
         // Alert webhooks go out from their own thread (idle on its queue until a budget with a webhook
         // alerts; always there, so a reload can add webhooks).
-        let (webhooks, webhook_thread) = webhook::Webhooks::start(logger.clone())?;
+        let (webhooks, webhook_thread) = obs::webhook::Webhooks::start(logger.clone())?;
         // Spend: the store, earlier runs' journals replayed, and the history the budgets start from.
         let ledger = match store {
-            None => ledger::start(&config.ledger, &logger),
+            None => spend::committer::start(&config.ledger, &logger),
             Some((store, fleet)) => std::fs::create_dir_all(&config.ledger.dir)
                 .map_err(|e| format!("ledger.dir {}: {e}", config.ledger.dir.display()))
-                .and_then(|()| ledger::start_fleet(store, &config.ledger, &logger, fleet)),
+                .and_then(|()| {
+                    spend::committer::start_fleet(store, &config.ledger, &logger, fleet)
+                }),
         }
         .map_err(StartError::Ledger)?;
-        let server = server::start(
+        let server = runtime::server::start(
             &config,
             Arc::clone(&published),
             auth,
             Some(webhooks),
             &logger,
             Arc::clone(&shutdown),
-            server::Spend {
+            runtime::server::Spend {
                 tx: ledger.handle.tx.clone(),
                 health: Arc::clone(&ledger.handle.health),
                 run: ledger.handle.run.clone(),
@@ -307,7 +294,7 @@ impl Gateway {
         )?;
         for a in &server.addrs {
             logger.value(serde_json::json!({
-                "ts": accesslog::now_rfc3339(),
+                "ts": obs::accesslog::now_rfc3339(),
                 "event": "listening",
                 "addr": a.to_string(),
                 "workers": server.count,
@@ -374,7 +361,7 @@ impl Gateway {
             match (kept, log) {
                 (Some(addrs), _) => p.addrs.store(addrs),
                 (None, Some(l)) => {
-                    resolve::resolve_now(p, l);
+                    runtime::resolve::resolve_now(p, l);
                     resolved += 1;
                 }
                 (None, None) => {}
@@ -394,11 +381,14 @@ impl Gateway {
             }
         }
         let (done_tx, done_rx) = crossbeam_channel::bounded(1);
-        let sent = self.identity_ctl.reload.try_send(identity::Reload {
-            auth: config.auth.clone(),
-            policies: Arc::clone(&config.policies),
-            done: done_tx,
-        });
+        let sent = self
+            .identity_ctl
+            .reload
+            .try_send(runtime::credentials::Reload {
+                auth: config.auth.clone(),
+                policies: Arc::clone(&config.policies),
+                done: done_tx,
+            });
         let identity_published = sent.is_ok() && done_rx.recv_timeout(IDENTITY_ACK).is_ok();
         let outcome = ReloadOutcome {
             providers: snap.providers.len(),
@@ -456,7 +446,7 @@ impl Gateway {
             log_writer,
             ..
         } = &mut self;
-        let server = std::mem::replace(server, server::Workers::empty());
+        let server = std::mem::replace(server, runtime::server::Workers::empty());
         server.join();
         // Every request has settled: commit what is pending and sync the journals.
         if let Some(mut l) = ledger.take() {
@@ -464,7 +454,7 @@ impl Gateway {
         }
         // FoundationDB's client network must be stopped before the process exits (after the last commit).
         #[cfg(feature = "fdb")]
-        tollgate_controlplane::store::fdb::stop_network();
+        tollgate_core::store::fdb::stop_network();
         if let Some(r) = resolver.take() {
             r.thread().unpark();
             let _ = r.join();

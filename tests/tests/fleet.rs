@@ -14,11 +14,11 @@ use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
 use jiff::Timestamp;
-use tollgate_controlplane::fleet::{self, Ask, WindowRef};
-use tollgate_controlplane::spend::{self, InstanceName};
-use tollgate_controlplane::store::mem::MemStore;
-use tollgate_controlplane::store::{transact, RetryPolicy};
-use tollgate_controlplane::Config;
+use tollgate_core::store::fleet::{self, Ask, WindowRef};
+use tollgate_core::store::mem::MemStore;
+use tollgate_core::store::spend::{self, InstanceName};
+use tollgate_core::store::{transact, RetryPolicy};
+use tollgate_core::Config;
 use tollgate_dataplane::{BuildOptions, Gateway};
 use tollgate_tests::*;
 

@@ -169,9 +169,9 @@ fail_closed_after_ms = 300
         .parent()
         .unwrap()
         .join("ledger/ledger.sqlite");
-    let blocker = tollgate_controlplane::store::sqlite::SqliteStore::open(&db).unwrap();
+    let blocker = tollgate_core::store::sqlite::SqliteStore::open(&db).unwrap();
     let held = {
-        use tollgate_controlplane::store::Store;
+        use tollgate_core::store::Store;
         blocker.begin().unwrap()
     };
     assert_eq!(ok(eng).status, 200);
@@ -208,15 +208,14 @@ fail_closed_after_ms = 300
 
 #[test]
 fn a_store_written_by_a_newer_tollgate_is_refused_with_both_versions() {
-    use tollgate_controlplane::store::tuple::{pack, Element};
-    use tollgate_controlplane::store::Store;
+    use tollgate_core::store::tuple::{pack, Element};
+    use tollgate_core::store::Store;
     let m = mock(&["--expect-key", MOCK_KEY]);
     let dir = TempDir::new("newer-schema");
     std::fs::create_dir_all(dir.0.join("ledger")).unwrap();
-    let store = tollgate_controlplane::store::sqlite::SqliteStore::open(
-        &dir.0.join("ledger/ledger.sqlite"),
-    )
-    .unwrap();
+    let store =
+        tollgate_core::store::sqlite::SqliteStore::open(&dir.0.join("ledger/ledger.sqlite"))
+            .unwrap();
     let mut txn = store.begin().unwrap();
     txn.set(&pack(&[Element::from("tg"), Element::from("schema")]), b"2");
     txn.commit().unwrap();

@@ -2,14 +2,14 @@
 //!
 //! Owns: [`settle`], run exactly once per request after the forward phase, whatever happened there (complete,
 //! client gone, upstream failed). Usage comes from the provider's own numbers when they arrived
-//! ([`crate::usage::UsageMeter`]); when they did not (client disconnect or upstream failure mid-stream, a
+//! ([`crate::providers::meter::UsageMeter`]); when they did not (client disconnect or upstream failure mid-stream, a
 //! provider that omits usage) the request is still charged with an estimate, marked `estimated`, so nothing
 //! settles at $0 for want of a usage event. A provider error response (non-2xx) without usage is not billed:
 //! providers do not charge for refused requests.
 //!
 //! The estimate: input tokens from the provider's `message_start` when it came, else the prompt's text
-//! counted with the embedded tokenizer ([`crate::tokens`]); output tokens from the last cumulative count
-//! when one came, else the count of a stream cut off at its reservation ([`crate::cutoff`]), else the
+//! counted with the embedded tokenizer ([`crate::spend::estimate`]); output tokens from the last cumulative count
+//! when one came, else the count of a stream cut off at its reservation ([`crate::spend::cutoff`]), else the
 //! generated text relayed so far, counted the same way (relayed bytes past the keep cap count at the kept
 //! part's tokens per byte, or bytes/4 when nothing readable was kept, which errs towards charging).
 //!
@@ -19,8 +19,8 @@
 //! Cost: the quote was taken when the request started (its price date is the request's); pricing a usage is
 //! a handful of integer multiplications. Fails: never.
 
-use tollgate_controlplane::pricing::Cost;
-use tollgate_controlplane::Usage;
+use tollgate_core::pricing::Cost;
+use tollgate_core::Usage;
 
 use super::RequestCtx;
 
@@ -71,11 +71,11 @@ pub fn settle(ctx: &mut RequestCtx) {
         None => {
             let (input, output) = meter.as_ref().map(|m| m.partial()).unwrap_or((None, None));
             let input = input
-                .or_else(|| crate::tokens::prompt_tokens(&ctx.body))
+                .or_else(|| crate::spend::estimate::prompt_tokens(&ctx.body))
                 .unwrap_or_else(|| (ctx.body.len() as u64).div_ceil(4));
             let relayed = std::mem::take(&mut ctx.relayed);
             let output = output.or(relayed.counted_output).unwrap_or_else(|| {
-                let kept = crate::tokens::completion_tokens(&relayed.kept);
+                let kept = crate::spend::estimate::completion_tokens(&relayed.kept);
                 // Past the keep cap, at the kept part's tokens per byte (bytes/4 if nothing was kept).
                 let kept_bytes: u64 = relayed.kept.iter().map(|b| b.len() as u64).sum();
                 let dropped = if kept_bytes > 0 && kept > 0 {

@@ -2,7 +2,7 @@
 //!
 //! Owns: picking the budgets (`BudgetSet::applicable`: scope, model/provider globs, declared attributes from
 //! the request's headers), the amount (the input-token bound and the output cap, priced at the request's
-//! quote: [`super::reserve`]), the reservation on the owning cores ([`crate::budgets`]), and what happens
+//! quote: [`super::reserve`]), the reservation on the owning cores ([`crate::spend::shard`]), and what happens
 //! when a budget cannot cover it: `block` (429 naming the budget, its limit, spend and reset),
 //! `downgrade` (the caller routes the request again to the budget's cheaper model, once), or, when the
 //! budget says `on_insufficient = "lower_max_tokens"` and the remaining amount pays for the input and at
@@ -10,23 +10,23 @@
 //!
 //! The output cap: the request's `max_tokens`/`max_completion_tokens`; else the route's
 //! `default_max_tokens`, written into the body so the provider enforces it (the reservation is then a true
-//! bound); else [`super::reserve::DEFAULT_OUTPUT_TOKENS`] reserved without changing the request (a response
+//! bound); else [`crate::spend::max_cost::DEFAULT_OUTPUT_TOKENS`] reserved without changing the request (a response
 //! longer than that can overshoot by its excess: the documented overshoot bound).
 //!
 //! Fails: 400 for an undeclared `x-tollgate-attr-*` header, 429 `budget_exceeded`, 503
 //! `budget_unavailable` when a budget's owner cannot be asked (never skipped), or when spend cannot be
-//! made durable and a budget that applies has `on_store_failure = "closed"` (see [`crate::ledger`]). Cost: see `bench/admission`.
+//! made durable and a budget that applies has `on_store_failure = "closed"` (see [`crate::spend::committer`]). Cost: see `bench/admission`.
 
 use bytes::Bytes;
-use tollgate_controlplane::budget::{Action, BudgetRequest, Insufficient};
-use tollgate_controlplane::ledger::Refusal;
-use tollgate_controlplane::{Money, ProviderKind};
+use tollgate_core::budget::owner::Refusal;
+use tollgate_core::budget::{Action, BudgetRequest, Insufficient};
+use tollgate_core::{Money, ProviderKind};
 
-use super::reserve::{input_token_bound, max_cost, DEFAULT_OUTPUT_TOKENS};
 use super::route::{insert_member, Routed};
 use super::{Core, RequestCtx};
 use crate::error::{Error, Result};
-use crate::snapshot::Snapshot;
+use crate::runtime::snapshot::Snapshot;
+use crate::spend::max_cost::{input_token_bound, max_cost, DEFAULT_OUTPUT_TOKENS};
 
 /// What the admit phase decided.
 #[derive(Debug)]

@@ -1,19 +1,19 @@
 //! Phase 3, authorize: may this identity send this request. Runs after routing, because a policy is about
 //! where the request goes (the requested model, the upstream model an alias renames it to, the provider).
 //!
-//! Owns: applying the [`PolicySet`](tollgate_controlplane::PolicySet) decision (precedence is documented
-//! in `tollgate_controlplane::identity`) and the per-request `max_tokens` cap: a request asking for more
+//! Owns: applying the [`PolicySet`](tollgate_core::PolicySet) decision (precedence is documented
+//! in `tollgate_core::auth::identity`) and the per-request `max_tokens` cap: a request asking for more
 //! than its cap is refused; a request that sets no limit gets the cap written into its body (one splice),
 //! so the provider enforces it and the worst-case cost stays bounded.
 //!
 //! Fails: 403 in the client's API shape naming the policy. Cost: one policy walk (well under a
 //! microsecond for tens of policies); a splice of ~30 bytes when a cap is injected.
 
-use tollgate_controlplane::{Decision, Identity, PolicyRequest, ProviderKind};
+use tollgate_core::{Decision, Identity, PolicyRequest, ProviderKind};
 
 use super::route::{insert_member, Routed};
 use crate::error::{Error, Result};
-use crate::identity::AuthState;
+use crate::runtime::credentials::AuthState;
 
 /// Checks `routed` against the policies for `id`; may rewrite the upstream body to carry the cap.
 pub fn authorize(state: &AuthState, id: &Identity, routed: &mut Routed) -> Result<()> {

@@ -19,17 +19,17 @@
 use bytes::{Bytes, BytesMut};
 use monoio::io::AsyncWriteRentExt;
 use monoio::net::TcpStream;
-use tollgate_controlplane::ProviderKind;
+use tollgate_core::ProviderKind;
 
-use super::client::ClientGone;
 use super::{ClientIo, Core, Outcome, RequestCtx};
 use crate::error::{ApiShape, Error, Result};
-use crate::http1::{self, ChunkEvent, ChunkedDecoder, Framing, ResponseHead};
-use crate::iovec::IoVecs;
-use crate::snapshot::ProviderRuntime;
-use crate::sse::SseFramer;
-use crate::upstream::{self, UpConn};
-use crate::usage::UsageMeter;
+use crate::net::client::ClientGone;
+use crate::net::http1::{self, ChunkEvent, ChunkedDecoder, Framing, ResponseHead};
+use crate::net::iovec::IoVecs;
+use crate::net::sse::SseFramer;
+use crate::net::upstream::{self, UpConn};
+use crate::providers::meter::UsageMeter;
+use crate::runtime::snapshot::ProviderRuntime;
 
 const READ_SPARE: usize = 16 * 1024;
 const MAX_RESPONSE_HEAD: usize = 64 * 1024;
@@ -210,7 +210,9 @@ async fn exchange(
         strip_usage && sse,
     );
     if sse && (200..300).contains(&resp.status) {
-        tap.cutoff = ctx.cutoff_tokens.map(crate::cutoff::StreamCutoff::new);
+        tap.cutoff = ctx
+            .cutoff_tokens
+            .map(crate::spend::cutoff::StreamCutoff::new);
     }
     // A successful non-streamed answer is read whole before it is relayed (the client waits for all of it
     // anyway), so its cost can travel in the response head as `x-tollgate-cost`.
@@ -619,7 +621,7 @@ async fn relay_body(
 /// relayed (refcounts of the same buffers, capped at [`MAX_KEPT`]) until the end, for the estimate path when
 /// the provider's usage never arrives.
 pub struct Tap {
-    kind: tollgate_controlplane::ProviderKind,
+    kind: tollgate_core::ProviderKind,
     meter: UsageMeter,
     sse: bool,
     json: Option<Vec<u8>>,
@@ -629,7 +631,7 @@ pub struct Tap {
     kept_bytes: usize,
     dropped_bytes: u64,
     /// A budget's stream cut-off, counting the stream's visible output.
-    cutoff: Option<crate::cutoff::StreamCutoff>,
+    cutoff: Option<crate::spend::cutoff::StreamCutoff>,
 }
 
 /// What the tap hands the account phase.
@@ -650,12 +652,7 @@ const MAX_USAGE_BODY: usize = 8 * 1024 * 1024;
 const MAX_KEPT: usize = 256 * 1024;
 
 impl Tap {
-    fn new(
-        kind: tollgate_controlplane::ProviderKind,
-        sse: bool,
-        success: bool,
-        strip_usage: bool,
-    ) -> Tap {
+    fn new(kind: tollgate_core::ProviderKind, sse: bool, success: bool, strip_usage: bool) -> Tap {
         Tap {
             kind,
             meter: UsageMeter::new(kind),
@@ -695,7 +692,7 @@ impl Tap {
             self.keep(&out);
         }
         if self.strip_usage {
-            crate::usage::strip_openai_usage(out)
+            crate::providers::meter::strip_openai_usage(out)
         } else {
             Some(out)
         }
@@ -750,7 +747,7 @@ impl Tap {
     }
 }
 
-/// Settles the request before its last bytes go to the client (see `crate::journal`: the settlement is
+/// Settles the request before its last bytes go to the client (see `crate::spend::journal`: the settlement is
 /// journaled first, so a response the client saw complete is never lost to a crash).
 fn settle_before_last_bytes(ctx: &mut RequestCtx, tap: &mut Tap) {
     let (meter, relayed) = tap.finish();

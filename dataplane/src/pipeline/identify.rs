@@ -22,12 +22,12 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tollgate_controlplane::auth::{self, Rejection};
-use tollgate_controlplane::Identity;
+use tollgate_core::auth::jwt::{self, Rejection};
+use tollgate_core::Identity;
 
 use super::{Core, RequestCtx};
 use crate::error::{Error, Result};
-use crate::identity::AuthState;
+use crate::runtime::credentials::AuthState;
 
 /// Verified JWTs on one core.
 #[derive(Debug, Default)]
@@ -116,7 +116,7 @@ pub async fn identify(core: &Core, ctx: &RequestCtx) -> Result<Identity> {
             state.config.max_token_bytes,
         )));
     }
-    if token.starts_with(tollgate_controlplane::service_tokens::TOKEN_PREFIX) {
+    if token.starts_with(tollgate_core::auth::service_tokens::TOKEN_PREFIX) {
         return match state.tokens.check(token, jiff::Timestamp::now()) {
             Ok(t) => Ok(service_identity(&t)),
             Err(r) => Err(unauthenticated(&Rejection::ServiceToken(r.to_string()))),
@@ -139,8 +139,8 @@ async fn verify_jwt(
     token: &str,
     now: i64,
 ) -> Result<Identity> {
-    let pk = auth::peek(token, state.config.max_token_bytes).map_err(|r| unauthenticated(&r))?;
-    let Some((index, _)) = auth::issuer_for(&state.config.issuers, &pk.iss) else {
+    let pk = jwt::peek(token, state.config.max_token_bytes).map_err(|r| unauthenticated(&r))?;
+    let Some((index, _)) = jwt::issuer_for(&state.config.issuers, &pk.iss) else {
         return Err(unauthenticated(&Rejection::UnknownIssuer(
             pk.iss.chars().take(128).collect(),
         )));
@@ -179,7 +179,7 @@ async fn verify_jwt(
             }
         }
     }
-    let Some((index, _)) = auth::issuer_for(&state.config.issuers, &pk.iss) else {
+    let Some((index, _)) = jwt::issuer_for(&state.config.issuers, &pk.iss) else {
         return Err(unauthenticated(&Rejection::UnknownIssuer(
             pk.iss.chars().take(128).collect(),
         )));
@@ -190,7 +190,7 @@ async fn verify_jwt(
     let Some(keys) = state.issuers.get(index).and_then(|k| k.keys.clone()) else {
         return Err(unauthenticated(&Rejection::NoKeys(issuer.name.to_string())));
     };
-    let v = auth::verify(token, &pk, issuer, &keys).map_err(|r| unauthenticated(&r))?;
+    let v = jwt::verify(token, &pk, issuer, &keys).map_err(|r| unauthenticated(&r))?;
     core.jwt_cache.borrow_mut().put(
         token,
         v.identity.clone(),
@@ -202,9 +202,9 @@ async fn verify_jwt(
 }
 
 /// A service token's identity: its name is the subject, its owning team its one group.
-fn service_identity(t: &tollgate_controlplane::service_tokens::ServiceToken) -> Identity {
+fn service_identity(t: &tollgate_core::auth::service_tokens::ServiceToken) -> Identity {
     Identity {
-        kind: tollgate_controlplane::IdentityKind::Service,
+        kind: tollgate_core::IdentityKind::Service,
         subject: Arc::from(t.name.as_str()),
         email: None,
         groups: Arc::from(vec![Arc::from(t.team.as_str())]),

@@ -1,9 +1,9 @@
-//! Phase 8, log: one JSON line per request, appended to the core's buffer (see [`crate::accesslog`]).
+//! Phase 8, log: one JSON line per request, appended to the core's buffer (see [`crate::obs::accesslog`]).
 //!
 //! Fields: `ts`, `event` ("request"), `request_id`, `core`, `method`, `path`, `status`, `outcome`, `api`,
 //! `provider`, `route`, `model`, `upstream_model`, `stream`, `bytes_in`, `bytes_out`, `upstream_ttfb_us`,
 //! `total_us`; the caller's identity (`identity_kind` user|service|anonymous, `subject`, `email` where known,
-//! `groups`, `identity_source`: the issuer's name or `service-token`, `token_id` for service tokens); budgets: `reserved_pusd` (what admission held), `owner_local` (whether the core that served it owns the caller's budgets; see [`crate::handoff`]), `budget_asks` (cross-core messages its admission waited for: 0 when its budgets' owners or this core's slices of shared budgets covered it), `budget_refused` (on a 429),
+//! `groups`, `identity_source`: the issuer's name or `service-token`, `token_id` for service tokens); budgets: `reserved_pusd` (what admission held), `owner_local` (whether the core that served it owns the caller's budgets; see [`crate::net::handoff`]), `budget_asks` (cross-core messages its admission waited for: 0 when its budgets' owners or this core's slices of shared budgets covered it), `budget_refused` (on a 429),
 //! `downgraded_from`, `max_tokens_lowered`; for requests that reached a provider, `usage` (`reported`, `estimated` or `none`), the token
 //! counts (`input_tokens` uncached, `cached_input_tokens`, `cache_write_5m_tokens`, `cache_write_1h_tokens`,
 //! `output_tokens` including `reasoning_tokens`), and the cost: `list_cost_pusd` / `cost_pusd` (exact integers
@@ -12,8 +12,8 @@
 //! carry credentials. Fails: never. Cost: ~300 ns of formatting on the core, no syscall.
 
 use super::{Core, RequestCtx};
-use crate::accesslog::{json_str, now_rfc3339};
 use crate::error::{ApiShape, Error};
+use crate::obs::accesslog::{json_str, now_rfc3339};
 
 fn field_str(out: &mut Vec<u8>, name: &str, v: &str) {
     out.extend_from_slice(b",\"");

@@ -18,12 +18,10 @@
 pub mod account;
 pub mod admit;
 pub mod authorize;
-pub mod client;
 pub mod forward;
 pub mod identify;
 pub mod log;
 pub mod parse;
-pub mod reserve;
 pub mod route;
 
 use std::cell::Cell;
@@ -33,19 +31,19 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use monoio::io::AsyncWriteRentExt;
-use tollgate_controlplane::config::{ServerConfig, UpstreamConfig};
+use tollgate_core::config::{ServerConfig, UpstreamConfig};
 
-use crate::accesslog::CoreLog;
 use crate::error::{ApiShape, Error};
-use crate::http1::{self, Limits, Method, RequestHead};
-use crate::identity::AuthHandle;
-use crate::snapshot::{ProviderRuntime, Published};
-use crate::upstream::Pool;
-use crate::usage::UsageMeter;
-pub use client::ClientIo;
+pub use crate::net::client::ClientIo;
+use crate::net::http1::{self, Limits, Method, RequestHead};
+use crate::net::upstream::Pool;
+use crate::obs::accesslog::CoreLog;
+use crate::providers::meter::UsageMeter;
+use crate::runtime::credentials::AuthHandle;
+use crate::runtime::snapshot::{ProviderRuntime, Published};
 use route::Endpoint;
-use tollgate_controlplane::pricing::Quote;
-use tollgate_controlplane::Identity;
+use tollgate_core::pricing::Quote;
+use tollgate_core::Identity;
 
 /// Everything one worker owns. `!Send`: built on its core and never leaves it.
 #[derive(Debug)]
@@ -63,10 +61,10 @@ pub struct Core {
     /// Verified JWTs on this core.
     pub jwt_cache: identify::CoreJwtCache,
     /// This core's shard of the budget state, and its links to the other shards.
-    pub budgets: std::rc::Rc<crate::budgets::CoreBudgets>,
+    pub budgets: std::rc::Rc<crate::spend::shard::CoreBudgets>,
     pub in_flight: Cell<usize>,
-    /// Connection handoffs and where budgeted requests were served (see [`crate::handoff`]).
-    pub handoff: crate::handoff::Counters,
+    /// Connection handoffs and where budgeted requests were served (see [`crate::net::handoff`]).
+    pub handoff: crate::net::handoff::Counters,
     requests: Cell<u64>,
     id_prefix: String,
 }
@@ -86,7 +84,7 @@ impl Core {
         log: CoreLog,
         server: ServerConfig,
         upstream: UpstreamConfig,
-        budgets: std::rc::Rc<crate::budgets::CoreBudgets>,
+        budgets: std::rc::Rc<crate::spend::shard::CoreBudgets>,
         process_seed: u32,
     ) -> Core {
         let Shared {
@@ -197,11 +195,11 @@ pub struct RequestCtx {
     /// Set by the account phase.
     pub account: Option<account::Settled>,
     /// The admit phase's hold on the budgets; the account phase settles it (dropped unsettled, it releases).
-    pub reservation: Option<crate::budgets::Reservation>,
+    pub reservation: Option<crate::spend::shard::Reservation>,
     /// What the admit phase reserved on each applicable budget (pico-USD), for the log.
-    pub reserved: Option<tollgate_controlplane::Money>,
+    pub reserved: Option<tollgate_core::Money>,
     /// The budget that refused the request, for the 429's headers.
-    pub refusal: Option<tollgate_controlplane::ledger::Refusal>,
+    pub refusal: Option<tollgate_core::budget::owner::Refusal>,
     /// The model the client asked for, when a budget downgraded the request to another.
     pub downgraded_from: Option<String>,
     /// The output cap the admit phase lowered the request to, to fit a budget.
@@ -211,7 +209,7 @@ pub struct RequestCtx {
     /// Output tokens after which a stream is cut off (a budget with `stream_cutoff` applied): the output
     /// its reservation covers.
     pub cutoff_tokens: Option<u64>,
-    /// Cross-core messages the admission waited for (see [`crate::budgets::Reservation::asks`]).
+    /// Cross-core messages the admission waited for (see [`crate::spend::shard::Reservation::asks`]).
     pub budget_asks: Option<u32>,
 }
 
@@ -281,7 +279,7 @@ pub async fn run_one(core: &Core, io: &mut ClientIo) -> bool {
 
 /// Records whether a budgeted request was served on the core owning its caller's budgets, and, where the
 /// connection may still move, which core that is (the connection loop hands it over; see
-/// [`crate::handoff`]).
+/// [`crate::net::handoff`]).
 fn note_owner(core: &Core, ctx: &mut RequestCtx, io: &mut ClientIo) {
     let may_hand_off = core.server.handoff && !io.handed_off && ctx.keep_alive;
     io.owner = None;
@@ -292,7 +290,7 @@ fn note_owner(core: &Core, ctx: &mut RequestCtx, io: &mut ClientIo) {
     if let (Some(o), Some(_)) = (owner, ctx.reserved) {
         let local = o == core.id;
         ctx.owner_local = Some(local);
-        crate::handoff::bump(if local {
+        crate::net::handoff::bump(if local {
             &core.handoff.owner_local
         } else {
             &core.handoff.owner_remote
@@ -307,13 +305,13 @@ fn note_owner(core: &Core, ctx: &mut RequestCtx, io: &mut ClientIo) {
 /// anonymous and budgets are configured.
 fn budget_owner(core: &Core, ctx: &RequestCtx) -> Option<usize> {
     let id = ctx.identity.as_ref()?;
-    if id.kind == tollgate_controlplane::IdentityKind::Anonymous
+    if id.kind == tollgate_core::IdentityKind::Anonymous
         || core.snapshot.load().config.budgets.is_empty()
     {
         return None;
     }
     let member = format!("{}:{}", id.source, id.subject);
-    Some(crate::budgets::owner_of_member(
+    Some(crate::spend::shard::owner_of_member(
         &member,
         core.budgets.cores(),
     ))
@@ -371,7 +369,7 @@ async fn handle(core: &Core, ctx: &mut RequestCtx, io: &mut ClientIo) {
             let allowed = |model: &str, upstream: Option<&str>, provider: &str| {
                 auth.policies.permits(
                     &id,
-                    &tollgate_controlplane::PolicyRequest {
+                    &tollgate_core::PolicyRequest {
                         model,
                         upstream_model: upstream,
                         provider,

@@ -14,7 +14,7 @@ use monoio::io::AsyncWriteRentExt;
 
 use super::{ClientIo, Core};
 use crate::error::{Error, Result};
-use crate::http1::{self, ChunkEvent, ChunkedDecoder, Framing, RequestHead};
+use crate::net::http1::{self, ChunkEvent, ChunkedDecoder, Framing, RequestHead};
 
 /// Reads more bytes into `io.buf` within `deadline`; `Ok(0)` means the peer closed.
 async fn fill(io: &mut ClientIo, deadline: quanta::Instant) -> Result<usize, FillError> {

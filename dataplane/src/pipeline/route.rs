@@ -13,11 +13,11 @@ use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
 use serde::Deserialize;
-use tollgate_controlplane::ProviderKind;
+use tollgate_core::ProviderKind;
 
 use crate::error::{ApiShape, Error, Result};
-use crate::http1::{Method, RequestHead};
-use crate::snapshot::{ProviderRuntime, Snapshot};
+use crate::net::http1::{Method, RequestHead};
+use crate::runtime::snapshot::{ProviderRuntime, Snapshot};
 
 /// What the client asked for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

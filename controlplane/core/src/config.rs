@@ -1,0 +1,1189 @@
+//! Gateway configuration: the TOML file an operator writes, and the typed, validated form the gateway runs.
+//!
+//! Owns: parsing (`Raw*` serde structs with `deny_unknown_fields`) and validation (`TryFrom` into [`Config`]).
+//! Fails: with a list of [`ConfigIssue`]s, each naming the file, the field (a dotted path such as
+//! `providers[1].base_url`) and the reason, so `tollgate check-config` can print every problem at once.
+//! Cost: runs once at start-up and on reload, never on a request.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::domain::{ApiKey, ProviderKind};
+
+/// One problem found in a configuration file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigIssue {
+    /// The file the problem is in.
+    pub file: PathBuf,
+    /// Dotted path of the offending field, e.g. `routes[2].provider`; empty for whole-file problems.
+    pub field: String,
+    /// What is wrong, in words an operator can act on.
+    pub reason: String,
+}
+
+impl fmt::Display for ConfigIssue {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.field.is_empty() {
+            write!(f, "{}: {}", self.file.display(), self.reason)
+        } else {
+            write!(
+                f,
+                "{}: {}: {}",
+                self.file.display(),
+                self.field,
+                self.reason
+            )
+        }
+    }
+}
+
+/// Every problem found in one configuration file.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub struct ConfigError {
+    /// At least one issue.
+    pub issues: Vec<ConfigIssue>,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, issue) in self.issues.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "{issue}")?;
+        }
+        Ok(())
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Raw form: exactly what the file says.
+// ---------------------------------------------------------------------------------------------------------
+
+/// The file as written. Every section is optional except providers and routes.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    #[serde(default)]
+    pub server: RawServer,
+    #[serde(default)]
+    pub upstream: RawUpstream,
+    #[serde(default)]
+    pub log: RawLog,
+    #[serde(default)]
+    pub providers: Vec<RawProvider>,
+    #[serde(default)]
+    pub routes: Vec<RawRoute>,
+    /// `[pricing]`: an optional sheet file, a fallback price, negotiated overrides.
+    #[serde(default)]
+    pub pricing: crate::pricing::RawPricing,
+    /// `[auth]`: who may call, verified how.
+    #[serde(default)]
+    pub auth: crate::auth::jwt::RawAuth,
+    /// `[[policies]]`: which models each user, group and service token may use.
+    #[serde(default)]
+    pub policies: Vec<crate::auth::identity::RawPolicy>,
+    /// `[store]`: where the gateway keeps its state (service tokens).
+    #[serde(default)]
+    pub store: RawStore,
+    /// `[ledger]`: the durable spend ledger.
+    #[serde(default)]
+    pub ledger: RawLedger,
+    /// `[attributes]`: custom request attributes (key -> header) budgets can filter on.
+    #[serde(default)]
+    pub attributes: crate::budget::RawAttributes,
+    /// `[[budgets]]`: dollar budgets.
+    #[serde(default)]
+    pub budgets: Vec<crate::budget::RawBudget>,
+}
+
+/// `[store]` as written.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawStore {
+    /// Directory for the embedded store; relative to the config file. Default `$XDG_STATE_HOME/tollgate`
+    /// (or `~/.local/state/tollgate`).
+    pub dir: Option<PathBuf>,
+}
+
+/// `[store]`, resolved.
+#[derive(Debug, Clone)]
+pub struct StoreConfig {
+    pub dir: PathBuf,
+}
+
+/// `[ledger]` as written.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawLedger {
+    /// Directory of the spend store (`ledger.sqlite`) and the journals; relative to the config file.
+    /// Default: `ledger` under the store directory.
+    pub dir: Option<PathBuf>,
+    /// How often settled spend is committed to the store, in one transaction (default 50).
+    pub commit_interval_ms: Option<u64>,
+    /// How long the store may fail before budgets with `on_store_failure = "closed"` refuse new spend
+    /// (default 30000).
+    pub fail_closed_after_ms: Option<u64>,
+    /// A FoundationDB cluster file: keep spend in that cluster (a fleet) instead of `ledger.sqlite`.
+    /// Relative to the config file. Needs a binary built with the `fdb` feature.
+    pub cluster_file: Option<PathBuf>,
+    /// Fleet mode: this node's id in the store's budget leases (default: random per start).
+    pub node_id: Option<u64>,
+    /// Fleet mode: how many nodes share the store, a hint for lease sizing (default 4).
+    pub fleet_nodes: Option<u64>,
+    /// Fleet mode: how long a budget lease lives unrenewed, in ms (default 10000).
+    pub lease_ttl_ms: Option<u64>,
+    /// Fleet mode: the most the nodes' clocks disagree, in ms (default 1000).
+    pub max_skew_ms: Option<u64>,
+}
+
+/// `[ledger]`, resolved.
+#[derive(Debug, Clone)]
+pub struct LedgerConfig {
+    /// The journals (`journal/`) and, without `cluster_file`, the SQLite store (`ledger.sqlite`).
+    pub dir: PathBuf,
+    pub commit_interval: Duration,
+    pub fail_closed_after: Duration,
+    /// The store to use: `Some` selects FoundationDB through this cluster file
+    /// (`store::fdb::FdbStore::open`, feature `fdb`; validation refuses it on a binary built without
+    /// the feature), `None` the embedded SQLite store in `dir`. Whoever opens the ledger's store picks
+    /// it from here.
+    pub cluster_file: Option<PathBuf>,
+    /// Fleet mode's budget leases (see `docs/fleet.md`); used only when the store is shared.
+    pub fleet: FleetConfig,
+}
+
+/// `[ledger]`'s fleet settings, resolved.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FleetConfig {
+    /// `None`: a random id per start.
+    pub node_id: Option<u64>,
+    pub nodes: u64,
+    pub lease_ttl_ms: i64,
+    pub max_skew_ms: i64,
+}
+
+impl Default for FleetConfig {
+    fn default() -> FleetConfig {
+        FleetConfig {
+            node_id: None,
+            nodes: 4,
+            lease_ttl_ms: 10_000,
+            max_skew_ms: 1_000,
+        }
+    }
+}
+
+fn default_store_dir() -> PathBuf {
+    match (std::env::var_os("XDG_STATE_HOME"), std::env::var_os("HOME")) {
+        (Some(x), _) if !x.is_empty() => PathBuf::from(x).join("tollgate"),
+        (_, Some(h)) => PathBuf::from(h).join(".local/state/tollgate"),
+        _ => PathBuf::from("/var/lib/tollgate"),
+    }
+}
+
+/// `[server]`: the client-facing side.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawServer {
+    /// Socket addresses to listen on; `127.0.0.1:0` picks a free port (tests read it from the log).
+    pub listen: Option<Vec<String>>,
+    /// Worker threads, one pinned per core; 0 or absent means one per available core.
+    pub workers: Option<usize>,
+    /// Pin each worker to its own core. Absent means pin only when there is one worker per available
+    /// core (the gateway owns the machine); with fewer workers the gateway shares the machine, and a
+    /// pinned worker would wait behind a busy core while another sits idle.
+    pub pin_workers: Option<bool>,
+    /// `auto` (io_uring where the kernel allows it, else epoll), `io_uring` or `epoll`.
+    pub driver: Option<String>,
+    pub max_head_bytes: Option<usize>,
+    pub max_headers: Option<usize>,
+    pub max_body_bytes: Option<usize>,
+    pub header_timeout_ms: Option<u64>,
+    pub body_timeout_ms: Option<u64>,
+    pub idle_timeout_ms: Option<u64>,
+    pub shutdown_grace_ms: Option<u64>,
+    /// Hand a keep-alive connection to the core that owns its identity's budgets (default true).
+    pub handoff: Option<bool>,
+    /// Lend slices of shared budgets to the cores that spend them (default true).
+    pub budget_slices: Option<bool>,
+}
+
+/// `[upstream]`: how Tollgate talks to providers.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawUpstream {
+    pub connect_timeout_ms: Option<u64>,
+    pub first_byte_timeout_ms: Option<u64>,
+    pub read_timeout_ms: Option<u64>,
+    pub pool_idle_timeout_ms: Option<u64>,
+    pub pool_max_idle_per_provider: Option<usize>,
+    pub dns_refresh_ms: Option<u64>,
+}
+
+/// `[log]`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawLog {
+    /// Write one JSON line per request to stdout (default true).
+    pub access_log: Option<bool>,
+}
+
+/// `[[providers]]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawProvider {
+    pub name: Option<String>,
+    pub kind: Option<String>,
+    pub base_url: Option<String>,
+    pub api_key_env: Option<String>,
+    pub api_key_file: Option<PathBuf>,
+    pub ca_file: Option<PathBuf>,
+    #[serde(default)]
+    pub mock_when_no_key: bool,
+}
+
+/// `[[routes]]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRoute {
+    /// The client-facing model name, or a glob (`gpt-4o*`).
+    pub model: Option<String>,
+    pub provider: Option<String>,
+    /// The model name sent upstream; absent means the client's name unchanged.
+    pub upstream_model: Option<String>,
+    /// The output cap written into requests on this route that set none, when a budget applies to them: it
+    /// makes the budget's reservation a true bound (no overshoot).
+    pub default_max_tokens: Option<u64>,
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Typed form: what the gateway runs.
+// ---------------------------------------------------------------------------------------------------------
+
+/// A validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub upstream: UpstreamConfig,
+    pub log: LogConfig,
+    pub providers: Vec<ProviderConfig>,
+    pub routes: Vec<RouteConfig>,
+    /// List prices (the shipped sheet or `pricing.sheet`) with the negotiated terms, compiled for lookups.
+    pub prices: std::sync::Arc<crate::pricing::PriceBook>,
+    pub auth: crate::auth::jwt::AuthConfig,
+    pub policies: std::sync::Arc<crate::auth::identity::PolicySet>,
+    pub store: StoreConfig,
+    pub ledger: LedgerConfig,
+    pub budgets: std::sync::Arc<crate::budget::BudgetSet>,
+}
+
+/// Which I/O driver the workers use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DriverChoice {
+    Auto,
+    IoUring,
+    Epoll,
+}
+
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    pub listen: Vec<SocketAddr>,
+    /// 0 = one per core, resolved at start-up.
+    pub workers: usize,
+    /// `None` = decide at start-up (pin when workers == available cores).
+    pub pin_workers: Option<bool>,
+    pub driver: DriverChoice,
+    pub max_head_bytes: usize,
+    pub max_headers: usize,
+    pub max_body_bytes: usize,
+    pub header_timeout: Duration,
+    pub body_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub shutdown_grace: Duration,
+    /// Hand a keep-alive connection, once, to the core that owns its caller's budgets.
+    pub handoff: bool,
+    /// Shared budget instances lend slices to the other cores (see `tollgate_core::budget::slices`).
+    pub budget_slices: bool,
+}
+
+#[derive(Debug, Clone)]
+pub struct UpstreamConfig {
+    pub connect_timeout: Duration,
+    pub first_byte_timeout: Duration,
+    pub read_timeout: Duration,
+    pub pool_idle_timeout: Duration,
+    pub pool_max_idle_per_provider: usize,
+    pub dns_refresh: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct LogConfig {
+    pub access_log: bool,
+}
+
+/// Where a provider's API key comes from. The key itself is read at start-up by [`ProviderConfig::load_key`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KeySource {
+    Env(String),
+    File(PathBuf),
+    None,
+}
+
+/// A provider's base URL, split once so the data plane never parses it again.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BaseUrl {
+    pub tls: bool,
+    pub host: String,
+    pub port: u16,
+    /// Path prefix without a trailing slash (`""` for most providers); request paths are appended.
+    pub path_prefix: String,
+}
+
+impl BaseUrl {
+    /// The `Host` header value: the port is left out when it is the scheme's default.
+    pub fn host_header(&self) -> String {
+        let default = if self.tls { 443 } else { 80 };
+        if self.port == default {
+            self.host.clone()
+        } else if self.host.contains(':') {
+            format!("[{}]:{}", self.host, self.port)
+        } else {
+            format!("{}:{}", self.host, self.port)
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct ProviderConfig {
+    pub name: String,
+    pub kind: ProviderKind,
+    pub base_url: BaseUrl,
+    pub key: KeySource,
+    /// Extra PEM CA certificate(s) trusted for this provider, on top of the web PKI roots.
+    pub ca_file: Option<PathBuf>,
+    /// When no key is configured or the variable is unset, serve this provider from the bundled mock.
+    pub mock_when_no_key: bool,
+}
+
+/// Why a provider's key could not be loaded.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum KeyError {
+    #[error("environment variable {0} is not set")]
+    EnvUnset(String),
+    #[error("cannot read key file {path}: {reason}")]
+    File { path: PathBuf, reason: String },
+    #[error("key file {0} is empty")]
+    EmptyFile(PathBuf),
+    #[error("no api_key_env or api_key_file configured")]
+    NotConfigured,
+}
+
+impl ProviderConfig {
+    /// Reads the key from its source. The key never appears in the error.
+    pub fn load_key(&self) -> Result<ApiKey, KeyError> {
+        match &self.key {
+            KeySource::Env(var) => match std::env::var(var) {
+                Ok(v) if !v.trim().is_empty() => Ok(ApiKey::new(v.trim().to_owned())),
+                _ => Err(KeyError::EnvUnset(var.clone())),
+            },
+            KeySource::File(path) => match std::fs::read_to_string(path) {
+                Ok(v) if !v.trim().is_empty() => Ok(ApiKey::new(v.trim().to_owned())),
+                Ok(_) => Err(KeyError::EmptyFile(path.clone())),
+                Err(e) => Err(KeyError::File {
+                    path: path.clone(),
+                    reason: e.to_string(),
+                }),
+            },
+            KeySource::None => Err(KeyError::NotConfigured),
+        }
+    }
+}
+
+/// A client-facing model name or glob.
+#[derive(Debug, Clone)]
+pub enum ModelPattern {
+    Exact(String),
+    Glob(glob::Pattern),
+}
+
+impl ModelPattern {
+    pub fn matches(&self, model: &str) -> bool {
+        match self {
+            ModelPattern::Exact(m) => m == model,
+            ModelPattern::Glob(p) => p.matches(model),
+        }
+    }
+
+    pub fn as_str(&self) -> &str {
+        match self {
+            ModelPattern::Exact(m) => m,
+            ModelPattern::Glob(p) => p.as_str(),
+        }
+    }
+
+    pub fn is_glob(&self) -> bool {
+        matches!(self, ModelPattern::Glob(_))
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct RouteConfig {
+    pub pattern: ModelPattern,
+    /// Index into [`Config::providers`].
+    pub provider: usize,
+    pub upstream_model: Option<String>,
+    pub default_max_tokens: Option<u64>,
+}
+
+impl Config {
+    /// Reads, parses and validates a file; every problem is reported, not just the first.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            issues: vec![ConfigIssue {
+                file: path.to_owned(),
+                field: String::new(),
+                reason: e.to_string(),
+            }],
+        })?;
+        Config::parse(path, &text)
+    }
+
+    /// Parses and validates `text`, naming `path` in errors.
+    pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
+        let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError {
+            issues: vec![toml_issue(path, text, &e)],
+        })?;
+        Config::try_from(Located { file: path, raw })
+    }
+
+    /// The first route whose pattern matches `model`: exact names are tried before globs, then file order.
+    pub fn route_for(&self, model: &str) -> Option<&RouteConfig> {
+        self.routes
+            .iter()
+            .find(|r| !r.pattern.is_glob() && r.pattern.matches(model))
+            .or_else(|| {
+                self.routes
+                    .iter()
+                    .find(|r| r.pattern.is_glob() && r.pattern.matches(model))
+            })
+    }
+}
+
+fn toml_issue(path: &Path, text: &str, e: &toml::de::Error) -> ConfigIssue {
+    let mut reason = e.message().to_owned();
+    if let Some(span) = e.span() {
+        let line = text[..span.start.min(text.len())].matches('\n').count() + 1;
+        reason = format!("line {line}: {reason}");
+    }
+    ConfigIssue {
+        file: path.to_owned(),
+        field: String::new(),
+        reason,
+    }
+}
+
+/// A raw config together with the file it came from, so validation errors can name it.
+#[derive(Debug)]
+pub struct Located<'a> {
+    pub file: &'a Path,
+    pub raw: RawConfig,
+}
+
+struct Issues<'a> {
+    file: &'a Path,
+    list: Vec<ConfigIssue>,
+}
+
+impl Issues<'_> {
+    fn push(&mut self, field: impl Into<String>, reason: impl Into<String>) {
+        self.list.push(ConfigIssue {
+            file: self.file.to_owned(),
+            field: field.into(),
+            reason: reason.into(),
+        });
+    }
+}
+
+const MAX_TIMEOUT_MS: u64 = 24 * 3600 * 1000;
+
+fn ms(issues: &mut Issues<'_>, field: &str, v: Option<u64>, default: u64) -> Duration {
+    let v = v.unwrap_or(default);
+    if v == 0 || v > MAX_TIMEOUT_MS {
+        issues.push(
+            field,
+            format!("must be between 1 and {MAX_TIMEOUT_MS} milliseconds, got {v}"),
+        );
+    }
+    Duration::from_millis(v)
+}
+
+impl TryFrom<Located<'_>> for Config {
+    type Error = ConfigError;
+
+    fn try_from(located: Located<'_>) -> Result<Config, ConfigError> {
+        let Located { file, raw } = located;
+        let mut is = Issues {
+            file,
+            list: Vec::new(),
+        };
+
+        // [server]
+        let s = raw.server;
+        let mut listen = Vec::new();
+        for (i, a) in s
+            .listen
+            .unwrap_or_else(|| vec!["127.0.0.1:8080".to_owned()])
+            .iter()
+            .enumerate()
+        {
+            match a.parse::<SocketAddr>() {
+                Ok(addr) => listen.push(addr),
+                Err(_) => is.push(
+                    format!("server.listen[{i}]"),
+                    format!("{a:?} is not an IP:port socket address"),
+                ),
+            }
+        }
+        if listen.is_empty() && is.list.is_empty() {
+            is.push("server.listen", "needs at least one address");
+        }
+        let driver = match s.driver.as_deref().unwrap_or("auto") {
+            "auto" => DriverChoice::Auto,
+            "io_uring" => DriverChoice::IoUring,
+            "epoll" => DriverChoice::Epoll,
+            other => {
+                is.push(
+                    "server.driver",
+                    format!("{other:?} is not one of \"auto\", \"io_uring\", \"epoll\""),
+                );
+                DriverChoice::Auto
+            }
+        };
+        let workers = s.workers.unwrap_or(0);
+        if workers > 1024 {
+            is.push(
+                "server.workers",
+                format!("{workers} workers is more than the 1024 supported"),
+            );
+        }
+        let max_head_bytes = s.max_head_bytes.unwrap_or(16 * 1024);
+        if !(1024..=1024 * 1024).contains(&max_head_bytes) {
+            is.push("server.max_head_bytes", "must be between 1024 and 1048576");
+        }
+        let max_headers = s.max_headers.unwrap_or(100);
+        if !(8..=128).contains(&max_headers) {
+            is.push("server.max_headers", "must be between 8 and 128");
+        }
+        let max_body_bytes = s.max_body_bytes.unwrap_or(32 * 1024 * 1024);
+        if max_body_bytes == 0 || max_body_bytes > 1024 * 1024 * 1024 {
+            is.push("server.max_body_bytes", "must be between 1 and 1073741824");
+        }
+        let server = ServerConfig {
+            listen,
+            workers,
+            pin_workers: s.pin_workers,
+            handoff: s.handoff.unwrap_or(true),
+            budget_slices: s.budget_slices.unwrap_or(true),
+            driver,
+            max_head_bytes,
+            max_headers,
+            max_body_bytes,
+            header_timeout: ms(
+                &mut is,
+                "server.header_timeout_ms",
+                s.header_timeout_ms,
+                10_000,
+            ),
+            body_timeout: ms(&mut is, "server.body_timeout_ms", s.body_timeout_ms, 30_000),
+            idle_timeout: ms(&mut is, "server.idle_timeout_ms", s.idle_timeout_ms, 60_000),
+            shutdown_grace: ms(
+                &mut is,
+                "server.shutdown_grace_ms",
+                s.shutdown_grace_ms,
+                10_000,
+            ),
+        };
+
+        // [upstream]
+        let u = raw.upstream;
+        let pool_max_idle_per_provider = u.pool_max_idle_per_provider.unwrap_or(256);
+        let upstream = UpstreamConfig {
+            connect_timeout: ms(
+                &mut is,
+                "upstream.connect_timeout_ms",
+                u.connect_timeout_ms,
+                5_000,
+            ),
+            first_byte_timeout: ms(
+                &mut is,
+                "upstream.first_byte_timeout_ms",
+                u.first_byte_timeout_ms,
+                300_000,
+            ),
+            read_timeout: ms(
+                &mut is,
+                "upstream.read_timeout_ms",
+                u.read_timeout_ms,
+                300_000,
+            ),
+            pool_idle_timeout: ms(
+                &mut is,
+                "upstream.pool_idle_timeout_ms",
+                u.pool_idle_timeout_ms,
+                60_000,
+            ),
+            pool_max_idle_per_provider,
+            dns_refresh: ms(&mut is, "upstream.dns_refresh_ms", u.dns_refresh_ms, 30_000),
+        };
+
+        let log = LogConfig {
+            access_log: raw.log.access_log.unwrap_or(true),
+        };
+
+        // [[providers]]
+        let mut providers: Vec<ProviderConfig> = Vec::new();
+        for (i, p) in raw.providers.into_iter().enumerate() {
+            let at = |f: &str| format!("providers[{i}].{f}");
+            let name = match p.name {
+                Some(n) if valid_name(&n) => n,
+                Some(n) => {
+                    is.push(
+                        at("name"),
+                        format!("{n:?} must be 1-64 characters of a-z, 0-9, '-' or '_'"),
+                    );
+                    continue;
+                }
+                None => {
+                    is.push(at("name"), "is required");
+                    continue;
+                }
+            };
+            if providers.iter().any(|q| q.name == name) {
+                is.push(at("name"), format!("provider {name:?} is defined twice"));
+            }
+            let kind = match p.kind.as_deref() {
+                Some("openai") => ProviderKind::OpenAi,
+                Some("anthropic") => ProviderKind::Anthropic,
+                Some(k) => {
+                    is.push(
+                        at("kind"),
+                        format!("{k:?} is not one of \"openai\", \"anthropic\""),
+                    );
+                    ProviderKind::OpenAi
+                }
+                None => {
+                    is.push(at("kind"), "is required (\"openai\" or \"anthropic\")");
+                    ProviderKind::OpenAi
+                }
+            };
+            let base_url = match p.base_url.as_deref().map(parse_base_url) {
+                Some(Ok(b)) => b,
+                Some(Err(reason)) => {
+                    is.push(at("base_url"), reason);
+                    continue;
+                }
+                None => match kind {
+                    ProviderKind::OpenAi => default_base("api.openai.com"),
+                    ProviderKind::Anthropic => default_base("api.anthropic.com"),
+                },
+            };
+            let key = match (p.api_key_env, p.api_key_file) {
+                (Some(_), Some(_)) => {
+                    is.push(
+                        at("api_key_env"),
+                        "set either api_key_env or api_key_file, not both",
+                    );
+                    KeySource::None
+                }
+                (Some(v), None) if v.is_empty() => {
+                    is.push(at("api_key_env"), "must name an environment variable");
+                    KeySource::None
+                }
+                (Some(v), None) => KeySource::Env(v),
+                (None, Some(f)) => KeySource::File(f),
+                (None, None) => KeySource::None,
+            };
+            if let Some(ca) = &p.ca_file {
+                if !ca.exists() {
+                    is.push(at("ca_file"), format!("{} does not exist", ca.display()));
+                }
+            }
+            providers.push(ProviderConfig {
+                name,
+                kind,
+                base_url,
+                key,
+                ca_file: p.ca_file,
+                mock_when_no_key: p.mock_when_no_key,
+            });
+        }
+        if providers.is_empty() && is.list.is_empty() {
+            is.push("providers", "at least one [[providers]] entry is required");
+        }
+
+        // [[routes]]
+        let mut routes = Vec::new();
+        for (i, r) in raw.routes.into_iter().enumerate() {
+            let at = |f: &str| format!("routes[{i}].{f}");
+            let pattern = match r.model {
+                Some(m) if m.is_empty() => {
+                    is.push(at("model"), "must not be empty");
+                    continue;
+                }
+                Some(m) if m.contains(['*', '?', '[']) => match glob::Pattern::new(&m) {
+                    Ok(p) => ModelPattern::Glob(p),
+                    Err(e) => {
+                        is.push(at("model"), format!("{m:?} is not a valid glob: {e}"));
+                        continue;
+                    }
+                },
+                Some(m) => ModelPattern::Exact(m),
+                None => {
+                    is.push(at("model"), "is required");
+                    continue;
+                }
+            };
+            let provider = match r.provider {
+                Some(name) => match providers.iter().position(|p| p.name == name) {
+                    Some(idx) => idx,
+                    None => {
+                        is.push(
+                            at("provider"),
+                            format!("no provider named {name:?} is defined"),
+                        );
+                        continue;
+                    }
+                },
+                None => {
+                    is.push(at("provider"), "is required");
+                    continue;
+                }
+            };
+            if let Some(um) = &r.upstream_model {
+                if um.is_empty() || um.contains(['"', '\\']) || um.chars().any(char::is_control) {
+                    is.push(
+                        at("upstream_model"),
+                        "must be a non-empty model name without quotes or backslashes",
+                    );
+                    continue;
+                }
+            }
+            if r.default_max_tokens == Some(0) {
+                is.push(
+                    format!("routes[{i}].default_max_tokens"),
+                    "must be at least 1",
+                );
+            }
+            routes.push(RouteConfig {
+                pattern,
+                provider,
+                upstream_model: r.upstream_model,
+                default_max_tokens: r.default_max_tokens,
+            });
+        }
+        if routes.is_empty() && is.list.is_empty() {
+            is.push("routes", "at least one [[routes]] entry is required");
+        }
+
+        let mut raw_pricing = raw.pricing;
+        let prices = match raw_pricing.sheet.take() {
+            Some(sheet) => {
+                // A relative sheet path is relative to the config file.
+                let sheet = match file.parent() {
+                    Some(dir) if sheet.is_relative() => dir.join(sheet),
+                    _ => sheet,
+                };
+                crate::pricing::PriceBook::from_files(&sheet, file, raw_pricing)
+            }
+            None => crate::pricing::PriceBook::builtin_with(file, raw_pricing),
+        };
+        let prices = match prices {
+            Ok(p) => Some(std::sync::Arc::new(p)),
+            Err(e) => {
+                is.list.extend(e.issues);
+                None
+            }
+        };
+        let base = file.parent().unwrap_or(Path::new("."));
+        let auth = match crate::auth::jwt::AuthConfig::from_raw(raw.auth, base) {
+            Ok(a) => a,
+            Err(list) => {
+                for (f, r) in list {
+                    is.push(f, r);
+                }
+                crate::auth::jwt::AuthConfig::default()
+            }
+        };
+        let policies = match crate::auth::identity::PolicySet::from_raw(raw.policies) {
+            Ok(p) => p,
+            Err(list) => {
+                for (f, r) in list {
+                    is.push(f, r);
+                }
+                crate::auth::identity::PolicySet::default()
+            }
+        };
+        let budgets = match crate::budget::BudgetSet::from_raw(raw.budgets, raw.attributes) {
+            Ok(b) => b,
+            Err(list) => {
+                for (f, r) in list {
+                    is.push(f, r);
+                }
+                crate::budget::BudgetSet::default()
+            }
+        };
+        // A downgrade target must be a model this gateway routes.
+        for (i, b) in budgets.budgets().iter().enumerate() {
+            if let crate::budget::Action::Downgrade(m) = &b.action {
+                let routed = routes.iter().any(|r| r.pattern.matches(m));
+                if !routed {
+                    is.push(
+                        format!("budgets[{i}].downgrade_to"),
+                        format!("no route serves the model {m:?}"),
+                    );
+                }
+            }
+        }
+        let store = StoreConfig {
+            dir: match raw.store.dir {
+                Some(d) if d.is_relative() => base.join(d),
+                Some(d) => d,
+                None => default_store_dir(),
+            },
+        };
+        let commit_interval_ms = raw.ledger.commit_interval_ms.unwrap_or(50);
+        if !(1..=60_000).contains(&commit_interval_ms) {
+            is.push(
+                "ledger.commit_interval_ms",
+                format!("{commit_interval_ms} is outside 1..=60000"),
+            );
+        }
+        if raw.ledger.cluster_file.is_some() && !cfg!(feature = "fdb") {
+            is.push(
+                "ledger.cluster_file",
+                "selects FoundationDB, but this binary was built without FoundationDB support \
+                 (cargo feature `fdb`); remove ledger.cluster_file to use the embedded store, or \
+                 run a build with `--features fdb`",
+            );
+        }
+        if raw.ledger.node_id.is_some_and(|n| n > i64::MAX as u64) {
+            is.push(
+                "ledger.node_id",
+                format!("must be below 2^63 (it is {:?})", raw.ledger.node_id),
+            );
+        }
+        let fleet_nodes = raw.ledger.fleet_nodes.unwrap_or(4);
+        if !(1..=10_000).contains(&fleet_nodes) {
+            is.push(
+                "ledger.fleet_nodes",
+                format!("{fleet_nodes} is outside 1..=10000"),
+            );
+        }
+        let lease_ttl_ms = raw.ledger.lease_ttl_ms.unwrap_or(10_000);
+        if !(100..=3_600_000).contains(&lease_ttl_ms) {
+            is.push(
+                "ledger.lease_ttl_ms",
+                format!("{lease_ttl_ms} is outside 100..=3600000"),
+            );
+        }
+        let max_skew_ms = raw.ledger.max_skew_ms.unwrap_or(1_000);
+        if max_skew_ms > 3_600_000 {
+            is.push(
+                "ledger.max_skew_ms",
+                format!("{max_skew_ms} is outside 0..=3600000"),
+            );
+        }
+        let ledger = LedgerConfig {
+            fleet: FleetConfig {
+                node_id: raw.ledger.node_id,
+                nodes: fleet_nodes,
+                lease_ttl_ms: lease_ttl_ms.min(3_600_000) as i64,
+                max_skew_ms: max_skew_ms.min(3_600_000) as i64,
+            },
+            cluster_file: raw.ledger.cluster_file.map(|f| {
+                if f.is_relative() {
+                    base.join(f)
+                } else {
+                    f
+                }
+            }),
+            dir: match raw.ledger.dir {
+                Some(d) if d.is_relative() => base.join(d),
+                Some(d) => d,
+                None => store.dir.join("ledger"),
+            },
+            commit_interval: Duration::from_millis(commit_interval_ms),
+            fail_closed_after: Duration::from_millis(
+                raw.ledger.fail_closed_after_ms.unwrap_or(30_000),
+            ),
+        };
+        match prices {
+            Some(prices) if is.list.is_empty() => Ok(Config {
+                server,
+                upstream,
+                log,
+                providers,
+                routes,
+                prices,
+                auth,
+                policies: std::sync::Arc::new(policies),
+                store,
+                ledger,
+                budgets: std::sync::Arc::new(budgets),
+            }),
+            _ => Err(ConfigError { issues: is.list }),
+        }
+    }
+}
+
+fn valid_name(n: &str) -> bool {
+    !n.is_empty()
+        && n.len() <= 64
+        && n.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
+}
+
+fn default_base(host: &str) -> BaseUrl {
+    BaseUrl {
+        tls: true,
+        host: host.to_owned(),
+        port: 443,
+        path_prefix: String::new(),
+    }
+}
+
+/// Splits `http[s]://host[:port][/prefix]`. The prefix must not end in `/v1`: Tollgate appends the client's
+/// `/v1/...` path, and a doubled `/v1/v1` is the most common misconfiguration.
+pub fn parse_base_url(s: &str) -> Result<BaseUrl, String> {
+    let uri: http::Uri = s.parse().map_err(|e| format!("{s:?} is not a URL: {e}"))?;
+    let tls = match uri.scheme_str() {
+        Some("https") => true,
+        Some("http") => false,
+        _ => return Err(format!("{s:?} must start with http:// or https://")),
+    };
+    let host = uri.host().ok_or_else(|| format!("{s:?} has no host"))?;
+    let host = host
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .to_owned();
+    let port = uri.port_u16().unwrap_or(if tls { 443 } else { 80 });
+    if uri.query().is_some() {
+        return Err(format!("{s:?} must not have a query string"));
+    }
+    let path_prefix = uri.path().trim_end_matches('/').to_owned();
+    if path_prefix.ends_with("/v1") {
+        return Err(format!(
+            "{s:?} ends in /v1: give the URL without the API version (Tollgate appends the client's /v1/... path)"
+        ));
+    }
+    Ok(BaseUrl {
+        tls,
+        host,
+        port,
+        path_prefix,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(Path::new("t.toml"), text)
+    }
+
+    const MIN: &str = r#"
+        [[providers]]
+        name = "openai"
+        kind = "openai"
+        base_url = "http://127.0.0.1:9000"
+        [[routes]]
+        model = "gpt-*"
+        provider = "openai"
+    "#;
+
+    #[test]
+    fn minimal_config_gets_defaults() {
+        let c = parse(MIN).unwrap();
+        assert_eq!(c.server.max_head_bytes, 16 * 1024);
+        assert_eq!(
+            c.server.listen,
+            vec!["127.0.0.1:8080".parse::<SocketAddr>().unwrap()]
+        );
+        assert_eq!(c.providers[0].base_url.port, 9000);
+        assert!(!c.providers[0].base_url.tls);
+        assert!(c.route_for("gpt-4o").is_some());
+        assert!(c.route_for("claude-3").is_none());
+    }
+
+    #[test]
+    fn ledger_cluster_file_selects_foundationdb_only_when_built_with_it() {
+        let c = parse(MIN).unwrap();
+        assert_eq!(c.ledger.cluster_file, None);
+        let text = format!("{MIN}\n[ledger]\ncluster_file = \"fdb.cluster\"\n");
+        let got = Config::parse(Path::new("/etc/tollgate/t.toml"), &text);
+        if cfg!(feature = "fdb") {
+            assert_eq!(
+                got.unwrap().ledger.cluster_file.as_deref(),
+                Some(Path::new("/etc/tollgate/fdb.cluster"))
+            );
+        } else {
+            let err = got.unwrap_err();
+            assert_eq!(err.issues.len(), 1, "{err}");
+            assert_eq!(err.issues[0].field, "ledger.cluster_file");
+            let msg = err.to_string();
+            assert!(msg.contains("built without FoundationDB support"), "{msg}");
+        }
+    }
+
+    #[test]
+    fn ledger_fleet_settings_default_and_are_validated_by_name() {
+        let c = parse(MIN).unwrap();
+        assert_eq!(c.ledger.fleet, FleetConfig::default());
+        let c = parse(&format!(
+            "{MIN}\n[ledger]\nnode_id = 7\nfleet_nodes = 3\nlease_ttl_ms = 2000\nmax_skew_ms = 0\n"
+        ))
+        .unwrap();
+        assert_eq!(
+            c.ledger.fleet,
+            FleetConfig {
+                node_id: Some(7),
+                nodes: 3,
+                lease_ttl_ms: 2000,
+                max_skew_ms: 0,
+            }
+        );
+        let err = parse(&format!(
+            "{MIN}\n[ledger]\nfleet_nodes = 0\nlease_ttl_ms = 5\nmax_skew_ms = 4000000\n"
+        ))
+        .unwrap_err();
+        let fields: Vec<&str> = err.issues.iter().map(|i| i.field.as_str()).collect();
+        assert_eq!(
+            fields,
+            [
+                "ledger.fleet_nodes",
+                "ledger.lease_ttl_ms",
+                "ledger.max_skew_ms"
+            ],
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_commit_interval_outside_its_range_is_named() {
+        for bad in [0, 60_001] {
+            let err = parse(&format!("{MIN}\n[ledger]\ncommit_interval_ms = {bad}\n")).unwrap_err();
+            let fields: Vec<&str> = err.issues.iter().map(|i| i.field.as_str()).collect();
+            assert_eq!(fields, ["ledger.commit_interval_ms"], "{err}");
+        }
+    }
+
+    #[test]
+    fn unknown_field_names_file_and_line() {
+        let err = parse("[server]\nlisten = [\"127.0.0.1:0\"]\nlisen = 1\n").unwrap_err();
+        let msg = err.to_string();
+        assert!(msg.contains("t.toml"), "{msg}");
+        assert!(msg.contains("line 3"), "{msg}");
+        assert!(msg.contains("lisen"), "{msg}");
+    }
+
+    #[test]
+    fn every_problem_is_reported() {
+        let err = parse(
+            r#"
+            [server]
+            listen = ["nope"]
+            driver = "kqueue"
+            [[providers]]
+            name = "Bad Name"
+            [[providers]]
+            name = "a"
+            kind = "azure"
+            base_url = "https://api.openai.com/v1"
+            [[routes]]
+            model = "x"
+            provider = "missing"
+        "#,
+        )
+        .unwrap_err();
+        let fields: Vec<&str> = err.issues.iter().map(|i| i.field.as_str()).collect();
+        assert!(fields.contains(&"server.listen[0]"), "{fields:?}");
+        assert!(fields.contains(&"server.driver"), "{fields:?}");
+        assert!(fields.contains(&"providers[0].name"), "{fields:?}");
+        assert!(fields.contains(&"providers[1].kind"), "{fields:?}");
+        assert!(fields.contains(&"providers[1].base_url"), "{fields:?}");
+        assert!(fields.contains(&"routes[0].provider"), "{fields:?}");
+        assert!(err.issues.iter().all(|i| i.file == Path::new("t.toml")));
+    }
+
+    #[test]
+    fn exact_routes_win_over_globs() {
+        let c = parse(
+            r#"
+            [[providers]]
+            name = "a"
+            kind = "openai"
+            [[providers]]
+            name = "b"
+            kind = "anthropic"
+            [[routes]]
+            model = "*"
+            provider = "a"
+            [[routes]]
+            model = "special"
+            provider = "b"
+            upstream_model = "claude-x"
+        "#,
+        )
+        .unwrap();
+        assert_eq!(c.route_for("special").unwrap().provider, 1);
+        assert_eq!(c.route_for("other").unwrap().provider, 0);
+    }
+
+    #[test]
+    fn base_url_forms() {
+        let b = parse_base_url("https://example.com/proxy/").unwrap();
+        assert_eq!(
+            (b.tls, b.port, b.path_prefix.as_str()),
+            (true, 443, "/proxy")
+        );
+        assert_eq!(b.host_header(), "example.com");
+        let b = parse_base_url("http://[::1]:8080").unwrap();
+        assert_eq!(b.host, "::1");
+        assert_eq!(b.host_header(), "[::1]:8080");
+        assert!(parse_base_url("ftp://x").is_err());
+        assert!(parse_base_url("https://x/v1").is_err());
+    }
+
+    #[test]
+    fn key_sources_never_leak_the_key() {
+        let dir = std::env::temp_dir().join(format!("tg-key-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let f = dir.join("k");
+        std::fs::write(&f, "sk-secret-value\n").unwrap();
+        let p = ProviderConfig {
+            name: "p".into(),
+            kind: ProviderKind::OpenAi,
+            base_url: default_base("x"),
+            key: KeySource::File(f),
+            ca_file: None,
+            mock_when_no_key: false,
+        };
+        let k = p.load_key().unwrap();
+        assert_eq!(k.expose(), "sk-secret-value");
+        assert!(!format!("{k:?}").contains("secret"));
+        let p = ProviderConfig {
+            key: KeySource::Env("TG_TEST_SURELY_UNSET_VAR".into()),
+            ..p
+        };
+        assert_eq!(
+            p.load_key().unwrap_err(),
+            KeyError::EnvUnset("TG_TEST_SURELY_UNSET_VAR".into())
+        );
+    }
+}

@@ -1,0 +1,532 @@
+//! The `tollgate` binary: `serve` runs a gateway (SIGHUP re-reads and applies its configuration file, see
+//! [`Gateway::reload`]; a file with errors is refused with a `reload_failed` event and the running
+//! configuration stays), `check-config` validates a configuration file, `service-token` creates, revokes and
+//! lists the tokens CI/CD agents present, `login` signs a person in at their IdP and `token` prints a fresh
+//! access token for scripts.
+
+#![forbid(unsafe_code)]
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+use tollgate_core::config::{parse_base_url, KeySource};
+use tollgate_core::Config;
+use tollgate_dataplane::runtime::snapshot::MOCK_KEY;
+use tollgate_dataplane::{BuildOptions, Gateway};
+
+#[derive(Parser)]
+#[command(
+    name = "tollgate",
+    version = concat!(env!("CARGO_PKG_VERSION"), " (commit ", env!("TOLLGATE_GIT_COMMIT"), ")"),
+    about = "An AI gateway with real-time cost, identity and dollar budgets"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run a gateway until SIGTERM or SIGINT; SIGHUP re-reads the configuration file and applies it.
+    Serve {
+        /// The TOML configuration file.
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Override `server.listen` (repeatable), e.g. `127.0.0.1:0`.
+        #[arg(long)]
+        listen: Vec<String>,
+        /// Override `server.workers`.
+        #[arg(long)]
+        workers: Option<usize>,
+    },
+    /// Validate a configuration file and print every problem with its file, field and reason.
+    CheckConfig {
+        /// The TOML configuration file.
+        file: PathBuf,
+    },
+    /// Print current spend and the remaining amount per budget and per identity, from the spend store
+    /// (read-only: safe while a gateway runs) and journal entries not yet in it.
+    Spend {
+        /// The gateway's configuration file (its budgets and `[ledger] dir`).
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Only this budget.
+        #[arg(long)]
+        budget: Option<String>,
+        /// One JSON object per line.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Create, revoke or list service tokens (for CI/CD agents) in a token store directory.
+    ServiceToken {
+        #[command(subcommand)]
+        action: ServiceTokenAction,
+    },
+    /// Sign in at your identity provider (OAuth 2.0 device authorization grant) and store the tokens.
+    Login {
+        /// The IdP's issuer URL (https://, or http:// on loopback only).
+        #[arg(long)]
+        issuer: String,
+        /// The OAuth client ID registered at the IdP for Tollgate.
+        #[arg(long)]
+        client_id: String,
+        /// Scopes to ask for.
+        #[arg(long, default_value = tollgate_core::auth::login::DEFAULT_SCOPE)]
+        scope: String,
+        /// The API audience, for IdPs that need one to issue JWT access tokens (Auth0).
+        #[arg(long)]
+        audience: Option<String>,
+        /// The client secret, for IdPs that give installed apps one (Google); stored for refreshes.
+        #[arg(long)]
+        client_secret: Option<String>,
+    },
+    /// Print a fresh access token (refreshed when it is about to expire), e.g. `OPENAI_API_KEY=$(tollgate token)`.
+    Token {
+        /// Which stored sign-in to use; the last one signed in to when absent.
+        #[arg(long)]
+        issuer: Option<String>,
+        /// Print the ID token instead, for IdPs whose access tokens are opaque (Google).
+        #[arg(long)]
+        id_token: bool,
+    },
+}
+
+/// Where the token store is: given directly, or the `store.dir` of a gateway config.
+#[derive(clap::Args)]
+struct StoreArg {
+    /// The token store directory (created with mode 0700 if missing).
+    #[arg(long, required_unless_present = "config", conflicts_with = "config")]
+    store: Option<PathBuf>,
+    /// A gateway config file: its `[store] dir` is used.
+    #[arg(long, short)]
+    config: Option<PathBuf>,
+}
+
+impl StoreArg {
+    fn dir(self) -> anyhow::Result<PathBuf> {
+        match (self.store, self.config) {
+            (Some(d), _) => Ok(d),
+            (None, Some(c)) => Ok(Config::load(&c)
+                .map_err(|e| anyhow::anyhow!("{e}"))?
+                .store
+                .dir),
+            (None, None) => anyhow::bail!("give --store DIR or --config FILE"),
+        }
+    }
+}
+
+#[derive(Subcommand)]
+enum ServiceTokenAction {
+    /// Mint a token: the token alone goes to stdout (shown once), a summary to stderr.
+    Create {
+        #[command(flatten)]
+        store: StoreArg,
+        /// Unique among active tokens: 1 to 64 of A-Z a-z 0-9 . _ -
+        #[arg(long)]
+        name: String,
+        /// The team the token's spend is attributed to (same characters as the name).
+        #[arg(long)]
+        team: String,
+        /// Lifetime from now, e.g. 30d, 12h, 90m, 45s.
+        #[arg(long, conflicts_with = "expires_at")]
+        expires_in: Option<String>,
+        /// Absolute expiry, RFC 3339, e.g. 2026-01-31T00:00:00Z.
+        #[arg(long)]
+        expires_at: Option<String>,
+    },
+    /// Revoke a token by name or id; the gateway refuses it from then on.
+    Revoke {
+        #[command(flatten)]
+        store: StoreArg,
+        /// The token's name or id (st_...).
+        name_or_id: String,
+    },
+    /// List tokens (never their secrets or hashes).
+    List {
+        #[command(flatten)]
+        store: StoreArg,
+        /// One JSON object per line instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::CheckConfig { file } => check_config(&file),
+        Command::Spend {
+            config,
+            budget,
+            json,
+        } => match spend(&config, budget.as_deref(), json) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("tollgate spend: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
+        Command::ServiceToken { action } => match service_token(action) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("tollgate: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
+        Command::Login {
+            issuer,
+            client_id,
+            scope,
+            audience,
+            client_secret,
+        } => {
+            let opts = tollgate_core::auth::login::LoginOptions {
+                issuer,
+                client_id,
+                scope,
+                audience,
+                client_secret,
+            };
+            match tollgate_core::auth::login::login(&opts, &mut std::io::stderr()) {
+                Ok(_) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("tollgate login: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::Token { issuer, id_token } => {
+            let opts = tollgate_core::auth::login::TokenOptions { issuer, id_token };
+            match tollgate_core::auth::login::token(&opts) {
+                // Only the token goes to stdout, so `$(tollgate token)` captures exactly it.
+                Ok(t) => match writeln!(std::io::stdout(), "{t}") {
+                    Ok(()) => ExitCode::SUCCESS,
+                    Err(_) => ExitCode::FAILURE,
+                },
+                Err(e) => {
+                    eprintln!("tollgate token: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::Serve {
+            config,
+            listen,
+            workers,
+        } => match serve(&config, listen, workers) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("tollgate: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
+    }
+}
+
+fn check_config(file: &std::path::Path) -> ExitCode {
+    match Config::load(file) {
+        Ok(c) => {
+            println!(
+                "{}: ok ({} providers, {} routes, listening on {})",
+                file.display(),
+                c.providers.len(),
+                c.routes.len(),
+                c.server
+                    .listen
+                    .iter()
+                    .map(|a| a.to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+            for p in &c.providers {
+                if let Err(e) = p.load_key() {
+                    let fallback = if p.mock_when_no_key {
+                        " (the bundled mock will serve it)"
+                    } else {
+                        ""
+                    };
+                    println!(
+                        "{}: providers.{}: warning: {e}{fallback}",
+                        file.display(),
+                        p.name
+                    );
+                }
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            for issue in &e.issues {
+                eprintln!("{issue}");
+            }
+            eprintln!("{}: {} problem(s)", file.display(), e.issues.len());
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn spend(config: &std::path::Path, budget: Option<&str>, json: bool) -> anyhow::Result<()> {
+    let config = Config::load(config).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let rows: Vec<_> = tollgate_dataplane::spend::committer::report(&config)
+        .map_err(|e| anyhow::anyhow!(e))?
+        .into_iter()
+        .filter(|r| budget.is_none_or(|b| r.budget == b))
+        .collect();
+    let mut out = std::io::stdout().lock();
+    if json {
+        for r in &rows {
+            writeln!(out, "{}", serde_json::to_string(r)?)?;
+        }
+        return Ok(());
+    }
+    writeln!(
+        out,
+        "{:<28} {:<18} {:>14} {:>14} {:>14}  RESETS",
+        "INSTANCE", "WINDOW", "SPENT_USD", "LIMIT_USD", "REMAINING_USD"
+    )?;
+    for r in &rows {
+        writeln!(
+            out,
+            "{:<28} {:<18} {:>14} {:>14} {:>14}  {}",
+            r.instance, r.window, r.spent_usd, r.limit_usd, r.remaining_usd, r.resets_at
+        )?;
+    }
+    Ok(())
+}
+
+fn service_token(action: ServiceTokenAction) -> anyhow::Result<()> {
+    use tollgate_core::auth::service_tokens::{self, parse_lifetime, TokenStore};
+    let when = |t: Option<jiff::Timestamp>| {
+        t.map_or_else(
+            || "never".to_owned(),
+            |t| t.strftime("%Y-%m-%dT%H:%M:%SZ").to_string(),
+        )
+    };
+    match action {
+        ServiceTokenAction::Create {
+            store,
+            name,
+            team,
+            expires_in,
+            expires_at,
+        } => {
+            let expires_at = match (expires_in, expires_at) {
+                (Some(spec), _) => Some(
+                    jiff::Timestamp::now()
+                        .checked_add(parse_lifetime(&spec)?)
+                        .with_context(|| format!("--expires-in {spec:?} is too far ahead"))?,
+                ),
+                (None, Some(at)) => Some(
+                    at.parse::<jiff::Timestamp>()
+                        .with_context(|| format!("--expires-at {at:?} is not an RFC 3339 time"))?,
+                ),
+                (None, None) => None,
+            };
+            let (token, secret) =
+                TokenStore::open(&store.dir()?)?.create(&name, &team, expires_at)?;
+            println!("{}", secret.expose());
+            eprintln!(
+                "created service token {} ({}) for team {}, expires {}\n\
+                 the token above is shown once: store it now",
+                token.name,
+                token.id,
+                token.team,
+                when(token.expires_at)
+            );
+        }
+        ServiceTokenAction::Revoke { store, name_or_id } => {
+            let token = TokenStore::open(&store.dir()?)?.revoke(&name_or_id)?;
+            eprintln!("revoked {} ({})", token.name, token.id);
+        }
+        ServiceTokenAction::List { store, json } => {
+            // Read-only: listing never creates the store directory.
+            let tokens = service_tokens::load(&store.dir()?)?.tokens;
+            let now = jiff::Timestamp::now();
+            if json {
+                for t in &tokens {
+                    let line = serde_json::json!({
+                        "id": t.id,
+                        "name": t.name,
+                        "team": t.team,
+                        "created_at": t.created_at,
+                        "expires_at": t.expires_at,
+                        "revoked_at": t.revoked_at,
+                        "status": t.status(now).as_str(),
+                    });
+                    println!("{line}");
+                }
+            } else {
+                let mut rows = vec![[
+                    "ID".to_owned(),
+                    "NAME".to_owned(),
+                    "TEAM".to_owned(),
+                    "CREATED".to_owned(),
+                    "EXPIRES".to_owned(),
+                    "STATUS".to_owned(),
+                ]];
+                rows.extend(tokens.iter().map(|t| {
+                    [
+                        t.id.clone(),
+                        t.name.clone(),
+                        t.team.clone(),
+                        when(Some(t.created_at)),
+                        when(t.expires_at),
+                        t.status(now).to_string(),
+                    ]
+                }));
+                let mut widths = [0usize; 6];
+                for r in &rows {
+                    for (w, c) in widths.iter_mut().zip(r) {
+                        *w = (*w).max(c.len());
+                    }
+                }
+                for r in &rows {
+                    let cells: Vec<String> = r
+                        .iter()
+                        .zip(widths)
+                        .map(|(c, w)| format!("{c:<w$}"))
+                        .collect();
+                    println!("{}", cells.join("  ").trim_end());
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Applies the command line's `--listen` and `--workers` over the file's `[server]`.
+fn apply_overrides(
+    config: &mut Config,
+    listen: &[String],
+    workers: Option<usize>,
+) -> anyhow::Result<()> {
+    if !listen.is_empty() {
+        config.server.listen = listen
+            .iter()
+            .map(|a| {
+                a.parse()
+                    .with_context(|| format!("--listen {a:?} is not an IP:port address"))
+            })
+            .collect::<anyhow::Result<_>>()?;
+    }
+    if let Some(w) = workers {
+        config.server.workers = w;
+    }
+    Ok(())
+}
+
+/// Whether some provider will be served by the bundled mock (it allows it and has no key).
+fn needs_mock(config: &Config) -> bool {
+    config
+        .providers
+        .iter()
+        .any(|p| p.mock_when_no_key && (p.key == KeySource::None || p.load_key().is_err()))
+}
+
+/// Starts the bundled mock provider and points `opts` at it.
+fn start_mock(opts: &mut BuildOptions) -> anyhow::Result<tollgate_loadtest::MockHandle> {
+    let cfg = tollgate_loadtest::MockConfig {
+        defaults: tollgate_loadtest::MockDefaults {
+            expected_key: Some(MOCK_KEY.to_owned()),
+            ..Default::default()
+        },
+        threads: 1,
+        ..Default::default()
+    };
+    let m = tollgate_loadtest::spawn(cfg).context("starting the bundled mock provider")?;
+    opts.mock_base =
+        Some(parse_base_url(&format!("http://{}", m.addr())).map_err(anyhow::Error::msg)?);
+    Ok(m)
+}
+
+fn serve(
+    path: &std::path::Path,
+    listen: Vec<String>,
+    workers: Option<usize>,
+) -> anyhow::Result<()> {
+    let mut config =
+        Config::load(path).map_err(|e| anyhow::anyhow!("invalid configuration:\n{e}"))?;
+    apply_overrides(&mut config, &listen, workers)?;
+
+    // The bundled mock serves providers that allow it and have no key, so the quickstart runs offline.
+    let mut opts = BuildOptions::default();
+    let mut mock = if needs_mock(&config) {
+        Some(start_mock(&mut opts)?)
+    } else {
+        None
+    };
+
+    // Block the signals before any thread starts so only the waiting thread sees them.
+    let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT, SIGHUP])
+        .context("installing signal handlers")?;
+    let gateway = Gateway::start(config, &opts).context("starting the gateway")?;
+    for sig in signals.forever() {
+        if sig != SIGHUP {
+            break;
+        }
+        reload(&gateway, path, &listen, workers, &mut opts, &mut mock);
+    }
+    gateway.shutdown();
+    if let Some(m) = mock {
+        m.shutdown();
+    }
+    Ok(())
+}
+
+/// SIGHUP: re-reads and validates `path` and applies it; on any error logs `reload_failed` with every
+/// issue and keeps the running configuration.
+fn reload(
+    gateway: &Gateway,
+    path: &std::path::Path,
+    listen: &[String],
+    workers: Option<usize>,
+    opts: &mut BuildOptions,
+    mock: &mut Option<tollgate_loadtest::MockHandle>,
+) {
+    let file = path.display().to_string();
+    let issue = |field: &str, reason: String| serde_json::json!({ "file": file, "field": field, "reason": reason });
+    let failed = |issues: Vec<serde_json::Value>| {
+        gateway.log_value(serde_json::json!({
+            "ts": tollgate_dataplane::obs::accesslog::now_rfc3339(),
+            "event": "reload_failed",
+            "file": file,
+            "issues": issues,
+            "keeping": "the running configuration",
+        }));
+    };
+    let mut config = match Config::load(path) {
+        Ok(c) => c,
+        Err(e) => {
+            return failed(
+                e.issues
+                    .iter()
+                    .map(|i| {
+                        serde_json::json!({
+                            "file": i.file.display().to_string(),
+                            "field": i.field,
+                            "reason": i.reason,
+                        })
+                    })
+                    .collect(),
+            )
+        }
+    };
+    if let Err(e) = apply_overrides(&mut config, listen, workers) {
+        return failed(vec![issue("server", format!("{e:#}"))]);
+    }
+    if mock.is_none() && needs_mock(&config) {
+        match start_mock(opts) {
+            Ok(m) => *mock = Some(m),
+            Err(e) => return failed(vec![issue("providers", format!("{e:#}"))]),
+        }
+    }
+    if let Err(e) = gateway.reload(config, opts) {
+        let tollgate_dataplane::ReloadError::Build(
+            tollgate_dataplane::runtime::snapshot::BuildError::Provider { provider, reason },
+        ) = e;
+        failed(vec![issue(&format!("providers.{provider}"), reason)]);
+    }
+}
