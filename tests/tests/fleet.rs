@@ -15,8 +15,8 @@ use std::time::{Duration, Instant};
 
 use jiff::Timestamp;
 use tollgate_core::store::fleet::{self, Ask, WindowRef};
+use tollgate_core::store::ledger::{self, InstanceName};
 use tollgate_core::store::mem::MemStore;
-use tollgate_core::store::spend::{self, InstanceName};
 use tollgate_core::store::{transact, RetryPolicy};
 use tollgate_core::Config;
 use tollgate_dataplane::{BuildOptions, Gateway};
@@ -118,7 +118,7 @@ fn window(config: &Config, limit: i128) -> WindowRef {
 /// The fleet's committed spend on `everyone`, all windows.
 fn committed(store: &MemStore) -> i128 {
     let all = transact(store, &RetryPolicy::default(), |txn| {
-        spend::load_since(txn, Timestamp::UNIX_EPOCH)
+        ledger::load_since(txn, Timestamp::UNIX_EPOCH)
     })
     .unwrap();
     all.iter()

@@ -15,9 +15,9 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use crate::store::fleet::*;
+use crate::store::ledger::Batch;
+use crate::store::ledger::{self, InstanceName};
 use crate::store::mem::{Fault, MemStore};
-use crate::store::spend::Batch;
-use crate::store::spend::{self, InstanceName};
 use crate::store::{transact, RetryPolicy};
 
 const TTL_MS: i64 = 1_000;
@@ -385,7 +385,7 @@ impl World {
             let mut sources: Vec<&String> = journal.iter().map(|(s, _, _)| s).collect();
             sources.dedup();
             for s in sources {
-                let applied = spend::applied(txn, s)?;
+                let applied = ledger::applied(txn, s)?;
                 let mut b = Batch::default();
                 for (_, seq, a) in journal.iter().filter(|(js, q, _)| js == s && *q > applied) {
                     b.add(
@@ -397,7 +397,7 @@ impl World {
                     );
                 }
                 if !b.is_empty() {
-                    spend::apply_batch(txn, &b)?;
+                    ledger::apply_batch(txn, &b)?;
                 }
             }
             Ok(())

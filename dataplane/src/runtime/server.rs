@@ -141,7 +141,7 @@ pub struct Spend {
     pub health: Arc<crate::spend::committer::Health>,
     pub run: String,
     pub journal_dir: std::path::PathBuf,
-    pub history: Arc<Vec<tollgate_core::store::spend::SlotSpend>>,
+    pub history: Arc<Vec<tollgate_core::store::ledger::SlotSpend>>,
     pub fail_closed_after: Duration,
     /// Fleet mode: the budget leases' TTL (ms); `None` outside fleet mode.
     pub fleet_ttl_ms: Option<i64>,

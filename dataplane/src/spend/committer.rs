@@ -4,7 +4,7 @@
 //! and load the spend history the cores' budgets start from) and the thread that, every
 //! `ledger.commit_interval_ms` (50 ms), merges the settlements the cores handed over
 //! ([`crate::spend::journal::ToLedger`], a crossbeam channel) per (budget instance, 15-minute slot) and commits
-//! them in one transaction ([`tollgate_core::store::spend::apply_batch`]), with the highest journal
+//! them in one transaction ([`tollgate_core::store::ledger::apply_batch`]), with the highest journal
 //! sequence number per source recorded in the same transaction: a retried commit, or one whose outcome was
 //! unknown, is never counted twice. A batch that was attempted is retried as it is (never merged with
 //! later spend) until it commits. Once a second ([`JOURNAL_SYNC`]) it `fsync`s this run's journal files
@@ -46,7 +46,7 @@ use jiff::Timestamp;
 use tollgate_core::budget::InstanceKey;
 use tollgate_core::config::{FleetConfig, LedgerConfig};
 use tollgate_core::store::fleet::{self, Ask, WindowRef};
-use tollgate_core::store::spend::{self, Batch, InstanceName, SlotSpend, SLOT_SECS};
+use tollgate_core::store::ledger::{self, Batch, InstanceName, SlotSpend, SLOT_SECS};
 use tollgate_core::store::{transact, RetryPolicy, Store, StoreError};
 use tollgate_core::Money;
 
@@ -207,7 +207,7 @@ pub fn start_fleet(
 ) -> Result<Started, String> {
     let policy = RetryPolicy::default();
     let journal_dir = cfg.dir.join("journal");
-    spend::check_schema(store.as_ref(), &policy)
+    ledger::check_schema(store.as_ref(), &policy)
         .map_err(|e| format!("the spend store in {}: {e}", cfg.dir.display()))?;
     let replayed = replay(store.as_ref(), &journal_dir, &policy)
         .map_err(|e| format!("replaying the journals in {}: {e}", journal_dir.display()))?;
@@ -216,11 +216,13 @@ pub fn start_fleet(
         .checked_sub(jiff::SignedDuration::try_from(HISTORY).unwrap_or_default())
         .unwrap_or(now);
     let pruned = transact(store.as_ref(), &policy, |txn| {
-        spend::prune_before(txn, since)
+        ledger::prune_before(txn, since)
     })
     .map_err(|e| format!("pruning old spend: {e}"))?;
-    let history = transact(store.as_ref(), &policy, |txn| spend::load_since(txn, since))
-        .map_err(|e| format!("loading spend: {e}"))?;
+    let history = transact(store.as_ref(), &policy, |txn| {
+        ledger::load_since(txn, since)
+    })
+    .map_err(|e| format!("loading spend: {e}"))?;
     // Unique per run, also across containers that all run as pid 1: time, pid and 32 random bits.
     let nonce = {
         use std::hash::{BuildHasher, Hasher};
@@ -316,7 +318,7 @@ fn replay(store: &dyn Store, dir: &Path, policy: &RetryPolicy) -> Result<usize, 
     let sources = journal::list(dir).map_err(|e| StoreError::Unavailable(e.to_string()))?;
     let mut replayed = 0;
     for (source, files) in sources {
-        let applied = transact(store, policy, |txn| spend::applied(txn, &source))?;
+        let applied = transact(store, policy, |txn| ledger::applied(txn, &source))?;
         let mut batch = Batch::default();
         for (_, path) in &files {
             let records =
@@ -327,13 +329,13 @@ fn replay(store: &dyn Store, dir: &Path, policy: &RetryPolicy) -> Result<usize, 
             }
         }
         if !batch.is_empty() {
-            transact(store, policy, |txn| spend::apply_batch(txn, &batch))?;
+            transact(store, policy, |txn| ledger::apply_batch(txn, &batch))?;
         }
         for (_, path) in &files {
             let _ = std::fs::remove_file(path);
         }
         transact(store, policy, |txn| {
-            spend::forget_source(txn, &source);
+            ledger::forget_source(txn, &source);
             Ok(())
         })?;
     }
@@ -542,7 +544,7 @@ impl Worker {
         let node = self.fleet.as_ref().map_or(0, |f| f.node);
         match transact(self.store.as_ref(), &policy, |txn| match &from_leases {
             Some(from) => fleet::commit(txn, batch, node, from),
-            None => spend::apply_batch(txn, batch),
+            None => ledger::apply_batch(txn, batch),
         }) {
             Ok(_) => {
                 let us = started.elapsed().as_micros() as u64;
@@ -748,7 +750,7 @@ impl Worker {
 /// same kind of scope (per member, or shared).
 pub fn instance_key(
     set: &tollgate_core::budget::BudgetSet,
-    name: &spend::InstanceName,
+    name: &ledger::InstanceName,
 ) -> Option<tollgate_core::budget::InstanceKey> {
     use tollgate_core::budget::Scope;
     let budget = set.get(&name.budget)?;
@@ -766,7 +768,7 @@ pub fn instance_key(
 /// early: a rolling window never drops spend before it is due).
 pub fn slot_time(slot_start: Timestamp, now: Timestamp) -> Timestamp {
     slot_start
-        .checked_add(jiff::SignedDuration::from_secs(spend::SLOT_SECS - 1))
+        .checked_add(jiff::SignedDuration::from_secs(ledger::SLOT_SECS - 1))
         .unwrap_or(slot_start)
         .min(now)
 }
@@ -800,7 +802,7 @@ pub fn report(config: &tollgate_core::Config) -> Result<Vec<SpendRow>, String> {
     let since = now
         .checked_sub(jiff::SignedDuration::try_from(HISTORY).unwrap_or_default())
         .unwrap_or(now);
-    let stored = transact(store, &policy, |txn| spend::load_since(txn, since))
+    let stored = transact(store, &policy, |txn| ledger::load_since(txn, since))
         .map_err(|e| format!("{path}: {e}"))?;
     let set = &config.budgets;
     let mut ledger = Ledger::new();
@@ -834,7 +836,7 @@ pub fn report(config: &tollgate_core::Config) -> Result<Vec<SpendRow>, String> {
     let mut unreplayed: HashMap<InstanceKey, i128> = HashMap::new();
     let journal_dir = config.ledger.dir.join("journal");
     for (source, files) in journal::list(&journal_dir).map_err(|e| e.to_string())? {
-        let applied = transact(store, &policy, |txn| spend::applied(txn, &source))
+        let applied = transact(store, &policy, |txn| ledger::applied(txn, &source))
             .map_err(|e| e.to_string())?;
         for (_, file) in files {
             for r in journal::read_file(&file).unwrap_or_default() {
@@ -877,8 +879,8 @@ mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
     use super::*;
+    use tollgate_core::store::ledger::InstanceName;
     use tollgate_core::store::mem::MemStore;
-    use tollgate_core::store::spend::InstanceName;
     use tollgate_core::Money;
 
     /// Settlements whose hand-off was dropped (channel full) are read back from the journal when the next
@@ -931,7 +933,7 @@ mod tests {
             .unwrap();
         started.handle.shutdown(Duration::from_secs(5));
         let got = transact(&store, &RetryPolicy::default(), |txn| {
-            spend::load_since(txn, Timestamp::UNIX_EPOCH)
+            ledger::load_since(txn, Timestamp::UNIX_EPOCH)
         })
         .unwrap();
         assert_eq!(got.len(), 1, "{got:?}");

@@ -29,7 +29,7 @@ use std::path::{Path, PathBuf};
 use crossbeam_channel::Sender;
 use jiff::Timestamp;
 use tollgate_core::budget::InstanceKey;
-use tollgate_core::store::spend::InstanceName;
+use tollgate_core::store::ledger::InstanceName;
 use tollgate_core::Money;
 
 /// A journal file is rotated past this size.

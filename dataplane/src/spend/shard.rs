@@ -432,7 +432,7 @@ impl CoreBudgets {
 
     /// Loads stored spend into the instances this core owns (at start, before serving). Each slot's
     /// spend counts as made at the slot's last second (or now, for the current slot): late, never early.
-    pub fn preload(&self, set: &BudgetSet, history: &[tollgate_core::store::spend::SlotSpend]) {
+    pub fn preload(&self, set: &BudgetSet, history: &[tollgate_core::store::ledger::SlotSpend]) {
         let now = Timestamp::now();
         let mut ledger = self.ledger.borrow_mut();
         let mut loaded = 0usize;

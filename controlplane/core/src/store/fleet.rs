@@ -32,7 +32,7 @@
 //! reads the window's spend slots and the instance's leases (a few hundred keys at most); [`commit`] is
 //! the ledger batch plus one atomic add per lease touched.
 
-use crate::store::spend::{self, Batch, InstanceName, SLOT_SECS};
+use crate::store::ledger::{self, Batch, InstanceName, SLOT_SECS};
 use crate::store::tuple::{pack, range, unpack, Element};
 use crate::store::{decode_i128, StoreError, Transaction};
 
@@ -203,7 +203,7 @@ pub fn acquire(
 }
 
 /// A node's ledger batch: its spend (idempotent by the batch's sequence numbers, see
-/// [`spend::apply_batch`]) and, only if the batch was new, each amount taken off the node's lease of its
+/// [`ledger::apply_batch`]) and, only if the batch was new, each amount taken off the node's lease of its
 /// window. Returns whether the batch was new.
 pub fn commit(
     txn: &mut dyn Transaction,
@@ -211,7 +211,7 @@ pub fn commit(
     node: u64,
     from_leases: &[(WindowRef, i128)],
 ) -> Result<bool, StoreError> {
-    if !spend::apply_batch(txn, batch)? {
+    if !ledger::apply_batch(txn, batch)? {
         return Ok(false);
     }
     for (w, amount) in from_leases {

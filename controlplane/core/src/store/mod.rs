@@ -22,8 +22,9 @@ pub mod conformance;
 #[cfg(feature = "fdb")]
 pub mod fdb;
 pub mod fleet;
+pub mod ledger;
 pub mod mem;
-pub mod spend;
+
 pub mod sqlite;
 pub mod tuple;
 
