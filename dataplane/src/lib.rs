@@ -71,72 +71,6 @@ pub enum ReloadError {
 /// snapshot anyway (it is busy only while fetching an issuer's keys, bounded by the fetch timeouts).
 pub const IDENTITY_ACK: std::time::Duration = std::time::Duration::from_secs(5);
 
-/// Settings a reload leaves as they are: they are read once, when the workers, listeners, resolver, log
-/// writer and identity thread start. Named as in the configuration file.
-pub const RESTART_REQUIRED: &[&str] = &[
-    "server.listen",
-    "server.workers",
-    "server.pin_workers",
-    "server.driver",
-    "server.max_head_bytes",
-    "server.max_headers",
-    "server.max_body_bytes",
-    "server.header_timeout_ms",
-    "server.body_timeout_ms",
-    "server.idle_timeout_ms",
-    "server.shutdown_grace_ms",
-    "server.handoff",
-    "server.budget_slices",
-    "upstream.connect_timeout_ms",
-    "upstream.first_byte_timeout_ms",
-    "upstream.read_timeout_ms",
-    "upstream.pool_idle_timeout_ms",
-    "upstream.pool_max_idle_per_provider",
-    "upstream.dns_refresh_ms",
-    "log.access_log",
-    "store.dir",
-    "ledger",
-    "auth.demo_token",
-];
-
-/// Which of [`RESTART_REQUIRED`] differ between the running configuration and a new one.
-pub fn restart_required(old: &Config, new: &Config) -> Vec<&'static str> {
-    let (os, ns) = (&old.server, &new.server);
-    let (ou, nu) = (&old.upstream, &new.upstream);
-    let changed = [
-        os.listen != ns.listen,
-        os.workers != ns.workers,
-        os.pin_workers != ns.pin_workers,
-        os.driver != ns.driver,
-        os.max_head_bytes != ns.max_head_bytes,
-        os.max_headers != ns.max_headers,
-        os.max_body_bytes != ns.max_body_bytes,
-        os.header_timeout != ns.header_timeout,
-        os.body_timeout != ns.body_timeout,
-        os.idle_timeout != ns.idle_timeout,
-        os.shutdown_grace != ns.shutdown_grace,
-        os.handoff != ns.handoff,
-        ou.connect_timeout != nu.connect_timeout,
-        ou.first_byte_timeout != nu.first_byte_timeout,
-        ou.read_timeout != nu.read_timeout,
-        ou.pool_idle_timeout != nu.pool_idle_timeout,
-        ou.pool_max_idle_per_provider != nu.pool_max_idle_per_provider,
-        ou.dns_refresh != nu.dns_refresh,
-        old.log.access_log != new.log.access_log,
-        old.store.dir != new.store.dir,
-        old.ledger.dir != new.ledger.dir
-            || old.ledger.commit_interval != new.ledger.commit_interval
-            || old.ledger.fail_closed_after != new.ledger.fail_closed_after
-            || old.ledger.fleet != new.ledger.fleet,
-        old.auth.demo_token != new.auth.demo_token,
-    ];
-    RESTART_REQUIRED
-        .iter()
-        .zip(changed)
-        .filter_map(|(name, c)| c.then_some(*name))
-        .collect()
-}
-
 /// What a reload applied.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ReloadOutcome {
@@ -339,7 +273,7 @@ impl Gateway {
     ) -> Result<ReloadOutcome, ReloadError> {
         let old = self.published.load_full();
         let mut config = config;
-        let restart_required = restart_required(&old.config, &config);
+        let restart_required = runtime::reload::restart_required(&old.config, &config);
         // Start-only settings stay as they run, so the published config says what is in effect.
         config.server = old.config.server.clone();
         config.upstream = old.config.upstream.clone();

@@ -2,10 +2,12 @@
 //!
 //! [`server`] (workers, listeners, shutdown), [`mailbox`] (one core asking another, without blocking
 //! either), [`snapshot`] (the immutable configuration every core reads), [`resolve`] (DNS, off the cores),
-//! [`credentials`] (the thread that keeps issuers' keys and the service-token set fresh).
+//! [`credentials`] (the thread that keeps issuers' keys and the service-token set fresh), [`reload`]
+//! (which settings a reload cannot apply).
 
 pub mod credentials;
 pub mod mailbox;
+pub mod reload;
 pub mod resolve;
 pub mod server;
 pub mod snapshot;
