@@ -386,7 +386,7 @@ fn report(g: &BTreeMap<Module, BTreeSet<Module>>, comps: &[Vec<Module>]) -> Stri
 const KNOWN: &[&str] = &[
     "config, pricing",
     "spend::committer, spend::journal, spend::shard",
-    "net::handoff, pipeline, pipeline::account, pipeline::admit, pipeline::forward, pipeline::identify, pipeline::log, pipeline::parse",
+    "pipeline, pipeline::account, pipeline::admit, pipeline::forward, pipeline::identify, pipeline::log, pipeline::parse",
 ];
 
 #[test]

@@ -13,7 +13,7 @@
 //! Unsafe: this module's one `unsafe` block, `std::net::TcpStream::from_raw_fd`. monoio's `TcpStream` has
 //! a safe `from_std` but no `into_std`, no `OwnedFd` conversion, only `IntoRawFd`; std's `TcpStream` (which
 //! is `Send`, unlike monoio's) can be made from a raw descriptor only unsafely. The crate root denies
-//! `unsafe_code`; this module allows it, as [`crate::net::iovec`] does.
+//! `unsafe_code`; `into_std` alone allows it, as the `IoVecBuf` impl in [`crate::net::iovec`] does.
 //!
 //! Fails: a full or closed mailbox gives the connection back, and it is served where it is (and may try
 //! again after its next request); a client that closes while the read is cancelled ends the connection; an
@@ -24,8 +24,6 @@
 //! [`crate::runtime::mailbox`]); against ~15 us saved on every later budgeted request (a cross-core ask becomes a
 //! local call; see docs/benchmarks.md for the measured share of requests served on their owner).
 
-#![allow(unsafe_code)]
-
 use std::cell::Cell;
 use std::os::fd::{FromRawFd, IntoRawFd};
 
@@ -33,7 +31,6 @@ use monoio::net::TcpStream;
 
 use crate::net::client::{ClientIo, Detached};
 use crate::obs::accesslog::Logger;
-use crate::pipeline::Core;
 
 /// What became of a connection the loop tried to hand off.
 #[derive(Debug)]
@@ -103,25 +100,37 @@ impl Counters {
     }
 }
 
-/// Moves `io` to core `owner`. Call only between requests (nothing half-written; a half-read next request
-/// is fine: its bytes travel).
-pub async fn hand_off(core: &Core, io: ClientIo, owner: usize) -> Handoff {
+/// A connection on its way to another core, as the owner's inbox carries it: the socket and the bytes
+/// already read from it.
+pub type Moving = (std::net::TcpStream, bytes::Bytes);
+
+/// Moves `io` to core `owner` through `post` (which puts it in the owner's inbox, or gives it back with the
+/// reason). Call only between requests (nothing half-written; a half-read next request is fine: its bytes
+/// travel). `core` is this core's id, for the log.
+pub async fn hand_off<E: std::fmt::Display>(
+    io: ClientIo,
+    core: usize,
+    owner: usize,
+    counters: &Counters,
+    logger: &Logger,
+    post: impl FnOnce(std::net::TcpStream, bytes::Bytes) -> Result<(), (E, Option<Moving>)>,
+) -> Handoff {
     let (stream, buffered) = match io.detach().await {
         Detached::Socket(s, b) => (s, b),
         Detached::Closed => return Handoff::Closed,
     };
     let stream = into_std(stream);
-    match core.budgets.post_adopt(owner, stream, buffered) {
+    match post(stream, buffered) {
         Ok(()) => {
-            bump(&core.handoff.handed_off);
+            bump(&counters.handed_off);
             Handoff::Handed
         }
         Err((e, back)) => {
-            bump(&core.handoff.failed);
-            core.log.logger().event(
+            bump(&counters.failed);
+            logger.event(
                 "handoff_failed",
                 &[
-                    ("core", &core.id.to_string()),
+                    ("core", &core.to_string()),
                     ("owner", &owner.to_string()),
                     ("error", &e.to_string()),
                 ],
@@ -143,6 +152,7 @@ pub async fn hand_off(core: &Core, io: ClientIo, owner: usize) -> Handoff {
 
 /// Takes the descriptor out of monoio (deregistering it from the epoll driver where it was registered) and
 /// gives it to a std stream, which is `Send` and closes it when dropped.
+#[allow(unsafe_code)]
 fn into_std(stream: TcpStream) -> std::net::TcpStream {
     // Precondition of monoio's `into_raw_fd` (it panics otherwise): no other handle on the descriptor. Met:
     // the halves were reunited and `ClientIo::detach` awaited the last read, so no operation holds it.

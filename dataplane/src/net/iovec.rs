@@ -2,14 +2,12 @@
 //! chunk header, the chunk and its CRLF, without copying any of them into a staging buffer.
 //!
 //! Owns: [`IoVecs`], a list of [`Bytes`] with the matching `iovec` array, handed to monoio's
-//! `write_vectored_all`. One of the data plane's two `unsafe` modules (the other is [`crate::net::handoff`]): monoio's `IoVecBuf` is an unsafe trait
+//! `write_vectored_all`. One of the data plane's two `unsafe` items (the other is in [`crate::net::handoff`]), allowed on that item alone: monoio's `IoVecBuf` is an unsafe trait
 //! (the runtime reads the memory the iovecs point at while the operation is in flight).
 //! Why it pays: the profile of a non-streamed request showed ~80% of the core's time in the kernel's TCP
 //! send path, and writing head and body separately cost one extra send (and one extra wake-up of the peer)
 //! per direction; see docs/benchmarks.md.
 //! Fails: never; I/O errors come back from the write call. Cost: one small Vec push per buffer.
-
-#![allow(unsafe_code)]
 
 use bytes::Bytes;
 use monoio::buf::IoVecBuf;
@@ -68,6 +66,7 @@ impl IoVecs {
 // long as `self` lives; `Bytes` never moves or mutates its data, so the pointers stay valid and the bytes stay
 // initialised while the runtime owns this value during a write. `iov_len` is exactly each buffer's length, and
 // `self.iov` is only appended to, never reallocated while a write is in flight (we own `self` then).
+#[allow(unsafe_code)]
 unsafe impl IoVecBuf for IoVecs {
     fn read_iovec_ptr(&self) -> *const libc::iovec {
         self.iov.as_ptr()

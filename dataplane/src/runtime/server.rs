@@ -414,7 +414,16 @@ async fn serve_conn(core: Rc<Core>, stream: TcpStream, buffered: Bytes, handed_o
         let Some(owner) = io.owner.filter(|&o| o != core.id) else {
             continue;
         };
-        match handoff::hand_off(&core, io, owner).await {
+        match handoff::hand_off(
+            io,
+            core.id,
+            owner,
+            &core.handoff,
+            core.log.logger(),
+            |stream, buffered| core.budgets.post_adopt(owner, stream, buffered),
+        )
+        .await
+        {
             Handoff::Handed | Handoff::Closed => return,
             Handoff::Kept(kept) => io = kept,
         }
