@@ -77,6 +77,8 @@ pub(crate) struct Knobs {
     pub disconnect_after: Option<u64>,
     pub malformed_sse: bool,
     pub omit_usage: bool,
+    /// `x-mock-real-api`: real-API mode on or off for this request.
+    pub real_api: Option<bool>,
 }
 
 fn num(v: &[u8]) -> Option<u64> {
@@ -120,6 +122,7 @@ impl Knobs {
                 "disconnect-after" => k.disconnect_after = num(v).or(k.disconnect_after),
                 "malformed-sse" => k.malformed_sse = flag(v),
                 "omit-usage" => k.omit_usage = flag(v),
+                "real-api" => k.real_api = Some(flag(v)),
                 _ => {}
             }
         }
@@ -131,7 +134,10 @@ impl Knobs {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Plan {
     pub input: u64,
+    /// Output tokens of each choice.
     pub output: u64,
+    /// Choices generated (OpenAI `n` in real-API mode; otherwise 1).
+    pub choices: u64,
     /// Output was cut short by the request's `max_tokens`.
     pub capped: bool,
     pub cached: u64,
@@ -163,6 +169,7 @@ impl Plan {
         Self {
             input,
             output,
+            choices: 1,
             capped,
             cached: knobs.cached_tokens.min(input),
             reasoning: knobs.reasoning_tokens.min(output),
@@ -176,6 +183,11 @@ impl Plan {
             malformed_sse: knobs.malformed_sse,
             omit_usage: knobs.omit_usage,
         }
+    }
+
+    /// Output tokens over all choices, as billed.
+    pub(crate) fn total_output(&self) -> u64 {
+        self.output.saturating_mul(self.choices)
     }
 
     /// Index of the token event before which the malformed event goes.

@@ -18,11 +18,25 @@
 //!   `/_mock/*` and `/healthz`), oldest first, as
 //!   `[{"method":..,"path":..,"query":..|null,"headers":[[name,value],..],"body":".."}]`.
 //!   Headers are recorded verbatim, credentials included, so tests can check
-//!   what the gateway forwarded. `DELETE /_mock/requests` clears the record.
+//!   what the gateway forwarded. The body is the bytes received, not
+//!   re-serialised ([`RecordedRequest::body_bytes`] has them byte for byte).
+//!   In real-API mode a record also carries
+//!   `"billed":{"input_tokens":..,"output_tokens":..,"choices":..}`, the usage
+//!   the mock billed ([`RecordedRequest::billed`]).
+//!   `DELETE /_mock/requests` clears the record.
 //! * Anything else: `404` in the OpenAI error shape.
 //!
 //! A body that is not valid JSON, or has no string `model`, is answered `400`
 //! in the provider's error shape (`invalid_request_error`).
+//!
+//! # Real-API mode
+//!
+//! By default requests are read with a strict parser (a duplicate key is a
+//! `400`, `n` is ignored). [`MockDefaults::real_api`] (`--real-api`), or the
+//! request header `x-mock-real-api: 1`, makes the mock read bodies as the real
+//! providers do: last duplicate key wins, OpenAI `n` yields `n` choices billed
+//! together, a `null` cap is no cap, `stream_options: null` streams no usage,
+//! and Anthropic refuses a missing or `null` `max_tokens`. See [`real`].
 //!
 //! # Authentication
 //!
@@ -92,6 +106,7 @@
 mod body;
 mod knobs;
 pub mod load;
+pub mod real;
 mod server;
 mod wire;
 
@@ -103,7 +118,7 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 pub use knobs::WORDS;
-pub use server::RecordedRequest;
+pub use server::{Billed, RecordedRequest};
 
 /// Errors starting the mock.
 #[derive(Debug, thiserror::Error)]
@@ -142,6 +157,9 @@ pub struct MockDefaults {
     pub token_delay: Duration,
     /// When set, the provider endpoints require this key.
     pub expected_key: Option<String>,
+    /// Real-API mode for every request (see [`real`]); `x-mock-real-api: 0|1`
+    /// overrides it per request. Off by default.
+    pub real_api: bool,
 }
 
 impl Default for MockDefaults {
@@ -150,6 +168,7 @@ impl Default for MockDefaults {
             output_tokens: 16,
             token_delay: Duration::ZERO,
             expected_key: None,
+            real_api: false,
         }
     }
 }

@@ -19,6 +19,7 @@ use tokio_rustls::TlsAcceptor;
 
 use crate::body::MockBody;
 use crate::knobs::{Knobs, Plan};
+use crate::real;
 use crate::wire::{self, Events};
 use crate::{MockDefaults, MockError, TlsFiles};
 
@@ -38,8 +39,29 @@ pub struct RecordedRequest {
     pub query: Option<String>,
     /// Header names (lower case) and values, in the order received.
     pub headers: Vec<(String, String)>,
-    /// The body (lossy UTF-8).
+    /// The body as UTF-8 text: exactly the bytes received when they are
+    /// valid UTF-8 (as JSON must be), never re-serialised; invalid sequences
+    /// become U+FFFD.
     pub body: String,
+    /// The body exactly as received, byte for byte (not in the JSON record).
+    #[serde(skip)]
+    pub body_bytes: Bytes,
+    /// Real-API mode only: what the mock billed for this request; `None`
+    /// (and absent from the JSON record) in the default mode and for requests
+    /// answered with an error.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub billed: Option<Billed>,
+}
+
+/// The usage a real-API-mode response billed (see the `real` module docs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct Billed {
+    /// Input tokens (OpenAI `prompt_tokens`, Anthropic `input_tokens`), counted once.
+    pub input_tokens: u64,
+    /// Output tokens over all choices (OpenAI `completion_tokens`, Anthropic `output_tokens`).
+    pub output_tokens: u64,
+    /// Choices generated (OpenAI `n`; 1 for Anthropic).
+    pub choices: u64,
 }
 
 /// State shared by every connection.
@@ -49,7 +71,10 @@ pub(crate) struct State {
     bearer: Option<String>,
     next_id: AtomicU64,
     pub(crate) recording: AtomicBool,
-    records: Mutex<VecDeque<RecordedRequest>>,
+    /// Sequence number of the next record.
+    next_record: AtomicU64,
+    /// Records with their sequence numbers, oldest first.
+    records: Mutex<VecDeque<(u64, RecordedRequest)>>,
 }
 
 impl State {
@@ -62,23 +87,25 @@ impl State {
             defaults,
             next_id: AtomicU64::new(1),
             recording: AtomicBool::new(true),
+            next_record: AtomicU64::new(0),
             records: Mutex::new(VecDeque::with_capacity(RECORD_CAP)),
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, VecDeque<RecordedRequest>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, VecDeque<(u64, RecordedRequest)>> {
         self.records.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     pub(crate) fn recorded(&self) -> Vec<RecordedRequest> {
-        self.lock().iter().cloned().collect()
+        self.lock().iter().map(|(_, r)| r.clone()).collect()
     }
 
     pub(crate) fn clear_recorded(&self) {
         self.lock().clear();
     }
 
-    fn record(&self, parts: &hyper::http::request::Parts, body: &[u8]) {
+    /// Records a request; returns its sequence number for [`State::bill`].
+    fn record(&self, parts: &hyper::http::request::Parts, body: &Bytes) -> u64 {
         let rec = RecordedRequest {
             method: parts.method.as_str().to_owned(),
             path: parts.uri.path().to_owned(),
@@ -94,12 +121,24 @@ impl State {
                 })
                 .collect(),
             body: String::from_utf8_lossy(body).into_owned(),
+            body_bytes: body.clone(),
+            billed: None,
         };
         let mut records = self.lock();
+        // Numbered under the lock, so the queue stays in sequence order.
+        let seq = self.next_record.fetch_add(1, Ordering::Relaxed);
         if records.len() == RECORD_CAP {
             records.pop_front();
         }
-        records.push_back(rec);
+        records.push_back((seq, rec));
+        seq
+    }
+
+    /// Adds the bill to record `seq`, unless it was cleared or pushed out.
+    fn bill(&self, seq: u64, billed: Billed) {
+        if let Some((_, rec)) = self.lock().iter_mut().rev().find(|(s, _)| *s == seq) {
+            rec.billed = Some(billed);
+        }
     }
 }
 
@@ -274,9 +313,10 @@ async fn handle(
         Ok(b) => b.to_bytes(),
         Err(_) => Bytes::new(),
     };
-    if state.recording.load(Ordering::Relaxed) {
-        state.record(&parts, &body);
-    }
+    let seq = state
+        .recording
+        .load(Ordering::Relaxed)
+        .then(|| state.record(&parts, &body));
     let (provider, method) = match path {
         "/v1/chat/completions" => (Provider::OpenAi, Method::POST),
         "/v1/messages" => (Provider::Anthropic, Method::POST),
@@ -309,11 +349,28 @@ async fn handle(
     if path == "/v1/models" {
         return Ok(json(StatusCode::OK, MODELS.as_bytes().to_vec()));
     }
-    let request = match wire::parse_request(&body) {
+    let real_api = knobs.real_api.unwrap_or(state.defaults.real_api);
+    let parsed = match (real_api, provider) {
+        (false, _) => wire::parse_request(&body),
+        (true, Provider::OpenAi) => real::parse_openai(&body),
+        (true, Provider::Anthropic) => real::parse_anthropic(&body),
+    };
+    let request = match parsed {
         Ok(r) => r,
         Err(msg) => return Ok(error(provider, StatusCode::BAD_REQUEST, &msg)),
     };
-    let plan = Plan::new(&state.defaults, &knobs, body.len(), request.max_tokens);
+    let mut plan = Plan::new(&state.defaults, &knobs, body.len(), request.max_tokens);
+    plan.choices = request.choices;
+    if let (true, Some(seq)) = (real_api, seq) {
+        state.bill(
+            seq,
+            Billed {
+                input_tokens: plan.input,
+                output_tokens: plan.total_output(),
+                choices: plan.choices,
+            },
+        );
+    }
     let n = state.next_id.fetch_add(1, Ordering::Relaxed);
     Ok(match (provider, request.stream) {
         (Provider::OpenAi, false) => {

@@ -38,6 +38,8 @@ pub(crate) struct ChatRequest {
     pub stream: bool,
     pub include_usage: bool,
     pub max_tokens: Option<u64>,
+    /// Choices to generate (OpenAI `n`; only read in real-API mode).
+    pub choices: u64,
 }
 
 /// Parses a request body; the error is a message for the client.
@@ -63,6 +65,7 @@ pub(crate) fn parse_request(body: &[u8]) -> Result<ChatRequest, String> {
             .and_then(|o| o.include_usage)
             .unwrap_or(false),
         max_tokens: raw.max_completion_tokens.or(raw.max_tokens),
+        choices: 1,
     })
 }
 
@@ -266,8 +269,8 @@ impl OaUsage {
     fn new(plan: &Plan) -> Self {
         Self {
             prompt_tokens: plan.input,
-            completion_tokens: plan.output,
-            total_tokens: plan.input + plan.output,
+            completion_tokens: plan.total_output(),
+            total_tokens: plan.input + plan.total_output(),
             prompt_tokens_details: PromptDetails {
                 cached_tokens: plan.cached,
                 audio_tokens: 0,
@@ -280,6 +283,11 @@ impl OaUsage {
             },
         }
     }
+}
+
+/// `plan.choices` as a choice index bound.
+fn choice_count(plan: &Plan) -> u32 {
+    u32::try_from(plan.choices).unwrap_or(u32::MAX)
 }
 
 fn openai_finish(plan: &Plan) -> &'static str {
@@ -312,14 +320,14 @@ struct OaCompletion<'a> {
     object: &'static str,
     created: u64,
     model: &'a str,
-    choices: [OaChoice<'a>; 1],
+    choices: Vec<OaChoice<'a>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     usage: Option<OaUsage>,
     service_tier: &'static str,
     system_fingerprint: &'static str,
 }
 
-/// A whole `chat.completion` object.
+/// A whole `chat.completion` object with `plan.choices` choices.
 pub(crate) fn openai_completion(id: &str, created: u64, model: &str, plan: &Plan) -> Vec<u8> {
     let content = text(plan.output);
     to_json(&OaCompletion {
@@ -327,17 +335,19 @@ pub(crate) fn openai_completion(id: &str, created: u64, model: &str, plan: &Plan
         object: "chat.completion",
         created,
         model,
-        choices: [OaChoice {
-            index: 0,
-            message: OaMessage {
-                role: "assistant",
-                content: &content,
-                refusal: None,
-                annotations: [],
-            },
-            logprobs: None,
-            finish_reason: openai_finish(plan),
-        }],
+        choices: (0..choice_count(plan))
+            .map(|index| OaChoice {
+                index,
+                message: OaMessage {
+                    role: "assistant",
+                    content: &content,
+                    refusal: None,
+                    annotations: [],
+                },
+                logprobs: None,
+                finish_reason: openai_finish(plan),
+            })
+            .collect(),
         usage: (!plan.omit_usage).then(|| OaUsage::new(plan)),
         service_tier: "default",
         system_fingerprint: "fp_mock",
@@ -411,16 +421,30 @@ impl OaStream<'_> {
         buf
     }
 
-    fn delta(&self, delta: OaDelta<'_>, finish_reason: Option<&'static str>) -> Vec<u8> {
-        self.event(
-            &[OaChunkChoice {
-                index: 0,
-                delta,
-                logprobs: None,
-                finish_reason,
-            }],
-            None,
-        )
+    /// One chunk per choice, `0..choices`, each carrying `delta()` and its index.
+    fn deltas<'d>(
+        &self,
+        choices: u32,
+        delta: impl Fn() -> OaDelta<'d>,
+        finish_reason: Option<&'static str>,
+    ) -> Vec<u8> {
+        let chunk = |index| {
+            self.event(
+                &[OaChunkChoice {
+                    index,
+                    delta: delta(),
+                    logprobs: None,
+                    finish_reason,
+                }],
+                None,
+            )
+        };
+        // One choice (every default-mode stream): no second buffer.
+        let mut buf = chunk(0);
+        for index in 1..choices {
+            buf.extend_from_slice(&chunk(index));
+        }
+        buf
     }
 }
 
@@ -439,8 +463,10 @@ pub(crate) async fn openai_stream(
         model: &model,
         usage_null: include_usage && !plan.omit_usage,
     };
-    let first = s.delta(
-        OaDelta {
+    let choices = choice_count(&plan);
+    let first = s.deltas(
+        choices,
+        || OaDelta {
             role: Some("assistant"),
             content: Some(""),
             refusal: Some(None),
@@ -451,8 +477,9 @@ pub(crate) async fn openai_stream(
         return;
     }
     let (events, flow) = token_events(events, &plan, b"data: {\"id\":\n\n", |t| {
-        s.delta(
-            OaDelta {
+        s.deltas(
+            choices,
+            || OaDelta {
                 content: Some(t),
                 ..OaDelta::default()
             },
@@ -464,7 +491,7 @@ pub(crate) async fn openai_stream(
         return;
     };
     if !events
-        .send(s.delta(OaDelta::default(), Some(openai_finish(&plan))))
+        .send(s.deltas(choices, OaDelta::default, Some(openai_finish(&plan))))
         .await
     {
         return;
@@ -751,6 +778,7 @@ mod tests {
                 stream: true,
                 include_usage: true,
                 max_tokens: Some(3),
+                choices: 1,
             }
         );
         let r = parse_request(br#"{"model":"m","stream":null,"max_tokens":null}"#).unwrap();

@@ -857,3 +857,388 @@ async fn spawn_and_drop_inside_a_runtime() {
     drop(mock);
     assert_closed(idle);
 }
+
+// ------------------------------------------------------------- real-API mode
+
+const REAL: (&str, &str) = ("x-mock-real-api", "1");
+
+/// The data of an OpenAI stream's chunks (without `[DONE]`), checking the terminator.
+fn chunks(r: &Resp) -> Vec<Value> {
+    let evs = events(r.text());
+    assert_eq!(evs.last().unwrap().1, "[DONE]");
+    evs[..evs.len() - 1]
+        .iter()
+        .map(|(_, d)| serde_json::from_str(d).unwrap())
+        .collect()
+}
+
+#[test]
+fn real_api_duplicate_keys_last_one_wins() {
+    let mock = start(MockDefaults::default());
+    let openai = post(
+        mock.addr(),
+        "/v1/chat/completions",
+        &[REAL],
+        r#"{"model":"first","messages":[],"n":1,"max_tokens":2,"model":"m","n":3,"max_tokens":5}"#,
+    );
+    assert_eq!(openai.status, 200, "{}", openai.text());
+    let v = openai.json();
+    assert_eq!(v["model"], "m");
+    assert_eq!(v["choices"].as_array().unwrap().len(), 3);
+    assert_eq!(v["usage"]["completion_tokens"], 15);
+    assert_eq!(v["choices"][2]["finish_reason"], "length");
+    // A later null lifts an earlier cap.
+    let v = post(
+        mock.addr(),
+        "/v1/chat/completions",
+        &[REAL],
+        r#"{"model":"m","messages":[],"max_completion_tokens":2,"max_completion_tokens":null}"#,
+    )
+    .json();
+    assert_eq!(v["usage"]["completion_tokens"], 16);
+    assert_eq!(v["choices"][0]["finish_reason"], "stop");
+    // Anthropic: the last max_tokens caps, whether it lowers or raises the first.
+    for (body, out) in [
+        (
+            r#"{"model":"c","max_tokens":9,"messages":[],"max_tokens":3}"#,
+            3,
+        ),
+        (
+            r#"{"model":"c","max_tokens":3,"messages":[],"max_tokens":9}"#,
+            9,
+        ),
+    ] {
+        let r = post(mock.addr(), "/v1/messages", &[REAL], body);
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert_eq!(r.json()["usage"]["output_tokens"], out);
+    }
+    // The default mode still refuses a duplicate key it reads.
+    let r = post(
+        mock.addr(),
+        "/v1/chat/completions",
+        &[],
+        r#"{"model":"m","messages":[],"max_tokens":2,"max_tokens":5}"#,
+    );
+    assert_eq!(r.status, 400);
+    assert_eq!(r.json()["error"]["type"], "invalid_request_error");
+}
+
+#[test]
+fn real_api_n_choices_non_streamed() {
+    let mock = start(MockDefaults {
+        real_api: true,
+        ..MockDefaults::default()
+    });
+    let body = r#"{"model":"m","messages":[{"role":"user","content":"hi"}],"n":3,"max_tokens":4}"#;
+    let r = post(mock.addr(), "/v1/chat/completions", &[], body);
+    assert_eq!(r.status, 200, "{}", r.text());
+    let v = r.json();
+    let choices = v["choices"].as_array().unwrap();
+    assert_eq!(choices.len(), 3);
+    for (i, c) in choices.iter().enumerate() {
+        assert_eq!(c["index"], i);
+        assert_eq!(c["message"]["content"], "Hello from the Tollgate ");
+        assert_eq!(c["finish_reason"], "length");
+    }
+    let p = ceil4(body.len());
+    assert_eq!(v["usage"]["prompt_tokens"], p);
+    assert_eq!(v["usage"]["completion_tokens"], 12);
+    assert_eq!(v["usage"]["total_tokens"], p + 12);
+
+    // Uncapped: each choice generates the configured length.
+    let v = post(
+        mock.addr(),
+        "/v1/chat/completions",
+        &[("x-mock-output-tokens", "7")],
+        r#"{"model":"m","messages":[],"n":3}"#,
+    )
+    .json();
+    assert_eq!(v["usage"]["completion_tokens"], 21);
+
+    // Bad n is refused as the real API does.
+    for n in ["0", "-1", "\"3\"", "1.5", "129"] {
+        let r = post(
+            mock.addr(),
+            "/v1/chat/completions",
+            &[],
+            &format!(r#"{{"model":"m","messages":[],"n":{n}}}"#),
+        );
+        assert_eq!(r.status, 400, "n = {n}");
+        assert_eq!(r.json()["error"]["type"], "invalid_request_error");
+    }
+}
+
+#[test]
+fn real_api_n_choices_streamed() {
+    let mock = start(MockDefaults {
+        output_tokens: 4,
+        ..MockDefaults::default()
+    });
+    let body = r#"{"model":"m","messages":[],"stream":true,"n":3,"max_completion_tokens":2,"stream_options":{"include_usage":true}}"#;
+    let r = post(mock.addr(), "/v1/chat/completions", &[REAL], body);
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert!(r.complete);
+    let chunks = chunks(&r);
+    // 3 role chunks, 2 tokens x 3 choices, 3 finish chunks, 1 usage chunk.
+    assert_eq!(chunks.len(), 3 + 6 + 3 + 1);
+    let mut text = [String::new(), String::new(), String::new()];
+    let mut finished = [None, None, None];
+    for c in &chunks[..12] {
+        assert_eq!(c["usage"], Value::Null);
+        let choices = c["choices"].as_array().unwrap();
+        assert_eq!(choices.len(), 1);
+        let i = choices[0]["index"].as_u64().unwrap() as usize;
+        if let Some(t) = choices[0]["delta"]["content"].as_str() {
+            text[i].push_str(t);
+        }
+        if let Some(f) = choices[0]["finish_reason"].as_str() {
+            finished[i] = Some(f.to_string());
+        }
+    }
+    assert_eq!(text, ["Hello from ", "Hello from ", "Hello from "]);
+    assert_eq!(
+        finished,
+        [
+            Some("length".to_string()),
+            Some("length".to_string()),
+            Some("length".to_string())
+        ]
+    );
+    let last = &chunks[12];
+    assert_eq!(last["choices"], serde_json::json!([]));
+    let p = ceil4(body.len());
+    assert_eq!(last["usage"]["prompt_tokens"], p);
+    assert_eq!(last["usage"]["completion_tokens"], 6);
+    assert_eq!(last["usage"]["total_tokens"], p + 6);
+}
+
+#[test]
+fn real_api_null_caps_are_uncapped() {
+    let mock = start(MockDefaults::default());
+    let hdrs = [REAL, ("x-mock-output-tokens", "9")];
+    for body in [
+        r#"{"model":"m","messages":[],"max_tokens":null}"#,
+        r#"{"model":"m","messages":[],"max_completion_tokens":null}"#,
+        r#"{"model":"m","messages":[],"max_tokens":null,"max_completion_tokens":null}"#,
+        r#"{"model":"m","messages":[],"max_tokens":100}"#,
+    ] {
+        let v = post(mock.addr(), "/v1/chat/completions", &hdrs, body).json();
+        assert_eq!(v["usage"]["completion_tokens"], 9, "{body}");
+        assert_eq!(v["choices"][0]["finish_reason"], "stop", "{body}");
+    }
+    // A null max_completion_tokens leaves max_tokens in force.
+    let v = post(
+        mock.addr(),
+        "/v1/chat/completions",
+        &hdrs,
+        r#"{"model":"m","messages":[],"max_completion_tokens":null,"max_tokens":4}"#,
+    )
+    .json();
+    assert_eq!(v["usage"]["completion_tokens"], 4);
+    assert_eq!(v["choices"][0]["finish_reason"], "length");
+    // Streamed, uncapped.
+    let r = post(
+        mock.addr(),
+        "/v1/chat/completions",
+        &hdrs,
+        r#"{"model":"m","messages":[],"stream":true,"max_tokens":null,"stream_options":{"include_usage":true}}"#,
+    );
+    let chunks = chunks(&r);
+    assert_eq!(chunks.len(), 1 + 9 + 1 + 1);
+    assert_eq!(chunks[11]["usage"]["completion_tokens"], 9);
+}
+
+#[test]
+fn real_api_stream_options_null_streams_no_usage() {
+    let mock = start(MockDefaults {
+        output_tokens: 3,
+        real_api: true,
+        ..MockDefaults::default()
+    });
+    for body in [
+        r#"{"model":"m","messages":[],"stream":true,"stream_options":null}"#,
+        r#"{"model":"m","messages":[],"stream":true,"stream_options":{"include_usage":null}}"#,
+        r#"{"model":"m","messages":[],"stream":true,"stream_options":{"include_usage":false}}"#,
+        r#"{"model":"m","messages":[],"stream":true,"stream_options":{"include_usage":true},"stream_options":null}"#,
+        r#"{"model":"m","messages":[],"stream":true}"#,
+    ] {
+        let r = post(mock.addr(), "/v1/chat/completions", &[], body);
+        assert_eq!(r.status, 200, "{body}: {}", r.text());
+        let chunks = chunks(&r);
+        assert_eq!(chunks.len(), 1 + 3 + 1, "{body}");
+        assert!(!r.text().contains("usage"), "{body}");
+    }
+    // The bill is recorded all the same.
+    let rec = mock.recorded().pop().unwrap();
+    assert_eq!(rec.billed.unwrap().output_tokens, 3);
+}
+
+#[test]
+fn real_api_anthropic_requires_max_tokens() {
+    let mock = start(MockDefaults::default());
+    for body in [
+        r#"{"model":"c","messages":[],"max_tokens":null}"#,
+        r#"{"model":"c","messages":[]}"#,
+        r#"{"model":"c","messages":[],"max_tokens":5,"max_tokens":null}"#,
+        r#"{"model":"c","messages":[],"stream":true,"max_tokens":null}"#,
+    ] {
+        let r = post(mock.addr(), "/v1/messages", &[REAL], body);
+        assert_eq!(r.status, 400, "{body}");
+        let v = r.json();
+        assert_eq!(v["type"], "error");
+        assert_eq!(v["error"]["type"], "invalid_request_error");
+        assert!(
+            v["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("max_tokens"),
+            "{v}"
+        );
+    }
+    assert!(mock.recorded().iter().all(|r| r.billed.is_none()));
+    // Streamed, capped.
+    let r = post(
+        mock.addr(),
+        "/v1/messages",
+        &[REAL],
+        r#"{"model":"c","messages":[],"stream":true,"max_tokens":2}"#,
+    );
+    let evs = events(r.text());
+    let delta: Value = serde_json::from_str(&evs[evs.len() - 2].1).unwrap();
+    assert_eq!(delta["delta"]["stop_reason"], "max_tokens");
+    assert_eq!(delta["usage"]["output_tokens"], 2);
+    // The default mode answers without max_tokens, uncapped.
+    let r = post(
+        mock.addr(),
+        "/v1/messages",
+        &[],
+        r#"{"model":"c","messages":[],"max_tokens":null}"#,
+    );
+    assert_eq!(r.status, 200);
+    assert_eq!(r.json()["usage"]["output_tokens"], 16);
+}
+
+#[test]
+fn default_mode_is_unchanged() {
+    let mock = start(MockDefaults::default());
+    // n is ignored: one choice, one choice's usage, no bill recorded.
+    let body = r#"{"model":"m","messages":[],"n":3,"max_tokens":4}"#;
+    let v = post(mock.addr(), "/v1/chat/completions", &[], body).json();
+    assert_eq!(v["choices"].as_array().unwrap().len(), 1);
+    assert_eq!(v["usage"]["completion_tokens"], 4);
+    let r = post(
+        mock.addr(),
+        "/v1/chat/completions",
+        &[],
+        r#"{"model":"m","messages":[],"stream":true,"n":2}"#,
+    );
+    assert_eq!(chunks(&r).len(), 1 + 16 + 1);
+    assert!(mock.recorded().iter().all(|r| r.billed.is_none()));
+    let recs = call(mock.addr(), "GET", "/_mock/requests", &[], "").json();
+    assert!(recs[0].get("billed").is_none());
+    // A mock-wide real-API mode is turned off per request by x-mock-real-api: 0.
+    let real = start(MockDefaults {
+        real_api: true,
+        ..MockDefaults::default()
+    });
+    let v = post(
+        real.addr(),
+        "/v1/chat/completions",
+        &[("x-mock-real-api", "0")],
+        body,
+    )
+    .json();
+    assert_eq!(v["choices"].as_array().unwrap().len(), 1);
+    assert_eq!(v["usage"]["completion_tokens"], 4);
+    assert!(real.recorded()[0].billed.is_none());
+}
+
+#[test]
+fn real_api_records_the_exact_body_and_the_bill() {
+    let mock = start(MockDefaults::default());
+    // Whitespace, key order, duplicates and escapes as sent, not re-serialised.
+    let body = "{ \"model\":\"m\",\n \"n\" : 1, \"messages\":[{\"role\":\"user\",\"content\":\"caf\\u00e9 \u{1F600}\"}], \"n\":2 ,\"max_tokens\":3}";
+    let r = post(mock.addr(), "/v1/chat/completions", &[REAL], body);
+    assert_eq!(r.status, 200, "{}", r.text());
+    let anthropic = r#"{"model":"c","messages":[],"max_tokens":5}"#;
+    post(
+        mock.addr(),
+        "/v1/messages",
+        &[REAL, ("x-mock-input-tokens", "40")],
+        anthropic,
+    );
+    let recs = mock.recorded();
+    assert_eq!(recs.len(), 2);
+    assert_eq!(recs[0].body, body);
+    assert_eq!(&recs[0].body_bytes[..], body.as_bytes());
+    let p = ceil4(body.len());
+    assert_eq!(
+        recs[0].billed,
+        Some(tollgate_loadtest::Billed {
+            input_tokens: p,
+            output_tokens: 6,
+            choices: 2,
+        })
+    );
+    // The bill matches the usage on the wire.
+    assert_eq!(r.json()["usage"]["prompt_tokens"], p);
+    assert_eq!(r.json()["usage"]["completion_tokens"], 6);
+    assert_eq!(
+        recs[1].billed,
+        Some(tollgate_loadtest::Billed {
+            input_tokens: 40,
+            output_tokens: 5,
+            choices: 1,
+        })
+    );
+    // The same over HTTP.
+    let json = call(mock.addr(), "GET", "/_mock/requests", &[], "").json();
+    assert_eq!(json[0]["body"], body);
+    assert_eq!(
+        json[0]["billed"],
+        serde_json::json!({"input_tokens": p, "output_tokens": 6, "choices": 2})
+    );
+    assert_eq!(
+        json[1]["billed"],
+        serde_json::json!({"input_tokens": 40, "output_tokens": 5, "choices": 1})
+    );
+}
+
+#[test]
+fn binary_real_api_flag() {
+    use std::io::BufRead;
+    use std::process::{Command, Stdio};
+    let mut child = Command::new(env!("CARGO_BIN_EXE_tollgate-mock"))
+        .args([
+            "--listen",
+            "127.0.0.1:0",
+            "--output-tokens",
+            "2",
+            "--real-api",
+        ])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let v: Value = serde_json::from_str(&line).unwrap();
+    let addr: SocketAddr = v["addr"].as_str().unwrap().parse().unwrap();
+    let r = post(
+        addr,
+        "/v1/chat/completions",
+        &[],
+        r#"{"model":"m","messages":[],"n":2,"max_tokens":null}"#,
+    );
+    let usage = r.json()["usage"]["completion_tokens"].clone();
+    let recs = call(addr, "GET", "/_mock/requests", &[], "").json();
+    let killed = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    assert!(child.wait().unwrap().success());
+    assert_eq!(usage, 4);
+    assert_eq!(recs[0]["billed"]["choices"], 2);
+}

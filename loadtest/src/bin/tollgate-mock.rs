@@ -42,6 +42,11 @@ struct Args {
     /// Do not record requests for GET /_mock/requests.
     #[arg(long)]
     no_record: bool,
+    /// Real-API mode for every request: lenient JSON (last duplicate key wins),
+    /// OpenAI `n` honoured, null caps uncapped, usage over all choices, and
+    /// the bill in each request record (per request: x-mock-real-api: 1|0).
+    #[arg(long)]
+    real_api: bool,
 }
 
 /// The line printed once bound; fields in this order.
@@ -73,6 +78,7 @@ fn main() -> anyhow::Result<()> {
             output_tokens: args.output_tokens,
             token_delay: Duration::from_millis(args.token_delay_ms),
             expected_key: args.expect_key,
+            real_api: args.real_api,
         },
     })
     .context("starting the mock")?;
