@@ -390,4 +390,53 @@ mod tests {
             assert_eq!(Api::of(kind).as_str(), kind.as_str());
         }
     }
+
+    #[test]
+    fn upstream_headers_and_body_members_are_each_apis() {
+        let mut out = Vec::new();
+        Api::OpenAi.auth_lines("k1", &mut out);
+        Api::Anthropic.auth_lines("k2", &mut out);
+        assert_eq!(
+            &out[..],
+            b"authorization: Bearer k1\r\nx-api-key: k2\r\n".as_slice()
+        );
+        assert!(Api::OpenAi.default_headers().is_empty());
+        assert_eq!(
+            Api::Anthropic.default_headers(),
+            &[("anthropic-version", "2023-06-01")]
+        );
+        assert_eq!(
+            Api::OpenAi.max_tokens_member(7),
+            "\"max_completion_tokens\":7,"
+        );
+        assert_eq!(Api::Anthropic.max_tokens_member(7), "\"max_tokens\":7,");
+        let body = Bytes::from_static(br#"{"model":"m","stream":true}"#);
+        assert!(Api::Anthropic
+            .request_stream_usage(&body, false, false)
+            .unwrap()
+            .is_none());
+        assert!(Api::OpenAi
+            .request_stream_usage(&body, true, true)
+            .unwrap()
+            .is_none());
+        assert!(Api::OpenAi
+            .request_stream_usage(&body, false, false)
+            .unwrap()
+            .is_some());
+    }
+
+    #[test]
+    fn mid_stream_errors_and_cut_tails_are_in_each_apis_protocol() {
+        let e = Error::upstream_timeout("slow");
+        let oa = String::from_utf8(Api::OpenAi.stream_error_event(&e)).unwrap();
+        assert!(oa.starts_with("data: {\"error\":") && oa.ends_with("\n\n"));
+        let an = String::from_utf8(Api::Anthropic.stream_error_event(&e)).unwrap();
+        assert!(an.starts_with("event: error\ndata: {") && an.contains("timeout_error"));
+        let tail = String::from_utf8(StreamEnd::new(Api::OpenAi).tail(5)).unwrap();
+        assert!(
+            tail.contains("\"finish_reason\":\"length\"") && tail.ends_with("data: [DONE]\n\n")
+        );
+        let tail = String::from_utf8(StreamEnd::new(Api::Anthropic).tail(5)).unwrap();
+        assert!(tail.starts_with("event: message_delta") && tail.contains("\"output_tokens\":5"));
+    }
 }
