@@ -189,19 +189,19 @@ pub fn models_list(names: &[(&str, &str)]) -> serde_json::Value {
 /// of messages.
 pub fn prompt_text(obj: &serde_json::Map<String, serde_json::Value>, out: &mut String) -> u64 {
     if let Some(system) = obj.get("system") {
-        super::push_text(system, out, true);
+        super::json::push_text(system, out, true);
     }
-    super::push_messages(obj, out)
+    super::json::push_messages(obj, out)
 }
 
 /// Appends the generated text of one event's or body's JSON: `delta.text` (`content_block_delta`) and
 /// `content[].text` (whole messages).
 pub fn generated_text(v: &serde_json::Value, out: &mut String) {
     if let Some(t) = v.get("delta").and_then(|d| d.get("text")) {
-        super::push_text(t, out, false);
+        super::json::push_text(t, out, false);
     }
     if let Some(content) = v.get("content") {
-        super::push_text(content, out, false);
+        super::json::push_text(content, out, false);
     }
 }
 
@@ -245,5 +245,5 @@ impl StreamEnd {
 
 /// An event's `"index"`.
 fn block_index(event: &[u8]) -> Option<u64> {
-    super::data_json(event)?.get("index")?.as_u64()
+    super::json::data_json(event)?.get("index")?.as_u64()
 }

@@ -14,9 +14,9 @@
 //! skipped; usage that never arrives leaves [`UsageMeter::usage`] `None`, and the account phase estimates.
 //! Cost: a `memmem` scan per event (~10 ns for a 200-byte delta); one small parse per usage event.
 
-use memchr::memmem;
 use tollgate_core::Usage;
 
+use super::json::carries_usage;
 use super::{Api, Meter};
 use crate::net::sse::split_events;
 
@@ -26,39 +26,6 @@ pub struct UsageMeter {
     counts: Meter,
     parse_failures: u32,
     scratch: Vec<u8>,
-}
-
-/// The searcher for `"usage"`, built once (building one per call costs more than the search itself).
-static USAGE_KEY: std::sync::LazyLock<memmem::Finder<'static>> =
-    std::sync::LazyLock::new(|| memmem::Finder::new(b"\"usage\""));
-
-/// Whether `"usage"` appears at all (the stripping pass looks for `"usage":null` members too).
-pub(crate) fn mentions_usage(event: &[u8]) -> bool {
-    USAGE_KEY.find(event).is_some()
-}
-
-/// Whether a `"usage"` key holds an object: the only events worth parsing. OpenAI streams that include usage
-/// put `"usage":null` in every chunk, so finding the key alone would parse every token delta.
-fn carries_usage(event: &[u8]) -> bool {
-    let mut at = 0;
-    while let Some(i) = USAGE_KEY.find(&event[at..]) {
-        let rest = &event[at + i + b"\"usage\"".len()..];
-        let mut j = 0;
-        while rest.get(j).is_some_and(u8::is_ascii_whitespace) {
-            j += 1;
-        }
-        if rest.get(j) == Some(&b':') {
-            j += 1;
-            while rest.get(j).is_some_and(u8::is_ascii_whitespace) {
-                j += 1;
-            }
-            if rest.get(j) == Some(&b'{') {
-                return true;
-            }
-        }
-        at += i + 1;
-    }
-    false
 }
 
 impl UsageMeter {

@@ -6,9 +6,10 @@
 //! stream usage (asking for it, stripping it), usage extraction, the error body and its mid-stream event,
 //! the `/v1/models` shape, the final events of a cut-off stream, and where prompt and generated text live for
 //! estimates. [`meter`] is the shared usage-metering skeleton (which events to parse, SSE data extraction)
-//! around the per-API parsers. The pipeline, `spend` and `runtime` call these methods and never match on a
+//! around the per-API parsers; [`json`] holds the byte and JSON helpers the API files share. The pipeline, `spend` and `runtime` call these methods and never match on a
 //! provider themselves; this module imports only `net::sse`, `error` and tollgate-core types, never the
-//! pipeline. Adding an API: see `docs/providers.md`.
+//! pipeline. Imports within it go one way: `meter` uses this file, this file uses the API files, the API
+//! files use `json`; an API file never imports this file or `meter` (no circles). Adding an API: see `docs/providers.md`.
 //!
 //! Dispatch is static: every method is a `match` on a `Copy` enum that calls a plain function (no trait
 //! objects, no allocation beyond what the API itself needs), so the hot path stays monomorphic and inlinable.
@@ -18,12 +19,15 @@
 //! Cost: a `match` per call; what each API function costs is documented in its file.
 
 pub mod anthropic;
+pub mod json;
 pub mod meter;
 pub mod openai;
 
+pub use json::insert_member;
+
 use std::fmt;
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use tollgate_core::{ProviderKind, Usage};
 
 use crate::error::{Error, Result};
@@ -281,81 +285,6 @@ impl StreamEnd {
             StreamEnd::Anthropic(s) => s.tail(output_tokens),
         }
     }
-}
-
-/// Inserts `member` (`"name":value,`) right after the body's opening brace: one splice, no re-encode.
-/// `None` when the body does not start with an object.
-pub fn insert_member(body: &Bytes, member: &[u8]) -> Option<Bytes> {
-    let open = body
-        .iter()
-        .position(|b| !b.is_ascii_whitespace())
-        .filter(|&i| body[i] == b'{')?;
-    // `{}` gets no trailing comma.
-    let empty = body[open + 1..].iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'}');
-    let member = if empty {
-        member.strip_suffix(b",").unwrap_or(member)
-    } else {
-        member
-    };
-    let mut out = BytesMut::with_capacity(body.len() + member.len());
-    out.extend_from_slice(&body[..=open]);
-    out.extend_from_slice(member);
-    out.extend_from_slice(&body[open + 1..]);
-    Some(out.freeze())
-}
-
-/// Appends the text in `v` (a string, or an array of strings / `{"text": ...}` parts); `sep` ends each
-/// piece with a newline (between prompt messages; generated deltas are concatenated as they were streamed).
-pub(crate) fn push_text(v: &serde_json::Value, out: &mut String, sep: bool) {
-    match v {
-        serde_json::Value::String(s) => {
-            out.push_str(s);
-            if sep {
-                out.push('\n');
-            }
-        }
-        serde_json::Value::Array(parts) => {
-            for p in parts {
-                match p {
-                    serde_json::Value::Object(o) => {
-                        if let Some(t) = o.get("text") {
-                            push_text(t, out, sep);
-                        }
-                    }
-                    other => push_text(other, out, sep),
-                }
-            }
-        }
-        _ => {}
-    }
-}
-
-/// Appends `messages[].content` (text parts only, one per line) and returns the number of messages.
-pub(crate) fn push_messages(
-    obj: &serde_json::Map<String, serde_json::Value>,
-    out: &mut String,
-) -> u64 {
-    let mut messages = 0u64;
-    for m in obj
-        .get("messages")
-        .and_then(|m| m.as_array())
-        .into_iter()
-        .flatten()
-    {
-        messages += 1;
-        if let Some(c) = m.get("content") {
-            push_text(c, out, true);
-        }
-    }
-    messages
-}
-
-/// The JSON of an event's `data:` line.
-pub(crate) fn data_json(event: &[u8]) -> Option<serde_json::Value> {
-    event
-        .split(|&b| b == b'\n' || b == b'\r')
-        .find_map(|l| l.strip_prefix(b"data:"))
-        .and_then(|d| serde_json::from_slice(d.strip_prefix(b" ").unwrap_or(d)).ok())
 }
 
 #[cfg(test)]

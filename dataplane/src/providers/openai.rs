@@ -20,6 +20,7 @@ use memchr::memmem;
 use serde::Deserialize;
 use tollgate_core::Usage;
 
+use super::json::mentions_usage;
 use crate::error::{Error, ErrorKind, Result};
 use crate::net::sse::split_events;
 
@@ -60,7 +61,7 @@ pub fn request_stream_usage(
 fn request_usage(body: &Bytes, has_options: bool) -> Result<Bytes> {
     const MEMBER: &[u8] = br#""stream_options":{"include_usage":true},"#;
     if !has_options {
-        if let Some(out) = super::insert_member(body, MEMBER) {
+        if let Some(out) = super::json::insert_member(body, MEMBER) {
             return Ok(out);
         }
     }
@@ -80,11 +81,6 @@ fn request_usage(body: &Bytes, has_options: bool) -> Result<Bytes> {
     serde_json::to_vec(&v)
         .map(Bytes::from)
         .map_err(|_| Error::internal("could not re-encode the request body"))
-}
-
-/// Whether `"usage"` appears at all (the stripping pass looks for `"usage":null` members too).
-fn mentions_usage(event: &[u8]) -> bool {
-    super::meter::mentions_usage(event)
 }
 
 /// Takes out of a run of stream events what the client did not ask for when Tollgate requested usage
@@ -230,7 +226,7 @@ pub fn models_list(names: &[(&str, &str)]) -> serde_json::Value {
 /// Appends the prompt text of a request body (`messages[].content`; the system prompt is a message) and
 /// returns the number of messages.
 pub fn prompt_text(obj: &serde_json::Map<String, serde_json::Value>, out: &mut String) -> u64 {
-    super::push_messages(obj, out)
+    super::json::push_messages(obj, out)
 }
 
 /// Appends the generated text of one event's or body's JSON: `choices[].delta.content` (streams) and
@@ -244,7 +240,7 @@ pub fn generated_text(v: &serde_json::Value, out: &mut String) {
     {
         for key in ["delta", "message"] {
             if let Some(t) = c.get(key).and_then(|d| d.get("content")) {
-                super::push_text(t, out, false);
+                super::json::push_text(t, out, false);
             }
         }
     }
@@ -268,7 +264,7 @@ impl StreamEnd {
         split_events(run)
             .filter(|e| memmem::find(e, b"\"chat.completion.chunk\"").is_some())
             .last()
-            .and_then(super::data_json)
+            .and_then(super::json::data_json)
     }
 
     /// A final chunk with `finish_reason: "length"`, then `data: [DONE]`.
