@@ -45,6 +45,7 @@ fn input_bound(c: &mut Criterion) {
         g.bench_function(format!("{name}_baseline_tokenize"), |x| {
             x.iter(|| {
                 black_box(tollgate_dataplane::spend::estimate::prompt_tokens(
+                    tollgate_dataplane::providers::Api::OpenAi,
                     black_box(&b),
                 ))
             })

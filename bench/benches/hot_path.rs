@@ -235,7 +235,7 @@ fn stream_cutoff(c: &mut Criterion) {
         ("counting", 1_000_000),
     ] {
         // Counting starts past `cap` bytes: for "counting", prime it over the bound first.
-        let mut primed = StreamCutoff::new(cap);
+        let mut primed = StreamCutoff::new(tollgate_dataplane::providers::Api::OpenAi, cap);
         if cap < 1 << 40 {
             primed.admit(Bytes::from(vec![b':'; cap as usize]), &[]);
         }

@@ -1,21 +1,13 @@
 //! The data plane's one error type and its single mapping to an HTTP status and a JSON body.
 //!
-//! Owns: [`Error`] (what went wrong, which side caused it) and [`ApiShape`] (which provider's error format the
-//! client expects). Fails: never; rendering an error cannot itself fail.
+//! Owns: [`Error`] (what went wrong, which side caused it), its status and its code. The body a client gets
+//! is in its API's shape, rendered by [`crate::providers::Api::error_body`]. Fails: never; rendering an
+//! error cannot itself fail.
 //! Cost: only on error paths; a body is a few hundred bytes formatted with `serde_json`.
 
 use std::borrow::Cow;
 
-/// Which API the client called, so errors come back in the shape its SDK parses.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ApiShape {
-    /// `{"error":{"message":...,"type":...,"param":null,"code":...}}`
-    OpenAi,
-    /// `{"type":"error","error":{"type":...,"message":...}}`
-    Anthropic,
-}
-
-/// What went wrong. Kept small: each kind has one status and one error `type` per API shape.
+/// What went wrong. Kept small: each kind has one status (and, per API, one error `type`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ErrorKind {
     /// Malformed request line, headers or body framing; also request smuggling ambiguities.
@@ -139,48 +131,6 @@ impl Error {
             ErrorKind::Internal => "internal_error",
         }
     }
-
-    /// The error `type` each provider's SDK expects for this status.
-    fn api_type(&self, shape: ApiShape) -> &'static str {
-        match (shape, self.status()) {
-            (ApiShape::OpenAi, 404) if self.kind == ErrorKind::UnknownModel => {
-                "invalid_request_error"
-            }
-            // OpenAI's own type for a spent quota, which its SDK maps to RateLimitError.
-            (ApiShape::OpenAi, 429) => "insufficient_quota",
-            (ApiShape::OpenAi, 400..=499) => "invalid_request_error",
-            (ApiShape::OpenAi, _) => "server_error",
-            (ApiShape::Anthropic, 401) => "authentication_error",
-            (ApiShape::Anthropic, 404) => "not_found_error",
-            (ApiShape::Anthropic, 403) => "permission_error",
-            (ApiShape::Anthropic, 413) => "request_too_large",
-            (ApiShape::Anthropic, 429) => "rate_limit_error",
-            (ApiShape::Anthropic, 400..=499) => "invalid_request_error",
-            (ApiShape::Anthropic, 503) => "overloaded_error",
-            (ApiShape::Anthropic, 504) => "timeout_error",
-            (ApiShape::Anthropic, _) => "api_error",
-        }
-    }
-
-    /// The JSON body in the client's API shape.
-    pub fn body(&self, shape: ApiShape) -> Vec<u8> {
-        let v = match shape {
-            ApiShape::OpenAi => serde_json::json!({
-                "error": {
-                    "message": self.message,
-                    "type": self.api_type(shape),
-                    "param": serde_json::Value::Null,
-                    "code": self.code(),
-                }
-            }),
-            ApiShape::Anthropic => serde_json::json!({
-                "type": "error",
-                "error": { "type": self.api_type(shape), "message": self.message }
-            }),
-        };
-        serde_json::to_vec(&v)
-            .unwrap_or_else(|_| b"{\"error\":{\"message\":\"internal error\"}}".to_vec())
-    }
 }
 
 impl std::fmt::Display for Error {
@@ -225,19 +175,6 @@ ctor! {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn shapes_match_the_providers() {
-        let e = Error::unknown_model("model \"x\" is not routed");
-        let v: serde_json::Value = serde_json::from_slice(&e.body(ApiShape::OpenAi)).unwrap();
-        assert_eq!(v["error"]["type"], "invalid_request_error");
-        assert_eq!(v["error"]["code"], "model_not_found");
-        assert_eq!(e.status(), 404);
-        let v: serde_json::Value = serde_json::from_slice(&e.body(ApiShape::Anthropic)).unwrap();
-        assert_eq!(v["type"], "error");
-        assert_eq!(v["error"]["type"], "not_found_error");
-        assert_eq!(v["error"]["message"], "model \"x\" is not routed");
-    }
 
     #[test]
     fn statuses() {

@@ -83,6 +83,43 @@ impl SseFramer {
     }
 }
 
+/// Splits a run of complete events at blank lines (`\n\n`, `\r\r`, `\r\n\r\n`); each event keeps its
+/// terminator.
+pub fn split_events(run: &[u8]) -> impl Iterator<Item = &[u8]> {
+    let mut rest = run;
+    std::iter::from_fn(move || {
+        if rest.is_empty() {
+            return None;
+        }
+        let mut i = 0;
+        while i + 1 < rest.len() {
+            let (a, b) = (rest[i], rest[i + 1]);
+            let end = if a == b'\n' && b == b'\n'
+                || a == b'\r' && b == b'\r' && rest.get(i + 2) != Some(&b'\n')
+            {
+                Some(i + 2)
+            } else if a == b'\r'
+                && b == b'\n'
+                && rest.get(i + 2) == Some(&b'\r')
+                && rest.get(i + 3) == Some(&b'\n')
+            {
+                Some(i + 4)
+            } else {
+                None
+            };
+            if let Some(end) = end {
+                let (ev, tail) = rest.split_at(end);
+                rest = tail;
+                return Some(ev);
+            }
+            i += 1;
+        }
+        let ev = rest;
+        rest = &[];
+        Some(ev)
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -71,11 +71,11 @@ pub fn settle(ctx: &mut RequestCtx) {
         None => {
             let (input, output) = meter.as_ref().map(|m| m.partial()).unwrap_or((None, None));
             let input = input
-                .or_else(|| crate::spend::estimate::prompt_tokens(&ctx.body))
+                .or_else(|| crate::spend::estimate::prompt_tokens(ctx.api, &ctx.body))
                 .unwrap_or_else(|| (ctx.body.len() as u64).div_ceil(4));
             let relayed = std::mem::take(&mut ctx.relayed);
             let output = output.or(relayed.counted_output).unwrap_or_else(|| {
-                let kept = crate::spend::estimate::completion_tokens(&relayed.kept);
+                let kept = crate::spend::estimate::completion_tokens(ctx.api, &relayed.kept);
                 // Past the keep cap, at the kept part's tokens per byte (bytes/4 if nothing was kept).
                 let kept_bytes: u64 = relayed.kept.iter().map(|b| b.len() as u64).sum();
                 let dropped = if kept_bytes > 0 && kept > 0 {

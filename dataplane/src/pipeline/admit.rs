@@ -20,7 +20,7 @@
 use bytes::Bytes;
 use tollgate_core::budget::owner::Refusal;
 use tollgate_core::budget::{Action, BudgetRequest, Insufficient};
-use tollgate_core::{Money, ProviderKind};
+use tollgate_core::Money;
 
 use super::route::{insert_member, Routed};
 use super::{Core, RequestCtx};
@@ -182,10 +182,7 @@ fn exceeded(r: &Refusal) -> Error {
 /// the provider's field is spliced in.
 fn set_max_tokens(routed: &mut Routed, n: u64) -> Result<()> {
     if routed.max_tokens.is_none() {
-        let member = match routed.provider.kind {
-            ProviderKind::OpenAi => format!("\"max_completion_tokens\":{n},"),
-            ProviderKind::Anthropic => format!("\"max_tokens\":{n},"),
-        };
+        let member = routed.provider.api.max_tokens_member(n);
         routed.body = insert_member(&routed.body, member.as_bytes())
             .ok_or_else(|| Error::invalid_body("request body is not a JSON object"))?;
     } else {

@@ -9,7 +9,7 @@
 //! Fails: 403 in the client's API shape naming the policy. Cost: one policy walk (well under a
 //! microsecond for tens of policies); a splice of ~30 bytes when a cap is injected.
 
-use tollgate_core::{Decision, Identity, PolicyRequest, ProviderKind};
+use tollgate_core::{Decision, Identity, PolicyRequest};
 
 use super::route::{insert_member, Routed};
 use crate::error::{Error, Result};
@@ -33,11 +33,8 @@ pub fn authorize(state: &AuthState, id: &Identity, routed: &mut Routed) -> Resul
             ))),
             Some(_) => Ok(()),
             None => {
-                // OpenAI's current name for the limit; Anthropic requires `max_tokens` anyway.
-                let member = match routed.provider.kind {
-                    ProviderKind::OpenAi => format!("\"max_completion_tokens\":{cap},"),
-                    ProviderKind::Anthropic => format!("\"max_tokens\":{cap},"),
-                };
+                // The field is the API's (OpenAI `max_completion_tokens`, Anthropic `max_tokens`).
+                let member = routed.provider.api.max_tokens_member(cap);
                 routed.body = insert_member(&routed.body, member.as_bytes())
                     .ok_or_else(|| Error::invalid_body("request body is not a JSON object"))?;
                 routed.max_tokens = Some(cap);

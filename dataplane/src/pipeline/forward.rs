@@ -1,7 +1,7 @@
 //! Phase 6, forward: send the request to the provider and stream the response back as it arrives.
 //!
 //! Owns: the upstream request head (the client's credentials and hop-by-hop headers removed, the provider's
-//! key injected, a request id added), the upstream exchange on a pooled or fresh connection (one retry on a
+//! key and its API's default headers injected, a request id added), the upstream exchange on a pooled or fresh connection (one retry on a
 //! fresh connection when a pooled one turns out to be closed before any response byte), response header
 //! filtering, and body relay: a Content-Length body is passed through piece by piece; a chunked or
 //! close-delimited body is re-chunked toward the client, and an event stream is cut at SSE event boundaries
@@ -19,16 +19,16 @@
 use bytes::{Bytes, BytesMut};
 use monoio::io::AsyncWriteRentExt;
 use monoio::net::TcpStream;
-use tollgate_core::ProviderKind;
 
 use super::{ClientIo, Core, Outcome, RequestCtx};
-use crate::error::{ApiShape, Error, Result};
+use crate::error::{Error, Result};
 use crate::net::client::ClientGone;
 use crate::net::http1::{self, ChunkEvent, ChunkedDecoder, Framing, ResponseHead};
 use crate::net::iovec::IoVecs;
 use crate::net::sse::SseFramer;
 use crate::net::upstream::{self, UpConn};
 use crate::providers::meter::UsageMeter;
+use crate::providers::Api;
 use crate::runtime::snapshot::ProviderRuntime;
 
 const READ_SPARE: usize = 16 * 1024;
@@ -106,21 +106,30 @@ fn build_request_head(ctx: &RequestCtx, p: &ProviderRuntime, body_len: usize) ->
     h.extend_from_slice(ctx.id.as_bytes());
     h.extend_from_slice(b"\r\n");
     let listed = connection_listed(&mut ctx.head.headers());
-    let mut has_anthropic_version = false;
+    // The API's default headers (e.g. its version) go up unless the client sent its own: bit i for the i-th.
+    let defaults = p.api.default_headers();
+    let mut sent = 0u64;
     for (n, v) in ctx.head.headers() {
         if drop_request_header(n) || listed.iter().any(|l| n.eq_ignore_ascii_case(l)) {
             continue;
         }
-        if n.eq_ignore_ascii_case(b"anthropic-version") {
-            has_anthropic_version = true;
+        for (i, (d, _)) in defaults.iter().enumerate() {
+            if n.eq_ignore_ascii_case(d.as_bytes()) {
+                sent |= 1 << i;
+            }
         }
         h.extend_from_slice(n);
         h.extend_from_slice(b": ");
         h.extend_from_slice(v);
         h.extend_from_slice(b"\r\n");
     }
-    if p.kind == ProviderKind::Anthropic && !has_anthropic_version {
-        h.extend_from_slice(b"anthropic-version: 2023-06-01\r\n");
+    for (i, (d, v)) in defaults.iter().enumerate() {
+        if sent & (1 << i) == 0 {
+            h.extend_from_slice(d.as_bytes());
+            h.extend_from_slice(b": ");
+            h.extend_from_slice(v.as_bytes());
+            h.extend_from_slice(b"\r\n");
+        }
     }
     h.extend_from_slice(b"\r\n");
     h
@@ -204,7 +213,7 @@ async fn exchange(
 
     let sse = resp.is_event_stream();
     let mut tap = Tap::new(
-        provider.kind,
+        provider.api,
         sse,
         (200..300).contains(&resp.status),
         strip_usage && sse,
@@ -212,7 +221,7 @@ async fn exchange(
     if sse && (200..300).contains(&resp.status) {
         tap.cutoff = ctx
             .cutoff_tokens
-            .map(crate::spend::cutoff::StreamCutoff::new);
+            .map(|cap| crate::spend::cutoff::StreamCutoff::new(provider.api, cap));
     }
     // A successful non-streamed answer is read whole before it is relayed (the client waits for all of it
     // anyway), so its cost can travel in the response head as `x-tollgate-cost`.
@@ -343,7 +352,7 @@ async fn exchange(
                 // End the stream cleanly: an error event the SDKs surface, then the last chunk.
                 let mut tail = IoVecs::new();
                 if sse {
-                    tail.push_chunk(Bytes::from(sse_error_event(ctx.api, &e)));
+                    tail.push_chunk(Bytes::from(ctx.api.stream_error_event(&e)));
                 }
                 tail.push(Bytes::from_static(b"0\r\n\r\n"));
                 let _ = flush(ctx, &mut io.wr, tail).await;
@@ -541,10 +550,10 @@ async fn relay_body(
         if let Some(c) = tap.cutoff.as_ref().filter(|c| c.reached()) {
             // Cut at the reservation: the final events of the client's protocol, then the last chunk.
             if client_chunked {
-                batch.push_chunk(Bytes::from(c.tail(ctx.api)));
+                batch.push_chunk(Bytes::from(c.tail()));
                 batch.push(Bytes::from_static(b"0\r\n\r\n"));
             } else {
-                batch.push(Bytes::from(c.tail(ctx.api)));
+                batch.push(Bytes::from(c.tail()));
             }
             settle_before_last_bytes(ctx, tap);
             flush(ctx, &mut io.wr, batch).await?;
@@ -621,7 +630,7 @@ async fn relay_body(
 /// relayed (refcounts of the same buffers, capped at [`MAX_KEPT`]) until the end, for the estimate path when
 /// the provider's usage never arrives.
 pub struct Tap {
-    kind: tollgate_core::ProviderKind,
+    api: Api,
     meter: UsageMeter,
     sse: bool,
     json: Option<Vec<u8>>,
@@ -652,10 +661,10 @@ const MAX_USAGE_BODY: usize = 8 * 1024 * 1024;
 const MAX_KEPT: usize = 256 * 1024;
 
 impl Tap {
-    fn new(kind: tollgate_core::ProviderKind, sse: bool, success: bool, strip_usage: bool) -> Tap {
+    fn new(api: Api, sse: bool, success: bool, strip_usage: bool) -> Tap {
         Tap {
-            kind,
-            meter: UsageMeter::new(kind),
+            api,
+            meter: UsageMeter::new(api),
             sse,
             json: (!sse && success).then(Vec::new),
             strip_usage,
@@ -692,7 +701,7 @@ impl Tap {
             self.keep(&out);
         }
         if self.strip_usage {
-            crate::providers::meter::strip_openai_usage(out)
+            self.api.strip_stream_usage(out)
         } else {
             Some(out)
         }
@@ -728,7 +737,7 @@ impl Tap {
                 self.keep(&Bytes::from(j));
             }
         }
-        let meter = std::mem::replace(&mut self.meter, UsageMeter::new(self.kind));
+        let meter = std::mem::replace(&mut self.meter, UsageMeter::new(self.api));
         let mut kept = std::mem::take(&mut self.kept);
         if meter.usage().is_some() {
             kept.clear();
@@ -778,15 +787,6 @@ async fn flush(
     r.map_err(|_| Stop::ClientGone)?;
     ctx.bytes_out += n as u64;
     Ok(())
-}
-
-/// The mid-stream error event each SDK understands.
-fn sse_error_event(api: ApiShape, e: &Error) -> Vec<u8> {
-    let body = String::from_utf8(e.body(api)).unwrap_or_default();
-    match api {
-        ApiShape::Anthropic => format!("event: error\ndata: {body}\n\n").into_bytes(),
-        ApiShape::OpenAi => format!("data: {body}\n\n").into_bytes(),
-    }
 }
 
 #[cfg(test)]

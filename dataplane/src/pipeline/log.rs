@@ -12,7 +12,7 @@
 //! carry credentials. Fails: never. Cost: ~300 ns of formatting on the core, no syscall.
 
 use super::{Core, RequestCtx};
-use crate::error::{ApiShape, Error};
+use crate::error::Error;
 use crate::obs::accesslog::{json_str, now_rfc3339};
 
 fn field_str(out: &mut Vec<u8>, name: &str, v: &str) {
@@ -52,14 +52,7 @@ pub fn access(core: &Core, ctx: &RequestCtx) {
         field_str(out, "path", ctx.head.path());
         field_num(out, "status", u64::from(ctx.status));
         field_str(out, "outcome", ctx.outcome.as_str());
-        field_str(
-            out,
-            "api",
-            match ctx.api {
-                ApiShape::OpenAi => "openai",
-                ApiShape::Anthropic => "anthropic",
-            },
-        );
+        field_str(out, "api", ctx.api.as_str());
         if let Some(id) = &ctx.identity {
             field_str(out, "identity_kind", id.kind.as_str());
             field_str(out, "subject", &id.subject);

@@ -33,12 +33,13 @@ use bytes::Bytes;
 use monoio::io::AsyncWriteRentExt;
 use tollgate_core::config::{ServerConfig, UpstreamConfig};
 
-use crate::error::{ApiShape, Error};
+use crate::error::Error;
 pub use crate::net::client::ClientIo;
 use crate::net::http1::{self, Limits, Method, RequestHead};
 use crate::net::upstream::Pool;
 use crate::obs::accesslog::CoreLog;
 use crate::providers::meter::UsageMeter;
+use crate::providers::Api;
 use crate::runtime::credentials::AuthHandle;
 use crate::runtime::snapshot::{ProviderRuntime, Published};
 use route::Endpoint;
@@ -170,7 +171,8 @@ pub struct RequestCtx {
     pub head: RequestHead,
     pub body: Bytes,
     pub endpoint: Option<Endpoint>,
-    pub api: ApiShape,
+    /// The API the client speaks: its errors come back in this API's shape.
+    pub api: Api,
     /// Who is calling, set by the identify phase.
     pub identity: Option<Identity>,
     pub model: Option<String>,
@@ -225,7 +227,7 @@ pub async fn run_one(core: &Core, io: &mut ClientIo) -> bool {
                 io,
                 e.status(),
                 "application/json",
-                &e.body(ApiShape::OpenAi),
+                &Api::DEFAULT.error_body(&e),
                 false,
                 None,
                 b"",
@@ -244,7 +246,7 @@ pub async fn run_one(core: &Core, io: &mut ClientIo) -> bool {
         head,
         body,
         endpoint: None,
-        api: ApiShape::OpenAi,
+        api: Api::DEFAULT,
         identity: None,
         model: None,
         upstream_model: None,
@@ -380,7 +382,7 @@ async fn handle(core: &Core, ctx: &mut RequestCtx, io: &mut ClientIo) {
             ctx.identity = Some(id);
             return local(ctx, io, 200, body, head_only).await;
         }
-        Endpoint::ChatCompletions | Endpoint::Messages => {}
+        Endpoint::Chat(_) => {}
     }
     // 2. identify
     match identify::identify(core, ctx).await {
@@ -456,18 +458,15 @@ async fn handle(core: &Core, ctx: &mut RequestCtx, io: &mut ClientIo) {
     account::settle(ctx);
 }
 
-/// `GET /v1/models` answers in Anthropic's shape for Anthropic SDK callers (they send `anthropic-version`).
-fn shape_for_models(ctx: &RequestCtx) -> ApiShape {
-    if ctx.head.header("anthropic-version").is_some() {
-        ApiShape::Anthropic
-    } else {
-        ApiShape::OpenAi
-    }
+/// `GET /v1/models` answers in the shape of the API whose SDK header the caller sent (Anthropic SDKs send
+/// `anthropic-version`), OpenAI's otherwise.
+fn shape_for_models(ctx: &RequestCtx) -> Api {
+    Api::sniff(|h| ctx.head.header(h).is_some())
 }
 
 /// Answers with an error in the client's API shape. The connection closes after client-side framing errors.
 async fn fail(ctx: &mut RequestCtx, io: &mut ClientIo, e: Error) {
-    let body = e.body(ctx.api);
+    let body = ctx.api.error_body(&e);
     ctx.status = e.status();
     ctx.outcome = Outcome::Rejected;
     let extra = admit::header_lines(ctx);

@@ -5,65 +5,67 @@
 //! route lookup (exact names before globs), and the upstream body: the client's bytes unchanged (a refcount,
 //! no copy) unless the route renames the model, in which case exactly one splice replaces the name.
 //!
-//! Fails: bad JSON or a missing `model` is 400, an unrouted model 404, a model whose provider speaks the
-//! other API 400 naming the endpoint to call. Cost: one validating pass over the body (~1 GB/s).
+//! Which paths are chat endpoints, and what each API needs added to the body, is the API's own
+//! ([`crate::providers::Api`]).
+//!
+//! Fails: bad JSON or a missing `model` is 400, an unrouted model 404, a model whose provider speaks
+//! another API 400 naming the endpoint to call. Cost: one validating pass over the body (~1 GB/s).
 
 use std::borrow::Cow;
 use std::sync::Arc;
 
+use crate::error::{Error, Result};
+use crate::net::http1::{Method, RequestHead};
+use crate::providers::Api;
+use crate::runtime::snapshot::{ProviderRuntime, Snapshot};
 use bytes::{Bytes, BytesMut};
 use serde::Deserialize;
-use tollgate_core::ProviderKind;
-
-use crate::error::{ApiShape, Error, Result};
-use crate::net::http1::{Method, RequestHead};
-use crate::runtime::snapshot::{ProviderRuntime, Snapshot};
 
 /// What the client asked for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Endpoint {
-    ChatCompletions,
-    Messages,
+    /// The chat endpoint of a provider API (`/v1/chat/completions`, `/v1/messages`: [`Api::paths`]).
+    Chat(Api),
     Models,
     Healthz,
     Readyz,
 }
 
 impl Endpoint {
-    pub fn api(self) -> ApiShape {
+    /// The API whose error shape the client gets: its chat endpoint's, or the default.
+    pub fn api(self) -> Api {
         match self {
-            Endpoint::Messages => ApiShape::Anthropic,
-            _ => ApiShape::OpenAi,
+            Endpoint::Chat(api) => api,
+            _ => Api::DEFAULT,
         }
     }
 
-    pub fn provider_kind(self) -> Option<ProviderKind> {
+    /// The API a provider must speak to serve this endpoint.
+    pub fn provider_api(self) -> Option<Api> {
         match self {
-            Endpoint::ChatCompletions => Some(ProviderKind::OpenAi),
-            Endpoint::Messages => Some(ProviderKind::Anthropic),
+            Endpoint::Chat(api) => Some(api),
             _ => None,
         }
     }
 }
 
-/// Classifies the request. Anthropic-shaped errors for `/v1/messages` even when the method is wrong.
-pub fn endpoint(head: &RequestHead) -> std::result::Result<Endpoint, (Error, ApiShape)> {
-    let (ep, allowed) = match head.path() {
-        "/v1/chat/completions" | "/chat/completions" => (Endpoint::ChatCompletions, Method::Post),
-        "/v1/messages" => (Endpoint::Messages, Method::Post),
+/// Classifies the request. Errors in the API's shape for its chat path even when the method is wrong.
+pub fn endpoint(head: &RequestHead) -> std::result::Result<Endpoint, (Error, Api)> {
+    let path = head.path();
+    let (ep, allowed) = match path {
         "/v1/models" | "/models" => (Endpoint::Models, Method::Get),
         "/healthz" => (Endpoint::Healthz, Method::Get),
         "/readyz" => (Endpoint::Readyz, Method::Get),
         other => {
-            let shape = if head.header("anthropic-version").is_some() {
-                ApiShape::Anthropic
+            if let Some(api) = Api::for_path(other) {
+                (Endpoint::Chat(api), Method::Post)
             } else {
-                ApiShape::OpenAi
-            };
-            return Err((
-                Error::not_found(format!("no such endpoint: {}", truncate(other, 128))),
-                shape,
-            ));
+                let shape = Api::sniff(|h| head.header(h).is_some());
+                return Err((
+                    Error::not_found(format!("no such endpoint: {}", truncate(other, 128))),
+                    shape,
+                ));
+            }
         }
     };
     let ok = head.method == allowed || (allowed == Method::Get && head.method == Method::Head);
@@ -128,8 +130,8 @@ pub struct Routed {
     pub upstream_model: Option<String>,
     /// The body to send upstream.
     pub body: Bytes,
-    /// Tollgate asked the provider for usage the client did not ask for (OpenAI `stream_options`), so the
-    /// usage chunk and the `"usage":null` fields must be taken out of the client's stream.
+    /// Tollgate asked the provider for usage the client did not ask for (see
+    /// [`Api::request_stream_usage`]), so it must be taken out of the client's stream.
     pub strip_usage: bool,
     /// The larger of the body's `max_tokens` and `max_completion_tokens`, when it sets either.
     pub max_tokens: Option<u64>,
@@ -164,11 +166,8 @@ pub fn route(snap: &Snapshot, ep: Endpoint, body: &Bytes) -> Result<Routed> {
         .get(route.provider)
         .cloned()
         .ok_or_else(|| Error::internal("route points at a missing provider"))?;
-    if Some(provider.kind) != ep.provider_kind() {
-        let right = match provider.kind {
-            ProviderKind::OpenAi => "/v1/chat/completions",
-            ProviderKind::Anthropic => "/v1/messages",
-        };
+    if Some(provider.api) != ep.provider_api() {
+        let right = provider.api.paths()[0];
         return Err(Error::bad_request(format!(
             "the model `{}` is served by provider {} ({} API); send it to {right}",
             truncate(&model, 256),
@@ -180,13 +179,20 @@ pub fn route(snap: &Snapshot, ep: Endpoint, body: &Bytes) -> Result<Routed> {
         Some(um) if um.as_str() != model.as_ref() => rename_model(body, &model, um)?,
         _ => body.clone(),
     };
-    // An OpenAI stream carries usage only when asked (`stream_options.include_usage`): ask for it on the
+    // Some APIs stream usage only when asked (OpenAI's `stream_options.include_usage`): ask for it on the
     // client's behalf, and remember to hand the client exactly the stream it asked for.
     let stream = probe.stream.unwrap_or(false);
     let client_asked = probe.stream_options.as_ref().and_then(|o| o.include_usage) == Some(true);
-    let strip_usage = provider.kind == ProviderKind::OpenAi && stream && !client_asked;
-    if strip_usage {
-        upstream_body = request_usage(&upstream_body, probe.stream_options.is_some())?;
+    let mut strip_usage = false;
+    if stream {
+        if let Some(b) = provider.api.request_stream_usage(
+            &upstream_body,
+            client_asked,
+            probe.stream_options.is_some(),
+        )? {
+            upstream_body = b;
+            strip_usage = true;
+        }
     }
     Ok(Routed {
         strip_usage,
@@ -230,33 +236,6 @@ fn rename_model(body: &Bytes, model: &Cow<'_, str>, new: &str) -> Result<Bytes> 
         .map_err(|_| Error::internal("could not re-encode the request body"))
 }
 
-/// Adds `"stream_options":{"include_usage":true}` to a JSON object body: one splice after the opening brace
-/// when the client sent no `stream_options`, a re-encode (rare) when it sent some without `include_usage`.
-fn request_usage(body: &Bytes, has_options: bool) -> Result<Bytes> {
-    const MEMBER: &[u8] = br#""stream_options":{"include_usage":true},"#;
-    if !has_options {
-        if let Some(out) = insert_member(body, MEMBER) {
-            return Ok(out);
-        }
-    }
-    let mut v: serde_json::Value = serde_json::from_slice(body)
-        .map_err(|e| Error::invalid_body(format!("invalid JSON: {e}")))?;
-    if let Some(obj) = v.as_object_mut() {
-        let opts = obj
-            .entry("stream_options")
-            .or_insert_with(|| serde_json::json!({}));
-        match opts.as_object_mut() {
-            Some(o) => {
-                o.insert("include_usage".into(), serde_json::Value::Bool(true));
-            }
-            None => return Err(Error::invalid_body("`stream_options` must be an object")),
-        }
-    }
-    serde_json::to_vec(&v)
-        .map(Bytes::from)
-        .map_err(|_| Error::internal("could not re-encode the request body"))
-}
-
 /// The body with its top-level `model` replaced by `model` (a budget's downgrade; a re-encode, rare).
 pub fn with_model(body: &Bytes, model: &str) -> Result<Bytes> {
     let mut v: serde_json::Value = serde_json::from_slice(body)
@@ -272,32 +251,13 @@ pub fn with_model(body: &Bytes, model: &str) -> Result<Bytes> {
         .map_err(|_| Error::internal("could not re-encode the request body"))
 }
 
-/// Inserts `member` (`"name":value,`) right after the body's opening brace: one splice, no re-encode.
-/// `None` when the body does not start with an object.
-pub fn insert_member(body: &Bytes, member: &[u8]) -> Option<Bytes> {
-    let open = body
-        .iter()
-        .position(|b| !b.is_ascii_whitespace())
-        .filter(|&i| body[i] == b'{')?;
-    // `{}` gets no trailing comma.
-    let empty = body[open + 1..].iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'}');
-    let member = if empty {
-        member.strip_suffix(b",").unwrap_or(member)
-    } else {
-        member
-    };
-    let mut out = BytesMut::with_capacity(body.len() + member.len());
-    out.extend_from_slice(&body[..=open]);
-    out.extend_from_slice(member);
-    out.extend_from_slice(&body[open + 1..]);
-    Some(out.freeze())
-}
+pub use crate::providers::insert_member;
 
 /// `GET /v1/models`: the exactly-named routes, in the OpenAI shape or, for Anthropic SDK callers, Anthropic's.
 /// `allowed(model, upstream_model, provider)` filters it to what the caller's policies permit.
 pub fn models_body(
     snap: &Snapshot,
-    shape: ApiShape,
+    shape: Api,
     allowed: &dyn Fn(&str, Option<&str>, &str) -> bool,
 ) -> Vec<u8> {
     let names: Vec<(&str, &str)> = snap
@@ -323,23 +283,7 @@ pub fn models_body(
             )
         })
         .collect();
-    let v = match shape {
-        ApiShape::OpenAi => serde_json::json!({
-            "object": "list",
-            "data": names.iter().map(|(id, owner)| serde_json::json!({
-                "id": id, "object": "model", "created": 0, "owned_by": owner
-            })).collect::<Vec<_>>(),
-        }),
-        ApiShape::Anthropic => serde_json::json!({
-            "data": names.iter().map(|(id, _)| serde_json::json!({
-                "type": "model", "id": id, "display_name": id, "created_at": "1970-01-01T00:00:00Z"
-            })).collect::<Vec<_>>(),
-            "has_more": false,
-            "first_id": names.first().map(|n| n.0),
-            "last_id": names.last().map(|n| n.0),
-        }),
-    };
-    serde_json::to_vec(&v).unwrap_or_default()
+    shape.models_body(&names)
 }
 
 #[cfg(test)]
@@ -359,24 +303,6 @@ mod tests {
             &out[..],
             br#"{"messages":[{"role":"user","content":"model"}],"model":"gpt-4o-mini","stream":true}"#
         );
-    }
-
-    #[test]
-    fn usage_is_requested_with_one_splice() {
-        let body = Bytes::from_static(br#" {"model":"m","stream":true}"#);
-        let out = request_usage(&body, false).unwrap();
-        assert_eq!(
-            &out[..],
-            br#" {"stream_options":{"include_usage":true},"model":"m","stream":true}"#
-        );
-        let body = Bytes::from_static(
-            br#"{"model":"m","stream":true,"stream_options":{"include_usage":false}}"#,
-        );
-        let v: serde_json::Value =
-            serde_json::from_slice(&request_usage(&body, true).unwrap()).unwrap();
-        assert_eq!(v["stream_options"]["include_usage"], true);
-        let bad = Bytes::from_static(br#"{"model":"m","stream_options":3}"#);
-        assert_eq!(request_usage(&bad, true).unwrap_err().status(), 400);
     }
 
     #[test]

@@ -6,137 +6,32 @@
 //! final usage chunk, Anthropic's `message_start` and `message_delta`) are parsed, with `simd-json` into
 //! borrowed structs (the event's data is copied once into a scratch buffer, because simd-json parses in place).
 //!
-//! Semantics: OpenAI `usage` (`prompt_tokens` including `prompt_tokens_details.cached_tokens`,
-//! `completion_tokens` including `completion_tokens_details.reasoning_tokens`); Anthropic
-//! `message_start.message.usage` (`input_tokens`, `cache_creation_input_tokens` with its
-//! `cache_creation.ephemeral_5m/1h_input_tokens` split, `cache_read_input_tokens`) and the cumulative
-//! `message_delta.usage.output_tokens`; normalised into [`Usage`] by the control plane's constructors.
+//! The skeleton is shared; what a usage object looks like is each API's: [`super::Meter`] dispatches the
+//! parse to [`super::openai::Meter`] or [`super::anthropic::Meter`], which normalise into [`Usage`] with the
+//! control plane's constructors.
 //!
 //! Fails: never. Malformed or hostile JSON in an event is counted in [`UsageMeter::parse_failures`] and
 //! skipped; usage that never arrives leaves [`UsageMeter::usage`] `None`, and the account phase estimates.
 //! Cost: a `memmem` scan per event (~10 ns for a 200-byte delta); one small parse per usage event.
 
-use memchr::memmem;
-use serde::Deserialize;
-use tollgate_core::{ProviderKind, Usage};
+use tollgate_core::Usage;
+
+use super::json::carries_usage;
+use super::{Api, Meter};
+use crate::net::sse::split_events;
 
 /// Accumulates usage for one response.
 #[derive(Debug)]
 pub struct UsageMeter {
-    kind: ProviderKind,
-    // OpenAI
-    prompt: Option<u64>,
-    cached: u64,
-    completion: Option<u64>,
-    reasoning: u64,
-    // Anthropic
-    input: Option<u64>,
-    cache_creation: u64,
-    cache_5m: Option<u64>,
-    cache_1h: Option<u64>,
-    cache_read: u64,
-    output: Option<u64>,
+    counts: Meter,
     parse_failures: u32,
     scratch: Vec<u8>,
 }
 
-#[derive(Deserialize)]
-struct OaDetailsIn {
-    cached_tokens: Option<u64>,
-}
-
-#[derive(Deserialize)]
-struct OaDetailsOut {
-    reasoning_tokens: Option<u64>,
-}
-
-#[derive(Deserialize)]
-struct OaUsage {
-    prompt_tokens: Option<u64>,
-    completion_tokens: Option<u64>,
-    prompt_tokens_details: Option<OaDetailsIn>,
-    completion_tokens_details: Option<OaDetailsOut>,
-}
-
-#[derive(Deserialize)]
-struct OaEnvelope {
-    usage: Option<OaUsage>,
-}
-
-#[derive(Deserialize)]
-struct AnCacheCreation {
-    ephemeral_5m_input_tokens: Option<u64>,
-    ephemeral_1h_input_tokens: Option<u64>,
-}
-
-#[derive(Deserialize)]
-struct AnUsage {
-    input_tokens: Option<u64>,
-    output_tokens: Option<u64>,
-    cache_creation_input_tokens: Option<u64>,
-    cache_read_input_tokens: Option<u64>,
-    cache_creation: Option<AnCacheCreation>,
-}
-
-#[derive(Deserialize)]
-struct AnMessage {
-    usage: Option<AnUsage>,
-}
-
-/// A non-streamed message, `message_start` (usage under `message`) or `message_delta` (usage at the top).
-#[derive(Deserialize)]
-struct AnEnvelope {
-    message: Option<AnMessage>,
-    usage: Option<AnUsage>,
-}
-
-/// The searcher for `"usage"`, built once (building one per call costs more than the search itself).
-static USAGE_KEY: std::sync::LazyLock<memmem::Finder<'static>> =
-    std::sync::LazyLock::new(|| memmem::Finder::new(b"\"usage\""));
-
-/// Whether `"usage"` appears at all (the stripping pass looks for `"usage":null` members too).
-fn mentions_usage(event: &[u8]) -> bool {
-    USAGE_KEY.find(event).is_some()
-}
-
-/// Whether a `"usage"` key holds an object: the only events worth parsing. OpenAI streams that include usage
-/// put `"usage":null` in every chunk, so finding the key alone would parse every token delta.
-fn carries_usage(event: &[u8]) -> bool {
-    let mut at = 0;
-    while let Some(i) = USAGE_KEY.find(&event[at..]) {
-        let rest = &event[at + i + b"\"usage\"".len()..];
-        let mut j = 0;
-        while rest.get(j).is_some_and(u8::is_ascii_whitespace) {
-            j += 1;
-        }
-        if rest.get(j) == Some(&b':') {
-            j += 1;
-            while rest.get(j).is_some_and(u8::is_ascii_whitespace) {
-                j += 1;
-            }
-            if rest.get(j) == Some(&b'{') {
-                return true;
-            }
-        }
-        at += i + 1;
-    }
-    false
-}
-
 impl UsageMeter {
-    pub fn new(kind: ProviderKind) -> UsageMeter {
+    pub fn new(api: impl Into<Api>) -> UsageMeter {
         UsageMeter {
-            kind,
-            prompt: None,
-            cached: 0,
-            completion: None,
-            reasoning: 0,
-            input: None,
-            cache_creation: 0,
-            cache_5m: None,
-            cache_1h: None,
-            cache_read: 0,
-            output: None,
+            counts: Meter::new(api.into()),
             parse_failures: 0,
             scratch: Vec::new(),
         }
@@ -184,176 +79,29 @@ impl UsageMeter {
     }
 
     fn parse_scratch(&mut self) {
-        let ok = match self.kind {
-            ProviderKind::OpenAi => {
-                match simd_json::serde::from_slice::<OaEnvelope>(&mut self.scratch) {
-                    Ok(OaEnvelope { usage: Some(u) }) => {
-                        self.prompt = u.prompt_tokens.or(self.prompt);
-                        self.completion = u.completion_tokens.or(self.completion);
-                        if let Some(c) = u.prompt_tokens_details.and_then(|d| d.cached_tokens) {
-                            self.cached = c;
-                        }
-                        if let Some(r) =
-                            u.completion_tokens_details.and_then(|d| d.reasoning_tokens)
-                        {
-                            self.reasoning = r;
-                        }
-                        true
-                    }
-                    Ok(OaEnvelope { usage: None }) => true,
-                    Err(_) => false,
-                }
-            }
-            ProviderKind::Anthropic => {
-                match simd_json::serde::from_slice::<AnEnvelope>(&mut self.scratch) {
-                    Ok(env) => {
-                        // message_start's `output_tokens` is a placeholder (1); the count comes from
-                        // message_delta (cumulative) or a non-streamed message's top-level usage.
-                        if let Some(u) = env.message.and_then(|m| m.usage) {
-                            self.merge_anthropic(u, false);
-                        }
-                        if let Some(u) = env.usage {
-                            self.merge_anthropic(u, true);
-                        }
-                        true
-                    }
-                    Err(_) => false,
-                }
-            }
-        };
-        if !ok {
+        if !self.counts.observe(&mut self.scratch) {
             self.parse_failures = self.parse_failures.saturating_add(1);
-        }
-    }
-
-    fn merge_anthropic(&mut self, u: AnUsage, final_output: bool) {
-        if let Some(v) = u.input_tokens {
-            self.input = Some(v);
-        }
-        // output_tokens is cumulative in message_delta: the latest value is the total.
-        if let Some(v) = u.output_tokens.filter(|_| final_output) {
-            self.output = Some(v);
-        }
-        if let Some(v) = u.cache_creation_input_tokens {
-            self.cache_creation = v;
-        }
-        if let Some(v) = u.cache_read_input_tokens {
-            self.cache_read = v;
-        }
-        if let Some(c) = u.cache_creation {
-            if c.ephemeral_5m_input_tokens.is_some() {
-                self.cache_5m = c.ephemeral_5m_input_tokens;
-            }
-            if c.ephemeral_1h_input_tokens.is_some() {
-                self.cache_1h = c.ephemeral_1h_input_tokens;
-            }
         }
     }
 
     /// The usage the provider reported, once it is complete: OpenAI's usage object, or Anthropic's input
     /// (message_start) together with output (message_delta or the message itself).
     pub fn usage(&self) -> Option<Usage> {
-        match self.kind {
-            ProviderKind::OpenAi => Some(Usage::from_openai(
-                self.prompt?,
-                self.cached,
-                self.completion?,
-                self.reasoning,
-            )),
-            ProviderKind::Anthropic => Some(Usage::from_anthropic(
-                self.input?,
-                self.cache_creation,
-                self.cache_5m,
-                self.cache_1h,
-                self.cache_read,
-                self.output?,
-            )),
-        }
+        self.counts.usage()
     }
 
     /// What is known so far: reported input (if any) and reported output (if any), for a stream that ended
     /// before its usage was complete.
     pub fn partial(&self) -> (Option<u64>, Option<u64>) {
-        match self.kind {
-            ProviderKind::OpenAi => (self.prompt, self.completion),
-            ProviderKind::Anthropic => (self.input, self.output),
-        }
+        self.counts.partial()
     }
-}
-
-/// Takes out of a run of OpenAI stream events what the client did not ask for when Tollgate requested usage
-/// for it: the final usage chunk (`"choices":[]` with a `"usage":{...}`) and the `"usage":null` member of
-/// every other chunk. Returns the run unchanged (no copy) when there is nothing to remove, `None` when nothing
-/// is left.
-pub fn strip_openai_usage(run: bytes::Bytes) -> Option<bytes::Bytes> {
-    if !mentions_usage(&run) {
-        return Some(run);
-    }
-    let mut out = Vec::with_capacity(run.len());
-    for event in split_events(&run) {
-        if !mentions_usage(event) {
-            out.extend_from_slice(event);
-            continue;
-        }
-        let is_usage_chunk = memmem::find(event, b"\"choices\":[]").is_some()
-            && memmem::find(event, b"\"usage\":{").is_some();
-        if is_usage_chunk {
-            continue;
-        }
-        let mut rest = event;
-        while let Some(i) = memmem::find(rest, b",\"usage\":null") {
-            out.extend_from_slice(&rest[..i]);
-            rest = &rest[i + b",\"usage\":null".len()..];
-        }
-        out.extend_from_slice(rest);
-    }
-    if out.is_empty() {
-        None
-    } else {
-        Some(bytes::Bytes::from(out))
-    }
-}
-
-/// Splits a run of complete events at blank lines (`\n\n`, `\r\r`, `\r\n\r\n`); each event keeps its
-/// terminator.
-pub(crate) fn split_events(run: &[u8]) -> impl Iterator<Item = &[u8]> {
-    let mut rest = run;
-    std::iter::from_fn(move || {
-        if rest.is_empty() {
-            return None;
-        }
-        let mut i = 0;
-        while i + 1 < rest.len() {
-            let (a, b) = (rest[i], rest[i + 1]);
-            let end = if a == b'\n' && b == b'\n'
-                || a == b'\r' && b == b'\r' && rest.get(i + 2) != Some(&b'\n')
-            {
-                Some(i + 2)
-            } else if a == b'\r'
-                && b == b'\n'
-                && rest.get(i + 2) == Some(&b'\r')
-                && rest.get(i + 3) == Some(&b'\n')
-            {
-                Some(i + 4)
-            } else {
-                None
-            };
-            if let Some(end) = end {
-                let (ev, tail) = rest.split_at(end);
-                rest = tail;
-                return Some(ev);
-            }
-            i += 1;
-        }
-        let ev = rest;
-        rest = &[];
-        Some(ev)
-    })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::providers::openai::strip_stream_usage as strip_openai_usage;
+    use tollgate_core::ProviderKind;
 
     const OPENAI_STREAM: &[u8] = b"data: {\"id\":\"c\",\"object\":\"chat.completion.chunk\",\"choices\":[{\"index\":0,\"delta\":{\"content\":\"Hi\"}}],\"usage\":null}\n\n\
 data: {\"id\":\"c\",\"object\":\"chat.completion.chunk\",\"choices\":[],\"usage\":{\"prompt_tokens\":1200,\"completion_tokens\":300,\"total_tokens\":1500,\"prompt_tokens_details\":{\"cached_tokens\":1000,\"audio_tokens\":0},\"completion_tokens_details\":{\"reasoning_tokens\":120,\"audio_tokens\":0}}}\n\n\

@@ -1,5 +1,371 @@
-//! What each provider API means on the wire.
+//! What each provider API means on the wire: one home per API.
 //!
-//! [`meter`]: token usage read from OpenAI and Anthropic responses.
+//! Owns: [`Api`], the closed set of wire APIs the gateway speaks, one variant per API, and the dispatch to
+//! each API's file: [`openai`] (chat completions) and [`anthropic`] (messages). Each file holds everything
+//! its API means: the paths it serves, the upstream credential and version headers, the output-cap field,
+//! stream usage (asking for it, stripping it), usage extraction, the error body and its mid-stream event,
+//! the `/v1/models` shape, the final events of a cut-off stream, and where prompt and generated text live for
+//! estimates. [`meter`] is the shared usage-metering skeleton (which events to parse, SSE data extraction)
+//! around the per-API parsers; [`json`] holds the byte and JSON helpers the API files share. The pipeline, `spend` and `runtime` call these methods and never match on a
+//! provider themselves; this module imports only `net::sse`, `error` and tollgate-core types, never the
+//! pipeline. Imports within it go one way: `meter` uses this file, this file uses the API files, the API
+//! files use `json`; an API file never imports this file or `meter` (no circles). Adding an API: see `docs/providers.md`.
+//!
+//! Dispatch is static: every method is a `match` on a `Copy` enum that calls a plain function (no trait
+//! objects, no allocation beyond what the API itself needs), so the hot path stays monomorphic and inlinable.
+//!
+//! Fails: never on its own; each method's failure is documented on it (only
+//! [`Api::request_stream_usage`] returns an error: a body that cannot take the member it needs, a 400).
+//! Cost: a `match` per call; what each API function costs is documented in its file.
 
+pub mod anthropic;
+pub mod json;
 pub mod meter;
+pub mod openai;
+
+pub use json::insert_member;
+
+use std::fmt;
+
+use bytes::Bytes;
+use tollgate_core::{ProviderKind, Usage};
+
+use crate::error::{Error, Result};
+
+/// A wire API a provider speaks and a client calls.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Api {
+    /// OpenAI chat completions (`POST /v1/chat/completions`), see [`openai`].
+    OpenAi,
+    /// Anthropic messages (`POST /v1/messages`), see [`anthropic`].
+    Anthropic,
+}
+
+impl Api {
+    /// Every API, in the order paths and SDK headers are matched.
+    pub const ALL: [Api; 2] = [Api::OpenAi, Api::Anthropic];
+
+    /// The shape for a client that shows no sign of a particular API (no known path, no SDK header).
+    pub const DEFAULT: Api = Api::OpenAi;
+
+    /// The API a configured provider kind speaks.
+    pub fn of(kind: ProviderKind) -> Api {
+        match kind {
+            ProviderKind::OpenAi => Api::OpenAi,
+            ProviderKind::Anthropic => Api::Anthropic,
+        }
+    }
+
+    /// The name in logs (`api` field) and configuration (`kind`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Api::OpenAi => "openai",
+            Api::Anthropic => "anthropic",
+        }
+    }
+
+    /// The request paths this API is served on; the first is the one named in errors.
+    pub fn paths(self) -> &'static [&'static str] {
+        match self {
+            Api::OpenAi => openai::PATHS,
+            Api::Anthropic => anthropic::PATHS,
+        }
+    }
+
+    /// The API whose path this is.
+    pub fn for_path(path: &str) -> Option<Api> {
+        Api::ALL.into_iter().find(|a| a.paths().contains(&path))
+    }
+
+    /// The request header this API's SDKs always send, if one tells it apart.
+    pub fn sdk_header(self) -> Option<&'static str> {
+        match self {
+            Api::OpenAi => None,
+            Api::Anthropic => Some(anthropic::SDK_HEADER),
+        }
+    }
+
+    /// The API a client speaks when its path does not say (unknown paths, `/v1/models`): the first whose
+    /// SDK header it sent, else [`Api::DEFAULT`]. `has_header(name)`: the request carries that header.
+    pub fn sniff(has_header: impl Fn(&str) -> bool) -> Api {
+        Api::ALL
+            .into_iter()
+            .find(|a| a.sdk_header().is_some_and(&has_header))
+            .unwrap_or(Api::DEFAULT)
+    }
+
+    /// Appends the upstream credential header line(s) carrying `key` (rendered once per snapshot).
+    pub fn auth_lines(self, key: &str, out: &mut Vec<u8>) {
+        match self {
+            Api::OpenAi => openai::auth_lines(key, out),
+            Api::Anthropic => anthropic::auth_lines(key, out),
+        }
+    }
+
+    /// Headers sent upstream when the client sent none of that name (`name`, `value`), e.g. an API version.
+    pub fn default_headers(self) -> &'static [(&'static str, &'static str)] {
+        match self {
+            Api::OpenAi => openai::DEFAULT_HEADERS,
+            Api::Anthropic => anthropic::DEFAULT_HEADERS,
+        }
+    }
+
+    /// The output cap as a body member (`"name":n,`) to splice after the opening brace.
+    pub fn max_tokens_member(self, n: u64) -> String {
+        match self {
+            Api::OpenAi => openai::max_tokens_member(n),
+            Api::Anthropic => anthropic::max_tokens_member(n),
+        }
+    }
+
+    /// For a streamed request: the upstream body that asks the provider for usage the client did not ask
+    /// for, or `None` when nothing needs asking (the response then needs no [`Api::strip_stream_usage`]).
+    /// `client_asked`: the client asked for stream usage itself; `has_options`: it sent `stream_options`.
+    /// Fails with a 400 when the body cannot take what must be added.
+    pub fn request_stream_usage(
+        self,
+        body: &Bytes,
+        client_asked: bool,
+        has_options: bool,
+    ) -> Result<Option<Bytes>> {
+        match self {
+            Api::OpenAi => openai::request_stream_usage(body, client_asked, has_options),
+            Api::Anthropic => Ok(None),
+        }
+    }
+
+    /// Takes the usage Tollgate asked for out of a run of stream events (see
+    /// [`Api::request_stream_usage`]); `None` when nothing is left of the run.
+    pub fn strip_stream_usage(self, run: Bytes) -> Option<Bytes> {
+        match self {
+            Api::OpenAi => openai::strip_stream_usage(run),
+            Api::Anthropic => Some(run),
+        }
+    }
+
+    /// The error `type` this API's SDK expects for `e`.
+    pub fn error_type(self, e: &Error) -> &'static str {
+        match self {
+            Api::OpenAi => openai::error_type(e),
+            Api::Anthropic => anthropic::error_type(e),
+        }
+    }
+
+    /// The JSON error body in this API's shape.
+    pub fn error_body(self, e: &Error) -> Vec<u8> {
+        let v = match self {
+            Api::OpenAi => openai::error_json(e),
+            Api::Anthropic => anthropic::error_json(e),
+        };
+        serde_json::to_vec(&v)
+            .unwrap_or_else(|_| b"{\"error\":{\"message\":\"internal error\"}}".to_vec())
+    }
+
+    /// The mid-stream error event this API's SDK surfaces, holding [`Api::error_body`].
+    pub fn stream_error_event(self, e: &Error) -> Vec<u8> {
+        let body = String::from_utf8(self.error_body(e)).unwrap_or_default();
+        match self {
+            Api::OpenAi => openai::stream_error_event(&body),
+            Api::Anthropic => anthropic::stream_error_event(&body),
+        }
+    }
+
+    /// `GET /v1/models` in this API's shape; `names` are (model, owning provider).
+    pub fn models_body(self, names: &[(&str, &str)]) -> Vec<u8> {
+        let v = match self {
+            Api::OpenAi => openai::models_list(names),
+            Api::Anthropic => anthropic::models_list(names),
+        };
+        serde_json::to_vec(&v).unwrap_or_default()
+    }
+
+    /// Appends a request body's prompt text (messages separated by newlines) and returns how many messages
+    /// it has; for estimates.
+    pub fn prompt_text(
+        self,
+        obj: &serde_json::Map<String, serde_json::Value>,
+        out: &mut String,
+    ) -> u64 {
+        match self {
+            Api::OpenAi => openai::prompt_text(obj, out),
+            Api::Anthropic => anthropic::prompt_text(obj, out),
+        }
+    }
+
+    /// Appends the generated text in one stream event's data or a whole response body; for estimates and
+    /// stream cut-off.
+    pub fn generated_text(self, v: &serde_json::Value, out: &mut String) {
+        match self {
+            Api::OpenAi => openai::generated_text(v, out),
+            Api::Anthropic => anthropic::generated_text(v, out),
+        }
+    }
+}
+
+impl From<ProviderKind> for Api {
+    fn from(kind: ProviderKind) -> Api {
+        Api::of(kind)
+    }
+}
+
+impl fmt::Display for Api {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// One response's usage parser, per API (see [`meter::UsageMeter`], which feeds it).
+#[derive(Debug)]
+pub enum Meter {
+    OpenAi(openai::Meter),
+    Anthropic(anthropic::Meter),
+}
+
+impl Meter {
+    pub fn new(api: Api) -> Meter {
+        match api {
+            Api::OpenAi => Meter::OpenAi(openai::Meter::default()),
+            Api::Anthropic => Meter::Anthropic(anthropic::Meter::default()),
+        }
+    }
+
+    /// Parses one JSON document in place; `false` when it is not JSON of the API's shape.
+    pub fn observe(&mut self, json: &mut [u8]) -> bool {
+        match self {
+            Meter::OpenAi(m) => m.observe(json),
+            Meter::Anthropic(m) => m.observe(json),
+        }
+    }
+
+    /// The usage the provider reported, once it is complete.
+    pub fn usage(&self) -> Option<Usage> {
+        match self {
+            Meter::OpenAi(m) => m.usage(),
+            Meter::Anthropic(m) => m.usage(),
+        }
+    }
+
+    /// Reported input and output so far.
+    pub fn partial(&self) -> (Option<u64>, Option<u64>) {
+        match self {
+            Meter::OpenAi(m) => m.partial(),
+            Meter::Anthropic(m) => m.partial(),
+        }
+    }
+}
+
+/// What a stream needs to end well-formed after a cut, per API: tracked over the relayed runs, rendered by
+/// [`StreamEnd::tail`].
+#[derive(Debug, Clone)]
+pub enum StreamEnd {
+    OpenAi(openai::StreamEnd),
+    Anthropic(anthropic::StreamEnd),
+}
+
+impl StreamEnd {
+    pub fn new(api: Api) -> StreamEnd {
+        match api {
+            Api::OpenAi => StreamEnd::OpenAi(openai::StreamEnd::default()),
+            Api::Anthropic => StreamEnd::Anthropic(anthropic::StreamEnd::default()),
+        }
+    }
+
+    /// Observes a run of complete events about to be relayed.
+    pub fn track(&mut self, run: &Bytes) {
+        match self {
+            StreamEnd::OpenAi(s) => s.track(run),
+            StreamEnd::Anthropic(s) => s.track(run),
+        }
+    }
+
+    /// The events that end the client's stream after the cut; `output_tokens`: the output counted.
+    pub fn tail(&self, output_tokens: u64) -> Vec<u8> {
+        match self {
+            StreamEnd::OpenAi(s) => s.tail(),
+            StreamEnd::Anthropic(s) => s.tail(output_tokens),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shapes_match_the_providers() {
+        let e = Error::unknown_model("model \"x\" is not routed");
+        let v: serde_json::Value = serde_json::from_slice(&Api::OpenAi.error_body(&e)).unwrap();
+        assert_eq!(v["error"]["type"], "invalid_request_error");
+        assert_eq!(v["error"]["code"], "model_not_found");
+        assert_eq!(e.status(), 404);
+        let v: serde_json::Value = serde_json::from_slice(&Api::Anthropic.error_body(&e)).unwrap();
+        assert_eq!(v["type"], "error");
+        assert_eq!(v["error"]["type"], "not_found_error");
+        assert_eq!(v["error"]["message"], "model \"x\" is not routed");
+    }
+
+    #[test]
+    fn every_api_has_a_home() {
+        for api in Api::ALL {
+            assert_eq!(Api::for_path(api.paths()[0]), Some(api));
+            if let Some(h) = api.sdk_header() {
+                assert_eq!(Api::sniff(|n| n == h), api);
+            }
+        }
+        assert_eq!(Api::sniff(|_| false), Api::DEFAULT);
+        assert_eq!(Api::for_path("/v1/embeddings"), None);
+        // A configured kind speaks the API of the same name.
+        for kind in [ProviderKind::OpenAi, ProviderKind::Anthropic] {
+            assert_eq!(Api::of(kind).as_str(), kind.as_str());
+        }
+    }
+
+    #[test]
+    fn upstream_headers_and_body_members_are_each_apis() {
+        let mut out = Vec::new();
+        Api::OpenAi.auth_lines("k1", &mut out);
+        Api::Anthropic.auth_lines("k2", &mut out);
+        assert_eq!(
+            &out[..],
+            b"authorization: Bearer k1\r\nx-api-key: k2\r\n".as_slice()
+        );
+        assert!(Api::OpenAi.default_headers().is_empty());
+        assert_eq!(
+            Api::Anthropic.default_headers(),
+            &[("anthropic-version", "2023-06-01")]
+        );
+        assert_eq!(
+            Api::OpenAi.max_tokens_member(7),
+            "\"max_completion_tokens\":7,"
+        );
+        assert_eq!(Api::Anthropic.max_tokens_member(7), "\"max_tokens\":7,");
+        let body = Bytes::from_static(br#"{"model":"m","stream":true}"#);
+        assert!(Api::Anthropic
+            .request_stream_usage(&body, false, false)
+            .unwrap()
+            .is_none());
+        assert!(Api::OpenAi
+            .request_stream_usage(&body, true, true)
+            .unwrap()
+            .is_none());
+        assert!(Api::OpenAi
+            .request_stream_usage(&body, false, false)
+            .unwrap()
+            .is_some());
+    }
+
+    #[test]
+    fn mid_stream_errors_and_cut_tails_are_in_each_apis_protocol() {
+        let e = Error::upstream_timeout("slow");
+        let oa = String::from_utf8(Api::OpenAi.stream_error_event(&e)).unwrap();
+        assert!(oa.starts_with("data: {\"error\":") && oa.ends_with("\n\n"));
+        let an = String::from_utf8(Api::Anthropic.stream_error_event(&e)).unwrap();
+        assert!(an.starts_with("event: error\ndata: {") && an.contains("timeout_error"));
+        let tail = String::from_utf8(StreamEnd::new(Api::OpenAi).tail(5)).unwrap();
+        assert!(
+            tail.contains("\"finish_reason\":\"length\"") && tail.ends_with("data: [DONE]\n\n")
+        );
+        let tail = String::from_utf8(StreamEnd::new(Api::Anthropic).tail(5)).unwrap();
+        assert!(tail.starts_with("event: message_delta") && tail.contains("\"output_tokens\":5"));
+    }
+}

@@ -1,8 +1,8 @@
 //! The immutable view of configuration that every core reads on every request.
 //!
 //! Owns: [`Snapshot`], built once from a validated [`Config`] by the control side (keys loaded, TLS client
-//! configs built, Host headers and auth headers pre-rendered), and [`Published`], the `ArcSwap` the control
-//! side swaps to publish a new one. Cores load the current snapshot per request (one atomic load); nothing in a
+//! configs built, Host headers and auth headers pre-rendered, each in its API's header: [`Api::auth_lines`]),
+//! and [`Published`], the `ArcSwap` the control side swaps to publish a new one. Cores load the current snapshot per request (one atomic load); nothing in a
 //! snapshot is mutated after publication except the resolved addresses, which the resolver thread swaps.
 //! Connection pools are keyed by [`ProviderRuntime::pool_key`], not by index, so they survive a swap.
 //!
@@ -18,6 +18,8 @@ use rustls::pki_types::ServerName;
 use tollgate_core::config::{BaseUrl, Config, KeyError};
 use tollgate_core::{ApiKey, ProviderKind};
 
+use crate::providers::Api;
+
 /// Everything a core needs to route and forward, frozen.
 #[derive(Debug)]
 pub struct Snapshot {
@@ -30,6 +32,8 @@ pub struct Snapshot {
 pub struct ProviderRuntime {
     pub name: String,
     pub kind: ProviderKind,
+    /// The wire API it speaks (what `kind` means on the wire).
+    pub api: Api,
     pub base: BaseUrl,
     /// `host: ...\r\n`, rendered once.
     pub host_line: Vec<u8>,
@@ -107,18 +111,7 @@ impl Snapshot {
                 if k.expose().bytes().any(|b| b < 0x20 || b == 0x7f) {
                     return Err(err("the API key contains control characters".to_owned()));
                 }
-                match p.kind {
-                    ProviderKind::OpenAi => {
-                        auth_lines.extend_from_slice(b"authorization: Bearer ");
-                        auth_lines.extend_from_slice(k.expose().as_bytes());
-                        auth_lines.extend_from_slice(b"\r\n");
-                    }
-                    ProviderKind::Anthropic => {
-                        auth_lines.extend_from_slice(b"x-api-key: ");
-                        auth_lines.extend_from_slice(k.expose().as_bytes());
-                        auth_lines.extend_from_slice(b"\r\n");
-                    }
-                }
+                Api::of(p.kind).auth_lines(k.expose(), &mut auth_lines);
             }
             let host_line = format!("host: {}\r\n", base.host_header()).into_bytes();
             let pool_key: Arc<str> =
@@ -130,6 +123,7 @@ impl Snapshot {
             providers.push(Arc::new(ProviderRuntime {
                 name: p.name.clone(),
                 kind: p.kind,
+                api: Api::of(p.kind),
                 base,
                 host_line,
                 auth_lines,

@@ -6,10 +6,10 @@
 //! generated text with the embedded tokenizer ([`crate::spend::estimate`]), but only once counting can matter: a
 //! token is at least one byte, so while the stream's relayed bytes stay below the cap its tokens do too and
 //! nothing is parsed. Past that point each event's text is counted; the run is cut after the event whose
-//! text reaches the cap, and [`StreamCutoff::tail`] gives the well-formed end of the client's protocol:
-//! OpenAI a final chunk with `finish_reason: "length"` and `data: [DONE]`; Anthropic `content_block_stop`
-//! (when a block is open), `message_delta` with `stop_reason: "max_tokens"` and the counted output, and
-//! `message_stop`. The forward phase then closes the upstream connection (the provider stops generating)
+//! text reaches the cap, and [`StreamCutoff::tail`] gives the well-formed end of the client's protocol
+//! (each API's final events are its own: [`crate::providers::StreamEnd`]; e.g. OpenAI a final chunk with
+//! `finish_reason: "length"` and `data: [DONE]`, Anthropic `message_delta` with `stop_reason: "max_tokens"`
+//! and `message_stop`). The forward phase then closes the upstream connection (the provider stops generating)
 //! and the account phase bills the estimate of what was generated.
 //!
 //! Limits: only visible text is counted. Reasoning tokens (OpenAI o-series, GPT-5) are billed as output but
@@ -23,10 +23,9 @@
 //! Fails: never; an event it cannot read counts as nothing. Cost: nothing below the byte bound; then one
 //! small JSON parse and a tokenizer pass per event.
 
-use crate::error::ApiShape;
-use crate::providers::meter::split_events;
+use crate::net::sse::split_events;
+use crate::providers::{Api, StreamEnd};
 use bytes::Bytes;
-use memchr::memmem;
 
 /// Counts a stream's visible output against a cap.
 #[derive(Debug, Clone)]
@@ -38,25 +37,25 @@ pub struct StreamCutoff {
     tokens: u64,
     counting: bool,
     reached: bool,
-    /// The last run relayed (its last OpenAI chunk gives the final chunk's id, created and model).
-    last_run: Option<Bytes>,
-    /// Anthropic: the index of the content block open (started, not stopped), if any.
-    open_block: Option<u64>,
+    /// The stream's API.
+    api: Api,
+    /// What the API's final events need to know about the stream so far.
+    end: StreamEnd,
     /// The text of the last event counted: the next event is counted as what it adds to this one, so
     /// tokens the tokenizer merges across events are not counted twice.
     tail: String,
 }
 
 impl StreamCutoff {
-    pub fn new(cap: u64) -> StreamCutoff {
+    pub fn new(api: Api, cap: u64) -> StreamCutoff {
         StreamCutoff {
             cap,
+            api,
+            end: StreamEnd::new(api),
             bytes: 0,
             tokens: 0,
             counting: false,
             reached: false,
-            last_run: None,
-            open_block: None,
             tail: String::new(),
         }
     }
@@ -78,7 +77,7 @@ impl StreamCutoff {
         if self.reached {
             return Bytes::new();
         }
-        self.track(&run);
+        self.end.track(&run);
         if !self.counting {
             let after = self.bytes.saturating_add(run.len() as u64);
             if after < self.cap {
@@ -86,7 +85,7 @@ impl StreamCutoff {
                 return run;
             }
             self.counting = true;
-            self.tokens = crate::spend::estimate::completion_tokens(earlier);
+            self.tokens = crate::spend::estimate::completion_tokens(self.api, earlier);
         }
         self.bytes = self.bytes.saturating_add(run.len() as u64);
         let base = run.as_ptr() as usize;
@@ -94,7 +93,7 @@ impl StreamCutoff {
             let mut text = std::mem::take(&mut self.tail);
             let before = crate::spend::estimate::count(&text);
             let start = text.len();
-            crate::spend::estimate::push_generated_text(event, &mut text);
+            crate::spend::estimate::push_generated_text(self.api, event, &mut text);
             if text.len() == start {
                 self.tail = text;
                 continue;
@@ -113,79 +112,10 @@ impl StreamCutoff {
         run
     }
 
-    /// Remembers what the final events need: the last run (for the last OpenAI chunk), the open
-    /// Anthropic block. One `memmem` over the run, and a refcount.
-    fn track(&mut self, run: &Bytes) {
-        if memmem::find(run, b"content_block_st").is_some() {
-            for event in split_events(run) {
-                if event.starts_with(b"event: content_block_start") {
-                    self.open_block = Some(block_index(event).unwrap_or(0));
-                } else if event.starts_with(b"event: content_block_stop") {
-                    self.open_block = None;
-                }
-            }
-        }
-        self.last_run = Some(run.clone());
-    }
-
-    /// The last OpenAI chunk relayed.
-    fn last_chunk(&self) -> Option<serde_json::Value> {
-        let run = self.last_run.as_ref()?;
-        split_events(run)
-            .filter(|e| memmem::find(e, b"\"chat.completion.chunk\"").is_some())
-            .last()
-            .and_then(data_json)
-    }
-
     /// The events that end the client's stream after the cut, in its protocol.
-    pub fn tail(&self, api: ApiShape) -> Vec<u8> {
-        match api {
-            ApiShape::OpenAi => {
-                let mut chunk = serde_json::json!({
-                    "id": "",
-                    "object": "chat.completion.chunk",
-                    "created": 0,
-                    "model": "",
-                    "choices": [{"index": 0, "delta": {}, "logprobs": null, "finish_reason": "length"}],
-                });
-                if let Some(last) = self.last_chunk() {
-                    for key in ["id", "created", "model", "system_fingerprint"] {
-                        if let Some(v) = last.get(key) {
-                            chunk[key] = v.clone();
-                        }
-                    }
-                }
-                format!("data: {chunk}\n\ndata: [DONE]\n\n").into_bytes()
-            }
-            ApiShape::Anthropic => {
-                let mut out = String::new();
-                if let Some(i) = self.open_block {
-                    out.push_str(&format!(
-                        "event: content_block_stop\ndata: {{\"type\":\"content_block_stop\",\"index\":{i}}}\n\n"
-                    ));
-                }
-                out.push_str(&format!(
-                    "event: message_delta\ndata: {{\"type\":\"message_delta\",\"delta\":{{\"stop_reason\":\"max_tokens\",\"stop_sequence\":null}},\"usage\":{{\"output_tokens\":{}}}}}\n\n",
-                    self.tokens
-                ));
-                out.push_str("event: message_stop\ndata: {\"type\":\"message_stop\"}\n\n");
-                out.into_bytes()
-            }
-        }
+    pub fn tail(&self) -> Vec<u8> {
+        self.end.tail(self.tokens)
     }
-}
-
-/// The JSON of an event's `data:` line.
-fn data_json(event: &[u8]) -> Option<serde_json::Value> {
-    event
-        .split(|&b| b == b'\n' || b == b'\r')
-        .find_map(|l| l.strip_prefix(b"data:"))
-        .and_then(|d| serde_json::from_slice(d.strip_prefix(b" ").unwrap_or(d)).ok())
-}
-
-/// An Anthropic event's `"index"`.
-fn block_index(event: &[u8]) -> Option<u64> {
-    data_json(event)?.get("index")?.as_u64()
 }
 
 #[cfg(test)]
@@ -205,7 +135,7 @@ mod tests {
     #[test]
     fn below_the_byte_bound_nothing_is_counted_or_cut() {
         assert!(crate::spend::estimate::warm());
-        let mut c = StreamCutoff::new(100_000);
+        let mut c = StreamCutoff::new(Api::OpenAi, 100_000);
         let run = openai_run(&[" Hello", " world"]);
         assert_eq!(c.admit(run.clone(), &[]), run);
         assert!(!c.reached());
@@ -215,7 +145,7 @@ mod tests {
     #[test]
     fn the_run_is_cut_after_the_event_that_reaches_the_cap() {
         assert!(crate::spend::estimate::warm());
-        let mut c = StreamCutoff::new(3);
+        let mut c = StreamCutoff::new(Api::OpenAi, 3);
         let run = openai_run(&[" one", " two", " three", " four", " five"]);
         let out = c.admit(run.clone(), &[]);
         assert!(c.reached());
@@ -223,7 +153,7 @@ mod tests {
         assert_eq!(out, openai_run(&[" one", " two", " three"]));
         // Nothing more passes.
         assert!(c.admit(openai_run(&[" six"]), &[]).is_empty());
-        let tail = String::from_utf8(c.tail(ApiShape::OpenAi)).unwrap();
+        let tail = String::from_utf8(c.tail()).unwrap();
         let first = tail.lines().next().unwrap().strip_prefix("data: ").unwrap();
         let v: serde_json::Value = serde_json::from_str(first).unwrap();
         assert_eq!(v["id"], "chatcmpl-1");
@@ -237,7 +167,7 @@ mod tests {
     fn the_first_count_includes_what_was_relayed_before() {
         assert!(crate::spend::estimate::warm());
         let early = openai_run(&[" one", " two"]);
-        let mut c = StreamCutoff::new(early.len() as u64 + 10);
+        let mut c = StreamCutoff::new(Api::OpenAi, early.len() as u64 + 10);
         assert_eq!(c.admit(early.clone(), &[]), early);
         let out = c.admit(openai_run(&[" three", " four"]), &[early]);
         // Counting started with the two earlier tokens; the cap (hundreds) is far away.
@@ -253,11 +183,11 @@ mod tests {
 event: content_block_start\ndata: {\"type\":\"content_block_start\",\"index\":0,\"content_block\":{\"type\":\"text\",\"text\":\"\"}}\n\n\
 event: content_block_delta\ndata: {\"type\":\"content_block_delta\",\"index\":0,\"delta\":{\"type\":\"text_delta\",\"text\":\" one two\"}}\n\n\
 event: content_block_delta\ndata: {\"type\":\"content_block_delta\",\"index\":0,\"delta\":{\"type\":\"text_delta\",\"text\":\" three\"}}\n\n");
-        let mut c = StreamCutoff::new(2);
+        let mut c = StreamCutoff::new(Api::Anthropic, 2);
         let out = c.admit(run, &[]);
         assert!(c.reached());
         assert!(!String::from_utf8_lossy(&out).contains("three"));
-        let tail = String::from_utf8(c.tail(ApiShape::Anthropic)).unwrap();
+        let tail = String::from_utf8(c.tail()).unwrap();
         assert!(tail.starts_with(
             "event: content_block_stop\ndata: {\"type\":\"content_block_stop\",\"index\":0}"
         ));
@@ -269,7 +199,7 @@ event: content_block_delta\ndata: {\"type\":\"content_block_delta\",\"index\":0,
     #[test]
     fn garbage_counts_as_nothing() {
         assert!(crate::spend::estimate::warm());
-        let mut c = StreamCutoff::new(1);
+        let mut c = StreamCutoff::new(Api::OpenAi, 1);
         let out = c.admit(Bytes::from_static(b"data: {not json\n\n: comment\n\n"), &[]);
         assert!(!c.reached());
         assert_eq!(out.len(), 28);

@@ -4,7 +4,8 @@
 //! Owns: the tokenizer (tiktoken's `o200k_base`, whose vocabulary ships inside the binary: no download),
 //! built once at start-up by [`warm`] on the main thread (about 100 ms) so no core ever builds it; and the
 //! text extraction for the estimate path: the prompt's message and system text from a request body, the
-//! generated text from relayed SSE events or a non-streamed body. `o200k_base` is OpenAI's current
+//! generated text from relayed SSE events or a non-streamed body (where an API keeps its text is its own
+//! business: [`crate::providers::Api::prompt_text`] and [`crate::providers::Api::generated_text`]). `o200k_base` is OpenAI's current
 //! vocabulary; Anthropic publishes no tokenizer, so for Claude models the count is an approximation (stated
 //! in the log as `usage: estimated`).
 //!
@@ -15,6 +16,8 @@
 use std::sync::OnceLock;
 
 use tiktoken_rs::CoreBPE;
+
+use crate::providers::Api;
 
 static BPE: OnceLock<Option<CoreBPE>> = OnceLock::new();
 
@@ -44,64 +47,24 @@ pub fn count(text: &str) -> u64 {
     bpe.encode_ordinary(head).len() as u64 + (tail.len() as u64).div_ceil(4)
 }
 
-/// Appends the text in `v` (a string, or an array of strings / `{"text": ...}` parts); `sep` ends each
-/// piece with a newline (between prompt messages; generated deltas are concatenated as they were streamed).
-fn push_text(v: &serde_json::Value, out: &mut String, sep: bool) {
-    match v {
-        serde_json::Value::String(s) => {
-            out.push_str(s);
-            if sep {
-                out.push('\n');
-            }
-        }
-        serde_json::Value::Array(parts) => {
-            for p in parts {
-                match p {
-                    serde_json::Value::Object(o) => {
-                        if let Some(t) = o.get("text") {
-                            push_text(t, out, sep);
-                        }
-                    }
-                    other => push_text(other, out, sep),
-                }
-            }
-        }
-        _ => {}
-    }
-}
-
-/// Input tokens of a chat request (OpenAI `messages[].content`, Anthropic `system` and `messages[].content`,
-/// text parts only); `None` when the body is not a JSON object.
-pub fn prompt_tokens(body: &[u8]) -> Option<u64> {
+/// Input tokens of a chat request in `api` (the text its file names: [`Api::prompt_text`], text parts
+/// only); `None` when the body is not a JSON object.
+pub fn prompt_tokens(api: Api, body: &[u8]) -> Option<u64> {
     let v: serde_json::Value = serde_json::from_slice(body).ok()?;
     let obj = v.as_object()?;
     let mut text = String::new();
-    if let Some(system) = obj.get("system") {
-        push_text(system, &mut text, true);
-    }
-    let mut messages = 0u64;
-    for m in obj
-        .get("messages")
-        .and_then(|m| m.as_array())
-        .into_iter()
-        .flatten()
-    {
-        messages += 1;
-        if let Some(c) = m.get("content") {
-            push_text(c, &mut text, true);
-        }
-    }
+    let messages = api.prompt_text(obj, &mut text);
     // Chat formats wrap each message in a few tokens and prime the reply with a few more (OpenAI documents
     // about 3 and 3), so even an empty prompt is never estimated at zero.
     Some(count(&text) + MESSAGE_OVERHEAD * messages + REPLY_OVERHEAD)
 }
 
-/// Output tokens of generated text found in relayed SSE runs (OpenAI `choices[].delta.content`, Anthropic
-/// `content_block_delta` text) or in a non-streamed body (`choices[].message.content`, `content[].text`).
-pub fn completion_tokens(pieces: &[bytes::Bytes]) -> u64 {
+/// Output tokens of generated text found in relayed SSE runs or in a non-streamed body of `api` (where the
+/// text lives is the API's: [`Api::generated_text`]).
+pub fn completion_tokens(api: Api, pieces: &[bytes::Bytes]) -> u64 {
     let mut text = String::new();
     for piece in pieces {
-        push_generated_text(piece, &mut text);
+        push_generated_text(api, piece, &mut text);
         if text.len() > 4 * MAX_TEXT {
             break;
         }
@@ -110,7 +73,7 @@ pub fn completion_tokens(pieces: &[bytes::Bytes]) -> u64 {
 }
 
 /// Appends the generated text of one relayed piece (SSE events or a JSON body) to `out`.
-pub fn push_generated_text(piece: &[u8], out: &mut String) {
+pub fn push_generated_text(api: Api, piece: &[u8], out: &mut String) {
     for line in piece.split(|&b| b == b'\n' || b == b'\r') {
         let data = line
             .strip_prefix(b"data:")
@@ -122,24 +85,7 @@ pub fn push_generated_text(piece: &[u8], out: &mut String) {
         let Ok(v) = serde_json::from_slice::<serde_json::Value>(data) else {
             continue;
         };
-        for c in v
-            .get("choices")
-            .and_then(|c| c.as_array())
-            .into_iter()
-            .flatten()
-        {
-            for key in ["delta", "message"] {
-                if let Some(t) = c.get(key).and_then(|d| d.get("content")) {
-                    push_text(t, out, false);
-                }
-            }
-        }
-        if let Some(t) = v.get("delta").and_then(|d| d.get("text")) {
-            push_text(t, out, false);
-        }
-        if let Some(content) = v.get("content") {
-            push_text(content, out, false);
-        }
+        api.generated_text(&v, out);
     }
 }
 
@@ -159,20 +105,20 @@ mod tests {
         warm();
         let openai = br#"{"model":"m","messages":[{"role":"user","content":"hello world"},{"role":"user","content":[{"type":"text","text":"hello world"}]}]}"#;
         assert_eq!(
-            prompt_tokens(openai),
+            prompt_tokens(Api::OpenAi, openai),
             Some(2 * count("hello world\n") + 2 * 3 + 3)
         );
         let anthropic = br#"{"model":"m","system":"hello world","messages":[{"role":"user","content":"hello world"}]}"#;
         assert_eq!(
-            prompt_tokens(anthropic),
+            prompt_tokens(Api::Anthropic, anthropic),
             Some(2 * count("hello world\n") + 3 + 3)
         );
         assert_eq!(
-            prompt_tokens(br#"{"model":"m","messages":[]}"#),
+            prompt_tokens(Api::OpenAi, br#"{"model":"m","messages":[]}"#),
             Some(3),
             "never zero"
         );
-        assert_eq!(prompt_tokens(b"not json"), None);
+        assert_eq!(prompt_tokens(Api::OpenAi, b"not json"), None);
     }
 
     #[test]
@@ -183,11 +129,23 @@ mod tests {
         let body = bytes::Bytes::from_static(
             br#"{"choices":[{"message":{"role":"assistant","content":"hello world"}}]}"#,
         );
-        assert_eq!(completion_tokens(&[openai]), count("hello world"));
-        assert_eq!(completion_tokens(&[anthropic]), count("hello world"));
-        assert_eq!(completion_tokens(&[body]), count("hello world"));
         assert_eq!(
-            completion_tokens(&[bytes::Bytes::from_static(b"data: {broken\n\n")]),
+            completion_tokens(Api::OpenAi, &[openai]),
+            count("hello world")
+        );
+        assert_eq!(
+            completion_tokens(Api::Anthropic, &[anthropic]),
+            count("hello world")
+        );
+        assert_eq!(
+            completion_tokens(Api::OpenAi, &[body]),
+            count("hello world")
+        );
+        assert_eq!(
+            completion_tokens(
+                Api::OpenAi,
+                &[bytes::Bytes::from_static(b"data: {broken\n\n")]
+            ),
             0
         );
     }

@@ -1,0 +1,249 @@
+//! The Anthropic messages API (`POST /v1/messages`): everything it means on the wire.
+//!
+//! Owns: the path it serves and the header its SDK callers send (`anthropic-version`, which also picks this
+//! API's shape for errors and `/v1/models` on paths that are not its own), the upstream credential
+//! (`x-api-key`) and version header (`anthropic-version: 2023-06-01` when the client sent none), the output-cap
+//! field (`max_tokens`), usage extraction (`message_start.message.usage`: `input_tokens`,
+//! `cache_creation_input_tokens` with its `cache_creation.ephemeral_5m/1h_input_tokens` split,
+//! `cache_read_input_tokens`; the cumulative `message_delta.usage.output_tokens`; a whole message's top-level
+//! `usage`), the error body (`{"type":"error","error":{"type","message"}}`) and its mid-stream form (an
+//! `event: error`), the `/v1/models` list shape, the final events of a cut stream (`content_block_stop` when
+//! a block is open, `message_delta` with `stop_reason: "max_tokens"` and the counted output,
+//! `message_stop`), and where prompt and generated text live for estimates (`system` and
+//! `messages[].content`; `delta.text` in streams, `content[].text` in whole messages).
+//!
+//! Fails: never panics on provider or client bytes; usage that does not parse is reported as a failed parse.
+//! Stream usage needs no request: Anthropic always streams it. Cost: one small `simd-json` parse per usage
+//! event (`message_start`, `message_delta`); a cut stream tracks its open block with one `memmem` per run.
+
+use bytes::Bytes;
+use memchr::memmem;
+use serde::Deserialize;
+use tollgate_core::Usage;
+
+use crate::error::Error;
+use crate::net::sse::split_events;
+
+/// The paths this API is served on; the first is the one named in errors.
+pub const PATHS: &[&str] = &["/v1/messages"];
+
+/// The request header this API's SDKs always send.
+pub const SDK_HEADER: &str = "anthropic-version";
+
+/// `x-api-key: KEY\r\n`.
+pub fn auth_lines(key: &str, out: &mut Vec<u8>) {
+    out.extend_from_slice(b"x-api-key: ");
+    out.extend_from_slice(key.as_bytes());
+    out.extend_from_slice(b"\r\n");
+}
+
+/// Headers sent upstream when the client sent none of that name: the API version Tollgate speaks.
+pub const DEFAULT_HEADERS: &[(&str, &str)] = &[("anthropic-version", "2023-06-01")];
+
+/// The output cap as a member to splice into the body (Anthropic requires `max_tokens` anyway).
+pub fn max_tokens_member(n: u64) -> String {
+    format!("\"max_tokens\":{n},")
+}
+
+#[derive(Deserialize)]
+struct CacheCreation {
+    ephemeral_5m_input_tokens: Option<u64>,
+    ephemeral_1h_input_tokens: Option<u64>,
+}
+
+#[derive(Deserialize)]
+struct UsageIn {
+    input_tokens: Option<u64>,
+    output_tokens: Option<u64>,
+    cache_creation_input_tokens: Option<u64>,
+    cache_read_input_tokens: Option<u64>,
+    cache_creation: Option<CacheCreation>,
+}
+
+#[derive(Deserialize)]
+struct Message {
+    usage: Option<UsageIn>,
+}
+
+/// A non-streamed message, `message_start` (usage under `message`) or `message_delta` (usage at the top).
+#[derive(Deserialize)]
+struct Envelope {
+    message: Option<Message>,
+    usage: Option<UsageIn>,
+}
+
+/// Usage reported so far in one response.
+#[derive(Debug, Default)]
+pub struct Meter {
+    input: Option<u64>,
+    cache_creation: u64,
+    cache_5m: Option<u64>,
+    cache_1h: Option<u64>,
+    cache_read: u64,
+    output: Option<u64>,
+}
+
+impl Meter {
+    /// Parses one JSON document (an event's data or a whole body; parsed in place). `false` when it is not
+    /// JSON of the expected shape.
+    pub fn observe(&mut self, json: &mut [u8]) -> bool {
+        match simd_json::serde::from_slice::<Envelope>(json) {
+            Ok(env) => {
+                // message_start's `output_tokens` is a placeholder (1); the count comes from
+                // message_delta (cumulative) or a non-streamed message's top-level usage.
+                if let Some(u) = env.message.and_then(|m| m.usage) {
+                    self.merge(u, false);
+                }
+                if let Some(u) = env.usage {
+                    self.merge(u, true);
+                }
+                true
+            }
+            Err(_) => false,
+        }
+    }
+
+    fn merge(&mut self, u: UsageIn, final_output: bool) {
+        if let Some(v) = u.input_tokens {
+            self.input = Some(v);
+        }
+        // output_tokens is cumulative in message_delta: the latest value is the total.
+        if let Some(v) = u.output_tokens.filter(|_| final_output) {
+            self.output = Some(v);
+        }
+        if let Some(v) = u.cache_creation_input_tokens {
+            self.cache_creation = v;
+        }
+        if let Some(v) = u.cache_read_input_tokens {
+            self.cache_read = v;
+        }
+        if let Some(c) = u.cache_creation {
+            if c.ephemeral_5m_input_tokens.is_some() {
+                self.cache_5m = c.ephemeral_5m_input_tokens;
+            }
+            if c.ephemeral_1h_input_tokens.is_some() {
+                self.cache_1h = c.ephemeral_1h_input_tokens;
+            }
+        }
+    }
+
+    /// Input (message_start) together with output (message_delta or the message itself), once both arrived.
+    pub fn usage(&self) -> Option<Usage> {
+        Some(Usage::from_anthropic(
+            self.input?,
+            self.cache_creation,
+            self.cache_5m,
+            self.cache_1h,
+            self.cache_read,
+            self.output?,
+        ))
+    }
+
+    /// Reported input and output so far.
+    pub fn partial(&self) -> (Option<u64>, Option<u64>) {
+        (self.input, self.output)
+    }
+}
+
+/// The error `type` Anthropic's SDK expects for this error's status.
+pub fn error_type(e: &Error) -> &'static str {
+    match e.status() {
+        401 => "authentication_error",
+        404 => "not_found_error",
+        403 => "permission_error",
+        413 => "request_too_large",
+        429 => "rate_limit_error",
+        400..=499 => "invalid_request_error",
+        503 => "overloaded_error",
+        504 => "timeout_error",
+        _ => "api_error",
+    }
+}
+
+/// `{"type":"error","error":{"type":...,"message":...}}`
+pub fn error_json(e: &Error) -> serde_json::Value {
+    serde_json::json!({
+        "type": "error",
+        "error": { "type": error_type(e), "message": e.message }
+    })
+}
+
+/// A mid-stream error: an `event: error` holding the error body.
+pub fn stream_error_event(body: &str) -> Vec<u8> {
+    format!("event: error\ndata: {body}\n\n").into_bytes()
+}
+
+/// `GET /v1/models` in Anthropic's list shape; `names` are (model, owning provider).
+pub fn models_list(names: &[(&str, &str)]) -> serde_json::Value {
+    serde_json::json!({
+        "data": names.iter().map(|(id, _)| serde_json::json!({
+            "type": "model", "id": id, "display_name": id, "created_at": "1970-01-01T00:00:00Z"
+        })).collect::<Vec<_>>(),
+        "has_more": false,
+        "first_id": names.first().map(|n| n.0),
+        "last_id": names.last().map(|n| n.0),
+    })
+}
+
+/// Appends the prompt text of a request body (`system`, then `messages[].content`) and returns the number
+/// of messages.
+pub fn prompt_text(obj: &serde_json::Map<String, serde_json::Value>, out: &mut String) -> u64 {
+    if let Some(system) = obj.get("system") {
+        super::json::push_text(system, out, true);
+    }
+    super::json::push_messages(obj, out)
+}
+
+/// Appends the generated text of one event's or body's JSON: `delta.text` (`content_block_delta`) and
+/// `content[].text` (whole messages).
+pub fn generated_text(v: &serde_json::Value, out: &mut String) {
+    if let Some(t) = v.get("delta").and_then(|d| d.get("text")) {
+        super::json::push_text(t, out, false);
+    }
+    if let Some(content) = v.get("content") {
+        super::json::push_text(content, out, false);
+    }
+}
+
+/// What the final events of a cut stream need: the index of the content block open (started, not
+/// stopped), if any.
+#[derive(Debug, Clone, Default)]
+pub struct StreamEnd {
+    open_block: Option<u64>,
+}
+
+impl StreamEnd {
+    /// One `memmem` over the run; the events are walked only when a block starts or stops in it.
+    pub fn track(&mut self, run: &Bytes) {
+        if memmem::find(run, b"content_block_st").is_some() {
+            for event in split_events(run) {
+                if event.starts_with(b"event: content_block_start") {
+                    self.open_block = Some(block_index(event).unwrap_or(0));
+                } else if event.starts_with(b"event: content_block_stop") {
+                    self.open_block = None;
+                }
+            }
+        }
+    }
+
+    /// `content_block_stop` (when a block is open), `message_delta` with `stop_reason: "max_tokens"` and
+    /// `output_tokens` counted, `message_stop`.
+    pub fn tail(&self, output_tokens: u64) -> Vec<u8> {
+        let mut out = String::new();
+        if let Some(i) = self.open_block {
+            out.push_str(&format!(
+                "event: content_block_stop\ndata: {{\"type\":\"content_block_stop\",\"index\":{i}}}\n\n"
+            ));
+        }
+        out.push_str(&format!(
+            "event: message_delta\ndata: {{\"type\":\"message_delta\",\"delta\":{{\"stop_reason\":\"max_tokens\",\"stop_sequence\":null}},\"usage\":{{\"output_tokens\":{output_tokens}}}}}\n\n"
+        ));
+        out.push_str("event: message_stop\ndata: {\"type\":\"message_stop\"}\n\n");
+        out.into_bytes()
+    }
+}
+
+/// An event's `"index"`.
+fn block_index(event: &[u8]) -> Option<u64> {
+    super::json::data_json(event)?.get("index")?.as_u64()
+}
