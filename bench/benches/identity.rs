@@ -14,7 +14,7 @@ use criterion::{black_box, criterion_group, criterion_main, Criterion};
 use jsonwebtoken::{encode, Algorithm, EncodingKey, Header};
 use tollgate_core::auth::jwt::{self, AuthConfig, KeySet, RawAuth, RawIssuer};
 use tollgate_core::auth::service_tokens::{ServiceTokenSet, TokenStore};
-use tollgate_dataplane::pipeline::identify::JwtCache;
+use tollgate_dataplane::runtime::credentials::JwtCache;
 
 const ISS: &str = "https://idp.example.com";
 

@@ -1,4 +1,4 @@
-//! Phase 7, account: what the request consumed and what it cost.
+//! Phase 8, account: what the request consumed and what it cost.
 //!
 //! Owns: [`settle`], run exactly once per request after the forward phase, whatever happened there (complete,
 //! client gone, upstream failed). Usage comes from the provider's own numbers when they arrived
@@ -19,39 +19,9 @@
 //! Cost: the quote was taken when the request started (its price date is the request's); pricing a usage is
 //! a handful of integer multiplications. Fails: never.
 
-use tollgate_core::pricing::Cost;
 use tollgate_core::Usage;
 
-use super::RequestCtx;
-
-/// Where the usage of a settled request came from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum UsageSource {
-    /// The provider's usage numbers.
-    Reported,
-    /// Counted by the gateway because the provider's numbers never arrived.
-    Estimated,
-    /// Nothing was generated (a provider error response): nothing is billed.
-    None,
-}
-
-impl UsageSource {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            UsageSource::Reported => "reported",
-            UsageSource::Estimated => "estimated",
-            UsageSource::None => "none",
-        }
-    }
-}
-
-/// A settled request.
-#[derive(Debug, Clone, Copy)]
-pub struct Settled {
-    pub usage: Usage,
-    pub source: UsageSource,
-    pub cost: Cost,
-}
+use super::ctx::{RequestCtx, Settled, UsageSource};
 
 /// Settles the request once. Requests that never reached a provider (rejected, unpriced, unreachable) have
 /// nothing to settle.

@@ -1,4 +1,4 @@
-//! Phase 5, admit: hold the request's maximum cost against every budget that applies, before forwarding.
+//! Phase 6, admit: hold the request's maximum cost against every budget that applies, before forwarding.
 //!
 //! Owns: picking the budgets (`BudgetSet::applicable`: scope, model/provider globs, declared attributes from
 //! the request's headers), the amount (the input-token bound and the output cap, priced at the request's
@@ -22,8 +22,8 @@ use tollgate_core::budget::owner::Refusal;
 use tollgate_core::budget::{Action, BudgetRequest, Insufficient};
 use tollgate_core::Money;
 
+use super::ctx::{Core, RequestCtx};
 use super::route::{insert_member, Routed};
-use super::{Core, RequestCtx};
 use crate::error::{Error, Result};
 use crate::runtime::snapshot::Snapshot;
 use crate::spend::max_cost::{input_token_bound, max_cost, DEFAULT_OUTPUT_TOKENS};

@@ -1,4 +1,4 @@
-//! Phase 3, authorize: may this identity send this request. Runs after routing, because a policy is about
+//! Phase 4, authorize: may this identity send this request. Runs after routing, because a policy is about
 //! where the request goes (the requested model, the upstream model an alias renames it to, the provider).
 //!
 //! Owns: applying the [`PolicySet`](tollgate_core::PolicySet) decision (precedence is documented

@@ -1,4 +1,4 @@
-//! Phase 6, forward: send the request to the provider and stream the response back as it arrives.
+//! Phase 7, forward: send the request to the provider and stream the response back as it arrives.
 //!
 //! Owns: the upstream request head (the client's credentials and hop-by-hop headers removed, the provider's
 //! key and its API's default headers injected, a request id added), the upstream exchange on a pooled or fresh connection (one retry on a
@@ -20,9 +20,10 @@ use bytes::{Bytes, BytesMut};
 use monoio::io::AsyncWriteRentExt;
 use monoio::net::TcpStream;
 
-use super::{ClientIo, Core, Outcome, RequestCtx};
+use super::ctx::{Core, Outcome, Relayed, RequestCtx};
 use crate::error::{Error, Result};
 use crate::net::client::ClientGone;
+use crate::net::client::ClientIo;
 use crate::net::http1::{self, ChunkEvent, ChunkedDecoder, Framing, ResponseHead};
 use crate::net::iovec::IoVecs;
 use crate::net::sse::SseFramer;
@@ -641,17 +642,6 @@ pub struct Tap {
     dropped_bytes: u64,
     /// A budget's stream cut-off, counting the stream's visible output.
     cutoff: Option<crate::spend::cutoff::StreamCutoff>,
-}
-
-/// What the tap hands the account phase.
-#[derive(Debug, Default)]
-pub struct Relayed {
-    /// Relayed body pieces (SSE runs, or the JSON body), for counting generated text.
-    pub kept: Vec<Bytes>,
-    /// Relayed bytes beyond the keep cap (counted at bytes/4 when estimating).
-    pub dropped_bytes: u64,
-    /// Output tokens counted by a stream cut-off that ended the stream.
-    pub counted_output: Option<u64>,
 }
 
 /// Larger non-streamed bodies are not parsed for usage (the account phase then estimates).

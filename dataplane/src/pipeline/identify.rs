@@ -6,7 +6,7 @@
 //! (SHA-256, one map lookup in the published set); anything shaped like a JWT is verified against the
 //! issuer its `iss` names, with the keys the identity thread published.
 //!
-//! Owns: the per-core verification cache ([`JwtCache`]: token -> identity until the token's `exp`, bounded,
+//! Owns: the per-core verification cache ([`JwtCache`](crate::runtime::credentials::JwtCache): token -> identity until the token's `exp`, bounded,
 //! dropped wholesale when an issuer's keys change and on every reload). An unknown `kid` asks the identity
 //! thread for one refresh (rate-limited there) and waits for it on this core's own timer, polling the
 //! published state (a reload meanwhile makes it look the issuer up again in the new state);
@@ -17,65 +17,15 @@
 //! logged. Cost: a cache hit is a hash of the token and a map lookup (~100 ns for a 1 KB token); a service
 //! token is a SHA-256 (~0.3 us); a cold RS256 verification tens of microseconds (bench `token_verify`).
 
-use std::cell::RefCell;
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 use tollgate_core::auth::jwt::{self, Rejection};
 use tollgate_core::Identity;
 
-use super::{Core, RequestCtx};
+use super::ctx::{Core, RequestCtx};
 use crate::error::{Error, Result};
 use crate::runtime::credentials::AuthState;
-
-/// Verified JWTs on one core.
-#[derive(Debug, Default)]
-pub struct JwtCache {
-    entries: HashMap<Box<str>, (Identity, i64)>,
-    generation: u64,
-}
-
-impl JwtCache {
-    pub fn get(&mut self, token: &str, generation: u64, now: i64) -> Option<Identity> {
-        if generation != self.generation {
-            self.entries.clear();
-            self.generation = generation;
-            return None;
-        }
-        match self.entries.get(token) {
-            Some((id, exp)) if *exp > now => Some(id.clone()),
-            Some(_) => {
-                self.entries.remove(token);
-                None
-            }
-            None => None,
-        }
-    }
-
-    pub fn put(&mut self, token: &str, id: Identity, exp: i64, cap: usize, now: i64) {
-        if cap == 0 {
-            return;
-        }
-        if self.entries.len() >= cap {
-            // Drop what has expired; if the cache is still full, start over (bounded memory beats LRU
-            // bookkeeping on the hot path; a full cache means a flood of distinct tokens anyway).
-            self.entries.retain(|_, (_, exp)| *exp > now);
-            if self.entries.len() >= cap {
-                self.entries.clear();
-            }
-        }
-        self.entries.insert(Box::from(token), (id, exp));
-    }
-
-    pub fn len(&self) -> usize {
-        self.entries.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.entries.is_empty()
-    }
-}
 
 /// The credential a request carries, if any.
 fn credential(ctx: &RequestCtx) -> Option<&[u8]> {
@@ -212,6 +162,3 @@ fn service_identity(t: &tollgate_core::auth::service_tokens::ServiceToken) -> Id
         token_id: Some(Arc::from(t.id.as_str())),
     }
 }
-
-/// The per-core cache, for [`Core`].
-pub type CoreJwtCache = RefCell<JwtCache>;

@@ -1,4 +1,4 @@
-//! Phase 8, log: one JSON line per request, appended to the core's buffer (see [`crate::obs::accesslog`]).
+//! Phase 9, log: one JSON line per request, appended to the core's buffer (see [`crate::obs::accesslog`]).
 //!
 //! Fields: `ts`, `event` ("request"), `request_id`, `core`, `method`, `path`, `status`, `outcome`, `api`,
 //! `provider`, `route`, `model`, `upstream_model`, `stream`, `bytes_in`, `bytes_out`, `upstream_ttfb_us`,
@@ -11,7 +11,7 @@
 //! and message) when one occurred. Never a header value or a body: those may
 //! carry credentials. Fails: never. Cost: ~300 ns of formatting on the core, no syscall.
 
-use super::{Core, RequestCtx};
+use super::ctx::{Core, RequestCtx};
 use crate::error::Error;
 use crate::obs::accesslog::{json_str, now_rfc3339};
 

@@ -5,215 +5,37 @@
 //! 2. [`identify`]: who is calling (OIDC JWT, service token, or anonymous where allowed); 401 otherwise.
 //! 3. [`route`]: endpoint, model, provider, upstream body.
 //! 4. [`authorize`]: may this identity send this request there (model policies, `max_tokens` cap); 403.
-//! 5. [`admit`]: reserve the maximum cost on every applicable budget (owning cores, all or nothing); 429 /
+//! 5. [`price`]: the quote (list and negotiated prices) the request is reserved and billed at; 403 unpriced.
+//! 6. [`admit`]: reserve the maximum cost on every applicable budget (owning cores, all or nothing); 429 /
 //!    downgrade / lower `max_tokens` when one cannot cover it.
-//! 6. [`forward`]: the upstream exchange, streamed back to the client event by event.
-//! 7. [`account`]: usage from the response (or an estimate) priced with the quote taken at the start.
-//! 8. [`log`]: one JSON access-log line per request, through the core's buffer.
+//! 7. [`forward`]: the upstream exchange, streamed back to the client event by event.
+//! 8. [`account`]: usage from the response (or an estimate) priced with the quote taken at the start.
+//! 9. [`log`]: one JSON access-log line per request, through the core's buffer.
 //!
-//! Owns: [`Core`] (everything one worker thread owns: its snapshot handle, upstream pool, log buffer, counters)
-//! and [`RequestCtx`]. Fails: every error before the response head is rendered in the client's API shape with
+//! The context every phase works on ([`Core`], [`RequestCtx`]) lives in [`ctx`]; this file only runs the
+//! phases in order (and answers the few local endpoints: `/healthz`, `/readyz`, `/v1/models`). Fails: every error before the response head is rendered in the client's API shape with
 //! the status from [`Error::status`]; after the head, failures end the stream cleanly (see [`forward`]).
 
 pub mod account;
 pub mod admit;
 pub mod authorize;
+pub mod ctx;
 pub mod forward;
 pub mod identify;
 pub mod log;
 pub mod parse;
+pub mod price;
 pub mod route;
 
-use std::cell::Cell;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
 
-use bytes::Bytes;
 use monoio::io::AsyncWriteRentExt;
-use tollgate_core::config::{ServerConfig, UpstreamConfig};
 
 use crate::error::Error;
-pub use crate::net::client::ClientIo;
-use crate::net::http1::{self, Limits, Method, RequestHead};
-use crate::net::upstream::Pool;
-use crate::obs::accesslog::CoreLog;
-use crate::providers::meter::UsageMeter;
+use crate::net::client::ClientIo;
+use crate::net::http1::{self, Method};
 use crate::providers::Api;
-use crate::runtime::credentials::AuthHandle;
-use crate::runtime::snapshot::{ProviderRuntime, Published};
-use route::Endpoint;
-use tollgate_core::pricing::Quote;
-use tollgate_core::Identity;
-
-/// Everything one worker owns. `!Send`: built on its core and never leaves it.
-#[derive(Debug)]
-pub struct Core {
-    pub id: usize,
-    pub snapshot: Published,
-    pub pool: Pool,
-    pub log: CoreLog,
-    pub limits: Limits,
-    pub server: ServerConfig,
-    pub upstream: UpstreamConfig,
-    pub shutdown: Arc<AtomicBool>,
-    /// Keys, service tokens and policies as the identity thread last published them.
-    pub auth: AuthHandle,
-    /// Verified JWTs on this core.
-    pub jwt_cache: identify::CoreJwtCache,
-    /// This core's shard of the budget state, and its links to the other shards.
-    pub budgets: std::rc::Rc<crate::spend::shard::CoreBudgets>,
-    pub in_flight: Cell<usize>,
-    /// Connection handoffs and where budgeted requests were served (see [`crate::net::handoff`]).
-    pub handoff: crate::net::handoff::Counters,
-    requests: Cell<u64>,
-    id_prefix: String,
-}
-
-/// What every core shares with the control side: the published snapshots and the shutdown flag.
-#[derive(Debug, Clone)]
-pub struct Shared {
-    pub snapshot: Published,
-    pub auth: AuthHandle,
-    pub shutdown: Arc<AtomicBool>,
-}
-
-impl Core {
-    pub fn new(
-        id: usize,
-        shared: Shared,
-        log: CoreLog,
-        server: ServerConfig,
-        upstream: UpstreamConfig,
-        budgets: std::rc::Rc<crate::spend::shard::CoreBudgets>,
-        process_seed: u32,
-    ) -> Core {
-        let Shared {
-            snapshot,
-            auth,
-            shutdown,
-        } = shared;
-        let limits = Limits {
-            max_head_bytes: server.max_head_bytes,
-            max_headers: server.max_headers,
-            max_body_bytes: server.max_body_bytes,
-        };
-        Core {
-            id,
-            snapshot,
-            pool: Pool::new(
-                upstream.pool_max_idle_per_provider,
-                upstream.pool_idle_timeout,
-            ),
-            log,
-            limits,
-            server,
-            upstream,
-            shutdown,
-            auth,
-            jwt_cache: Default::default(),
-            budgets,
-            in_flight: Cell::new(0),
-            handoff: Default::default(),
-            requests: Cell::new(0),
-            id_prefix: format!("{process_seed:08x}{:02x}", id & 0xff),
-        }
-    }
-
-    pub fn shutting_down(&self) -> bool {
-        self.shutdown.load(Ordering::Relaxed)
-    }
-
-    /// A request id unique across cores and restarts: process seed, core, per-core counter.
-    fn next_request_id(&self) -> String {
-        let n = self.requests.get().wrapping_add(1);
-        self.requests.set(n);
-        let mut s = String::with_capacity(24);
-        s.push_str(&self.id_prefix);
-        s.push_str(&format!("{n:014x}"));
-        s
-    }
-}
-
-/// How a request ended, for the log.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Outcome {
-    /// The whole response reached the client's socket.
-    Complete,
-    /// The gateway answered with an error before contacting (or hearing from) the upstream.
-    Rejected,
-    /// The client went away before the response was complete; the upstream request was cancelled.
-    ClientGone,
-    /// The upstream failed after the response began; the client's stream was ended cleanly.
-    UpstreamFailed,
-    /// A budget's `stream_cutoff` ended the stream when its visible output reached the reservation; the
-    /// client's stream was ended with its protocol's final events.
-    CutOff,
-}
-
-impl Outcome {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Outcome::Complete => "complete",
-            Outcome::Rejected => "rejected",
-            Outcome::ClientGone => "client_gone",
-            Outcome::UpstreamFailed => "upstream_failed",
-            Outcome::CutOff => "cut_off",
-        }
-    }
-}
-
-/// One request's state, passed through every phase.
-#[derive(Debug)]
-pub struct RequestCtx {
-    pub id: String,
-    pub start: quanta::Instant,
-    pub head: RequestHead,
-    pub body: Bytes,
-    pub endpoint: Option<Endpoint>,
-    /// The API the client speaks: its errors come back in this API's shape.
-    pub api: Api,
-    /// Who is calling, set by the identify phase.
-    pub identity: Option<Identity>,
-    pub model: Option<String>,
-    pub upstream_model: Option<String>,
-    pub route: Option<String>,
-    pub provider: Option<Arc<ProviderRuntime>>,
-    pub stream: bool,
-    pub status: u16,
-    pub bytes_in: u64,
-    pub bytes_out: u64,
-    pub upstream_ttfb: Option<Duration>,
-    pub outcome: Outcome,
-    pub error: Option<Error>,
-    /// Whether the client connection can serve another request afterwards.
-    pub keep_alive: bool,
-    /// The prices in effect when the request started (list and negotiated), set by the route phase.
-    pub quote: Option<Quote>,
-    /// Usage read from the response by the forward phase.
-    pub meter: Option<UsageMeter>,
-    /// What the forward phase relayed, kept only for estimating usage that never arrived.
-    pub relayed: forward::Relayed,
-    /// Set by the account phase.
-    pub account: Option<account::Settled>,
-    /// The admit phase's hold on the budgets; the account phase settles it (dropped unsettled, it releases).
-    pub reservation: Option<crate::spend::shard::Reservation>,
-    /// What the admit phase reserved on each applicable budget (pico-USD), for the log.
-    pub reserved: Option<tollgate_core::Money>,
-    /// The budget that refused the request, for the 429's headers.
-    pub refusal: Option<tollgate_core::budget::owner::Refusal>,
-    /// The model the client asked for, when a budget downgraded the request to another.
-    pub downgraded_from: Option<String>,
-    /// The output cap the admit phase lowered the request to, to fit a budget.
-    pub max_tokens_lowered: Option<u64>,
-    /// For a request that had budgets applied: whether this core owns its caller's budgets.
-    pub owner_local: Option<bool>,
-    /// Output tokens after which a stream is cut off (a budget with `stream_cutoff` applied): the output
-    /// its reservation covers.
-    pub cutoff_tokens: Option<u64>,
-    /// Cross-core messages the admission waited for (see [`crate::spend::shard::Reservation::asks`]).
-    pub budget_asks: Option<u32>,
-}
+pub use ctx::{Core, Endpoint, Outcome, RequestCtx, Shared};
 
 /// Serves one request on `io`; returns whether the connection stays open.
 pub async fn run_one(core: &Core, io: &mut ClientIo) -> bool {
@@ -260,7 +82,7 @@ pub async fn run_one(core: &Core, io: &mut ClientIo) -> bool {
         error: None,
         quote: None,
         meter: None,
-        relayed: forward::Relayed::default(),
+        relayed: ctx::Relayed::default(),
         account: None,
         reservation: None,
         reserved: None,
@@ -273,7 +95,7 @@ pub async fn run_one(core: &Core, io: &mut ClientIo) -> bool {
     };
     handle(core, &mut ctx, io).await;
     note_owner(core, &mut ctx, io);
-    // 8. log
+    // 9. log
     log::access(core, &ctx);
     core.in_flight.set(core.in_flight.get().saturating_sub(1));
     ctx.keep_alive && !core.shutting_down()
@@ -389,7 +211,7 @@ async fn handle(core: &Core, ctx: &mut RequestCtx, io: &mut ClientIo) {
         Ok(id) => ctx.identity = Some(id),
         Err(e) => return fail(ctx, io, e).await,
     }
-    // 3-5. route, authorize, admit; a budget's downgrade routes the request once more, to its cheaper model.
+    // 3-6. route, authorize, price, admit; a budget's downgrade routes the request once more, to its cheaper model.
     let mut body = ctx.body.clone();
     let routed = loop {
         // 3. route
@@ -409,26 +231,12 @@ async fn handle(core: &Core, ctx: &mut RequestCtx, io: &mut ClientIo) {
                 return fail(ctx, io, e).await;
             }
         }
-        // Price the request as of its start; a model without a price is never served for free.
-        let billed_model = routed
-            .upstream_model
-            .as_deref()
-            .unwrap_or(routed.model.as_str());
-        match snap.config.prices.price_at_timestamp(
-            routed.provider.kind,
-            billed_model,
-            jiff::Timestamp::now(),
-        ) {
+        // 5. price
+        match price::price(&snap, &routed) {
             Ok(q) => ctx.quote = Some(q),
-            Err(unpriced) => {
-                let e = Error::unpriced(format!(
-                    "the model `{}` of provider {} has no price on {}: add it to the price sheet or set pricing.fallback",
-                    unpriced.model, routed.provider.name, unpriced.date
-                ));
-                return fail(ctx, io, e).await;
-            }
+            Err(e) => return fail(ctx, io, e).await,
         }
-        // 5. admit
+        // 6. admit
         match admit::admit(core, ctx, &snap, &mut routed).await {
             Ok(admit::Admitted::Yes) => break routed,
             Ok(admit::Admitted::Downgrade(model)) => {
@@ -441,7 +249,7 @@ async fn handle(core: &Core, ctx: &mut RequestCtx, io: &mut ClientIo) {
             Err(e) => return fail(ctx, io, e).await,
         }
     };
-    // 6. forward
+    // 7. forward
     if let Err(e) = forward::forward(
         core,
         ctx,
@@ -454,7 +262,7 @@ async fn handle(core: &Core, ctx: &mut RequestCtx, io: &mut ClientIo) {
     {
         fail(ctx, io, e).await;
     }
-    // 7. account
+    // 8. account (settles the reservation exactly once)
     account::settle(ctx);
 }
 

@@ -12,8 +12,9 @@
 use bytes::{Bytes, BytesMut};
 use monoio::io::AsyncWriteRentExt;
 
-use super::{ClientIo, Core};
+use super::ctx::Core;
 use crate::error::{Error, Result};
+use crate::net::client::ClientIo;
 use crate::net::http1::{self, ChunkEvent, ChunkedDecoder, Framing, RequestHead};
 
 /// Reads more bytes into `io.buf` within `deadline`; `Ok(0)` means the peer closed.

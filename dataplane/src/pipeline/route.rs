@@ -1,4 +1,4 @@
-//! Phase 5, route: which endpoint was called, which model it names, and which provider serves it.
+//! Phase 3, route: which endpoint was called, which model it names, and which provider serves it.
 //!
 //! Owns: endpoint classification by method and path, the one parse of the request body (`serde_json` into a
 //! borrowed probe that skips every field but `model` and `stream`, so nothing is allocated for the prompt),
@@ -19,35 +19,9 @@ use crate::net::http1::{Method, RequestHead};
 use crate::providers::Api;
 use crate::runtime::snapshot::{ProviderRuntime, Snapshot};
 use bytes::{Bytes, BytesMut};
+
+use super::ctx::Endpoint;
 use serde::Deserialize;
-
-/// What the client asked for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Endpoint {
-    /// The chat endpoint of a provider API (`/v1/chat/completions`, `/v1/messages`: [`Api::paths`]).
-    Chat(Api),
-    Models,
-    Healthz,
-    Readyz,
-}
-
-impl Endpoint {
-    /// The API whose error shape the client gets: its chat endpoint's, or the default.
-    pub fn api(self) -> Api {
-        match self {
-            Endpoint::Chat(api) => api,
-            _ => Api::DEFAULT,
-        }
-    }
-
-    /// The API a provider must speak to serve this endpoint.
-    pub fn provider_api(self) -> Option<Api> {
-        match self {
-            Endpoint::Chat(api) => Some(api),
-            _ => None,
-        }
-    }
-}
 
 /// Classifies the request. Errors in the API's shape for its chat path even when the method is wrong.
 pub fn endpoint(head: &RequestHead) -> std::result::Result<Endpoint, (Error, Api)> {

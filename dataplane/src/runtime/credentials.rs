@@ -13,6 +13,7 @@
 //! file that cannot be read keeps the previous set (`service_tokens_failed`). Nothing here runs on a core:
 //! cores only `try_send` a refresh request and read the published state. Cost: off the hot path.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -22,7 +23,7 @@ use arc_swap::ArcSwap;
 use crossbeam_channel::{Receiver, Sender};
 use tollgate_core::auth::jwt::{self, AuthConfig, KeySet};
 use tollgate_core::auth::service_tokens::{self, ServiceTokenSet, TokenStore};
-use tollgate_core::{Config, PolicySet};
+use tollgate_core::{Config, Identity, PolicySet};
 
 use crate::obs::accesslog::Logger;
 
@@ -453,3 +454,54 @@ fn run(mut sync: Sync, rx: Receiver<usize>, ctl: Receiver<Reload>, shutdown: Arc
         }
     }
 }
+
+/// Verified JWTs on one core.
+#[derive(Debug, Default)]
+pub struct JwtCache {
+    entries: HashMap<Box<str>, (Identity, i64)>,
+    generation: u64,
+}
+
+impl JwtCache {
+    pub fn get(&mut self, token: &str, generation: u64, now: i64) -> Option<Identity> {
+        if generation != self.generation {
+            self.entries.clear();
+            self.generation = generation;
+            return None;
+        }
+        match self.entries.get(token) {
+            Some((id, exp)) if *exp > now => Some(id.clone()),
+            Some(_) => {
+                self.entries.remove(token);
+                None
+            }
+            None => None,
+        }
+    }
+
+    pub fn put(&mut self, token: &str, id: Identity, exp: i64, cap: usize, now: i64) {
+        if cap == 0 {
+            return;
+        }
+        if self.entries.len() >= cap {
+            // Drop what has expired; if the cache is still full, start over (bounded memory beats LRU
+            // bookkeeping on the hot path; a full cache means a flood of distinct tokens anyway).
+            self.entries.retain(|_, (_, exp)| *exp > now);
+            if self.entries.len() >= cap {
+                self.entries.clear();
+            }
+        }
+        self.entries.insert(Box::from(token), (id, exp));
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+}
+
+/// A core's verification cache, borrowed by the identify phase.
+pub type CoreJwtCache = std::cell::RefCell<JwtCache>;

@@ -30,9 +30,10 @@ use socket2::{Domain, Protocol, Socket, Type};
 use tollgate_core::budget::BudgetSet;
 use tollgate_core::config::{Config, DriverChoice};
 
+use crate::net::client::ClientIo;
 use crate::net::handoff::{self, Handoff};
 use crate::obs::accesslog::{CoreLog, Logger};
-use crate::pipeline::{self, ClientIo, Core};
+use crate::pipeline::{self, Core};
 use crate::runtime::snapshot::Published;
 
 /// A running set of workers.
