@@ -1,10 +1,11 @@
 //! The thread-per-core runtime and the threads around it.
 //!
-//! [`server`] (workers, listeners, shutdown), [`mailbox`] (one core asking another, without blocking
+//! [`server`] (workers, listeners, shutdown), [`inbox`] (every core's message type), [`mailbox`] (one core asking another, without blocking
 //! either), [`snapshot`] (the immutable configuration every core reads), [`resolve`] (DNS, off the cores),
 //! [`credentials`] (the thread that keeps issuers' keys and the service-token set fresh).
 
 pub mod credentials;
+pub mod inbox;
 pub mod mailbox;
 pub mod resolve;
 pub mod server;

@@ -30,7 +30,7 @@
 //! `avail`, its expiry and window. A reservation is admitted only if the local ledger admits it AND every
 //! such lease has `avail >= amount` (all or nothing; the amount is taken off on success). A lease that is
 //! missing, short, of an ended window, or in the last quarter of its TTL sends a lease ask to the ledger
-//! thread ([`crate::spend::journal::ToLedger::Lease`]) and defers the reservation (as a recall does) until the
+//! thread ([`crate::spend::records::ToLedger::Lease`]) and defers the reservation (as a recall does) until the
 //! answer ([`Msg::FleetLease`]); it is then decided once, without asking again: still short is a 429
 //! naming the budget. A grant sets `avail = lease - (this node's uncommitted spend + holds + what settled
 //! since the ask)`, a conservative count (a settlement may be counted twice until the next grant, never
@@ -60,98 +60,12 @@ use std::collections::HashMap;
 use tollgate_core::budget::owner::{AlertEvent, BudgetStatus, Ledger, Refusal, ReservationId};
 use tollgate_core::budget::slices::{Grant, Lease, Lend, Lender, Report};
 use tollgate_core::budget::{Action, BudgetSet, InstanceKey};
-use tollgate_core::store::fleet::LeaseGrant;
 use tollgate_core::Money;
 
 use crate::obs::accesslog::Logger;
 use crate::obs::webhook::WebhookSender;
+use crate::runtime::inbox::{Adopter, Answer, FleetAnswer, Msg};
 use crate::runtime::mailbox::{Inbox, MailboxError, PendingReplies, Postman};
-
-/// What cores send each other about budgets.
-#[derive(Debug)]
-pub enum Msg {
-    Reserve {
-        from: usize,
-        id: u64,
-        keys: Vec<InstanceKey>,
-        amount: Money,
-    },
-    Settle {
-        res: ReservationId,
-        actual: Money,
-        now: Timestamp,
-    },
-    Release {
-        res: ReservationId,
-    },
-    Answer {
-        id: u64,
-        owner: usize,
-        result: Answer,
-    },
-    /// A core's slice of a shared instance this core owns fell short of a request by `need`.
-    Borrow {
-        from: usize,
-        id: u64,
-        key: InstanceKey,
-        need: Money,
-    },
-    /// The owner's answer to [`Msg::Borrow`].
-    Lent {
-        id: u64,
-        key: InstanceKey,
-        need: Money,
-        result: Result<Grant, Box<Refusal>>,
-    },
-    /// The owner of `key` is about to refuse: report, give back everything unused, run thin.
-    Recall {
-        key: InstanceKey,
-    },
-    /// A borrower's report on its slice (`res`; `None` when it has none: its spend is still recorded).
-    LeaseReport {
-        from: usize,
-        key: InstanceKey,
-        res: Option<ReservationId>,
-        report: Report,
-        close: bool,
-        ack: bool,
-    },
-    /// The owner's view after a report, for the borrower's response headers.
-    LeaseStatus {
-        key: InstanceKey,
-        status: BudgetStatus,
-    },
-    /// A reload changed `[[budgets]]`: carry this core's instances over to the new definitions
-    /// ([`Ledger::rekey`]: spend is kept, a changed window is recomputed from the spend history).
-    Rekey(Arc<BudgetSet>),
-    /// A keep-alive connection handed over by the core that accepted it, because this core owns its
-    /// caller's budgets (see [`crate::net::handoff`]): serve it here, starting with the bytes already read.
-    Adopt {
-        stream: std::net::TcpStream,
-        buffered: bytes::Bytes,
-    },
-    /// Fleet mode: the ledger thread's answer to this core's lease ask `id` on `key`.
-    FleetLease {
-        id: u64,
-        key: InstanceKey,
-        answer: FleetAnswer,
-    },
-}
-
-/// The ledger thread's answer to a lease ask ([`crate::spend::journal::ToLedger::Lease`]).
-#[derive(Debug, Clone, Copy)]
-pub struct FleetAnswer {
-    /// `None`: the budget cannot cover what was needed (or the store failed).
-    pub grant: Option<LeaseGrant>,
-    /// The fleet's committed spend in the window, and the limit (for a refusal's numbers).
-    pub spent: Money,
-    pub limit: Money,
-    /// This node's spend in the window handed to the ledger thread and not yet committed, pico-USD.
-    pub uncommitted: i128,
-    /// The window, Unix seconds (`[start, end)`).
-    pub window_start: i64,
-    pub window_end: i64,
-}
 
 /// This node's lease on one instance this core owns (fleet mode).
 #[derive(Debug, Default)]
@@ -174,7 +88,7 @@ struct NodeLease {
 /// Fleet mode on a core (see the module docs).
 #[derive(Debug)]
 struct Fleet {
-    tx: crossbeam_channel::Sender<crate::spend::journal::ToLedger>,
+    tx: crossbeam_channel::Sender<crate::spend::records::ToLedger>,
     /// The ledger thread: woken after a lease ask (it otherwise sleeps until its next interval).
     wake: Option<std::thread::Thread>,
     ttl_ms: i64,
@@ -188,12 +102,6 @@ struct Fleet {
 
 /// How long a deferred ask waits for the ledger thread's lease answer before deciding with what it has.
 const FLEET_WAIT_MS: i64 = 5_000;
-
-/// What a core does with an adopted connection: spawn its connection loop (set by the worker).
-pub type Adopter = Box<dyn Fn(std::net::TcpStream, bytes::Bytes)>;
-
-/// An owner's answer to a reservation: the id and the standing of each instance, or the refusal.
-pub type Answer = Result<(ReservationId, Vec<BudgetStatus>), Box<Refusal>>;
 
 /// Why a reservation could not be asked for at all.
 #[derive(Debug, thiserror::Error)]
@@ -401,7 +309,7 @@ impl CoreBudgets {
     /// (see the module docs). Turns slices off.
     pub fn set_fleet(
         &mut self,
-        tx: crossbeam_channel::Sender<crate::spend::journal::ToLedger>,
+        tx: crossbeam_channel::Sender<crate::spend::records::ToLedger>,
         wake: Option<std::thread::Thread>,
         ttl_ms: i64,
     ) {
@@ -700,7 +608,7 @@ impl CoreBudgets {
             )
         };
         f.asks.borrow_mut().insert(id, (key.clone(), settled));
-        let msg = crate::spend::journal::ToLedger::Lease {
+        let msg = crate::spend::records::ToLedger::Lease {
             core: self.core,
             id,
             key: key.clone(),
