@@ -1,8 +1,9 @@
 //! The thread-per-core runtime and the threads around it.
 //!
-//! [`server`] (workers, listeners, shutdown), [`inbox`] (every core's message type), [`mailbox`] (one core asking another, without blocking
-//! either), [`snapshot`] (the immutable configuration every core reads), [`resolve`] (DNS, off the cores),
-//! [`credentials`] (the thread that keeps issuers' keys and the service-token set fresh).
+//! [`server`] (workers, listeners, shutdown), [`inbox`] (every core's message type), [`mailbox`] (one core
+//! asking another, without blocking either), [`snapshot`] (the immutable configuration every core reads),
+//! [`resolve`] (DNS, off the cores), [`credentials`] (the thread that keeps issuers' keys and the
+//! service-token set fresh).
 
 pub mod credentials;
 pub mod inbox;

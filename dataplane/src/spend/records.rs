@@ -3,7 +3,8 @@
 //!
 //! The one module both sides name: a core's journal ([`crate::spend::journal`]) and its shard
 //! ([`crate::spend::shard`]) send these, the committer ([`crate::spend::committer`]) receives them, so
-//! dependencies point one way (shard -> journal -> records <- committer) and neither side imports the other.
+//! dependencies point one way (shard -> journal -> records <- committer; the shard also reads the
+//! committer's `Health`) and neither the journal nor the committer imports the shard.
 //!
 //! Fails: nothing here fails. Cost: a record is built once per settled request (its instance names are the
 //! only allocation) and moved through the channel, never copied.
