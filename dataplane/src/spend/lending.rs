@@ -3,7 +3,7 @@
 //! requests against a team's or everyone's budget locally, with no message per request.
 //!
 //! Owns: both sides of a slice, as methods of the core's shard ([`CoreBudgets`]). The borrower holds a
-//! request's amount on its slice ([`CoreBudgets::reserve_leased`]), asks the owner
+//! request's amount on its slice (`CoreBudgets::reserve_leased`), asks the owner
 //! ([`crate::runtime::inbox::Msg::Borrow`]) only when its slice falls short, reports what it settled (and
 //! gets the owner's view back) on the housekeeping tick, and gives the slice back after 2 s unused
 //! ([`LEASE_IDLE_MS`]). The owner lends, charges what borrowers report, and, before refusing a request,

@@ -19,7 +19,7 @@
 //! cores reserves on each in turn and releases what it holds if any refuses, so admission is all-or-nothing.
 //!
 //! Fails: an answer that cannot be delivered (the asker's mailbox full, or the asker gone) is released at
-//! once, so nothing stays held; a deferred ask whose recalled slices (200 ms, [`RECALL_WAIT_MS`]) or lease
+//! once, so nothing stays held; a deferred ask whose recalled slices (200 ms, `RECALL_WAIT_MS`) or lease
 //! answer (5 s) do not come back is decided with what this core has. A core that is gone takes its shard
 //! with it. Cost: local reservation ~0.2 us (bench `admission`); a cross-core ask ~15 us (the owner's
 //! wake-up).
@@ -43,7 +43,8 @@ use crate::runtime::mailbox::{Inbox, MailboxError, PendingReplies, Postman};
 use crate::spend::alerts;
 use crate::spend::leases::{Fleet, FLEET_WAIT_MS};
 
-/// An ask the owner answers once the slices it recalled are back.
+/// An ask for instances this core owns (a reservation, or a borrow on a slice): decided at once, or once
+/// the slices it recalled, or the fleet leases it asked for, are back.
 #[derive(Debug)]
 pub(super) enum Deferred {
     Reserve {
