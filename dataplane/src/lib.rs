@@ -132,7 +132,7 @@ impl Gateway {
     /// [`Gateway::start`] with the spend store given instead of opened from `[ledger]` (tests; a
     /// [`tollgate_core::store::mem::MemStore`] clone is the same store). With `fleet`, the store
     /// is shared with other gateways: fleet mode, where budget limits hold across all of them through
-    /// budget leases (see [`budgets`] and `docs/fleet.md`).
+    /// budget leases (see [`spend::leases`] and `docs/fleet.md`).
     pub fn start_with_store(
         config: Config,
         opts: &BuildOptions,

@@ -5,7 +5,7 @@
 //! owns the caller's budgets ([`crate::spend::shard::owner_of_member`]) is another one, the connection loop
 //! (`server::serve_conn`) detaches the connection ([`ClientIo::detach`]: the read in flight is cancelled and
 //! awaited, so bytes already read, a pipelined next request included, stay with it), turns the socket into a
-//! `std::net::TcpStream` and posts it with those bytes to the owner as [`crate::spend::shard::Msg::Adopt`]; the
+//! `std::net::TcpStream` and posts it with those bytes to the owner as [`crate::runtime::inbox::Msg::Adopt`]; the
 //! owner spawns the connection loop for it. From then on the caller's reservations and settlements are
 //! function calls on the owner's ledger instead of cross-core asks. A connection moves at most once (a
 //! connection shared by several callers does not ping-pong); `server.handoff = false` turns it off.

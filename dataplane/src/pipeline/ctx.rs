@@ -176,7 +176,7 @@ pub struct RequestCtx {
     /// Set by the account phase.
     pub account: Option<Settled>,
     /// The admit phase's hold on the budgets; the account phase settles it (dropped unsettled, it releases).
-    pub reservation: Option<crate::spend::shard::Reservation>,
+    pub reservation: Option<crate::spend::reservation::Reservation>,
     /// What the admit phase reserved on each applicable budget (pico-USD), for the log.
     pub reserved: Option<tollgate_core::Money>,
     /// The budget that refused the request, for the 429's headers.
@@ -190,7 +190,7 @@ pub struct RequestCtx {
     /// Output tokens after which a stream is cut off (a budget with `stream_cutoff` applied): the output
     /// its reservation covers.
     pub cutoff_tokens: Option<u64>,
-    /// Cross-core messages the admission waited for (see [`crate::spend::shard::Reservation::asks`]).
+    /// Cross-core messages the admission waited for (see [`crate::spend::reservation::Reservation::asks`]).
     pub budget_asks: Option<u32>,
 }
 

@@ -46,7 +46,7 @@ pub struct Workers {
     pub pinned: bool,
     handles: Vec<std::thread::JoinHandle<()>>,
     /// Posts to every core's budget inbox: how a reload reaches the ledger shards.
-    postman: Option<crate::runtime::mailbox::Postman<crate::spend::shard::Msg>>,
+    postman: Option<crate::runtime::mailbox::Postman<crate::runtime::inbox::Msg>>,
 }
 
 impl Workers {
@@ -69,7 +69,7 @@ impl Workers {
         };
         (0..p.cores())
             .filter_map(|core| {
-                p.send(core, crate::spend::shard::Msg::Rekey(Arc::clone(budgets)))
+                p.send(core, crate::runtime::inbox::Msg::Rekey(Arc::clone(budgets)))
                     .err()
                     .map(|e| (core, e.to_string()))
             })
@@ -138,7 +138,7 @@ pub fn resolve_driver(choice: DriverChoice) -> std::io::Result<&'static str> {
 /// the stored spend their budgets start from.
 #[derive(Debug, Clone)]
 pub struct Spend {
-    pub tx: crossbeam_channel::Sender<crate::spend::journal::ToLedger>,
+    pub tx: crossbeam_channel::Sender<crate::spend::records::ToLedger>,
     pub health: Arc<crate::spend::committer::Health>,
     pub run: String,
     pub journal_dir: std::path::PathBuf,
@@ -178,13 +178,13 @@ pub fn start(
     let seed = process_seed();
     // Budget shards talk over per-core mailboxes (see crate::spend::shard).
     let (postman, inboxes) =
-        crate::runtime::mailbox::mailboxes::<crate::spend::shard::Msg>(count, 65_536)
+        crate::runtime::mailbox::mailboxes::<crate::runtime::inbox::Msg>(count, 65_536)
             .map_err(|e| std::io::Error::other(e.to_string()))?;
     if spend.fleet_ttl_ms.is_some() {
         // Fleet mode: the ledger thread answers the cores' lease asks through their mailboxes.
         spend
             .tx
-            .send(crate::spend::journal::ToLedger::Cores(postman.clone()))
+            .send(crate::spend::records::ToLedger::Cores(postman.clone()))
             .map_err(|e| std::io::Error::other(format!("the ledger thread is gone: {e}")))?;
     }
     let mut handles = Vec::with_capacity(count);
@@ -324,7 +324,7 @@ impl LocalSignal {
 async fn worker_main(
     core: Rc<Core>,
     listeners: Vec<std::net::TcpListener>,
-    inbox: crate::runtime::mailbox::Inbox<crate::spend::shard::Msg>,
+    inbox: crate::runtime::mailbox::Inbox<crate::runtime::inbox::Msg>,
 ) {
     let stop = Rc::new(LocalSignal::default());
     core.budgets.set_adopter(adopter(&core));
@@ -432,7 +432,7 @@ async fn serve_conn(core: Rc<Core>, stream: TcpStream, buffered: Bytes, handed_o
 }
 
 /// What this core does with a connection another core hands it: serve it here, never to move again.
-fn adopter(core: &Rc<Core>) -> crate::spend::shard::Adopter {
+fn adopter(core: &Rc<Core>) -> crate::runtime::inbox::Adopter {
     let weak = Rc::downgrade(core);
     Box::new(move |stream: std::net::TcpStream, buffered: Bytes| {
         let Some(core) = weak.upgrade() else {

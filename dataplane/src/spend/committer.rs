@@ -3,7 +3,7 @@
 //! Owns: start-up ([`start`]: open the store, check its schema, replay the journals of earlier runs, prune
 //! and load the spend history the cores' budgets start from) and the thread that, every
 //! `ledger.commit_interval_ms` (50 ms), merges the settlements the cores handed over
-//! ([`crate::spend::journal::ToLedger`], a crossbeam channel) per (budget instance, 15-minute slot) and commits
+//! ([`crate::spend::records::ToLedger`], a crossbeam channel) per (budget instance, 15-minute slot) and commits
 //! them in one transaction ([`tollgate_core::store::ledger::apply_batch`]), with the highest journal
 //! sequence number per source recorded in the same transaction: a retried commit, or one whose outcome was
 //! unknown, is never counted twice. A batch that was attempted is retried as it is (never merged with
@@ -23,7 +23,7 @@
 //! `docs/fleet.md`): the thread also answers the cores' lease asks ([`ToLedger::Lease`]) with
 //! [`tollgate_core::store::fleet::acquire`] on the instance's current calendar window (one transaction,
 //! three quick attempts; a failure grants nothing) and replies on the asking core's mailbox
-//! ([`crate::spend::shard::Msg::FleetLease`], with this node's spend in that window not yet committed), commits
+//! ([`crate::runtime::inbox::Msg::FleetLease`], with this node's spend in that window not yet committed), commits
 //! its batches with [`tollgate_core::store::fleet::commit`] (the spend also leaves this node's lease of the
 //! window it falls in, in the same transaction, recomputed per attempt), and at shutdown, after the last
 //! commits, releases every lease it was granted. At start it releases the leases a previous run with the
@@ -51,9 +51,10 @@ use tollgate_core::store::{transact, RetryPolicy, Store, StoreError};
 use tollgate_core::Money;
 
 use crate::obs::accesslog::Logger;
+use crate::runtime::inbox::{FleetAnswer, Msg};
 use crate::runtime::mailbox::Postman;
-use crate::spend::journal::{self, Record, ToLedger};
-use crate::spend::shard::{FleetAnswer, Msg};
+use crate::spend::journal;
+use crate::spend::records::{self, Record, ToLedger};
 
 /// How far back spend is kept and loaded: the ledger's 32 days and a slot.
 const HISTORY: Duration = Duration::from_secs(32 * 86_400 + 900);
@@ -617,7 +618,7 @@ impl Worker {
         };
         if let Some((start, end)) = window {
             let w = WindowRef {
-                instance: journal::instance_name(&key),
+                instance: records::instance_name(&key),
                 start: start.as_second(),
                 end: end.as_second(),
                 limit: limit.pico(),

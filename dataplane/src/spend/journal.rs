@@ -4,9 +4,9 @@
 //! makes a settlement survive the process: after `kill -9`, the next start replays every journal entry the
 //! store has not applied yet.
 //!
-//! Owns: [`Journal`] (one per core: its file, its sequence numbers, its sender), the record format
-//! ([`Record`]: one JSON line `{"q":seq,"t":unix_ms,"a":"pico_usd","k":[[budget, member], ...]}`), and
-//! [`read_file`] (for replay and for the ledger thread's catch-up when the channel was full).
+//! Owns: [`Journal`] (one per core: its file, its sequence numbers, its sender), the file format of a
+//! [`Record`] (the record itself is [`crate::spend::records`]'s: one JSON line
+//! `{"q":seq,"t":unix_ms,"a":"pico_usd","k":[[budget, member], ...]}`), and [`read_file`] (for replay and for the ledger thread's catch-up when the channel was full).
 //!
 //! Guarantee: an append is one `write(2)` to a file opened with `O_APPEND`: once it returns, the entry is in
 //! the kernel's page cache, which a process crash (`kill -9`, a panic, OOM) cannot lose; a machine crash
@@ -32,18 +32,10 @@ use tollgate_core::budget::InstanceKey;
 use tollgate_core::store::ledger::InstanceName;
 use tollgate_core::Money;
 
+use crate::spend::records::{instance_name, Record, ToLedger};
+
 /// A journal file is rotated past this size.
 pub const ROTATE_BYTES: u64 = 64 * 1024 * 1024;
-
-/// One settlement, as journaled and as handed to the ledger thread.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Record {
-    pub source: std::sync::Arc<str>,
-    pub seq: u64,
-    pub at: Timestamp,
-    pub amount: Money,
-    pub instances: Vec<InstanceName>,
-}
 
 #[derive(serde::Serialize, serde::Deserialize)]
 struct Line<'a> {
@@ -52,31 +44,6 @@ struct Line<'a> {
     a: String,
     #[serde(borrow)]
     k: Vec<(std::borrow::Cow<'a, str>, std::borrow::Cow<'a, str>)>,
-}
-
-/// What the ledger thread receives.
-#[derive(Debug)]
-pub enum ToLedger {
-    Settled(Record),
-    /// Fleet mode: core `core` asks for (more of) a budget lease on `key`'s current window: at least
-    /// `need` (or nothing), and up to `want` on top. Answered with [`crate::spend::shard::Msg::FleetLease`].
-    Lease {
-        core: usize,
-        id: u64,
-        key: tollgate_core::budget::InstanceKey,
-        need: Money,
-        want: Money,
-    },
-    /// Fleet mode: the cores' mailboxes, for the answers (sent once the workers exist).
-    Cores(crate::runtime::mailbox::Postman<crate::spend::shard::Msg>),
-}
-
-/// The name of instance `k` in the store.
-pub fn instance_name(k: &InstanceKey) -> InstanceName {
-    InstanceName {
-        budget: k.budget.name.to_string(),
-        member: k.member.as_deref().unwrap_or("").to_owned(),
-    }
 }
 
 /// One core's journal.
