@@ -384,7 +384,6 @@ fn report(g: &BTreeMap<Module, BTreeSet<Module>>, comps: &[Vec<Module>]) -> Stri
 /// Circles being taken apart, each named by its modules; the list only shrinks (a listed circle that is gone
 /// fails too, so the entry is removed with the fix).
 const KNOWN: &[&str] = &[
-    "config, pricing",
     "spend::committer, spend::journal, spend::shard",
     "net::handoff, pipeline, pipeline::account, pipeline::admit, pipeline::forward, pipeline::identify, pipeline::log, pipeline::parse",
 ];

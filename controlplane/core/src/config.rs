@@ -5,7 +5,6 @@
 //! `providers[1].base_url`) and the reason, so `tollgate check-config` can print every problem at once.
 //! Cost: runs once at start-up and on reload, never on a request.
 
-use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -14,51 +13,8 @@ use serde::Deserialize;
 
 use crate::domain::{ApiKey, ProviderKind};
 
-/// One problem found in a configuration file.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ConfigIssue {
-    /// The file the problem is in.
-    pub file: PathBuf,
-    /// Dotted path of the offending field, e.g. `routes[2].provider`; empty for whole-file problems.
-    pub field: String,
-    /// What is wrong, in words an operator can act on.
-    pub reason: String,
-}
-
-impl fmt::Display for ConfigIssue {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if self.field.is_empty() {
-            write!(f, "{}: {}", self.file.display(), self.reason)
-        } else {
-            write!(
-                f,
-                "{}: {}: {}",
-                self.file.display(),
-                self.field,
-                self.reason
-            )
-        }
-    }
-}
-
-/// Every problem found in one configuration file.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub struct ConfigError {
-    /// At least one issue.
-    pub issues: Vec<ConfigIssue>,
-}
-
-impl fmt::Display for ConfigError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        for (i, issue) in self.issues.iter().enumerate() {
-            if i > 0 {
-                writeln!(f)?;
-            }
-            write!(f, "{issue}")?;
-        }
-        Ok(())
-    }
-}
+use crate::issues::{toml_issue, Issues};
+pub use crate::issues::{ConfigError, ConfigIssue};
 
 // ---------------------------------------------------------------------------------------------------------
 // Raw form: exactly what the file says.
@@ -474,39 +430,11 @@ impl Config {
     }
 }
 
-fn toml_issue(path: &Path, text: &str, e: &toml::de::Error) -> ConfigIssue {
-    let mut reason = e.message().to_owned();
-    if let Some(span) = e.span() {
-        let line = text[..span.start.min(text.len())].matches('\n').count() + 1;
-        reason = format!("line {line}: {reason}");
-    }
-    ConfigIssue {
-        file: path.to_owned(),
-        field: String::new(),
-        reason,
-    }
-}
-
 /// A raw config together with the file it came from, so validation errors can name it.
 #[derive(Debug)]
 pub struct Located<'a> {
     pub file: &'a Path,
     pub raw: RawConfig,
-}
-
-struct Issues<'a> {
-    file: &'a Path,
-    list: Vec<ConfigIssue>,
-}
-
-impl Issues<'_> {
-    fn push(&mut self, field: impl Into<String>, reason: impl Into<String>) {
-        self.list.push(ConfigIssue {
-            file: self.file.to_owned(),
-            field: field.into(),
-            reason: reason.into(),
-        });
-    }
 }
 
 const MAX_TIMEOUT_MS: u64 = 24 * 3600 * 1000;
