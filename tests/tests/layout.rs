@@ -381,38 +381,18 @@ fn report(g: &BTreeMap<Module, BTreeSet<Module>>, comps: &[Vec<Module>]) -> Stri
     s
 }
 
-/// Circles being taken apart, each named by its modules; the list only shrinks (a listed circle that is gone
-/// fails too, so the entry is removed with the fix).
-const KNOWN: &[&str] = &["config, pricing"];
-
 #[test]
 fn no_module_imports_a_module_that_imports_it_back() {
     let mut all = String::new();
-    let mut found = Vec::new();
     for krate in CRATES {
         let c = read_crate(&root().join(krate));
         let g = c.edges();
-        let comps: Vec<_> = cycles(&g)
-            .into_iter()
-            .filter(|comp| {
-                let name = comp.iter().map(show).collect::<Vec<_>>().join(", ");
-                found.push(name.clone());
-                !KNOWN.contains(&name.as_str())
-            })
-            .collect();
+        let comps = cycles(&g);
         if !comps.is_empty() {
             all.push_str(&format!("{krate}:\n{}", report(&g, &comps)));
         }
     }
     assert!(all.is_empty(), "module import circles:\n{all}");
-    let gone: Vec<_> = KNOWN
-        .iter()
-        .filter(|k| !found.iter().any(|f| f == *k))
-        .collect();
-    assert!(
-        gone.is_empty(),
-        "circles fixed: remove them from KNOWN: {gone:?}"
-    );
 }
 
 #[test]

@@ -208,7 +208,6 @@ fail_closed_after_ms = 300
 
 #[test]
 fn a_store_written_by_a_newer_tollgate_is_refused_with_both_versions() {
-    use tollgate_core::store::tuple::{pack, Element};
     use tollgate_core::store::Store;
     let m = mock(&["--expect-key", MOCK_KEY]);
     let dir = TempDir::new("newer-schema");
@@ -217,7 +216,7 @@ fn a_store_written_by_a_newer_tollgate_is_refused_with_both_versions() {
         tollgate_core::store::sqlite::SqliteStore::open(&dir.0.join("ledger/ledger.sqlite"))
             .unwrap();
     let mut txn = store.begin().unwrap();
-    txn.set(&pack(&[Element::from("tg"), Element::from("schema")]), b"2");
+    txn.set(&tollgate_core::store::keys::schema(), b"2");
     txn.commit().unwrap();
     drop(store);
     let cfg = dir.file(

@@ -5,7 +5,6 @@
 //! `providers[1].base_url`) and the reason, so `tollgate check-config` can print every problem at once.
 //! Cost: runs once at start-up and on reload, never on a request.
 
-use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -14,51 +13,8 @@ use serde::Deserialize;
 
 use crate::domain::{ApiKey, ProviderKind};
 
-/// One problem found in a configuration file.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ConfigIssue {
-    /// The file the problem is in.
-    pub file: PathBuf,
-    /// Dotted path of the offending field, e.g. `routes[2].provider`; empty for whole-file problems.
-    pub field: String,
-    /// What is wrong, in words an operator can act on.
-    pub reason: String,
-}
-
-impl fmt::Display for ConfigIssue {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if self.field.is_empty() {
-            write!(f, "{}: {}", self.file.display(), self.reason)
-        } else {
-            write!(
-                f,
-                "{}: {}: {}",
-                self.file.display(),
-                self.field,
-                self.reason
-            )
-        }
-    }
-}
-
-/// Every problem found in one configuration file.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub struct ConfigError {
-    /// At least one issue.
-    pub issues: Vec<ConfigIssue>,
-}
-
-impl fmt::Display for ConfigError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        for (i, issue) in self.issues.iter().enumerate() {
-            if i > 0 {
-                writeln!(f)?;
-            }
-            write!(f, "{issue}")?;
-        }
-        Ok(())
-    }
-}
+use crate::issues::{toml_issue, Issues};
+pub use crate::issues::{ConfigError, ConfigIssue};
 
 // ---------------------------------------------------------------------------------------------------------
 // Raw form: exactly what the file says.
@@ -443,22 +399,32 @@ pub struct RouteConfig {
 impl Config {
     /// Reads, parses and validates a file; every problem is reported, not just the first.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
-            issues: vec![ConfigIssue {
-                file: path.to_owned(),
-                field: String::new(),
-                reason: e.to_string(),
-            }],
-        })?;
-        Config::parse(path, &text)
+        Config::parse(path, &read(path)?)
     }
 
     /// Parses and validates `text`, naming `path` in errors.
     pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
-        let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError {
-            issues: vec![toml_issue(path, text, &e)],
-        })?;
+        let raw = parse_raw(path, text)?;
         Config::try_from(Located { file: path, raw })
+    }
+
+    /// Reads and checks the configuration fragment at `path` (see [`Scope::Fragment`]).
+    pub fn load_fragment(path: &Path) -> Result<Fragment, ConfigError> {
+        Config::parse_fragment(path, &read(path)?)
+    }
+
+    /// Parses and checks `text` as a fragment (see [`Scope::Fragment`]), naming `path` in errors: the same
+    /// parsing and the same validation as [`Config::parse`], without requiring what a fragment leaves out.
+    pub fn parse_fragment(path: &Path, text: &str) -> Result<Fragment, ConfigError> {
+        let raw = parse_raw(path, text)?;
+        let c = Config::validate(path, raw, Scope::Fragment)?;
+        Ok(Fragment {
+            providers: c.providers.len(),
+            routes: c.routes.len(),
+            issuers: c.auth.issuers.len(),
+            policies: c.policies.len(),
+            budgets: c.budgets.budgets().len(),
+        })
     }
 
     /// The first route whose pattern matches `model`: exact names are tried before globs, then file order.
@@ -474,17 +440,45 @@ impl Config {
     }
 }
 
-fn toml_issue(path: &Path, text: &str, e: &toml::de::Error) -> ConfigIssue {
-    let mut reason = e.message().to_owned();
-    if let Some(span) = e.span() {
-        let line = text[..span.start.min(text.len())].matches('\n').count() + 1;
-        reason = format!("line {line}: {reason}");
-    }
-    ConfigIssue {
-        file: path.to_owned(),
-        field: String::new(),
-        reason,
-    }
+/// The text of the file at `path`, or the issue naming why it cannot be read.
+fn read(path: &Path) -> Result<String, ConfigError> {
+    std::fs::read_to_string(path).map_err(|e| ConfigError {
+        issues: vec![ConfigIssue {
+            file: path.to_owned(),
+            field: String::new(),
+            reason: e.to_string(),
+        }],
+    })
+}
+
+/// `text` as written (unknown fields refused), or its TOML error naming `path` and the line.
+fn parse_raw(path: &Path, text: &str) -> Result<RawConfig, ConfigError> {
+    toml::from_str(text).map_err(|e| ConfigError {
+        issues: vec![toml_issue(path, text, &e)],
+    })
+}
+
+/// What a file is checked as. Both run the one validator ([`Config::try_from`] is [`Scope::Whole`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scope {
+    /// A gateway's whole configuration: `[[providers]]` and `[[routes]]` required, every reference
+    /// resolved.
+    Whole,
+    /// A piece meant to be merged into a configuration (an identity provider's `[[auth.issuers]]` and its
+    /// `[[policies]]`, say): every section present is checked by the same rules, no section is required,
+    /// and a reference into a section the fragment leaves out (a route's provider, a budget's
+    /// `downgrade_to` route) is left to the configuration it is merged into.
+    Fragment,
+}
+
+/// What a fragment that passed its check holds, for `tollgate check-config --fragment` to report.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Fragment {
+    pub providers: usize,
+    pub routes: usize,
+    pub issuers: usize,
+    pub policies: usize,
+    pub budgets: usize,
 }
 
 /// A raw config together with the file it came from, so validation errors can name it.
@@ -492,21 +486,6 @@ fn toml_issue(path: &Path, text: &str, e: &toml::de::Error) -> ConfigIssue {
 pub struct Located<'a> {
     pub file: &'a Path,
     pub raw: RawConfig,
-}
-
-struct Issues<'a> {
-    file: &'a Path,
-    list: Vec<ConfigIssue>,
-}
-
-impl Issues<'_> {
-    fn push(&mut self, field: impl Into<String>, reason: impl Into<String>) {
-        self.list.push(ConfigIssue {
-            file: self.file.to_owned(),
-            field: field.into(),
-            reason: reason.into(),
-        });
-    }
 }
 
 const MAX_TIMEOUT_MS: u64 = 24 * 3600 * 1000;
@@ -526,7 +505,17 @@ impl TryFrom<Located<'_>> for Config {
     type Error = ConfigError;
 
     fn try_from(located: Located<'_>) -> Result<Config, ConfigError> {
-        let Located { file, raw } = located;
+        Config::validate(located.file, located.raw, Scope::Whole)
+    }
+}
+
+impl Config {
+    /// The validator: every problem of `raw` (read from `file`) as an issue naming the field, or the config.
+    /// With [`Scope::Fragment`] the config is only a witness that the fragment passed: a route whose provider
+    /// the fragment leaves out points at provider 0.
+    fn validate(file: &Path, raw: RawConfig, scope: Scope) -> Result<Config, ConfigError> {
+        let whole = scope == Scope::Whole;
+        let (has_providers, has_routes) = (!raw.providers.is_empty(), !raw.routes.is_empty());
         let mut is = Issues {
             file,
             list: Vec::new(),
@@ -722,7 +711,7 @@ impl TryFrom<Located<'_>> for Config {
                 mock_when_no_key: p.mock_when_no_key,
             });
         }
-        if providers.is_empty() && is.list.is_empty() {
+        if whole && providers.is_empty() && is.list.is_empty() {
             is.push("providers", "at least one [[providers]] entry is required");
         }
 
@@ -751,6 +740,8 @@ impl TryFrom<Located<'_>> for Config {
             let provider = match r.provider {
                 Some(name) => match providers.iter().position(|p| p.name == name) {
                     Some(idx) => idx,
+                    // Defined in the configuration the fragment is merged into.
+                    None if !whole && !has_providers => 0,
                     None => {
                         is.push(
                             at("provider"),
@@ -786,7 +777,7 @@ impl TryFrom<Located<'_>> for Config {
                 default_max_tokens: r.default_max_tokens,
             });
         }
-        if routes.is_empty() && is.list.is_empty() {
+        if whole && routes.is_empty() && is.list.is_empty() {
             is.push("routes", "at least one [[routes]] entry is required");
         }
 
@@ -841,7 +832,7 @@ impl TryFrom<Located<'_>> for Config {
         for (i, b) in budgets.budgets().iter().enumerate() {
             if let crate::budget::Action::Downgrade(m) = &b.action {
                 let routed = routes.iter().any(|r| r.pattern.matches(m));
-                if !routed {
+                if !routed && (whole || has_routes) {
                     is.push(
                         format!("budgets[{i}].downgrade_to"),
                         format!("no route serves the model {m:?}"),

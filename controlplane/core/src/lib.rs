@@ -17,6 +17,7 @@ pub mod auth;
 pub mod budget;
 pub mod config;
 pub mod domain;
+pub mod issues;
 pub mod pricing;
 #[cfg(test)]
 mod sim;

@@ -1,5 +1,7 @@
 //! The shipped example configurations stay valid: the quickstart alone, and each identity-provider example
-//! merged into it (they are fragments: issuers and policies, no providers).
+//! both checked as the fragment it is (issuers and policies, no providers: `Config::load_fragment`, what
+//! `tollgate check-config --fragment` runs) and merged into the quickstart. `dataplane/tests/cli.rs` runs
+//! every example through the exact command its header promises.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // Test code: a failed step is a failed test.
 
@@ -25,6 +27,9 @@ fn every_idp_example_merges_into_the_quickstart() {
         if !name.starts_with("idp-") {
             continue;
         }
+        let fragment =
+            Config::load_fragment(&path).unwrap_or_else(|e| panic!("{name} as a fragment:\n{e}"));
+        assert_eq!((fragment.issuers, fragment.providers), (1, 0), "{name}");
         let text = format!("{quickstart}\n{}", std::fs::read_to_string(&path).unwrap());
         let c = Config::parse(&path, &text).unwrap_or_else(|e| panic!("{name}:\n{e}"));
         assert_eq!(c.auth.issuers.len(), 1, "{name}");

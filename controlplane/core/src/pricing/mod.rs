@@ -47,8 +47,8 @@ use std::path::{Path, PathBuf};
 use jiff::civil::Date;
 use serde::{Deserialize, Serialize};
 
-use crate::config::{ConfigError, ConfigIssue};
 use crate::domain::ProviderKind;
+use crate::issues::{toml_issue, ConfigError, ConfigIssue, Issues};
 use crate::pricing::money::{Money, Percent, TokenPrice};
 use crate::pricing::usage::Usage;
 
@@ -331,34 +331,6 @@ pub struct Unpriced {
 // ---------------------------------------------------------------------------------------------------------
 // Validation.
 // ---------------------------------------------------------------------------------------------------------
-
-struct Issues<'a> {
-    file: &'a Path,
-    list: Vec<ConfigIssue>,
-}
-
-impl Issues<'_> {
-    fn push(&mut self, field: impl Into<String>, reason: impl Into<String>) {
-        self.list.push(ConfigIssue {
-            file: self.file.to_owned(),
-            field: field.into(),
-            reason: reason.into(),
-        });
-    }
-}
-
-fn toml_issue(path: &Path, text: &str, e: &toml::de::Error) -> ConfigIssue {
-    let mut reason = e.message().to_owned();
-    if let Some(span) = e.span() {
-        let line = text[..span.start.min(text.len())].matches('\n').count() + 1;
-        reason = format!("line {line}: {reason}");
-    }
-    ConfigIssue {
-        file: path.to_owned(),
-        field: String::new(),
-        reason,
-    }
-}
 
 fn provider_kind(
     is: &mut Issues<'_>,

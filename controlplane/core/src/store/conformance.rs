@@ -16,8 +16,8 @@
 
 use std::time::{Duration, Instant};
 
+use super::keys::{self, Scratch};
 use super::mem::{Fault, MemStore};
-use super::tuple::{self, Element};
 use super::{decode_i128, encode_i128, transact, KeyValue, RetryPolicy, Store, StoreError};
 
 type Check = Result<(), String>;
@@ -89,18 +89,18 @@ fn run_one(store: &dyn Store, name: &str, check: fn(&dyn Store, &Keys) -> Check)
     check(store, &keys).map_err(|e| format!("{} store, check {name}: {e}", store.kind()))
 }
 
-/// The keys of one check, under `("conformance", check)`.
+/// The keys of one check, under `("conformance", check)` ([`keys::conformance`]).
 struct Keys {
-    prefix: Vec<Element>,
+    check: String,
 }
 
 impl Keys {
     /// Clears the check's keys and returns them.
     fn new(store: &dyn Store, check: &str) -> Result<Keys, String> {
         let keys = Keys {
-            prefix: vec!["conformance".into(), check.into()],
+            check: check.to_owned(),
         };
-        let (begin, end) = tuple::range(&keys.prefix);
+        let (begin, end) = keys.all();
         let mut t = store.begin().ctx("begin to clear")?;
         t.clear_range(&begin, &end);
         t.commit().ctx("commit the clear")?;
@@ -109,21 +109,17 @@ impl Keys {
 
     /// The key `n` of this check.
     fn k(&self, n: i64) -> Vec<u8> {
-        let mut t = self.prefix.clone();
-        t.push(n.into());
-        tuple::pack(&t)
+        keys::conformance(&self.check, Scratch::Numbered(n))
     }
 
     /// The named key of this check.
     fn named(&self, name: &str) -> Vec<u8> {
-        let mut t = self.prefix.clone();
-        t.push(name.into());
-        tuple::pack(&t)
+        keys::conformance(&self.check, Scratch::Named(name))
     }
 
     /// Every key of this check.
     fn all(&self) -> (Vec<u8>, Vec<u8>) {
-        tuple::range(&self.prefix)
+        keys::conformance_range(&self.check)
     }
 }
 

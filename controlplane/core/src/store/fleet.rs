@@ -7,10 +7,10 @@
 //! the same amount taken off the node's lease, in one transaction, idempotent by batch), and [`release`]
 //! (give back what is left). The fleet simulation in this module's tests runs them under faults.
 //!
-//! Keys (under `("tg",)`, beside `docs/store.md`'s schema): `("tg", "lease", budget, member, window, node)`
-//! holds the lease's unspent amount (pico-USD, 16-byte counter, atomic add) and `("tg", "lease_exp",
-//! budget, member, window, node)` its expiry (Unix ms, 8 bytes LE). `window` is the window's start (Unix
-//! seconds), so leases never carry over a window's end.
+//! Keys (from [`keys`], which documents them): `("tg", "lease", budget, member, window, node)` holds the
+//! lease's unspent amount (pico-USD, 16-byte counter, atomic add) and `("tg", "lease_exp", budget, member,
+//! window, node)` its expiry (Unix ms, 8 bytes LE). `window` is the window's start (Unix seconds), so
+//! leases never carry over a window's end.
 //!
 //! The invariant: for every instance and window, committed spend + every live lease <= the limit. An
 //! [`acquire`] grants only what fits next to the spend and the other nodes' unexpired leases; a node
@@ -32,8 +32,8 @@
 //! reads the window's spend slots and the instance's leases (a few hundred keys at most); [`commit`] is
 //! the ledger batch plus one atomic add per lease touched.
 
-use crate::store::ledger::{self, Batch, InstanceName, SLOT_SECS};
-use crate::store::tuple::{pack, range, unpack, Element};
+use crate::store::keys::{self, SLOT_SECS};
+use crate::store::ledger::{self, Batch, InstanceName};
 use crate::store::{decode_i128, StoreError, Transaction};
 
 /// One budget instance in one window, as the fleet sees it.
@@ -70,26 +70,14 @@ pub struct LeaseGrant {
     pub expires_ms: i64,
 }
 
+/// The [`keys::lease`] key of `node` on `w`.
 fn lease_key(w: &WindowRef, node: u64) -> Vec<u8> {
-    pack(&[
-        Element::from("tg"),
-        Element::from("lease"),
-        Element::from(w.instance.budget.as_str()),
-        Element::from(w.instance.member.as_str()),
-        Element::Int(w.start),
-        Element::Int(node as i64),
-    ])
+    keys::lease(&w.instance.budget, &w.instance.member, w.start, node)
 }
 
+/// The [`keys::lease_expiry`] key of `node` on `w`.
 fn exp_key(w: &WindowRef, node: u64) -> Vec<u8> {
-    pack(&[
-        Element::from("tg"),
-        Element::from("lease_exp"),
-        Element::from(w.instance.budget.as_str()),
-        Element::from(w.instance.member.as_str()),
-        Element::Int(w.start),
-        Element::Int(node as i64),
-    ])
+    keys::lease_expiry(&w.instance.budget, &w.instance.member, w.start, node)
 }
 
 fn i64_le(v: &[u8]) -> Result<i64, StoreError> {
@@ -101,18 +89,12 @@ fn i64_le(v: &[u8]) -> Result<i64, StoreError> {
 
 /// Spend committed to the instance in the window, pico-USD.
 pub fn committed(txn: &mut dyn Transaction, w: &WindowRef) -> Result<i128, StoreError> {
-    let prefix = [
-        Element::from("tg"),
-        Element::from("spend"),
-        Element::from(w.instance.budget.as_str()),
-        Element::from(w.instance.member.as_str()),
-    ];
-    let (_, end_all) = range(&prefix);
-    let mut begin = prefix.to_vec();
-    begin.push(Element::Int(w.start.div_euclid(SLOT_SECS)));
-    let mut end = prefix.to_vec();
-    end.push(Element::Int(w.end.div_euclid(SLOT_SECS)));
-    let (b, e) = (pack(&begin), pack(&end).min(end_all));
+    let (b, e) = keys::spend_slots(
+        &w.instance.budget,
+        &w.instance.member,
+        w.start.div_euclid(SLOT_SECS),
+        w.end.div_euclid(SLOT_SECS),
+    );
     let mut total: i128 = 0;
     for (_, v) in txn.get_range(&b, &e, 0)? {
         total = total.wrapping_add(decode_i128(&v)?);
@@ -125,24 +107,13 @@ pub fn leases(
     txn: &mut dyn Transaction,
     w: &WindowRef,
 ) -> Result<Vec<(u64, i128, i64)>, StoreError> {
-    let base = |kind: &str| {
-        range(&[
-            Element::from("tg"),
-            Element::from(kind),
-            Element::from(w.instance.budget.as_str()),
-            Element::from(w.instance.member.as_str()),
-            Element::Int(w.start),
-        ])
-    };
+    let (budget, member) = (&w.instance.budget, &w.instance.member);
     let node_of = |k: &[u8]| -> Result<u64, StoreError> {
-        match unpack(k)?.last() {
-            Some(Element::Int(n)) => Ok(*n as u64),
-            _ => Err(StoreError::Corrupt("a lease key without a node".into())),
-        }
+        keys::lease_node(k)?.ok_or_else(|| StoreError::Corrupt("a lease key without a node".into()))
     };
-    let (b, e) = base("lease");
+    let (b, e) = keys::window_leases(budget, member, w.start);
     let amounts = txn.get_range(&b, &e, 0)?;
-    let (b, e) = base("lease_exp");
+    let (b, e) = keys::window_lease_expiries(budget, member, w.start);
     let exps = txn.get_range(&b, &e, 0)?;
     let mut out = Vec::with_capacity(amounts.len());
     for (k, v) in &amounts {
@@ -237,12 +208,14 @@ pub fn release(txn: &mut dyn Transaction, w: &WindowRef, node: u64) -> Result<i1
 /// lease key of the fleet. Returns how many leases were cleared.
 pub fn release_all(txn: &mut dyn Transaction, node: u64) -> Result<usize, StoreError> {
     let mut cleared = 0;
-    for kind in ["lease", "lease_exp"] {
-        let (b, e) = range(&[Element::from("tg"), Element::from(kind)]);
+    for (is_amount, (b, e)) in [
+        (true, keys::all_leases()),
+        (false, keys::all_lease_expiries()),
+    ] {
         for (k, _) in txn.get_range(&b, &e, 0)? {
-            if matches!(unpack(&k)?.last(), Some(Element::Int(n)) if *n as u64 == node) {
+            if keys::lease_node(&k)? == Some(node) {
                 txn.clear(&k);
-                cleared += usize::from(kind == "lease");
+                cleared += usize::from(is_amount);
             }
         }
     }

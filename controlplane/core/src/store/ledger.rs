@@ -1,13 +1,9 @@
 //! Spend in the store: the key schema, batched and idempotent writes of settled spend, and reading it back
 //! to rebuild budget windows. Written once against [`crate::store`], for every implementation.
 //!
-//! Schema (version [`SCHEMA_VERSION`]; `docs/store.md` keeps it), FoundationDB tuple keys under `("tg",)`:
-//!
-//! | key | value |
-//! |---|---|
-//! | `("tg", "schema")` | the schema version, ASCII decimal |
-//! | `("tg", "spend", budget, member, slot)` | pico-USD spent in that 15-minute slot (`slot` = Unix seconds / 900), a 16-byte little-endian counter written with atomic add; `member` is `""` for a shared instance |
-//! | `("tg", "applied", source)` | the last sequence number of `source` (a journal: one core of one process run) applied, 8 bytes little-endian |
+//! Keys: `("tg", "schema")`, `("tg", "spend", budget, member, slot)` and `("tg", "applied", source)`, all
+//! from [`keys`] (the key schema, its layouts and value encodings, and [`SCHEMA_VERSION`]; `docs/store.md`
+//! keeps it for operators).
 //!
 //! Why slots: the ledger keeps each instance's spend in 15-minute slots for 32 days (every calendar
 //! window of every time zone starts on a slot boundary), so the same slots rebuild any window after a
@@ -27,14 +23,10 @@ use std::collections::BTreeMap;
 use jiff::Timestamp;
 
 use crate::pricing::money::Money;
-use crate::store::tuple::{pack, range, unpack, Element};
+use crate::store::keys;
 use crate::store::{decode_i128, Store, StoreError, Transaction};
 
-/// The schema this binary reads and writes.
-pub const SCHEMA_VERSION: i64 = 1;
-
-/// Length of a spend slot, seconds (the ledger's history slot).
-pub const SLOT_SECS: i64 = 900;
+pub use crate::store::keys::{SCHEMA_VERSION, SLOT_SECS};
 
 /// One budget instance: the budget's name and the member (`source:subject`), empty for shared instances.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -77,28 +69,6 @@ impl Batch {
     }
 }
 
-fn schema_key() -> Vec<u8> {
-    pack(&[Element::from("tg"), Element::from("schema")])
-}
-
-fn applied_key(source: &str) -> Vec<u8> {
-    pack(&[
-        Element::from("tg"),
-        Element::from("applied"),
-        Element::from(source),
-    ])
-}
-
-fn spend_key(i: &InstanceName, slot: i64) -> Vec<u8> {
-    pack(&[
-        Element::from("tg"),
-        Element::from("spend"),
-        Element::from(i.budget.as_str()),
-        Element::from(i.member.as_str()),
-        Element::Int(slot),
-    ])
-}
-
 /// Checks the store's schema version, writing it into an empty store. Refuses a store written by a newer
 /// Tollgate, or one that has data but no version.
 pub fn check_schema(
@@ -106,7 +76,7 @@ pub fn check_schema(
     policy: &crate::store::RetryPolicy,
 ) -> Result<(), StoreError> {
     crate::store::transact(store, policy, |txn| {
-        match txn.get(&schema_key())? {
+        match txn.get(&keys::schema())? {
             Some(v) => {
                 let version: i64 = std::str::from_utf8(&v)
                     .ok()
@@ -126,13 +96,13 @@ pub fn check_schema(
                 }
             }
             None => {
-                let (b, e) = range(&[Element::from("tg")]);
+                let (b, e) = keys::root();
                 if !txn.get_range(&b, &e, 1)?.is_empty() {
                     return Err(StoreError::Corrupt(
                         "the store has Tollgate data but no schema version".into(),
                     ));
                 }
-                txn.set(&schema_key(), SCHEMA_VERSION.to_string().as_bytes());
+                txn.set(&keys::schema(), SCHEMA_VERSION.to_string().as_bytes());
                 Ok(())
             }
         }
@@ -149,21 +119,24 @@ pub fn apply_batch(txn: &mut dyn Transaction, batch: &Batch) -> Result<bool, Sto
         let applied = applied(txn, source)?;
         if *upto > applied {
             fresh = true;
-            txn.set(&applied_key(source), &upto.to_le_bytes());
+            txn.set(&keys::applied(source), &upto.to_le_bytes());
         }
     }
     if !fresh && !batch.upto.is_empty() {
         return Ok(false);
     }
     for ((instance, slot), amount) in &batch.spend {
-        txn.add(&spend_key(instance, *slot), *amount);
+        txn.add(
+            &keys::spend(&instance.budget, &instance.member, *slot),
+            *amount,
+        );
     }
     Ok(true)
 }
 
 /// The last sequence applied from `source` (0 if none).
 pub fn applied(txn: &mut dyn Transaction, source: &str) -> Result<u64, StoreError> {
-    match txn.get(&applied_key(source))? {
+    match txn.get(&keys::applied(source))? {
         Some(v) if v.len() == 8 => {
             let mut b = [0u8; 8];
             b.copy_from_slice(&v);
@@ -178,7 +151,7 @@ pub fn applied(txn: &mut dyn Transaction, source: &str) -> Result<u64, StoreErro
 
 /// Forgets `source` (its journal was replayed and removed).
 pub fn forget_source(txn: &mut dyn Transaction, source: &str) {
-    txn.clear(&applied_key(source));
+    txn.clear(&keys::applied(source));
 }
 
 /// One stored slot of spend.
@@ -195,7 +168,7 @@ pub fn load_since(
     txn: &mut dyn Transaction,
     since: Timestamp,
 ) -> Result<Vec<SlotSpend>, StoreError> {
-    let (mut begin, end) = range(&[Element::from("tg"), Element::from("spend")]);
+    let (mut begin, end) = keys::all_spend();
     let min_slot = since.as_second().div_euclid(SLOT_SECS);
     let mut out = Vec::new();
     loop {
@@ -204,11 +177,7 @@ pub fn load_since(
         let mut next = last.clone();
         next.push(0);
         for (k, v) in &page {
-            let parts = unpack(k)?;
-            let (budget, member, slot) = match parts.as_slice() {
-                [_, _, Element::Str(b), Element::Str(m), Element::Int(s)] => (b, m, *s),
-                _ => return Err(StoreError::Corrupt("a spend key of the wrong shape".into())),
-            };
+            let (budget, member, slot) = keys::parse_spend(k)?;
             if slot < min_slot {
                 continue;
             }
@@ -217,10 +186,7 @@ pub fn load_since(
                 continue;
             }
             out.push(SlotSpend {
-                instance: InstanceName {
-                    budget: budget.clone(),
-                    member: member.clone(),
-                },
+                instance: InstanceName { budget, member },
                 slot_start: Timestamp::from_second(slot.saturating_mul(SLOT_SECS))
                     .map_err(|e| StoreError::Corrupt(format!("slot {slot}: {e}")))?,
                 amount: Money::from_pico(amount),
@@ -236,16 +202,14 @@ pub fn load_since(
 
 /// Clears spend slots older than `before` (retention: the ledger never reads them again).
 pub fn prune_before(txn: &mut dyn Transaction, before: Timestamp) -> Result<usize, StoreError> {
-    let (begin, end) = range(&[Element::from("tg"), Element::from("spend")]);
+    let (begin, end) = keys::all_spend();
     let min_slot = before.as_second().div_euclid(SLOT_SECS);
     let mut cleared = 0;
     for (k, _) in txn.get_range(&begin, &end, 0)? {
-        if let Ok(parts) = unpack(&k) {
-            if let [_, _, _, _, Element::Int(s)] = parts.as_slice() {
-                if *s < min_slot {
-                    txn.clear(&k);
-                    cleared += 1;
-                }
+        if let Ok((_, _, s)) = keys::parse_spend(&k) {
+            if s < min_slot {
+                txn.clear(&k);
+                cleared += 1;
             }
         }
     }
@@ -315,7 +279,7 @@ mod tests {
         let store = MemStore::new();
         let p = RetryPolicy::default();
         transact(&store, &p, |txn| {
-            txn.set(&schema_key(), b"7");
+            txn.set(&keys::schema(), b"7");
             Ok(())
         })
         .unwrap();
@@ -326,7 +290,7 @@ mod tests {
         );
         let store = MemStore::new();
         transact(&store, &p, |txn| {
-            txn.set(&spend_key(&name("x", ""), 1), &[1]);
+            txn.set(&keys::spend("x", "", 1), &[1]);
             Ok(())
         })
         .unwrap();

@@ -1,6 +1,6 @@
 //! The store interface every durable part of Tollgate is written against, modelled on FoundationDB:
-//! ordered byte keys (laid out with the tuple encoding in [`tuple`](mod@tuple); the schema is in
-//! `docs/store.md`), serializable read-write transactions with read-your-writes, range reads, atomic add,
+//! ordered byte keys (laid out with the tuple encoding in [`tuple`](mod@tuple); every key comes from
+//! [`keys`], the key schema, also described in `docs/store.md`), serializable read-write transactions with read-your-writes, range reads, atomic add,
 //! and a retry loop ([`transact`]) for conflicts and commits whose outcome is unknown.
 //!
 //! Owns: [`Store`] and [`Transaction`] (the interface), [`StoreError`] (what can go wrong, and which of it
@@ -22,6 +22,7 @@ pub mod conformance;
 #[cfg(feature = "fdb")]
 pub mod fdb;
 pub mod fleet;
+pub mod keys;
 pub mod ledger;
 pub mod mem;
 

@@ -477,16 +477,16 @@ mod tests {
         let db = TempDb::new();
         let store = SqliteStore::open(&db.0).unwrap();
         let keys: Vec<Vec<u8>> = (0..100i64)
-            .map(|i| crate::store::tuple::pack(&["spend".into(), i.into()]))
+            .map(|i| crate::store::keys::spend("bench", "", i))
             .collect();
         let (mut commits, mut statements) = (Vec::new(), Vec::new());
-        for round in 0..60 {
+        for round in 0..60u64 {
             let started = Instant::now();
             let mut t = store.begin().unwrap();
             for k in &keys {
                 t.add(k, 1_000_000);
             }
-            t.set(b"last_batch", format!("batch-{round}").as_bytes());
+            t.set(&crate::store::keys::applied("bench"), &round.to_le_bytes());
             let written = Instant::now();
             t.commit().unwrap();
             let done = Instant::now();

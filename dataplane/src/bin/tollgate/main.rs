@@ -47,6 +47,10 @@ enum Command {
     CheckConfig {
         /// The TOML configuration file.
         file: PathBuf,
+        /// The file is a fragment to merge into a configuration (an identity provider's issuer and
+        /// policies, say): check the sections it has by the same rules, require none of the others.
+        #[arg(long)]
+        fragment: bool,
     },
     /// Print current spend and the remaining amount per budget and per identity, from the spend store
     /// (read-only: safe while a gateway runs) and journal entries not yet in it.
@@ -158,7 +162,7 @@ enum ServiceTokenAction {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::CheckConfig { file } => check_config(&file),
+        Command::CheckConfig { file, fragment } => check_config(&file, fragment),
         Command::Spend {
             config,
             budget,
@@ -227,9 +231,21 @@ fn main() -> ExitCode {
     }
 }
 
-fn check_config(file: &std::path::Path) -> ExitCode {
-    match Config::load(file) {
-        Ok(c) => {
+fn check_config(file: &std::path::Path, fragment: bool) -> ExitCode {
+    let checked = if fragment {
+        Config::load_fragment(file).map(|f| {
+            println!(
+                "{}: ok (fragment: {} providers, {} routes, {} issuers, {} policies, {} budgets)",
+                file.display(),
+                f.providers,
+                f.routes,
+                f.issuers,
+                f.policies,
+                f.budgets
+            );
+        })
+    } else {
+        Config::load(file).map(|c| {
             println!(
                 "{}: ok ({} providers, {} routes, listening on {})",
                 file.display(),
@@ -256,8 +272,10 @@ fn check_config(file: &std::path::Path) -> ExitCode {
                     );
                 }
             }
-            ExitCode::SUCCESS
-        }
+        })
+    };
+    match checked {
+        Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             for issue in &e.issues {
                 eprintln!("{issue}");

@@ -1,0 +1,300 @@
+//! # Key Schema
+//!
+//! Every key Tollgate writes to a [`Store`](super::Store), in one place: one function per key and per
+//! range of keys, packed with the tuple encoding of [`tuple`](super::tuple) (byte-compatible with
+//! FoundationDB's). Nothing else builds a key: [`ledger`](super::ledger), [`fleet`](super::fleet), the
+//! [`conformance`](super::conformance) checks, the data plane and the tests all ask here. `docs/store.md`
+//! describes the same schema for operators.
+//!
+//! Schema version [`SCHEMA_VERSION`]. Every key of the ledger and the fleet lies under `("tg",)`:
+//!
+//! ```text
+//! ("tg", "schema")                                      -> the schema version, ASCII decimal ("1")
+//! ("tg", "spend", budget, member, slot)                 -> pico-USD spent, i128 16-byte LE, atomic add
+//! ("tg", "applied", source)                             -> last sequence applied, u64 8-byte LE
+//! ("tg", "lease", budget, member, window, node)         -> unspent lease, pico-USD, i128 16-byte LE, atomic add
+//! ("tg", "lease_exp", budget, member, window, node)     -> lease expiry, Unix ms, i64 8-byte LE
+//! ("conformance", check, n | name)                      -> scratch values of the store conformance checks
+//! ```
+//!
+//! | key | layout | value | written by |
+//! |---|---|---|---|
+//! | [`schema`] | `("tg", "schema")` | the schema version, ASCII decimal | `ledger::check_schema`, once, into an empty store |
+//! | [`spend`] | `("tg", "spend", budget: str, member: str, slot: int)` | pico-USD spent on the instance in that 15-minute slot, a 16-byte little-endian two's-complement counter written with atomic add; `member` is `source:subject` for a per-identity instance, `""` for a shared one; `slot` = Unix seconds / [`SLOT_SECS`] | `ledger::apply_batch` (add), `ledger::prune_before` (clear); read by `ledger::load_since` and `fleet::committed` |
+//! | [`applied`] | `("tg", "applied", source: str)` | the highest sequence number of `source` (a journal: one core of one process run) applied, 8 bytes little-endian | `ledger::apply_batch` (set), `ledger::forget_source` (clear) |
+//! | [`lease`] | `("tg", "lease", budget: str, member: str, window: int, node: int)` | the unspent amount of `node`'s lease, pico-USD, 16-byte counter written with atomic add; `window` is the window's start, Unix seconds | `fleet::acquire` (add, and clear of expired leases), `fleet::commit` (subtract), `fleet::release` and `fleet::release_all` (clear) |
+//! | [`lease_expiry`] | `("tg", "lease_exp", budget: str, member: str, window: int, node: int)` | the lease's expiry, Unix milliseconds, 8 bytes little-endian | `fleet::acquire` (set), `fleet::release` and `fleet::release_all` (clear) |
+//! | [`conformance`] | `("conformance", check: str, n: int \| name: str)` | whatever the check writes; outside `("tg",)` so a live store can be checked | `store::conformance`, cleared before each check |
+//!
+//! Ranges (half-open `[begin, end)`, as `Transaction::get_range` takes them): [`root`] (every `("tg", ..)`
+//! key), [`all_spend`], [`spend_slots`] (one instance's slots in `[from, to)`), [`all_leases`],
+//! [`all_lease_expiries`], [`window_leases`], [`window_lease_expiries`] (every node's lease of one instance
+//! in one window), [`conformance_range`]. [`parse_spend`] and [`lease_node`] read keys back.
+//!
+//! Changing a layout changes the bytes of keys already stored: it needs a new [`SCHEMA_VERSION`] and a
+//! migration in `ledger::check_schema`. The test at the end of this module pins the bytes.
+
+use super::tuple::{pack, range, unpack, Element};
+use super::StoreError;
+
+/// The schema this binary reads and writes.
+pub const SCHEMA_VERSION: i64 = 1;
+
+/// Length of a spend slot, seconds: a [`spend`] key's `slot` is Unix seconds / `SLOT_SECS`.
+pub const SLOT_SECS: i64 = 900;
+
+/// The first element of every ledger and fleet key.
+const ROOT: &str = "tg";
+const SCHEMA: &str = "schema";
+const SPEND: &str = "spend";
+const APPLIED: &str = "applied";
+const LEASE: &str = "lease";
+const LEASE_EXP: &str = "lease_exp";
+const CONFORMANCE: &str = "conformance";
+
+/// `("tg", kind, rest..)` as tuple elements.
+fn under(kind: &str, rest: impl IntoIterator<Item = Element>) -> Vec<Element> {
+    let mut t = vec![Element::from(ROOT), Element::from(kind)];
+    t.extend(rest);
+    t
+}
+
+/// `(budget, member)`: the elements that name a budget instance.
+fn instance(budget: &str, member: &str) -> [Element; 2] {
+    [Element::from(budget), Element::from(member)]
+}
+
+/// `("tg", "schema")`.
+pub fn schema() -> Vec<u8> {
+    pack(&under(SCHEMA, []))
+}
+
+/// Every key under `("tg",)`: the whole ledger and fleet.
+pub fn root() -> (Vec<u8>, Vec<u8>) {
+    range(&[Element::from(ROOT)])
+}
+
+/// `("tg", "spend", budget, member, slot)`.
+pub fn spend(budget: &str, member: &str, slot: i64) -> Vec<u8> {
+    let mut t = under(SPEND, instance(budget, member));
+    t.push(Element::Int(slot));
+    pack(&t)
+}
+
+/// Every spend key.
+pub fn all_spend() -> (Vec<u8>, Vec<u8>) {
+    range(&under(SPEND, []))
+}
+
+/// The spend keys of one instance with `from <= slot < to`.
+pub fn spend_slots(budget: &str, member: &str, from: i64, to: i64) -> (Vec<u8>, Vec<u8>) {
+    let prefix = under(SPEND, instance(budget, member));
+    let (_, end_all) = range(&prefix);
+    let bound = |slot: i64| {
+        let mut t = prefix.clone();
+        t.push(Element::Int(slot));
+        pack(&t)
+    };
+    (bound(from), bound(to).min(end_all))
+}
+
+/// Reads a [`spend`] key back: `(budget, member, slot)`.
+pub fn parse_spend(key: &[u8]) -> Result<(String, String, i64), StoreError> {
+    match unpack(key)?.as_slice() {
+        [Element::Str(root), Element::Str(kind), Element::Str(b), Element::Str(m), Element::Int(s)]
+            if root == ROOT && kind == SPEND =>
+        {
+            Ok((b.clone(), m.clone(), *s))
+        }
+        _ => Err(StoreError::Corrupt("a spend key of the wrong shape".into())),
+    }
+}
+
+/// `("tg", "applied", source)`.
+pub fn applied(source: &str) -> Vec<u8> {
+    pack(&under(APPLIED, [Element::from(source)]))
+}
+
+/// `(budget, member, window, node)`: the elements after a lease key's kind.
+fn lease_tail(budget: &str, member: &str, window: i64, node: u64) -> [Element; 4] {
+    let [b, m] = instance(budget, member);
+    // Node ids are kept below 2^63 by the data plane, so the cast keeps them.
+    [b, m, Element::Int(window), Element::Int(node as i64)]
+}
+
+/// `("tg", "lease", budget, member, window, node)`.
+pub fn lease(budget: &str, member: &str, window: i64, node: u64) -> Vec<u8> {
+    pack(&under(LEASE, lease_tail(budget, member, window, node)))
+}
+
+/// `("tg", "lease_exp", budget, member, window, node)`.
+pub fn lease_expiry(budget: &str, member: &str, window: i64, node: u64) -> Vec<u8> {
+    pack(&under(LEASE_EXP, lease_tail(budget, member, window, node)))
+}
+
+/// `(budget, member, window)`: the elements after a lease key's kind that one window's leases share.
+fn window_tail(budget: &str, member: &str, window: i64) -> [Element; 3] {
+    let [b, m] = instance(budget, member);
+    [b, m, Element::Int(window)]
+}
+
+/// Every node's [`lease`] key of one instance in one window.
+pub fn window_leases(budget: &str, member: &str, window: i64) -> (Vec<u8>, Vec<u8>) {
+    range(&under(LEASE, window_tail(budget, member, window)))
+}
+
+/// Every node's [`lease_expiry`] key of one instance in one window.
+pub fn window_lease_expiries(budget: &str, member: &str, window: i64) -> (Vec<u8>, Vec<u8>) {
+    range(&under(LEASE_EXP, window_tail(budget, member, window)))
+}
+
+/// Every [`lease`] key of the fleet.
+pub fn all_leases() -> (Vec<u8>, Vec<u8>) {
+    range(&under(LEASE, []))
+}
+
+/// Every [`lease_expiry`] key of the fleet.
+pub fn all_lease_expiries() -> (Vec<u8>, Vec<u8>) {
+    range(&under(LEASE_EXP, []))
+}
+
+/// The node of a [`lease`] or [`lease_expiry`] key (its last element); `None` if the key does not end in
+/// an integer.
+pub fn lease_node(key: &[u8]) -> Result<Option<u64>, StoreError> {
+    match unpack(key)?.last() {
+        Some(Element::Int(n)) => Ok(Some(*n as u64)),
+        _ => Ok(None),
+    }
+}
+
+/// What follows `("conformance", check)` in a conformance key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scratch<'a> {
+    Numbered(i64),
+    Named(&'a str),
+}
+
+/// `("conformance", check, n)` or `("conformance", check, name)`.
+pub fn conformance(check: &str, which: Scratch<'_>) -> Vec<u8> {
+    let last = match which {
+        Scratch::Numbered(n) => Element::Int(n),
+        Scratch::Named(name) => Element::from(name),
+    };
+    pack(&[Element::from(CONFORMANCE), Element::from(check), last])
+}
+
+/// Every key of one conformance check.
+pub fn conformance_range(check: &str) -> (Vec<u8>, Vec<u8>) {
+    range(&[Element::from(CONFORMANCE), Element::from(check)])
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+    use super::*;
+
+    /// The bytes of keys already in stores: a change here breaks every existing ledger.
+    #[test]
+    fn keys_are_pinned_to_their_bytes() {
+        assert_eq!(schema(), b"\x02tg\x00\x02schema\x00");
+        assert_eq!(
+            spend("team", "", 1),
+            b"\x02tg\x00\x02spend\x00\x02team\x00\x02\x00\x15\x01"
+        );
+        assert_eq!(
+            spend("me", "okta:alice", 1_960_000),
+            b"\x02tg\x00\x02spend\x00\x02me\x00\x02okta:alice\x00\x17\x1d\xe8\x40"
+        );
+        assert_eq!(
+            applied("run1-c0"),
+            b"\x02tg\x00\x02applied\x00\x02run1-c0\x00"
+        );
+        assert_eq!(
+            lease("b", "m", 1800, 3),
+            b"\x02tg\x00\x02lease\x00\x02b\x00\x02m\x00\x16\x07\x08\x15\x03"
+        );
+        assert_eq!(
+            lease_expiry("b", "", 0, 0),
+            b"\x02tg\x00\x02lease_exp\x00\x02b\x00\x02\x00\x14\x14"
+        );
+        assert_eq!(
+            conformance("add", Scratch::Numbered(1)),
+            b"\x02conformance\x00\x02add\x00\x15\x01"
+        );
+        assert_eq!(
+            conformance("add", Scratch::Named("x")),
+            b"\x02conformance\x00\x02add\x00\x02x\x00"
+        );
+        assert_eq!(
+            root(),
+            (b"\x02tg\x00\x00".to_vec(), b"\x02tg\x00\xff".to_vec())
+        );
+        assert_eq!(
+            all_spend(),
+            (
+                b"\x02tg\x00\x02spend\x00\x00".to_vec(),
+                b"\x02tg\x00\x02spend\x00\xff".to_vec()
+            )
+        );
+        assert_eq!(
+            window_leases("b", "m", 1800),
+            (
+                b"\x02tg\x00\x02lease\x00\x02b\x00\x02m\x00\x16\x07\x08\x00".to_vec(),
+                b"\x02tg\x00\x02lease\x00\x02b\x00\x02m\x00\x16\x07\x08\xff".to_vec()
+            )
+        );
+    }
+
+    #[test]
+    fn ranges_hold_their_keys_and_no_others() {
+        let inside = |(b, e): &(Vec<u8>, Vec<u8>), k: &[u8]| b.as_slice() <= k && k < e.as_slice();
+        let slots = spend_slots("team", "", 10, 12);
+        assert!(!inside(&slots, &spend("team", "", 9)));
+        assert!(inside(&slots, &spend("team", "", 10)));
+        assert!(inside(&slots, &spend("team", "", 11)));
+        assert!(!inside(&slots, &spend("team", "", 12)));
+        assert!(!inside(&slots, &spend("team2", "", 11)));
+        // Leases and their expiries are apart, though "lease" is a prefix of "lease_exp".
+        assert!(inside(&all_leases(), &lease("b", "", 0, 1)));
+        assert!(!inside(&all_leases(), &lease_expiry("b", "", 0, 1)));
+        assert!(inside(&all_lease_expiries(), &lease_expiry("b", "", 0, 1)));
+        assert!(inside(&window_leases("b", "", 0), &lease("b", "", 0, 7)));
+        assert!(!inside(&window_leases("b", "", 0), &lease("b", "", 900, 7)));
+        assert!(inside(
+            &window_lease_expiries("b", "", 0),
+            &lease_expiry("b", "", 0, 7)
+        ));
+        for k in [
+            schema(),
+            spend("a", "b", 1),
+            applied("s"),
+            lease("a", "", 0, 1),
+        ] {
+            assert!(inside(&root(), &k));
+        }
+        assert!(!inside(&root(), &conformance("add", Scratch::Numbered(1))));
+        assert!(inside(
+            &conformance_range("add"),
+            &conformance("add", Scratch::Named("x"))
+        ));
+    }
+
+    #[test]
+    fn keys_read_back() {
+        assert_eq!(
+            parse_spend(&spend("me", "okta:alice", -3)).unwrap(),
+            ("me".into(), "okta:alice".into(), -3)
+        );
+        assert!(matches!(
+            parse_spend(&applied("s")),
+            Err(StoreError::Corrupt(_))
+        ));
+        assert_eq!(lease_node(&lease("b", "m", 900, 42)).unwrap(), Some(42));
+        assert_eq!(
+            lease_node(&lease_expiry("b", "m", 900, 0)).unwrap(),
+            Some(0)
+        );
+        assert_eq!(lease_node(&applied("s")).unwrap(), None);
+    }
+}
