@@ -1,10 +1,12 @@
 //! Tollgate's data plane: a thread-per-core HTTP/1.1 proxy in front of LLM providers.
 //!
-//! Read [`pipeline`] first: it is the request path, top-down, as named phases. Around it: [`server`] (workers,
-//! listeners, shutdown), [`http1`] (parsing and framing), [`sse`] (event framing), [`upstream`] (provider
-//! connections and pools), [`snapshot`] (the immutable per-request view of config), [`resolve`] (DNS off the
-//! cores), [`accesslog`] (logging that never blocks a core), [`mailbox`] (asking another core, without blocking
-//! either) and [`webhook`] (alert POSTs, off the cores).
+//! Read [`pipeline`] first: it is the request path, top-down, as named phases over one context. Around it,
+//! one folder per layer: [`net`] (HTTP/1.1 parsing and framing, SSE, client and upstream connections, moving
+//! a connection between cores), [`providers`] (what each provider API means on the wire), [`spend`] (the
+//! most a request can cost, budget shards and reservations, slices, fleet leases, the journal and the thread
+//! that commits spend to the store), [`runtime`] (workers and listeners, every core's inbox, the published
+//! snapshot, DNS and credentials threads, reload rules) and [`obs`] (the access log and alert webhooks, off
+//! the cores). [`error`] is the one error type and its status mapping.
 //!
 //! [`Gateway`] wires them together for the binary and for tests, and applies a changed configuration to a
 //! running gateway ([`Gateway::reload`]).
@@ -256,7 +258,7 @@ impl Gateway {
     /// Applies a new, validated configuration to the running gateway; in-flight requests finish on the
     /// snapshot they loaded, nothing is dropped.
     ///
-    /// In order: settings that only take effect at start (see [`RESTART_REQUIRED`]) are kept as running and
+    /// In order: settings that only take effect at start (see [`runtime::reload::RESTART_REQUIRED`]) are kept as running and
     /// named in the outcome; the new snapshot is built (keys, TLS configs, headers) and its providers get
     /// their addresses (carried over where the endpoint is unchanged, resolved once here otherwise); the
     /// identity thread publishes the new `[auth]` issuers and `[[policies]]` (waited for, up to

@@ -1,12 +1,20 @@
-//! Tollgate's control plane: the source of truth for configuration and the domain types the data plane uses.
+//! Tollgate's domain library: what the gateway knows, with no server and no thread of its own. The data
+//! plane (`dataplane/`) and the control plane link it; it links neither.
 //!
-//! The data plane depends on this crate, never the reverse. Prices live in [`pricing`] (with [`money`] and
-//! [`usage`]): the data plane builds a [`PriceBook`] once and calls [`PriceBook::price_at`] and
-//! [`PriceBook::cost`] per request. [`login`] signs people in at their IdP for `tollgate login` and
-//! `tollgate token`. Who calls and what they may do: [`auth`] (OIDC JWT verification and key fetching),
-//! [`service_tokens`] (hashed tokens for CI/CD agents) and [`identity`] (identities and model policies).
-//! Dollar budgets: [`budget`] (configuration, windows, which budgets apply) and [`ledger`] (the
-//! single-threaded per-owner spend ledger). A later issue adds a REST API.
+//! - [`config`]: the configuration file, raw serde structs validated into typed settings (one validator for
+//!   file, fragment and API); [`issues`] is the one list of problems, each naming file, field and reason.
+//! - [`pricing`]: the price sheet, negotiated terms and the [`PriceBook`] the data plane prices every request
+//!   with ([`PriceBook::price_at`], [`PriceBook::cost`]), in exact integer [`money`](pricing::money) over
+//!   token [`usage`](pricing::usage).
+//! - [`auth`]: who calls and what they may do: [`identity`](auth::identity) and model policies, OIDC
+//!   [`jwt`](auth::jwt) verification and key fetching, hashed [`service_tokens`](auth::service_tokens), and the
+//!   device-flow [`login`](auth::login) client behind `tollgate login`.
+//! - [`budget`]: budgets (configuration, windows, which apply to a request), the owning core's in-memory
+//!   [`owner`](budget::owner) ledger and the [`slices`](budget::slices) it lends other cores.
+//! - [`store`]: the FoundationDB-shaped store interface, its implementations (SQLite, memory, FoundationDB),
+//!   the key schema ([`keys`](store::keys)), durable spend ([`ledger`](store::ledger)) and fleet budget leases
+//!   ([`fleet`](store::fleet)).
+//! - [`tls`]: the crypto provider every outbound TLS client uses.
 
 // No unsafe code, except the one call that starts FoundationDB's client network (`store::fdb`, only with
 // the `fdb` feature), which the `foundationdb` crate marks unsafe.

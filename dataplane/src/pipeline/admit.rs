@@ -2,7 +2,7 @@
 //!
 //! Owns: picking the budgets (`BudgetSet::applicable`: scope, model/provider globs, declared attributes from
 //! the request's headers), the amount (the input-token bound and the output cap, priced at the request's
-//! quote: [`super::reserve`]), the reservation on the owning cores ([`crate::spend::reservation`]), and what happens
+//! quote: [`crate::spend::max_cost`]), the reservation on the owning cores ([`crate::spend::reservation`]), and what happens
 //! when a budget cannot cover it: `block` (429 naming the budget, its limit, spend and reset),
 //! `downgrade` (the caller routes the request again to the budget's cheaper model, once), or, when the
 //! budget says `on_insufficient = "lower_max_tokens"` and the remaining amount pays for the input and at

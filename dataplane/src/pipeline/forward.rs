@@ -628,7 +628,7 @@ async fn relay_body(
 
 /// Reads usage off the relayed body without holding it up: SSE events go to the meter as they pass; a
 /// successful JSON body is gathered (a copy, capped) and parsed once it is complete. It also keeps what it
-/// relayed (refcounts of the same buffers, capped at [`MAX_KEPT`]) until the end, for the estimate path when
+/// relayed (refcounts of the same buffers, capped at `MAX_KEPT`) until the end, for the estimate path when
 /// the provider's usage never arrives.
 pub struct Tap {
     api: Api,

@@ -7,7 +7,7 @@
 //! them in one transaction ([`tollgate_core::store::ledger::apply_batch`]), with the highest journal
 //! sequence number per source recorded in the same transaction: a retried commit, or one whose outcome was
 //! unknown, is never counted twice. A batch that was attempted is retried as it is (never merged with
-//! later spend) until it commits. Once a second ([`JOURNAL_SYNC`]) it `fsync`s this run's journal files
+//! later spend) until it commits. Once a second (`JOURNAL_SYNC`) it `fsync`s this run's journal files
 //! and deletes those wholly committed. Between intervals the thread sleeps: handing it a settlement never
 //! wakes it (only a fleet lease ask does).
 //!
