@@ -34,6 +34,9 @@ pub enum ErrorKind {
     BudgetExceeded,
     /// A budget's owning core could not be asked (503): the request is refused rather than unbudgeted.
     BudgetUnavailable,
+    /// The request asks for something whose cost the gateway cannot bound before forwarding (400): audio,
+    /// server tools, an unpriced tier. Refused, never forwarded unpriced.
+    UnboundedCost,
     /// The model has no price and no fallback price is configured (403): never served for free.
     Unpriced,
     /// The Transfer-Encoding or Expect asked for is not supported (501 / 417 folded into 400 family).
@@ -78,7 +81,7 @@ impl Error {
     /// The one mapping from error kind to HTTP status.
     pub fn status(&self) -> u16 {
         match self.kind {
-            ErrorKind::BadRequest | ErrorKind::InvalidBody => 400,
+            ErrorKind::BadRequest | ErrorKind::InvalidBody | ErrorKind::UnboundedCost => 400,
             ErrorKind::NotFound | ErrorKind::UnknownModel => 404,
             ErrorKind::Unauthenticated => 401,
             ErrorKind::Unpriced | ErrorKind::PolicyDenied => 403,
@@ -119,6 +122,7 @@ impl Error {
             ErrorKind::MethodNotAllowed => "method_not_allowed",
             ErrorKind::UnknownModel => "model_not_found",
             ErrorKind::Unpriced => "model_unpriced",
+            ErrorKind::UnboundedCost => "cost_unbounded",
             ErrorKind::Unauthenticated => "invalid_api_key",
             ErrorKind::PolicyDenied => "policy_denied",
             ErrorKind::BudgetExceeded => "budget_exceeded",
@@ -160,6 +164,7 @@ ctor! {
     method_not_allowed => MethodNotAllowed,
     unknown_model => UnknownModel,
     unpriced => Unpriced,
+    unbounded_cost => UnboundedCost,
     unauthenticated => Unauthenticated,
     policy_denied => PolicyDenied,
     budget_exceeded => BudgetExceeded,

@@ -17,13 +17,12 @@
 //! `budget_unavailable` when a budget's owner cannot be asked (never skipped), or when spend cannot be
 //! made durable and a budget that applies has `on_store_failure = "closed"` (see [`crate::spend::committer`]). Cost: see `bench/admission`.
 
-use bytes::Bytes;
 use tollgate_core::budget::owner::Refusal;
 use tollgate_core::budget::{Action, BudgetRequest, Insufficient};
 use tollgate_core::Money;
 
 use super::ctx::{Core, RequestCtx};
-use super::route::{insert_member, Routed};
+use super::route::Routed;
 use crate::error::{Error, Result};
 use crate::runtime::snapshot::Snapshot;
 use crate::spend::max_cost::{input_token_bound, max_cost, DEFAULT_OUTPUT_TOKENS};
@@ -97,7 +96,9 @@ pub async fn admit(
         (None, None) => DEFAULT_OUTPUT_TOKENS,
     };
     let input = input_token_bound(&routed.body);
-    let amount = max_cost(&quote, input, output);
+    // Every choice can use the whole cap: `n` choices are `n` times the output.
+    let choices = routed.choices.max(1);
+    let amount = max_cost(&quote, input, output.saturating_mul(choices));
     // Only a reservation the provider does not enforce needs cutting off: one whose output part is the
     // gateway's default because neither the request nor its route set a cap.
     let cutoff = routed.max_tokens.is_none()
@@ -108,7 +109,7 @@ pub async fn admit(
             ctx.reserved = Some(r.amount);
             ctx.budget_asks = Some(r.asks);
             ctx.reservation = Some(r);
-            ctx.cutoff_tokens = cutoff.then_some(output);
+            ctx.cutoff_tokens = cutoff.then_some(output.saturating_mul(choices));
             return Ok(Admitted::Yes);
         }
         Ok(Err(refusal)) => refusal,
@@ -130,7 +131,7 @@ pub async fn admit(
             .and_then(|m| m.checked_sub(refusal.reserved))
             .unwrap_or(Money::ZERO);
         let input_cost = max_cost(&quote, input, 0);
-        let per_output = max_cost(&quote, 0, 1).pico();
+        let per_output = max_cost(&quote, 0, choices).pico();
         let affordable = left
             .checked_sub(input_cost)
             .filter(|m| !m.is_negative())
@@ -147,7 +148,7 @@ pub async fn admit(
             .min(output.saturating_sub(1));
         if affordable >= 1 {
             set_max_tokens(routed, affordable)?;
-            let amount = max_cost(&quote, input, affordable);
+            let amount = max_cost(&quote, input, affordable.saturating_mul(choices));
             match core.budgets.reserve(keys, amount).await {
                 Ok(Ok(r)) => {
                     ctx.reserved = Some(r.amount);
@@ -178,27 +179,10 @@ fn exceeded(r: &Refusal) -> Error {
     ))
 }
 
-/// Sets the request's output cap to `n`: the fields it already has are rewritten (a re-encode, rare), or
-/// the provider's field is spliced in.
+/// Sets the request's output cap to `n`, as the provider will read it: every cap field the body has is
+/// rewritten in place (a `null` included), or the API's field is added.
 fn set_max_tokens(routed: &mut Routed, n: u64) -> Result<()> {
-    if routed.max_tokens.is_none() {
-        let member = routed.provider.api.max_tokens_member(n);
-        routed.body = insert_member(&routed.body, member.as_bytes())
-            .ok_or_else(|| Error::invalid_body("request body is not a JSON object"))?;
-    } else {
-        let mut v: serde_json::Value = serde_json::from_slice(&routed.body)
-            .map_err(|e| Error::invalid_body(format!("invalid JSON: {e}")))?;
-        if let Some(obj) = v.as_object_mut() {
-            for field in ["max_tokens", "max_completion_tokens"] {
-                if obj.contains_key(field) {
-                    obj.insert(field.to_owned(), serde_json::Value::from(n));
-                }
-            }
-        }
-        routed.body = serde_json::to_vec(&v)
-            .map(Bytes::from)
-            .map_err(|_| Error::internal("could not re-encode the request body"))?;
-    }
+    routed.body = routed.provider.api.set_cap(&routed.body, n)?;
     routed.max_tokens = Some(n);
     Ok(())
 }

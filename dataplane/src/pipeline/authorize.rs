@@ -3,15 +3,15 @@
 //!
 //! Owns: applying the [`PolicySet`](tollgate_core::PolicySet) decision (precedence is documented
 //! in `tollgate_core::auth::identity`) and the per-request `max_tokens` cap: a request asking for more
-//! than its cap is refused; a request that sets no limit gets the cap written into its body (one splice),
-//! so the provider enforces it and the worst-case cost stays bounded.
+//! than its cap is refused; a request that sets no limit (or a `null` one) gets the cap written into its
+//! body, in place of any cap field it has, so the provider enforces it and the worst-case cost stays bounded.
 //!
 //! Fails: 403 in the client's API shape naming the policy. Cost: one policy walk (well under a
 //! microsecond for tens of policies); a splice of ~30 bytes when a cap is injected.
 
 use tollgate_core::{Decision, Identity, PolicyRequest};
 
-use super::route::{insert_member, Routed};
+use super::route::Routed;
 use crate::error::{Error, Result};
 use crate::runtime::credentials::AuthState;
 
@@ -33,10 +33,9 @@ pub fn authorize(state: &AuthState, id: &Identity, routed: &mut Routed) -> Resul
             ))),
             Some(_) => Ok(()),
             None => {
-                // The field is the API's (OpenAI `max_completion_tokens`, Anthropic `max_tokens`).
-                let member = routed.provider.api.max_tokens_member(cap);
-                routed.body = insert_member(&routed.body, member.as_bytes())
-                    .ok_or_else(|| Error::invalid_body("request body is not a JSON object"))?;
+                // Every cap field the body has (a `null` included) now says `cap`, or the API's field is
+                // added: the provider applies exactly the cap the request is reserved at.
+                routed.body = routed.provider.api.set_cap(&routed.body, cap)?;
                 routed.max_tokens = Some(cap);
                 Ok(())
             }

@@ -16,12 +16,12 @@ use std::sync::Arc;
 
 use crate::error::{Error, Result};
 use crate::net::http1::{Method, RequestHead};
+use crate::providers::request::Body;
 use crate::providers::Api;
 use crate::runtime::snapshot::{ProviderRuntime, Snapshot};
 use bytes::{Bytes, BytesMut};
 
 use super::ctx::Endpoint;
-use serde::Deserialize;
 
 /// Classifies the request. Errors in the API's shape for its chat path even when the method is wrong.
 pub fn endpoint(head: &RequestHead) -> std::result::Result<Endpoint, (Error, Api)> {
@@ -68,32 +68,6 @@ fn truncate(s: &str, n: usize) -> &str {
     }
 }
 
-/// A string that borrows from the body unless it contains escapes. (serde only borrows a `Cow` that is the
-/// field's own type, not one inside an `Option`, hence the newtype.)
-#[derive(Deserialize)]
-struct Name<'a>(#[serde(borrow)] Cow<'a, str>);
-
-/// The fields of a chat request the gateway reads; serde skips the rest without allocating.
-#[derive(Deserialize)]
-struct Probe<'a> {
-    #[serde(borrow, default)]
-    model: Option<Name<'a>>,
-    #[serde(default)]
-    stream: Option<bool>,
-    #[serde(default)]
-    stream_options: Option<StreamOptions>,
-    #[serde(default)]
-    max_tokens: Option<u64>,
-    #[serde(default)]
-    max_completion_tokens: Option<u64>,
-}
-
-#[derive(Deserialize)]
-struct StreamOptions {
-    #[serde(default)]
-    include_usage: Option<bool>,
-}
-
 /// The outcome of routing a chat request.
 #[derive(Debug)]
 pub struct Routed {
@@ -107,8 +81,10 @@ pub struct Routed {
     /// Tollgate asked the provider for usage the client did not ask for (see
     /// [`Api::request_stream_usage`]), so it must be taken out of the client's stream.
     pub strip_usage: bool,
-    /// The larger of the body's `max_tokens` and `max_completion_tokens`, when it sets either.
+    /// The output cap of each choice as the provider will apply it (see [`Api::view`]); `None`: uncapped.
     pub max_tokens: Option<u64>,
+    /// Choices the provider will generate (OpenAI `n`), each up to the cap.
+    pub choices: u64,
     /// The route's `default_max_tokens`.
     pub default_max_tokens: Option<u64>,
 }
@@ -120,13 +96,10 @@ pub fn route(snap: &Snapshot, ep: Endpoint, body: &Bytes) -> Result<Routed> {
             "request body is empty; expected a JSON object",
         ));
     }
-    let probe: Probe<'_> = serde_json::from_slice(body).map_err(|e| {
-        Error::invalid_body(format!(
-            "request body is not valid JSON for this endpoint: {e}"
-        ))
-    })?;
-    let model = match probe.model {
-        Some(Name(m)) if !m.is_empty() => m,
+    // The one strict read of the body: the provider executes exactly what is priced from here on.
+    let view = Body::parse(body)?;
+    let model = match view.string("model")? {
+        Some(m) if !m.is_empty() => m,
         _ => return Err(Error::invalid_body("request body has no \"model\"")),
     };
     let Some(route) = snap.config.route_for(&model) else {
@@ -153,16 +126,16 @@ pub fn route(snap: &Snapshot, ep: Endpoint, body: &Bytes) -> Result<Routed> {
         Some(um) if um.as_str() != model.as_ref() => rename_model(body, &model, um)?,
         _ => body.clone(),
     };
+    let billing = provider.api.view(&view)?;
     // Some APIs stream usage only when asked (OpenAI's `stream_options.include_usage`): ask for it on the
     // client's behalf, and remember to hand the client exactly the stream it asked for.
-    let stream = probe.stream.unwrap_or(false);
-    let client_asked = probe.stream_options.as_ref().and_then(|o| o.include_usage) == Some(true);
+    let stream = billing.stream;
     let mut strip_usage = false;
     if stream {
         if let Some(b) = provider.api.request_stream_usage(
             &upstream_body,
-            client_asked,
-            probe.stream_options.is_some(),
+            billing.client_usage,
+            view.get("stream_options").is_some(),
         )? {
             upstream_body = b;
             strip_usage = true;
@@ -170,7 +143,8 @@ pub fn route(snap: &Snapshot, ep: Endpoint, body: &Bytes) -> Result<Routed> {
     }
     Ok(Routed {
         strip_usage,
-        max_tokens: probe.max_tokens.max(probe.max_completion_tokens),
+        max_tokens: billing.cap,
+        choices: billing.choices,
         default_max_tokens: route.default_max_tokens,
         model: model.into_owned(),
         stream,
@@ -262,6 +236,7 @@ pub fn models_body(
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
     use super::*;
 
     #[test]
@@ -269,8 +244,8 @@ mod tests {
         let body = Bytes::from_static(
             br#"{"messages":[{"role":"user","content":"model"}],"model":"fast","stream":true}"#,
         );
-        let probe: Probe<'_> = serde_json::from_slice(&body).unwrap();
-        let m = probe.model.unwrap().0;
+        let view = Body::parse(&body).unwrap();
+        let m = view.string("model").unwrap().unwrap();
         assert!(matches!(m, Cow::Borrowed(_)));
         let out = rename_model(&body, &m, "gpt-4o-mini").unwrap();
         assert_eq!(
@@ -282,8 +257,8 @@ mod tests {
     #[test]
     fn rename_with_escapes_reencodes() {
         let body = Bytes::from_static(br#"{"model":"fa\u0073t","x":1}"#);
-        let probe: Probe<'_> = serde_json::from_slice(&body).unwrap();
-        let m = probe.model.unwrap().0;
+        let view = Body::parse(&body).unwrap();
+        let m = view.string("model").unwrap().unwrap();
         assert!(matches!(m, Cow::Owned(_)));
         let out = rename_model(&body, &m, "real").unwrap();
         let v: serde_json::Value = serde_json::from_slice(&out).unwrap();

@@ -21,7 +21,8 @@ use memchr::memmem;
 use serde::Deserialize;
 use tollgate_core::Usage;
 
-use crate::error::Error;
+use super::request::{Billing, Body};
+use crate::error::{Error, Result};
 use crate::net::sse::split_events;
 
 /// The paths this API is served on; the first is the one named in errors.
@@ -39,6 +40,58 @@ pub fn auth_lines(key: &str, out: &mut Vec<u8>) {
 
 /// Headers sent upstream when the client sent none of that name: the API version Tollgate speaks.
 pub const DEFAULT_HEADERS: &[(&str, &str)] = &[("anthropic-version", "2023-06-01")];
+
+/// The field that caps the output (extended thinking counts within it: `budget_tokens` must be below it).
+pub const CAP_FIELDS: &[&str] = &["max_tokens"];
+
+/// Server tools the provider runs and bills per use or per fetched page, which no price the gateway holds
+/// bounds (tool `type` prefixes).
+const SERVER_TOOLS: &[&str] = &["web_search_", "web_fetch_", "code_execution_"];
+
+/// What a messages request makes the provider generate and bill. `max_tokens` is required (absent or
+/// `null`: 400, as the API answers). Refused (400), because no price the gateway holds bounds them: server
+/// tools (web search, web fetch, code execution), MCP servers and containers (tools run by the provider),
+/// and document parts (a PDF's tokens are not bounded by its bytes).
+pub fn view(body: &Body<'_>) -> Result<Billing> {
+    let Some(cap) = body.count("max_tokens")? else {
+        return Err(Error::invalid_body(
+            "`max_tokens` is required and must be a number (the messages API refuses a request without it)",
+        ));
+    };
+    let unbounded = |field: &str, why: &str| {
+        Err(Error::unbounded_cost(format!(
+            "`{field}`: {why}; Tollgate cannot reserve its cost before forwarding, so the request is refused"
+        )))
+    };
+    if let Some(tools) = body.get("tools") {
+        for prefix in SERVER_TOOLS {
+            let needle = format!("\"{prefix}");
+            if tools.raw.contains(&needle) {
+                return unbounded("tools", "server tools are billed per use by the provider");
+            }
+        }
+    }
+    for field in ["mcp_servers", "container"] {
+        if body.get(field).is_some_and(|m| !m.is_null()) {
+            return unbounded(field, "tools run by the provider are billed per use");
+        }
+    }
+    if body
+        .get("messages")
+        .is_some_and(|m| super::json::type_count(m.raw.as_bytes(), b"\"document\"") > 0)
+    {
+        return unbounded(
+            "messages[].document",
+            "a document's tokens are not bounded by its size",
+        );
+    }
+    Ok(Billing {
+        cap: Some(cap),
+        choices: 1,
+        stream: body.flag("stream")?,
+        client_usage: false,
+    })
+}
 
 /// The output cap as a member to splice into the body (Anthropic requires `max_tokens` anyway).
 pub fn max_tokens_member(n: u64) -> String {

@@ -113,3 +113,37 @@ pub fn data_json(event: &[u8]) -> Option<serde_json::Value> {
         .find_map(|l| l.strip_prefix(b"data:"))
         .and_then(|d| serde_json::from_slice(d.strip_prefix(b" ").unwrap_or(d)).ok())
 }
+
+/// Occurrences of `key` used as an object key (a key's quotes are never escaped, so text inside a string
+/// value cannot match) (followed by optional whitespace and a colon).
+pub fn key_count(body: &[u8], key: &[u8]) -> u64 {
+    memmem::find_iter(body, key)
+        .filter(|&i| {
+            body[i + key.len()..]
+                .iter()
+                .find(|b| !b.is_ascii_whitespace())
+                == Some(&b':')
+        })
+        .count() as u64
+}
+
+/// Occurrences of `"type": <value>` (whitespace allowed around the colon).
+pub fn type_count(body: &[u8], value: &[u8]) -> u64 {
+    memmem::find_iter(body, b"\"type\"")
+        .filter(|&i| {
+            let rest = &body[i + 6..];
+            let Some(colon) = rest.iter().position(|b| !b.is_ascii_whitespace()) else {
+                return false;
+            };
+            if rest[colon] != b':' {
+                return false;
+            }
+            let after = &rest[colon + 1..];
+            let start = after
+                .iter()
+                .position(|b| !b.is_ascii_whitespace())
+                .unwrap_or(after.len());
+            after[start..].starts_with(value)
+        })
+        .count() as u64
+}

@@ -22,6 +22,9 @@ pub mod anthropic;
 pub mod json;
 pub mod meter;
 pub mod openai;
+pub mod request;
+
+pub use request::Billing;
 
 pub use json::insert_member;
 
@@ -107,6 +110,32 @@ impl Api {
         match self {
             Api::OpenAi => openai::DEFAULT_HEADERS,
             Api::Anthropic => anthropic::DEFAULT_HEADERS,
+        }
+    }
+
+    /// Reads what the request will make the provider generate and bill; 400 naming the field for a value
+    /// the provider would read differently, or a field whose cost the gateway cannot bound.
+    pub fn view(self, body: &request::Body<'_>) -> Result<Billing> {
+        match self {
+            Api::OpenAi => openai::view(body),
+            Api::Anthropic => anthropic::view(body),
+        }
+    }
+
+    /// The body with its output cap set to `n` as the provider reads it: every cap field the body has is
+    /// rewritten in place (a `null` included), or the API's field is added when it has none.
+    pub fn set_cap(self, body: &Bytes, n: u64) -> Result<Bytes> {
+        let body = request::Body::parse(body)?;
+        let value = n.to_string();
+        match self {
+            Api::OpenAi => {
+                body.set_member(openai::CAP_FIELDS, &value, &openai::max_tokens_member(n))
+            }
+            Api::Anthropic => body.set_member(
+                anthropic::CAP_FIELDS,
+                &value,
+                &anthropic::max_tokens_member(n),
+            ),
         }
     }
 

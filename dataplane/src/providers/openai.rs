@@ -21,6 +21,7 @@ use serde::Deserialize;
 use tollgate_core::Usage;
 
 use super::json::mentions_usage;
+use super::request::{Billing, Body};
 use crate::error::{Error, ErrorKind, Result};
 use crate::net::sse::split_events;
 
@@ -37,14 +38,114 @@ pub fn auth_lines(key: &str, out: &mut Vec<u8>) {
 /// Headers sent upstream when the client sent none of that name: none.
 pub const DEFAULT_HEADERS: &[(&str, &str)] = &[];
 
+/// The fields that cap a choice's output; the provider applies `max_completion_tokens` when it is a number,
+/// else `max_tokens`.
+pub const CAP_FIELDS: &[&str] = &["max_completion_tokens", "max_tokens"];
+
+/// The most choices one request may ask for (`n`), as the API allows.
+pub const MAX_CHOICES: u64 = 128;
+
+/// What a chat completions request makes the provider generate and bill. Refused (400), because no price
+/// the gateway holds bounds them: audio in or out (priced per audio token), predicted outputs (rejected
+/// prediction tokens are billed on top of the cap), web search (a fee per call), file parts (a PDF's tokens
+/// are not bounded by its bytes) and the priority tier (not in the price sheet). `flex` costs less than the
+/// standard prices it is reserved and billed at.
+pub fn view(body: &Body<'_>) -> Result<Billing> {
+    let cap = match (
+        body.count("max_completion_tokens")?,
+        body.count("max_tokens")?,
+    ) {
+        (Some(c), _) => Some(c),
+        (None, m) => m,
+    };
+    let choices = body.count("n")?.unwrap_or(1);
+    if choices == 0 || choices > MAX_CHOICES {
+        return Err(Error::invalid_body(format!(
+            "`n` must be between 1 and {MAX_CHOICES}, not {choices}"
+        )));
+    }
+    let unbounded = |field: &str, why: &str| {
+        Err(Error::unbounded_cost(format!(
+            "`{field}`: {why}; Tollgate cannot reserve its cost before forwarding, so the request is refused"
+        )))
+    };
+    if body.get("audio").is_some_and(|m| !m.is_null())
+        || body
+            .get("modalities")
+            .is_some_and(|m| m.raw.contains("\"audio\""))
+    {
+        return unbounded(
+            "audio",
+            "audio output is billed per audio token, which the price sheet does not carry",
+        );
+    }
+    if body.get("prediction").is_some_and(|m| !m.is_null()) {
+        return unbounded(
+            "prediction",
+            "rejected prediction tokens are billed on top of the output cap",
+        );
+    }
+    if body.get("web_search_options").is_some_and(|m| !m.is_null()) {
+        return unbounded("web_search_options", "web search is billed per call");
+    }
+    if let Some(tier) = body.string("service_tier")? {
+        if !matches!(tier.as_ref(), "auto" | "default" | "flex") {
+            return unbounded(
+                "service_tier",
+                "only the standard and flex tiers are priced",
+            );
+        }
+    }
+    if let Some(m) = body.get("messages") {
+        let raw = m.raw.as_bytes();
+        if super::json::key_count(raw, b"\"input_audio\"") > 0 {
+            return unbounded(
+                "messages[].input_audio",
+                "audio input is billed per audio token, which the price sheet does not carry",
+            );
+        }
+        if super::json::type_count(raw, b"\"file\"") > 0 {
+            return unbounded(
+                "messages[].file",
+                "a file's tokens are not bounded by its size",
+            );
+        }
+    }
+    let stream = body.flag("stream")?;
+    let client_usage = match body.get("stream_options") {
+        Some(m) if !m.is_null() => {
+            #[derive(Deserialize)]
+            struct Options {
+                #[serde(default)]
+                include_usage: Option<bool>,
+            }
+            serde_json::from_str::<Options>(m.raw)
+                .map_err(|_| {
+                    Error::invalid_body(
+                        "`stream_options` must be an object with a boolean `include_usage`",
+                    )
+                })?
+                .include_usage
+                == Some(true)
+        }
+        _ => false,
+    };
+    Ok(Billing {
+        cap,
+        choices,
+        stream,
+        client_usage,
+    })
+}
+
 /// The output cap as a member to splice into the body: OpenAI's current name for the limit.
 pub fn max_tokens_member(n: u64) -> String {
     format!("\"max_completion_tokens\":{n},")
 }
 
 /// An OpenAI stream carries usage only when asked (`stream_options.include_usage`): the body that asks
-/// for it on the client's behalf, `None` when the client asked itself. `has_options`: the client sent a
-/// `stream_options` object.
+/// for it on the client's behalf, `None` when the client asked itself. `has_options`: the body has a
+/// `stream_options` member (an object or `null`): it is rewritten in place, never sent twice.
 pub fn request_stream_usage(
     body: &Bytes,
     client_asked: bool,
@@ -71,6 +172,10 @@ fn request_usage(body: &Bytes, has_options: bool) -> Result<Bytes> {
         let opts = obj
             .entry("stream_options")
             .or_insert_with(|| serde_json::json!({}));
+        // `"stream_options": null` reads as no options: it becomes the object that asks for usage.
+        if opts.is_null() {
+            *opts = serde_json::json!({});
+        }
         match opts.as_object_mut() {
             Some(o) => {
                 o.insert("include_usage".into(), serde_json::Value::Bool(true));

@@ -15,6 +15,8 @@
 //! Fails: never. Cost: a few hundred nanoseconds per kilobyte of body (bench `admission`).
 
 use memchr::memmem;
+
+use crate::providers::json::{key_count, type_count};
 use tollgate_core::pricing::Quote;
 use tollgate_core::{Money, Usage};
 
@@ -52,41 +54,8 @@ pub fn input_token_bound(body: &[u8]) -> u64 {
     }
     // Each image part, inline or by URL, at the most an image can be billed: OpenAI parts have one
     // `"image_url"` key, Anthropic parts are `"type": "image"`.
-    let images = keys(body, b"\"image_url\"") + type_values(body, b"\"image\"");
+    let images = key_count(body, b"\"image_url\"") + type_count(body, b"\"image\"");
     bytes.saturating_add(images.saturating_mul(IMAGE_TOKENS))
-}
-
-/// Occurrences of `key` used as an object key (followed by optional whitespace and a colon).
-fn keys(body: &[u8], key: &[u8]) -> u64 {
-    memmem::find_iter(body, key)
-        .filter(|&i| {
-            body[i + key.len()..]
-                .iter()
-                .find(|b| !b.is_ascii_whitespace())
-                == Some(&b':')
-        })
-        .count() as u64
-}
-
-/// Occurrences of `"type": <value>` (whitespace allowed around the colon).
-fn type_values(body: &[u8], value: &[u8]) -> u64 {
-    memmem::find_iter(body, b"\"type\"")
-        .filter(|&i| {
-            let rest = &body[i + 6..];
-            let Some(colon) = rest.iter().position(|b| !b.is_ascii_whitespace()) else {
-                return false;
-            };
-            if rest[colon] != b':' {
-                return false;
-            }
-            let after = &rest[colon + 1..];
-            let start = after
-                .iter()
-                .position(|b| !b.is_ascii_whitespace())
-                .unwrap_or(after.len());
-            after[start..].starts_with(value)
-        })
-        .count() as u64
 }
 
 /// The most a request with at most `input_tokens` in and `output_tokens` out can cost at the effective
