@@ -107,6 +107,19 @@ pub struct IssuerConfig {
     pub refresh: Duration,
     pub min_refresh: Duration,
     pub ca_file: Option<PathBuf>,
+    /// The claims request attributes are taken from (`[attributes]` entries with `from = "claim:NAME"`),
+    /// kept in [`Identity::attributes`]; no other claim is copied. Set by the config validator.
+    pub attribute_claims: Vec<String>,
+}
+
+impl IssuerConfig {
+    /// Whether keys fetched for `self` serve `other` too: the same issuer, fetched the same way (only the
+    /// claims kept for attributes may differ, and they do not change the keys).
+    pub fn same_keys(&self, other: &IssuerConfig) -> bool {
+        let mut a = self.clone();
+        a.attribute_claims.clone_from(&other.attribute_claims);
+        a == *other
+    }
 }
 
 /// `[auth]`, validated.
@@ -311,6 +324,7 @@ impl AuthConfig {
                 ca_file: r
                     .ca_file
                     .map(|f| if f.is_relative() { base.join(f) } else { f }),
+                attribute_claims: Vec::new(),
             }));
         }
         if is.is_empty() {
@@ -753,8 +767,24 @@ fn map_claims(
             Arc::from(format!("{}{}", issuer.group_prefix, name).as_str())
         })
         .collect();
+    // Only the claims `[attributes]` takes values from; a value that is no attribute value counts as absent.
+    let attributes: Vec<(Arc<str>, Arc<str>)> = issuer
+        .attribute_claims
+        .iter()
+        .filter_map(|name| {
+            let v = match claims.get(name)? {
+                serde_json::Value::String(s) => s.clone(),
+                serde_json::Value::Number(n) => n.to_string(),
+                serde_json::Value::Bool(b) => b.to_string(),
+                _ => return None,
+            };
+            crate::budget::attributes::valid_value(&v)
+                .then(|| (Arc::from(name.as_str()), Arc::from(v.as_str())))
+        })
+        .collect();
     Ok(Verified {
         identity: Identity {
+            attributes: Arc::from(attributes),
             kind: IdentityKind::User,
             subject: Arc::from(subject.as_str()),
             email: email.map(|e| Arc::from(e.as_str())),
