@@ -361,7 +361,7 @@ pub struct BudgetRequest<'a> {
     pub canonical_model: Option<&'a str>,
     /// The provider's configured name.
     pub provider: &'a str,
-    /// (key, value) attributes from the request headers (see [`BudgetSet::check_attributes`]).
+    /// (key, value) attributes from the request headers and the identity (see [`Attributes::resolve`]).
     pub attributes: &'a [(String, String)],
 }
 
