@@ -951,6 +951,37 @@ mod tests {
     }
 
     #[test]
+    fn only_the_claims_attributes_name_are_kept() {
+        let mut c = claims();
+        c["project"] = json!("apollo");
+        c["level"] = json!(3);
+        c["nested"] = json!({"a": 1});
+        c["unused"] = json!("x");
+        let token = sign(&c, "rsa-a", Algorithm::RS256, Some("rsa-a"));
+        let keys = KeySet::from_jwks(&fixture("jwks-all.json")).unwrap();
+        let pk = peek(&token, 8192).unwrap();
+        let mut iss = issuer();
+        iss.attribute_claims = vec![
+            "level".into(),
+            "missing".into(),
+            "nested".into(),
+            "project".into(),
+        ];
+        let v = verify(&token, &pk, &iss, &keys).unwrap();
+        let kept: Vec<(&str, &str)> = v
+            .identity
+            .attributes
+            .iter()
+            .map(|(k, v)| (&**k, &**v))
+            .collect();
+        assert_eq!(kept, [("level", "3"), ("project", "apollo")]);
+        // None named: nothing kept.
+        assert!(check(&token).unwrap().identity.attributes.is_empty());
+        // The kept claims do not change which keys an issuer needs.
+        assert!(iss.same_keys(&issuer()));
+    }
+
+    #[test]
     fn a_missing_groups_claim_means_no_groups() {
         let mut c = claims();
         c.as_object_mut().unwrap().remove("realm_access");
