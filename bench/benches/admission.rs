@@ -87,12 +87,14 @@ fn reserve_settle(c: &mut Criterion) {
         groups: Arc::from(vec![Arc::from("eng")]),
         source: Arc::from("okta"),
         token_id: None,
+        attributes: std::sync::Arc::from(Vec::new()),
     };
     let keys = set.applicable(
         &id,
         &BudgetRequest {
             model: "gpt-4o-mini",
             upstream_model: None,
+            canonical_model: None,
             provider: "openai",
             attributes: &[],
         },
@@ -157,6 +159,7 @@ fn reserve_settle(c: &mut Criterion) {
                 &BudgetRequest {
                     model: "gpt-4o-mini",
                     upstream_model: None,
+                    canonical_model: None,
                     provider: "openai",
                     attributes: &[],
                 },

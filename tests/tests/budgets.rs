@@ -532,3 +532,142 @@ stream_cutoff = {cutoff}
         "{line}"
     );
 }
+
+fn chat_model(model: &str) -> String {
+    format!(
+        r#"{{"model":"{model}","max_tokens":16,"messages":[{{"role":"user","content":"hi"}}]}}"#
+    )
+}
+
+#[test]
+fn a_model_filter_covers_the_models_dated_snapshots() {
+    let budgets = r#"
+[[budgets]]
+name = "gpt4o"
+amount_usd = "0.000001"
+window = "week"
+scope = "everyone"
+models = ["gpt-4o"]
+"#;
+    let (_m, g, _s, tokens) = setup(budgets, &["eng"]);
+    let send = |model: &str| {
+        post(
+            g.addr,
+            "/v1/chat/completions",
+            &chat_model(model),
+            &auth(&tokens[0]),
+        )
+    };
+    // gpt-4o-2024-08-06 is gpt-4o on the price sheet: the budget applies (and is far too small).
+    for model in ["gpt-4o", "gpt-4o-2024-08-06"] {
+        let r = send(model);
+        assert_eq!(r.status, 429, "{model}: {}", r.text());
+        assert_eq!(r.header("x-tollgate-budget"), Some("gpt4o"));
+    }
+    assert_eq!(send("gpt-4o-mini").status, 200);
+}
+
+#[test]
+fn required_attributes_and_allowed_values_are_enforced() {
+    let budgets = r#"
+[attributes]
+project = { header = "x-tollgate-attr-project", required = true, values = ["apollo", "zeus"] }
+
+[[budgets]]
+name = "apollo"
+amount_usd = "0.000001"
+window = "week"
+scope = "everyone"
+attributes = { project = "apollo" }
+"#;
+    let (_m, g, _s, tokens) = setup(budgets, &["eng"]);
+    let body = chat(16);
+    let with = |h: &str| {
+        post(
+            g.addr,
+            "/v1/chat/completions",
+            &body,
+            &format!("{}{h}", auth(&tokens[0])),
+        )
+    };
+    // Omitting the header no longer escapes the budget: 400 naming the attribute and the header.
+    let r = with("");
+    assert_eq!(r.status, 400, "{}", r.text());
+    let msg = r.json()["error"]["message"].as_str().unwrap().to_owned();
+    assert!(
+        msg.contains("\"project\"") && msg.contains("x-tollgate-attr-project"),
+        "{msg}"
+    );
+    // Nor does another value: 400 naming the allowed ones.
+    let r = with("x-tollgate-attr-project: mars\r\n");
+    assert_eq!(r.status, 400, "{}", r.text());
+    assert!(r.text().contains("apollo, zeus"), "{}", r.text());
+    assert_eq!(with("x-tollgate-attr-project: apollo\r\n").status, 429);
+    assert_eq!(with("x-tollgate-attr-project: zeus\r\n").status, 200);
+}
+
+#[test]
+fn an_attribute_from_a_service_token_cannot_be_overridden_by_a_header() {
+    let m = mock(&["--expect-key", MOCK_KEY]);
+    let store = TempDir::new("token-attr-store");
+    let create = |name: &str, attrs: &[&str]| {
+        let mut cmd = std::process::Command::new(bin("tollgate"));
+        cmd.args(["service-token", "create", "--store"])
+            .arg(&store.0)
+            .args(["--name", name, "--team", "eng"]);
+        for a in attrs {
+            cmd.args(["--attribute", a]);
+        }
+        let out = cmd.output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap().trim().to_owned()
+    };
+    let cc7 = create("billing-bot", &["cost_center=cc-7"]);
+    let other = create("plain-bot", &[]);
+    let extra = format!(
+        r#"[store]
+dir = "{}"
+[auth]
+
+[attributes]
+cost_center = {{ from = "token:cost_center" }}
+
+[[budgets]]
+name = "cc7"
+amount_usd = "0.000001"
+window = "week"
+scope = "everyone"
+attributes = {{ cost_center = "cc-7" }}
+"#,
+        store.0.display()
+    );
+    let g = gateway(&config_for(&format!("http://{}", m.addr), "", &extra));
+    let send = |token: &str, h: &str| {
+        post(
+            g.addr,
+            "/v1/chat/completions",
+            &chat(16),
+            &format!("{}{h}", auth(token)),
+        )
+    };
+    let r = send(&cc7, "x-tollgate-attr-cost_center: cc-1\r\n");
+    assert_eq!(r.status, 429, "{}", r.text());
+    assert_eq!(r.header("x-tollgate-budget"), Some("cc7"));
+    // A token without the attribute is not under the budget, whatever header it sends.
+    assert_eq!(
+        send(&other, "x-tollgate-attr-cost_center: cc-7\r\n").status,
+        200
+    );
+    // The listing shows the token's attributes.
+    let out = std::process::Command::new(bin("tollgate"))
+        .args(["service-token", "list", "--json", "--store"])
+        .arg(&store.0)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains(r#""cost_center":"cc-7""#), "{text}");
+}

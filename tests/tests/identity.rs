@@ -497,3 +497,103 @@ jwks_file = "{}"
     // Without the [auth] default of the test harness, a request without a credential is refused.
     assert_eq!(post(g.addr, "/v1/chat/completions", CHAT, "").status, 401);
 }
+
+fn chat_for(model: &str) -> String {
+    format!(r#"{{"model":"{model}","messages":[{{"role":"user","content":"hi"}}]}}"#)
+}
+
+#[test]
+fn a_deny_on_a_model_covers_its_dated_snapshots_and_aliases_to_them() {
+    let m = mock(&["--expect-key", MOCK_KEY]);
+    // Anonymous callers (no [auth]): the default policy is theirs.
+    let extra = r#"
+[[routes]]
+model = "gpt-4o-2024-08-06"
+provider = "openai"
+
+[[routes]]
+model = "smart"
+provider = "openai"
+upstream_model = "gpt-4o-2024-11-20"
+
+[[policies]]
+name = "no-4o"
+default = true
+deny_models = ["gpt-4o"]
+"#;
+    let g = gateway(&config_for(&format!("http://{}", m.addr), "", extra));
+    let send = |model: &str| post(g.addr, "/v1/chat/completions", &chat_for(model), "");
+    // The dated snapshot is gpt-4o on the price sheet; so is the model the alias `smart` sends.
+    for model in ["gpt-4o", "gpt-4o-2024-08-06", "gpt-4o-2024-11-20", "smart"] {
+        let r = send(model);
+        assert_eq!(r.status, 403, "{model}: {}", r.text());
+        assert_eq!(r.json()["error"]["code"], "policy_denied");
+        assert!(r.text().contains("no-4o"), "{}", r.text());
+    }
+    // Another model (whose name starts the same) is not gpt-4o.
+    assert_eq!(send("gpt-4o-mini").status, 200);
+    assert_eq!(send("fast").status, 200);
+    // Nothing denied reached the provider.
+    for sent in mock_requests(&m) {
+        let body: serde_json::Value = serde_json::from_str(sent["body"].as_str().unwrap()).unwrap();
+        assert_eq!(body["model"], "gpt-4o-mini", "{body}");
+    }
+    // /v1/models agrees with the decision: neither the snapshot route nor the alias to one is listed.
+    let r = request(g.addr, b"GET /v1/models HTTP/1.1\r\nHost: t\r\n\r\n");
+    assert_eq!(r.status, 200);
+    let ids: Vec<String> = r.json()["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["id"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(ids, ["fast"]);
+}
+
+#[test]
+fn an_attribute_from_a_jwt_claim_applies_its_budget_whatever_header_is_sent() {
+    // The budget is far too small for any request: where it applies, the request gets 429.
+    let (_m, idp, g, _s) = setup(
+        r#"
+[attributes]
+project = { from = "claim:project", required = true }
+
+[[budgets]]
+name = "apollo"
+amount_usd = "0.000001"
+window = "week"
+scope = "everyone"
+attributes = { project = "apollo" }
+"#,
+    );
+    let send = |project: Option<&str>, headers: &str| {
+        let mut c = claims(&idp);
+        if let Some(p) = project {
+            c["project"] = json!(p);
+        }
+        post(
+            g.addr,
+            "/v1/chat/completions",
+            CHAT,
+            &format!("{}{headers}", bearer(&idp.sign(&c, "rsa-a"))),
+        )
+    };
+    // The claim says apollo: the budget applies, whatever the client's headers say.
+    let r = send(Some("apollo"), "");
+    assert_eq!(r.status, 429, "{}", r.text());
+    assert_eq!(r.header("x-tollgate-budget"), Some("apollo"));
+    let r = send(Some("apollo"), "x-tollgate-attr-project: zeus\r\n");
+    assert_eq!(r.status, 429, "{}", r.text());
+    assert_eq!(r.header("x-tollgate-budget"), Some("apollo"));
+    // Another project's caller is not under it, even claiming apollo in a header.
+    let r = send(Some("zeus"), "x-tollgate-attr-project: apollo\r\n");
+    assert_eq!(r.status, 200, "{}", r.text());
+    // A caller whose token lacks the required claim is refused, naming the attribute and the claim.
+    let r = send(None, "x-tollgate-attr-project: zeus\r\n");
+    assert_eq!(r.status, 400, "{}", r.text());
+    let msg = r.json()["error"]["message"].as_str().unwrap().to_owned();
+    assert!(
+        msg.contains("\"project\"") && msg.contains("claim"),
+        "{msg}"
+    );
+}

@@ -49,7 +49,8 @@ pub struct RawConfig {
     /// `[ledger]`: the durable spend ledger.
     #[serde(default)]
     pub ledger: RawLedger,
-    /// `[attributes]`: custom request attributes (key -> header) budgets can filter on.
+    /// `[attributes]`: custom request attributes budgets can filter on (key -> header, or a table with a
+    /// header or an identity source, `required`, `values`).
     #[serde(default)]
     pub attributes: crate::budget::RawAttributes,
     /// `[[budgets]]`: dollar budgets.
@@ -828,6 +829,14 @@ impl Config {
                 crate::budget::BudgetSet::default()
             }
         };
+        // Issuers keep exactly the claims attributes are taken from.
+        let claims = budgets.attributes().claim_names();
+        let mut auth = auth;
+        for issuer in &mut auth.issuers {
+            std::sync::Arc::make_mut(issuer)
+                .attribute_claims
+                .clone_from(&claims);
+        }
         // A downgrade target must be a model this gateway routes.
         for (i, b) in budgets.budgets().iter().enumerate() {
             if let crate::budget::Action::Downgrade(m) = &b.action {

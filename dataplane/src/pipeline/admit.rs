@@ -1,7 +1,8 @@
 //! Phase 6, admit: hold the request's maximum cost against every budget that applies, before forwarding.
 //!
-//! Owns: picking the budgets (`BudgetSet::applicable`: scope, model/provider globs, declared attributes from
-//! the request's headers), the amount (the input-token bound and the output cap, priced at the request's
+//! Owns: picking the budgets (`BudgetSet::applicable`: scope, model/provider globs over the model's names
+//! including its canonical price-sheet name, declared attributes from the request's headers or the
+//! caller's identity, checked for `required` and `values`), the amount (the input-token bound and the output cap, priced at the request's
 //! quote: [`crate::spend::max_cost`]), the reservation on the owning cores ([`crate::spend::reservation`]), and what happens
 //! when a budget cannot cover it: `block` (429 naming the budget, its limit, spend and reset),
 //! `downgrade` (the caller routes the request again to the budget's cheaper model, once), or, when the
@@ -13,7 +14,8 @@
 //! bound); else [`crate::spend::max_cost::DEFAULT_OUTPUT_TOKENS`] reserved without changing the request (a response
 //! longer than that can overshoot by its excess: the documented overshoot bound).
 //!
-//! Fails: 400 for an undeclared `x-tollgate-attr-*` header, 429 `budget_exceeded`, 503
+//! Fails: 400 for an undeclared `x-tollgate-attr-*` header, a missing required attribute or a value
+//! outside an attribute's `values`, 429 `budget_exceeded`, 503
 //! `budget_unavailable` when a budget's owner cannot be asked (never skipped), or when spend cannot be
 //! made durable and a budget that applies has `on_store_failure = "closed"` (see [`crate::spend::committer`]). Cost: see `bench/admission`.
 
@@ -36,20 +38,6 @@ pub enum Admitted {
     Downgrade(String),
 }
 
-/// The request's `x-tollgate-*` headers, names lowercased, for the attribute check.
-fn tollgate_headers(ctx: &RequestCtx) -> Vec<(String, String)> {
-    ctx.head
-        .headers()
-        .filter(|(n, _)| n.len() > 11 && n[..11].eq_ignore_ascii_case(b"x-tollgate-"))
-        .map(|(n, v)| {
-            (
-                String::from_utf8_lossy(n).to_ascii_lowercase(),
-                String::from_utf8_lossy(v).into_owned(),
-            )
-        })
-        .collect()
-}
-
 /// Admits `routed` for `ctx.identity`; on success the reservation is in `ctx.reservation`.
 pub async fn admit(
     core: &Core,
@@ -58,13 +46,18 @@ pub async fn admit(
     routed: &mut Routed,
 ) -> Result<Admitted> {
     let budgets = &snap.config.budgets;
+    let Some(id) = ctx.identity.as_ref() else {
+        return Ok(Admitted::Yes);
+    };
+    // Declared attributes are checked on every request (required ones, allowed values), budgets or not.
     let attributes = budgets
-        .check_attributes(&tollgate_headers(ctx))
+        .attributes()
+        .resolve(id, ctx.head.headers())
         .map_err(Error::bad_request)?;
     if budgets.is_empty() {
         return Ok(Admitted::Yes);
     }
-    let (Some(id), Some(quote)) = (ctx.identity.as_ref(), ctx.quote) else {
+    let Some(quote) = ctx.quote else {
         return Ok(Admitted::Yes);
     };
     let keys = budgets.applicable(
@@ -72,6 +65,7 @@ pub async fn admit(
         &BudgetRequest {
             model: &routed.model,
             upstream_model: routed.upstream_model.as_deref(),
+            canonical_model: routed.canonical_model.as_deref(),
             provider: &routed.provider.name,
             attributes: &attributes,
         },

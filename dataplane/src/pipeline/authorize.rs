@@ -1,5 +1,6 @@
 //! Phase 4, authorize: may this identity send this request. Runs after routing, because a policy is about
-//! where the request goes (the requested model, the upstream model an alias renames it to, the provider).
+//! where the request goes (the requested model, the upstream model an alias renames it to, the canonical
+//! price-sheet name of the billed model that the route phase resolved, the provider).
 //!
 //! Owns: applying the [`PolicySet`](tollgate_core::PolicySet) decision (precedence is documented
 //! in `tollgate_core::auth::identity`) and the per-request `max_tokens` cap: a request asking for more
@@ -20,6 +21,7 @@ pub fn authorize(state: &AuthState, id: &Identity, routed: &mut Routed) -> Resul
     let req = PolicyRequest {
         model: &routed.model,
         upstream_model: routed.upstream_model.as_deref(),
+        canonical_model: routed.canonical_model.as_deref(),
         provider: &routed.provider.name,
     };
     match state.policies.decide(id, &req) {

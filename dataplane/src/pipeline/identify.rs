@@ -67,8 +67,8 @@ pub async fn identify(core: &Core, ctx: &RequestCtx) -> Result<Identity> {
         )));
     }
     if token.starts_with(tollgate_core::auth::service_tokens::TOKEN_PREFIX) {
-        return match state.tokens.check(token, jiff::Timestamp::now()) {
-            Ok(t) => Ok(service_identity(&t)),
+        return match state.tokens.identify(token, jiff::Timestamp::now()) {
+            Ok(id) => Ok(id),
             Err(r) => Err(unauthenticated(&Rejection::ServiceToken(r.to_string()))),
         };
     }
@@ -149,16 +149,4 @@ async fn verify_jwt(
         now,
     );
     Ok(v.identity)
-}
-
-/// A service token's identity: its name is the subject, its owning team its one group.
-fn service_identity(t: &tollgate_core::auth::service_tokens::ServiceToken) -> Identity {
-    Identity {
-        kind: tollgate_core::IdentityKind::Service,
-        subject: Arc::from(t.name.as_str()),
-        email: None,
-        groups: Arc::from(vec![Arc::from(t.team.as_str())]),
-        source: Arc::from("service-token"),
-        token_id: Some(Arc::from(t.id.as_str())),
-    }
 }

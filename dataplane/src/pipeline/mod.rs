@@ -190,16 +190,7 @@ async fn handle(core: &Core, ctx: &mut RequestCtx, io: &mut ClientIo) {
                 Err(e) => return fail(ctx, io, e).await,
             };
             let auth = core.auth.state.load();
-            let allowed = |model: &str, upstream: Option<&str>, provider: &str| {
-                auth.policies.permits(
-                    &id,
-                    &tollgate_core::PolicyRequest {
-                        model,
-                        upstream_model: upstream,
-                        provider,
-                    },
-                )
-            };
+            let allowed = |r: &tollgate_core::PolicyRequest<'_>| auth.policies.permits(&id, r);
             let body = route::models_body(&snap, shape_for_models(ctx), &allowed);
             ctx.identity = Some(id);
             return local(ctx, io, 200, body, head_only).await;

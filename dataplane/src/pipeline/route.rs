@@ -3,7 +3,9 @@
 //! Owns: endpoint classification by method and path, the one parse of the request body (`serde_json` into a
 //! borrowed probe that skips every field but `model` and `stream`, so nothing is allocated for the prompt),
 //! route lookup (exact names before globs), and the upstream body: the client's bytes unchanged (a refcount,
-//! no copy) unless the route renames the model, in which case exactly one splice replaces the name.
+//! no copy) unless the route renames the model, in which case exactly one splice replaces the name; and the
+//! model's canonical price-sheet name (one hash lookup in the snapshot's price book, a shared string),
+//! which the authorize and admit phases match policies and budget model filters against.
 //!
 //! Which paths are chat endpoints, and what each API needs added to the body, is the API's own
 //! ([`crate::providers::Api`]).
@@ -76,6 +78,10 @@ pub struct Routed {
     pub provider: Arc<ProviderRuntime>,
     pub route: String,
     pub upstream_model: Option<String>,
+    /// The canonical price-sheet name of the model the provider will bill (the upstream name, or the
+    /// requested one), when the sheet lists it: what policies and budget model filters also match
+    /// (`gpt-4o` covers `gpt-4o-2024-08-06`). Shared with the snapshot's price book: no copy.
+    pub canonical_model: Option<Arc<str>>,
     /// The body to send upstream.
     pub body: Bytes,
     /// Tollgate asked the provider for usage the client did not ask for (see
@@ -141,7 +147,11 @@ pub fn route(snap: &Snapshot, ep: Endpoint, body: &Bytes) -> Result<Routed> {
             strip_usage = true;
         }
     }
+    // One model identity: resolved once here, matched by the authorize and admit phases.
+    let billed = route.upstream_model.as_deref().unwrap_or(&model);
+    let canonical_model = snap.config.prices.canonical(provider.kind, billed).cloned();
     Ok(Routed {
+        canonical_model,
         strip_usage,
         max_tokens: billing.cap,
         choices: billing.choices,
@@ -202,11 +212,12 @@ pub fn with_model(body: &Bytes, model: &str) -> Result<Bytes> {
 pub use crate::providers::insert_member;
 
 /// `GET /v1/models`: the exactly-named routes, in the OpenAI shape or, for Anthropic SDK callers, Anthropic's.
-/// `allowed(model, upstream_model, provider)` filters it to what the caller's policies permit.
+/// `allowed` filters it to what the caller's policies permit, asked with the same names (requested,
+/// upstream, canonical) the authorize phase uses, so the list and the decision agree.
 pub fn models_body(
     snap: &Snapshot,
     shape: Api,
-    allowed: &dyn Fn(&str, Option<&str>, &str) -> bool,
+    allowed: &dyn Fn(&tollgate_core::PolicyRequest<'_>) -> bool,
 ) -> Vec<u8> {
     let names: Vec<(&str, &str)> = snap
         .config
@@ -214,12 +225,18 @@ pub fn models_body(
         .iter()
         .filter(|r| !r.pattern.is_glob())
         .filter(|r| {
-            let provider = snap
-                .providers
-                .get(r.provider)
-                .map(|p| p.name.as_str())
-                .unwrap_or("");
-            allowed(r.pattern.as_str(), r.upstream_model.as_deref(), provider)
+            let provider = snap.providers.get(r.provider);
+            let model = r.pattern.as_str();
+            let canonical = provider.and_then(|p| {
+                let billed = r.upstream_model.as_deref().unwrap_or(model);
+                snap.config.prices.canonical(p.kind, billed)
+            });
+            allowed(&tollgate_core::PolicyRequest {
+                model,
+                upstream_model: r.upstream_model.as_deref(),
+                canonical_model: canonical.map(|c| &**c),
+                provider: provider.map(|p| p.name.as_str()).unwrap_or(""),
+            })
         })
         .map(|r| {
             (

@@ -177,7 +177,7 @@ impl Sync {
         let mut prints = Vec::with_capacity(n);
         let mut fetch = Vec::new();
         for (i, c) in auth.issuers.iter().enumerate() {
-            match self.config.issuers.iter().position(|o| **o == **c) {
+            match self.config.issuers.iter().position(|o| o.same_keys(c)) {
                 Some(j) => {
                     agents.push(self.agents.get_mut(j).and_then(Option::take));
                     issuers.push(self.issuers.get(j).cloned().unwrap_or_default());

@@ -7,8 +7,9 @@
 //! 1. Policies sit at three levels, most specific first: the subject (`user = ...` for a person, matched
 //!    against the user id or email; `service_token = ...` for a token, matched against its name), then
 //!    groups (`group = ...`; a service token's owning team counts as its group), then `default = true`.
-//! 2. At each level, a deny that matches (the requested model, the upstream model it routes to, or the
-//!    provider) beats any allow at that level. An allow that matches decides the request at that level.
+//! 2. At each level, a deny that matches (a model pattern matching any name of the request's model, see
+//!    below, or a provider pattern matching the provider) beats any allow at that level. An allow that
+//!    matches decides the request at that level.
 //! 3. A level with no matching rule passes the decision to the next. When no level decided and some
 //!    applicable policy has an allow list, the request is denied (an allow list means "only these");
 //!    when none has, the request is allowed.
@@ -17,6 +18,12 @@
 //!
 //! So a user's own allow beats their group's deny ("user beats group"), and a deny beats an allow of the
 //! same level ("deny beats allow").
+//!
+//! One model identity ([`ModelNames`]): a model pattern matches a request when it matches the name the
+//! client asked for, the upstream name the route sends, or the canonical price-sheet name of the model the
+//! provider will bill (its dated snapshots and other aliases resolve to it). So `gpt-4o` covers
+//! `gpt-4o-2024-08-06`, and a deny matching any of the three names denies. Budget model filters follow the
+//! same rule (`crate::budget`).
 //!
 //! Fails: configuration problems are returned as (field, reason) pairs for the config's error list;
 //! evaluation never fails. Cost: evaluation is a walk over the policies that apply to the identity (glob
@@ -61,6 +68,11 @@ pub struct Identity {
     pub source: Arc<str>,
     /// A service token's public id (never the secret).
     pub token_id: Option<Arc<str>>,
+    /// What request attributes can be taken from (`[attributes]` entries with `from = "claim:NAME"` or
+    /// `from = "token:NAME"`): for a person, the JWT claims those entries name (only those are kept, so
+    /// verification copies no other claim); for a service token, the token's own `attributes`. (name,
+    /// value) pairs, shared: cloning an identity copies no string.
+    pub attributes: Arc<[(Arc<str>, Arc<str>)]>,
 }
 
 impl Identity {
@@ -73,7 +85,16 @@ impl Identity {
             groups: Arc::from(Vec::new()),
             source: Arc::from("anonymous"),
             token_id: None,
+            attributes: Arc::from(Vec::new()),
         }
+    }
+
+    /// The value of the identity attribute `name` (a kept claim, or a service token's attribute).
+    pub fn attribute(&self, name: &str) -> Option<&str> {
+        self.attributes
+            .iter()
+            .find(|(n, _)| **n == *name)
+            .map(|(_, v)| &**v)
     }
 }
 
@@ -88,7 +109,8 @@ pub struct RawPolicy {
     pub group: Option<String>,
     pub service_token: Option<String>,
     pub default: Option<bool>,
-    /// Globs over model names (the requested name and the upstream model it routes to).
+    /// Globs over model names (the requested name, the upstream model it routes to, and the canonical
+    /// price-sheet name of the billed model).
     #[serde(default)]
     pub allow_models: Vec<String>,
     #[serde(default)]
@@ -154,8 +176,29 @@ impl Policy {
 }
 
 fn any_model(pats: &[glob::Pattern], r: &PolicyRequest<'_>) -> bool {
-    pats.iter()
-        .any(|p| p.matches(r.model) || r.upstream_model.is_some_and(|u| p.matches(u)))
+    pats.iter().any(|p| r.names().matched_by(p))
+}
+
+/// Every name one request's model goes by: what a model pattern (a policy's or a budget's) is matched
+/// against. See the module docs for the rule.
+#[derive(Debug, Clone, Copy)]
+pub struct ModelNames<'a> {
+    /// The model name the client asked for.
+    pub requested: &'a str,
+    /// The upstream model the route sends it to, when it renames.
+    pub upstream: Option<&'a str>,
+    /// The canonical price-sheet name of the model the provider will bill (the upstream name, or the
+    /// requested one), when the sheet lists it.
+    pub canonical: Option<&'a str>,
+}
+
+impl ModelNames<'_> {
+    /// Whether `p` matches any of the names.
+    pub fn matched_by(&self, p: &glob::Pattern) -> bool {
+        p.matches(self.requested)
+            || self.upstream.is_some_and(|u| p.matches(u))
+            || self.canonical.is_some_and(|c| p.matches(c))
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -174,8 +217,22 @@ pub struct PolicyRequest<'a> {
     pub model: &'a str,
     /// The upstream model the route sends it to, when it renames.
     pub upstream_model: Option<&'a str>,
+    /// The canonical price-sheet name of the model the provider will bill, when the sheet lists it
+    /// (`PriceBook::canonical` of the upstream name, or of the requested one).
+    pub canonical_model: Option<&'a str>,
     /// The provider's configured name.
     pub provider: &'a str,
+}
+
+impl<'a> PolicyRequest<'a> {
+    /// The names a model pattern is matched against.
+    pub fn names(&self) -> ModelNames<'a> {
+        ModelNames {
+            requested: self.model,
+            upstream: self.upstream_model,
+            canonical: self.canonical_model,
+        }
+    }
 }
 
 /// The outcome of evaluating the policies for one request.
@@ -344,6 +401,7 @@ mod tests {
             groups: groups.iter().map(|g| Arc::from(*g)).collect(),
             source: Arc::from("okta"),
             token_id: None,
+            attributes: Arc::from(Vec::new()),
         }
     }
 
@@ -355,6 +413,7 @@ mod tests {
             groups: Arc::from(vec![Arc::from(team)]),
             source: Arc::from("service-token"),
             token_id: Some(Arc::from("st_1")),
+            attributes: Arc::from(Vec::new()),
         }
     }
 
@@ -371,6 +430,7 @@ mod tests {
         PolicyRequest {
             model,
             upstream_model: None,
+            canonical_model: None,
             provider: "openai",
         }
     }
@@ -480,6 +540,7 @@ mod tests {
             &PolicyRequest {
                 model: "claude-3-5-sonnet",
                 upstream_model: None,
+                canonical_model: None,
                 provider: "anthropic",
             },
         );
@@ -501,6 +562,7 @@ mod tests {
             &PolicyRequest {
                 model: "claude-3-5-sonnet",
                 upstream_model: None,
+                canonical_model: None,
                 provider: "anthropic"
             }
         ));
@@ -520,9 +582,51 @@ mod tests {
         let r = PolicyRequest {
             model: "fast",
             upstream_model: Some("o1-pro-2025"),
+            canonical_model: None,
             provider: "openai",
         };
         assert_eq!(denied_by(&p.decide(&user("gail", &["ml"]), &r)), Some("ml"));
+    }
+
+    #[test]
+    fn a_name_covers_its_dated_snapshots_through_the_canonical_name() {
+        let p = set(POLICIES);
+        // bob denies gpt-4o; the dated snapshot resolves (price sheet) to gpt-4o.
+        let dated = PolicyRequest {
+            model: "gpt-4o-2024-08-06",
+            upstream_model: None,
+            canonical_model: Some("gpt-4o"),
+            provider: "openai",
+        };
+        assert_eq!(
+            denied_by(&p.decide(&user("bob", &["ml"]), &dated)),
+            Some("bob")
+        );
+        // Without the canonical name the snapshot would escape the deny (the bug this closes).
+        let bare = PolicyRequest {
+            canonical_model: None,
+            ..dated
+        };
+        assert!(p.permits(&user("bob", &["ml"]), &bare));
+        // An alias route whose upstream is a snapshot: the canonical name of the billed model counts.
+        let alias = PolicyRequest {
+            model: "fast",
+            upstream_model: Some("gpt-4o-2024-11-20"),
+            canonical_model: Some("gpt-4o"),
+            provider: "openai",
+        };
+        assert_eq!(
+            denied_by(&p.decide(&user("bob", &["ml"]), &alias)),
+            Some("bob")
+        );
+        // Allows follow the same names: everyone's gpt-4o-mini allow covers its dated snapshot.
+        let mini = PolicyRequest {
+            model: "gpt-4o-mini-2024-07-18",
+            upstream_model: None,
+            canonical_model: Some("gpt-4o-mini"),
+            provider: "openai",
+        };
+        assert!(p.permits(&user("carol", &[]), &mini));
     }
 
     #[test]

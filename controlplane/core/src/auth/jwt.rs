@@ -107,6 +107,19 @@ pub struct IssuerConfig {
     pub refresh: Duration,
     pub min_refresh: Duration,
     pub ca_file: Option<PathBuf>,
+    /// The claims request attributes are taken from (`[attributes]` entries with `from = "claim:NAME"`),
+    /// kept in [`Identity::attributes`]; no other claim is copied. Set by the config validator.
+    pub attribute_claims: Vec<String>,
+}
+
+impl IssuerConfig {
+    /// Whether keys fetched for `self` serve `other` too: the same issuer, fetched the same way (only the
+    /// claims kept for attributes may differ, and they do not change the keys).
+    pub fn same_keys(&self, other: &IssuerConfig) -> bool {
+        let mut a = self.clone();
+        a.attribute_claims.clone_from(&other.attribute_claims);
+        a == *other
+    }
 }
 
 /// `[auth]`, validated.
@@ -311,6 +324,7 @@ impl AuthConfig {
                 ca_file: r
                     .ca_file
                     .map(|f| if f.is_relative() { base.join(f) } else { f }),
+                attribute_claims: Vec::new(),
             }));
         }
         if is.is_empty() {
@@ -753,8 +767,24 @@ fn map_claims(
             Arc::from(format!("{}{}", issuer.group_prefix, name).as_str())
         })
         .collect();
+    // Only the claims `[attributes]` takes values from; a value that is no attribute value counts as absent.
+    let attributes: Vec<(Arc<str>, Arc<str>)> = issuer
+        .attribute_claims
+        .iter()
+        .filter_map(|name| {
+            let v = match claims.get(name)? {
+                serde_json::Value::String(s) => s.clone(),
+                serde_json::Value::Number(n) => n.to_string(),
+                serde_json::Value::Bool(b) => b.to_string(),
+                _ => return None,
+            };
+            crate::budget::attributes::valid_value(&v)
+                .then(|| (Arc::from(name.as_str()), Arc::from(v.as_str())))
+        })
+        .collect();
     Ok(Verified {
         identity: Identity {
+            attributes: Arc::from(attributes),
             kind: IdentityKind::User,
             subject: Arc::from(subject.as_str()),
             email: email.map(|e| Arc::from(e.as_str())),
@@ -918,6 +948,37 @@ mod tests {
             .unwrap_err(),
             Rejection::UnknownKey { .. }
         ));
+    }
+
+    #[test]
+    fn only_the_claims_attributes_name_are_kept() {
+        let mut c = claims();
+        c["project"] = json!("apollo");
+        c["level"] = json!(3);
+        c["nested"] = json!({"a": 1});
+        c["unused"] = json!("x");
+        let token = sign(&c, "rsa-a", Algorithm::RS256, Some("rsa-a"));
+        let keys = KeySet::from_jwks(&fixture("jwks-all.json")).unwrap();
+        let pk = peek(&token, 8192).unwrap();
+        let mut iss = issuer();
+        iss.attribute_claims = vec![
+            "level".into(),
+            "missing".into(),
+            "nested".into(),
+            "project".into(),
+        ];
+        let v = verify(&token, &pk, &iss, &keys).unwrap();
+        let kept: Vec<(&str, &str)> = v
+            .identity
+            .attributes
+            .iter()
+            .map(|(k, v)| (&**k, &**v))
+            .collect();
+        assert_eq!(kept, [("level", "3"), ("project", "apollo")]);
+        // None named: nothing kept.
+        assert!(check(&token).unwrap().identity.attributes.is_empty());
+        // The kept claims do not change which keys an issuer needs.
+        assert!(iss.same_keys(&issuer()));
     }
 
     #[test]

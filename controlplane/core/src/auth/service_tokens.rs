@@ -19,7 +19,7 @@
 //! before hashing. The lookup key is the digest of the presented token, so comparing keys reveals nothing
 //! useful about any stored token to a timing attacker.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::fs::{DirBuilder, File, OpenOptions};
 use std::io::{self, Write};
@@ -32,6 +32,8 @@ use base64::Engine;
 use jiff::{SignedDuration, Timestamp};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
+
+use crate::auth::identity::{Identity, IdentityKind};
 
 /// Every service token starts with this, so scanners and the gateway can tell it from a provider key.
 pub const TOKEN_PREFIX: &str = "tg_";
@@ -93,6 +95,8 @@ pub enum TokenStoreError {
     AlreadyRevoked { name: String, id: String },
     #[error("expiry {0} is not in the future")]
     ExpiryInPast(Timestamp),
+    #[error("invalid attribute {key:?}: {reason}")]
+    InvalidAttribute { key: String, reason: String },
     #[error("invalid lifetime {spec:?}: {reason}")]
     InvalidLifetime { spec: String, reason: &'static str },
     #[error("the operating system's random number generator failed: {0}")]
@@ -116,6 +120,12 @@ pub struct ServiceToken {
     pub created_at: Timestamp,
     pub expires_at: Option<Timestamp>,
     pub revoked_at: Option<Timestamp>,
+    /// Request attributes the token carries (`[attributes]` entries with `from = "token:NAME"` take their
+    /// value from here, and the caller cannot override it). Keys 1 to 64 of `[a-z0-9_]`, values 1 to 256
+    /// bytes without control characters. Absent from the file when empty, so files without attributes
+    /// stay readable by older builds.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub attributes: BTreeMap<String, String>,
 }
 
 /// Where a token stands at a given moment.
@@ -278,6 +288,7 @@ pub fn load(dir: &Path) -> Result<TokenFile> {
         } else {
             check_name("name", &t.name)
                 .and_then(|()| check_name("team", &t.team))
+                .and_then(|()| check_attributes(&t.attributes))
                 .err()
                 .map(|e| e.to_string())
         };
@@ -335,8 +346,20 @@ impl TokenStore {
         team: &str,
         expires_at: Option<Timestamp>,
     ) -> Result<(ServiceToken, Secret)> {
+        self.create_with(name, team, expires_at, BTreeMap::new())
+    }
+
+    /// [`TokenStore::create`] with request attributes the token carries (see [`ServiceToken::attributes`]).
+    pub fn create_with(
+        &self,
+        name: &str,
+        team: &str,
+        expires_at: Option<Timestamp>,
+        attributes: BTreeMap<String, String>,
+    ) -> Result<(ServiceToken, Secret)> {
         check_name("name", name)?;
         check_name("team", team)?;
+        check_attributes(&attributes)?;
         let now = Timestamp::now();
         if let Some(e) = expires_at {
             if e <= now {
@@ -376,6 +399,7 @@ impl TokenStore {
             created_at: now,
             expires_at,
             revoked_at: None,
+            attributes,
         };
         file.tokens.push(token.clone());
         self.write(&file)?;
@@ -495,7 +519,25 @@ pub enum TokenRejection {
 /// Built once per store change and shared read-only by the cores.
 #[derive(Debug, Clone, Default)]
 pub struct ServiceTokenSet {
-    by_hash: HashMap<[u8; 32], Arc<ServiceToken>>,
+    by_hash: HashMap<[u8; 32], (Arc<ServiceToken>, Identity)>,
+}
+
+/// A service token's identity: its name is the subject, its owning team its one group, its attributes
+/// its identity attributes. Built once per store change, so a request clones shared strings only.
+fn identity_of(t: &ServiceToken) -> Identity {
+    Identity {
+        kind: IdentityKind::Service,
+        subject: Arc::from(t.name.as_str()),
+        email: None,
+        groups: Arc::from(vec![Arc::from(t.team.as_str())]),
+        source: Arc::from("service-token"),
+        token_id: Some(Arc::from(t.id.as_str())),
+        attributes: t
+            .attributes
+            .iter()
+            .map(|(k, v)| (Arc::from(k.as_str()), Arc::from(v.as_str())))
+            .collect(),
+    }
 }
 
 impl ServiceTokenSet {
@@ -510,7 +552,8 @@ impl ServiceTokenSet {
                     reason: "hash is not 64 lowercase hex characters".to_owned(),
                 });
             };
-            by_hash.insert(digest, Arc::new(t));
+            let id = identity_of(&t);
+            by_hash.insert(digest, (Arc::new(t), id));
         }
         Ok(ServiceTokenSet { by_hash })
     }
@@ -529,13 +572,28 @@ impl ServiceTokenSet {
         presented: &str,
         now: Timestamp,
     ) -> Result<Arc<ServiceToken>, TokenRejection> {
+        self.lookup(presented, now).map(|(t, _)| Arc::clone(t))
+    }
+
+    /// The identity of the token `presented` names, if it is known, not revoked and not expired at `now`:
+    /// [`ServiceTokenSet::check`] without building anything (the identity was built with the set).
+    pub fn identify(&self, presented: &str, now: Timestamp) -> Result<Identity, TokenRejection> {
+        self.lookup(presented, now).map(|(_, id)| id.clone())
+    }
+
+    fn lookup(
+        &self,
+        presented: &str,
+        now: Timestamp,
+    ) -> Result<&(Arc<ServiceToken>, Identity), TokenRejection> {
         if !looks_like_service_token(presented) {
             return Err(TokenRejection::Unknown);
         }
         let digest: [u8; 32] = Sha256::digest(presented.as_bytes()).into();
-        let token = self.by_hash.get(&digest).ok_or(TokenRejection::Unknown)?;
+        let entry = self.by_hash.get(&digest).ok_or(TokenRejection::Unknown)?;
+        let token = &entry.0;
         match token.status(now) {
-            TokenStatus::Active => Ok(Arc::clone(token)),
+            TokenStatus::Active => Ok(entry),
             TokenStatus::Revoked => Err(TokenRejection::Revoked {
                 name: token.name.clone(),
             }),
@@ -544,6 +602,25 @@ impl ServiceTokenSet {
             }),
         }
     }
+}
+
+/// A token's attributes: keys and values as `[attributes]` accepts them.
+fn check_attributes(attributes: &BTreeMap<String, String>) -> Result<()> {
+    use crate::budget::attributes::{valid_key, valid_value, MAX_VALUE_LEN};
+    for (k, v) in attributes {
+        let reason = if !valid_key(k) {
+            "keys are 1 to 64 of [a-z0-9_]".to_owned()
+        } else if !valid_value(v) {
+            format!("values are 1 to {MAX_VALUE_LEN} bytes without control characters")
+        } else {
+            continue;
+        };
+        return Err(TokenStoreError::InvalidAttribute {
+            key: k.clone(),
+            reason,
+        });
+    }
+    Ok(())
 }
 
 /// Names and teams end up in listings, logs and 401 bodies: keep them short and shell- and log-safe.
@@ -748,6 +825,36 @@ mod tests {
         ));
         store.create(&"x".repeat(64), "a", None).unwrap();
         assert_eq!(store.list().unwrap().len(), 3);
+    }
+
+    #[test]
+    fn attributes_are_stored_validated_and_carried_by_the_identity() {
+        let dir = Dir::new("attrs");
+        let store = TokenStore::open(&dir.0).unwrap();
+        let attrs: BTreeMap<String, String> =
+            [("cost_center".to_owned(), "cc-7".to_owned())].into();
+        let (t, secret) = store
+            .create_with("ci", "platform", None, attrs.clone())
+            .unwrap();
+        assert_eq!(t.attributes, attrs);
+        let file = load(&dir.0).unwrap();
+        assert_eq!(file.tokens[0].attributes, attrs);
+        let id = set(&dir.0)
+            .identify(secret.expose(), Timestamp::now())
+            .unwrap();
+        assert_eq!(id.attribute("cost_center"), Some("cc-7"));
+        assert_eq!(&*id.subject, "ci");
+        // A token without attributes is written exactly as before (no `attributes` member).
+        store.create("plain", "platform", None).unwrap();
+        let text = std::fs::read_to_string(file_path(&dir.0)).unwrap();
+        assert_eq!(text.matches("attributes").count(), 1, "{text}");
+        for bad in [("Bad-Key", "v"), ("k", ""), ("k", "a\nb")] {
+            let attrs: BTreeMap<String, String> = [(bad.0.to_owned(), bad.1.to_owned())].into();
+            assert!(matches!(
+                store.create_with("x", "t", None, attrs),
+                Err(TokenStoreError::InvalidAttribute { .. })
+            ));
+        }
     }
 
     #[test]

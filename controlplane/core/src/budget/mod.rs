@@ -7,8 +7,10 @@
 //!
 //! ```toml
 //! [attributes]
-//! # Custom request attributes budgets can filter on: key -> the request header carrying it.
+//! # Custom request attributes budgets can filter on (see `attributes`): key -> the header carrying it,
 //! project = "x-tollgate-project"
+//! # or a table: a header or a source in the caller's identity, whether it is required, allowed values.
+//! team = { from = "claim:team", required = true, values = ["apollo", "zeus"] }
 //!
 //! [[budgets]]
 //! name = "engineers-monthly"      # unique, [A-Za-z0-9_.-], 1..64
@@ -20,7 +22,8 @@
 //! group = "engineering"           # required for each_member / group
 //! # user = "alice@example.com"    # required for scope = "user" (subject or email)
 //! # service_token = "ci-bot"      # required for scope = "service_token" (the token's name)
-//! models = ["gpt-5*"]             # globs over the requested or the upstream model; absent = all
+//! models = ["gpt-5*"]             # globs over the model's names: requested, upstream, canonical
+//!                                 # (price sheet: "gpt-4o" covers "gpt-4o-2024-08-06"); absent = all
 //! providers = ["openai"]          # globs over provider names; absent = all
 //! attributes = { project = "apollo" }  # exact matches; keys declared in [attributes]
 //! action = "block"                # block (default) | downgrade | alert
@@ -32,9 +35,13 @@
 //! webhook = "https://hooks.example.com/x"  # https (http only for loopback)
 //! ```
 //!
-//! Attribute headers: a request header whose name equals a declared attribute header is that attribute;
-//! a header starting with `x-tollgate-attr-` that is not declared is an error (the request is refused
-//! with 400, so a typo never silently escapes a budget); any other header is ignored.
+//! Attributes: declared in `[attributes]`, taken from a header or from the caller's identity (a JWT claim,
+//! a service token's attribute), optionally required and restricted to listed values; the rules are in
+//! [`attributes`]. A budget's `attributes` filter names declared keys, with values among the declared ones.
+//!
+//! Model filters match the model's names the way policies do (`crate::auth::identity`, "One model
+//! identity"): the requested name, the upstream name, or the canonical price-sheet name of the billed
+//! model, so `models = ["gpt-4o"]` applies to `gpt-4o-2024-08-06`.
 //!
 //! Windows: calendar windows start at local midnight (the day), Monday 00:00 (the week) or the 1st 00:00
 //! (the month) in the budget's time zone, so a local day can be 23 or 25 hours long across a DST change;
@@ -49,6 +56,7 @@
 //! Cost: applicability is a walk over the budgets with a few glob matches per request; calendar window
 //! boundaries are a few time zone look-ups (well under a microsecond each).
 
+pub mod attributes;
 pub mod owner;
 pub mod slices;
 
@@ -60,14 +68,13 @@ use jiff::tz::TimeZone;
 use jiff::{SignedDuration, Timestamp, ToSpan};
 use serde::Deserialize;
 
-use crate::auth::identity::{Identity, IdentityKind};
+use crate::auth::identity::{Identity, IdentityKind, ModelNames};
 use crate::pricing::money::{Money, PICO_PER_USD};
 
 /// The largest budget amount, USD 1e12: keeps threshold arithmetic (`amount × 1000 %`) far inside `i128`.
 const MAX_AMOUNT_USD: i128 = 1_000_000_000_000;
 
-/// Headers with this prefix are meant as attributes; an undeclared one is an error.
-pub const ATTRIBUTE_HEADER_PREFIX: &str = "x-tollgate-attr-";
+pub use attributes::{Attributes, RawAttribute, RawAttributes, ATTRIBUTE_HEADER_PREFIX};
 
 /// Runtime errors of budget windows.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -102,9 +109,6 @@ pub struct RawBudget {
     pub alert_at: Vec<u32>,
     pub webhook: Option<String>,
 }
-
-/// `[attributes]` as written: attribute key -> the request header carrying it.
-pub type RawAttributes = BTreeMap<String, String>;
 
 /// Calendar units a window can follow.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -330,11 +334,12 @@ pub struct Budget {
 
 impl Budget {
     fn filters_match(&self, r: &BudgetRequest<'_>) -> bool {
-        let models = self.models.is_empty()
-            || self
-                .models
-                .iter()
-                .any(|p| p.matches(r.model) || r.upstream_model.is_some_and(|u| p.matches(u)));
+        let names = ModelNames {
+            requested: r.model,
+            upstream: r.upstream_model,
+            canonical: r.canonical_model,
+        };
+        let models = self.models.is_empty() || self.models.iter().any(|p| names.matched_by(p));
         let providers =
             self.providers.is_empty() || self.providers.iter().any(|p| p.matches(r.provider));
         let attributes = self
@@ -352,9 +357,11 @@ pub struct BudgetRequest<'a> {
     pub model: &'a str,
     /// The upstream model the route sends it to, when it renames.
     pub upstream_model: Option<&'a str>,
+    /// The canonical price-sheet name of the model the provider will bill, when the sheet lists it.
+    pub canonical_model: Option<&'a str>,
     /// The provider's configured name.
     pub provider: &'a str,
-    /// (key, value) attributes from the request headers (see [`BudgetSet::check_attributes`]).
+    /// (key, value) attributes from the request headers and the identity (see [`Attributes::resolve`]).
     pub attributes: &'a [(String, String)],
 }
 
@@ -396,7 +403,7 @@ impl Hash for InstanceKey {
 #[derive(Debug, Clone, Default)]
 pub struct BudgetSet {
     budgets: Vec<Arc<Budget>>,
-    attributes: Vec<(String, String)>,
+    attributes: Attributes,
 }
 
 fn valid_name(s: &str) -> bool {
@@ -413,32 +420,7 @@ impl BudgetSet {
         attributes: RawAttributes,
     ) -> Result<BudgetSet, Vec<(String, String)>> {
         let mut is: Vec<(String, String)> = Vec::new();
-        let mut attrs: Vec<(String, String)> = Vec::new();
-        for (key, header) in attributes {
-            let at = format!("attributes.{key}");
-            if key.is_empty()
-                || key.len() > 64
-                || !key
-                    .bytes()
-                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
-            {
-                is.push((at, "attribute keys must be 1 to 64 of [a-z0-9_]".into()));
-                continue;
-            }
-            let header = header.to_ascii_lowercase();
-            if http::HeaderName::from_bytes(header.as_bytes()).is_err() {
-                is.push((at, format!("{header:?} is not a valid header name")));
-                continue;
-            }
-            if let Some((other, _)) = attrs.iter().find(|(_, h)| *h == header) {
-                is.push((
-                    at,
-                    format!("the header {header:?} already carries attribute {other:?}"),
-                ));
-                continue;
-            }
-            attrs.push((key, header));
-        }
+        let attrs = Attributes::from_raw(attributes, &mut is);
         let mut budgets = Vec::with_capacity(raw.len());
         let mut names = std::collections::HashSet::new();
         for (i, b) in raw.into_iter().enumerate() {
@@ -548,13 +530,19 @@ impl BudgetSet {
             let providers = globs("providers", &b.providers);
             let mut attributes = Vec::new();
             for (k, v) in &b.attributes {
-                if attrs.iter().any(|(key, _)| key == k) {
-                    attributes.push((k.clone(), v.clone()));
-                } else {
-                    is.push((
+                match attrs.get(k) {
+                    Some(a) if !a.values.is_empty() && !a.values.contains(v) => is.push((
+                        at(&format!("attributes.{k}")),
+                        format!(
+                            "{v:?} is not among the values [attributes] allows for {k:?}: {}",
+                            a.values.join(", ")
+                        ),
+                    )),
+                    Some(_) => attributes.push((k.clone(), v.clone())),
+                    None => is.push((
                         at(&format!("attributes.{k}")),
                         format!("{k:?} is not declared in [attributes]"),
-                    ));
+                    )),
                 }
             }
             let action = match (b.action.as_deref().unwrap_or("block"), &b.downgrade_to) {
@@ -663,8 +651,8 @@ impl BudgetSet {
         self.budgets.iter().find(|b| &*b.name == name)
     }
 
-    /// Declared attributes as (key, lowercased header name).
-    pub fn attribute_headers(&self) -> &[(String, String)] {
+    /// The declared attributes.
+    pub fn attributes(&self) -> &Attributes {
         &self.attributes
     }
 
@@ -701,38 +689,6 @@ impl BudgetSet {
             })
             .collect()
     }
-
-    /// Picks the attributes out of a request's headers (names lowercased; the caller passes those
-    /// starting with `x-tollgate-`): a header equal to a declared attribute header gives (key, value); an
-    /// undeclared `x-tollgate-attr-*` header, or an attribute given twice, is an error naming it.
-    pub fn check_attributes(
-        &self,
-        present: &[(String, String)],
-    ) -> Result<Vec<(String, String)>, String> {
-        let mut out: Vec<(String, String)> = Vec::new();
-        for (h, v) in present {
-            match self
-                .attributes
-                .iter()
-                .find(|(_, header)| header.eq_ignore_ascii_case(h))
-            {
-                Some((key, _)) => {
-                    if out.iter().any(|(k, _)| k == key) {
-                        return Err(format!("the attribute header {h} is given more than once"));
-                    }
-                    out.push((key.clone(), v.clone()));
-                }
-                None => {
-                    if h.to_ascii_lowercase().starts_with(ATTRIBUTE_HEADER_PREFIX) {
-                        return Err(format!(
-                            "the header {h} is not a declared attribute (see [attributes] in the configuration)"
-                        ));
-                    }
-                }
-            }
-        }
-        Ok(out)
-    }
 }
 
 #[cfg(test)]
@@ -767,6 +723,7 @@ mod tests {
             groups: groups.iter().map(|g| Arc::from(*g)).collect(),
             source: Arc::from("okta"),
             token_id: None,
+            attributes: Arc::from(Vec::new()),
         }
     }
 
@@ -778,6 +735,7 @@ mod tests {
             groups: Arc::from(vec![Arc::from(team)]),
             source: Arc::from("service-token"),
             token_id: Some(Arc::from("st_1")),
+            attributes: Arc::from(Vec::new()),
         }
     }
 
@@ -785,6 +743,7 @@ mod tests {
         BudgetRequest {
             model,
             upstream_model: None,
+            canonical_model: None,
             provider: "openai",
             attributes,
         }
@@ -860,8 +819,13 @@ mod tests {
         let s = set(BUDGETS);
         assert_eq!(s.budgets().len(), 7);
         assert_eq!(
-            s.attribute_headers(),
-            &[("project".to_owned(), "x-tollgate-project".to_owned())]
+            s.attributes().list(),
+            &[attributes::Attribute {
+                key: "project".to_owned(),
+                source: attributes::Source::Header("x-tollgate-project".to_owned()),
+                required: false,
+                values: Vec::new(),
+            }]
         );
         let b = s.get("eng-each").unwrap();
         assert_eq!(b.amount, Money::parse_usd("500").unwrap());
@@ -1085,6 +1049,7 @@ mod tests {
         let r = BudgetRequest {
             model: "fast",
             upstream_model: Some("gpt-5-2025"),
+            canonical_model: None,
             provider: "openai",
             attributes: &none,
         };
@@ -1095,6 +1060,7 @@ mod tests {
         let r = BudgetRequest {
             model: "claude-sonnet",
             upstream_model: None,
+            canonical_model: None,
             provider: "anthropic",
             attributes: &none,
         };
@@ -1109,31 +1075,239 @@ mod tests {
     }
 
     #[test]
+    fn a_model_filter_covers_dated_snapshots_through_the_canonical_name() {
+        let s = set(r#"
+            [[budgets]]
+            name = "gpt4o"
+            amount_usd = "1"
+            window = "day"
+            scope = "everyone"
+            models = ["gpt-4o"]
+        "#);
+        let none: Vec<(String, String)> = Vec::new();
+        let carol = user("carol", &[]);
+        let dated = BudgetRequest {
+            model: "gpt-4o-2024-08-06",
+            upstream_model: None,
+            canonical_model: Some("gpt-4o"),
+            provider: "openai",
+            attributes: &none,
+        };
+        assert_eq!(labels(&s.applicable(&carol, &dated)), vec!["gpt4o"]);
+        // An alias route to a snapshot is charged too.
+        let alias = BudgetRequest {
+            model: "fast",
+            upstream_model: Some("gpt-4o-2024-11-20"),
+            ..dated
+        };
+        assert_eq!(labels(&s.applicable(&carol, &alias)), vec!["gpt4o"]);
+        // Without the canonical name the snapshot escaped (the bug this closes); another model still does.
+        let bare = BudgetRequest {
+            canonical_model: None,
+            ..dated
+        };
+        assert!(s.applicable(&carol, &bare).is_empty());
+        let mini = BudgetRequest {
+            model: "gpt-4o-mini",
+            canonical_model: Some("gpt-4o-mini"),
+            ..dated
+        };
+        assert!(s.applicable(&carol, &mini).is_empty());
+    }
+
+    fn headers<'a>(v: &'a [(&'a str, &'a str)]) -> impl Iterator<Item = (&'a [u8], &'a [u8])> {
+        v.iter().map(|(n, v)| (n.as_bytes(), v.as_bytes()))
+    }
+
+    fn pairs(v: &[(&str, &str)]) -> Vec<(String, String)> {
+        v.iter()
+            .map(|(a, b)| ((*a).to_owned(), (*b).to_owned()))
+            .collect()
+    }
+
+    #[test]
     fn attribute_headers_are_checked() {
         let s = set(BUDGETS);
-        let h = |v: &[(&str, &str)]| -> Vec<(String, String)> {
-            v.iter()
-                .map(|(a, b)| ((*a).to_owned(), (*b).to_owned()))
-                .collect()
-        };
+        let a = s.attributes();
+        let anon = Identity::anonymous();
         assert_eq!(
-            s.check_attributes(&h(&[
-                ("x-tollgate-project", "apollo"),
-                ("x-tollgate-request-id", "r1")
-            ]))
+            a.resolve(
+                &anon,
+                headers(&[
+                    ("X-Tollgate-Project", "apollo"),
+                    ("x-tollgate-request-id", "r1"),
+                    ("content-type", "application/json")
+                ])
+            )
             .unwrap(),
-            h(&[("project", "apollo")])
+            pairs(&[("project", "apollo")])
         );
-        let e = s
-            .check_attributes(&h(&[("x-tollgate-attr-projetc", "apollo")]))
+        let e = a
+            .resolve(&anon, headers(&[("x-tollgate-attr-projetc", "apollo")]))
             .unwrap_err();
         assert!(e.contains("x-tollgate-attr-projetc"), "{e}");
-        assert!(s
-            .check_attributes(&h(&[
-                ("x-tollgate-project", "a"),
-                ("x-tollgate-project", "b")
-            ]))
+        assert!(a
+            .resolve(
+                &anon,
+                headers(&[("x-tollgate-project", "a"), ("x-tollgate-project", "b")])
+            )
             .is_err());
+        // A declared header need not start with x-tollgate-.
+        let s = set(r#"
+            [attributes]
+            project = "x-project"
+        "#);
+        assert_eq!(
+            s.attributes()
+                .resolve(&anon, headers(&[("x-project", "apollo")]))
+                .unwrap(),
+            pairs(&[("project", "apollo")])
+        );
+    }
+
+    const REQUIRED: &str = r#"
+        [attributes]
+        project = { header = "x-tollgate-attr-project", required = true, values = ["apollo", "zeus"] }
+        team = { from = "claim:team", required = true }
+        cost_center = { from = "token:cost_center" }
+        note = "x-tollgate-note"
+
+        [[budgets]]
+        name = "apollo"
+        amount_usd = "1"
+        window = "day"
+        scope = "everyone"
+        attributes = { project = "apollo", team = "red" }
+    "#;
+
+    fn with_attrs(mut id: Identity, attrs: &[(&str, &str)]) -> Identity {
+        id.attributes = attrs
+            .iter()
+            .map(|(k, v)| (Arc::from(*k), Arc::from(*v)))
+            .collect();
+        id
+    }
+
+    #[test]
+    fn required_attributes_and_allowed_values_are_enforced() {
+        let s = set(REQUIRED);
+        let a = s.attributes();
+        let alice = with_attrs(user("alice", &[]), &[("team", "red")]);
+        // Missing: 400 naming the attribute and its header.
+        let e = a.resolve(&alice, headers(&[])).unwrap_err();
+        assert!(
+            e.contains("\"project\"") && e.contains("x-tollgate-attr-project"),
+            "{e}"
+        );
+        // A value outside the list: 400 naming the allowed values.
+        let e = a
+            .resolve(&alice, headers(&[("x-tollgate-attr-project", "mars")]))
+            .unwrap_err();
+        assert!(e.contains("apollo, zeus"), "{e}");
+        // Allowed: the claim's value joins the header's.
+        let got = a
+            .resolve(&alice, headers(&[("x-tollgate-attr-project", "apollo")]))
+            .unwrap();
+        assert_eq!(got, pairs(&[("project", "apollo"), ("team", "red")]));
+        // A required claim the caller's token lacks: 400 naming the claim.
+        let e = a
+            .resolve(
+                &user("bob", &[]),
+                headers(&[("x-tollgate-attr-project", "apollo")]),
+            )
+            .unwrap_err();
+        assert!(e.contains("\"team\"") && e.contains("claim"), "{e}");
+        // A service token has no claims: the required claim attribute refuses it.
+        assert!(a
+            .resolve(
+                &with_attrs(service("ci", "x"), &[("team", "red")]),
+                headers(&[("x-tollgate-attr-project", "apollo")])
+            )
+            .is_err());
+    }
+
+    #[test]
+    fn a_header_cannot_set_an_attribute_taken_from_the_identity() {
+        let s = set(REQUIRED);
+        let a = s.attributes();
+        let alice = with_attrs(user("alice", &[]), &[("team", "red")]);
+        // x-tollgate-attr-team names an identity attribute: ignored, the claim wins.
+        let got = a
+            .resolve(
+                &alice,
+                headers(&[
+                    ("x-tollgate-attr-project", "apollo"),
+                    ("x-tollgate-attr-team", "blue"),
+                ]),
+            )
+            .unwrap();
+        assert_eq!(got, pairs(&[("project", "apollo"), ("team", "red")]));
+        let r = BudgetRequest {
+            model: "gpt-4o",
+            upstream_model: None,
+            canonical_model: None,
+            provider: "openai",
+            attributes: &got,
+        };
+        assert_eq!(labels(&s.applicable(&alice, &r)), vec!["apollo"]);
+        // A service token's attribute comes from the token; a person has none.
+        let ci = with_attrs(service("ci", "x"), &[("cost_center", "cc-7")]);
+        let s2 = set(&REQUIRED.replace(", required = true }", " }"));
+        let got = s2
+            .attributes()
+            .resolve(
+                &ci,
+                headers(&[
+                    ("x-tollgate-attr-project", "zeus"),
+                    ("x-tollgate-attr-cost_center", "other"),
+                ]),
+            )
+            .unwrap();
+        assert_eq!(got, pairs(&[("project", "zeus"), ("cost_center", "cc-7")]));
+        assert_eq!(s2.attributes().claim_names(), vec!["team".to_owned()]);
+    }
+
+    #[test]
+    fn attribute_declarations_are_validated_by_field() {
+        let e = try_set(
+            r#"
+            [attributes]
+            both = { header = "x-a", from = "claim:a" }
+            neither = { required = true }
+            bad_from = { from = "cookie:a" }
+            bad_token = { from = "token:Not-Ok" }
+            empty = { header = "x-e", values = [] }
+            dup = { header = "x-d", values = ["a", "a", ""] }
+            same = "x-d"
+
+            [[budgets]]
+            name = "b"
+            amount_usd = "1"
+            window = "day"
+            scope = "everyone"
+            attributes = { dup = "zzz" }
+            "#,
+        )
+        .unwrap_err();
+        let fields: Vec<&str> = e.iter().map(|(f, _)| f.as_str()).collect();
+        for want in [
+            "attributes.both.from",
+            "attributes.neither.header",
+            "attributes.bad_from.from",
+            "attributes.bad_token.from",
+            "attributes.empty.values",
+            "attributes.dup.values[1]",
+            "attributes.dup.values[2]",
+            "attributes.same",
+            "budgets[0].attributes.dup",
+        ] {
+            assert!(fields.contains(&want), "missing {want}: {e:?}");
+        }
+        // Unknown fields in the table form are refused by serde, naming the field.
+        let bad: Result<BTreeMap<String, RawAttribute>, _> =
+            toml::from_str("a = { header = \"x-a\", requird = true }");
+        let msg = bad.unwrap_err().to_string();
+        assert!(msg.contains("requird"), "{msg}");
     }
 
     #[test]

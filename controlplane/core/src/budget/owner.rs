@@ -712,6 +712,7 @@ mod tests {
             groups: Arc::from(vec![Arc::from("eng")]),
             source: Arc::from("okta"),
             token_id: None,
+            attributes: Arc::from(Vec::new()),
         }
     }
 
@@ -746,6 +747,7 @@ mod tests {
             &BudgetRequest {
                 model: "m",
                 upstream_model: None,
+                canonical_model: None,
                 provider: "p",
                 attributes: &[],
             },

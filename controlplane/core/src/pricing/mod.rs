@@ -43,6 +43,7 @@ pub mod usage;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use jiff::civil::Date;
 use serde::{Deserialize, Serialize};
@@ -853,7 +854,8 @@ impl PricingConfig {
 /// One model's list price history, sorted by `effective_from`.
 #[derive(Debug)]
 struct History {
-    model: Box<str>,
+    /// The canonical name (the sheet entry's `model`); shared, so a request can keep it without copying.
+    model: Arc<str>,
     entries: Vec<(Date, ModelPrice)>,
 }
 
@@ -930,7 +932,7 @@ impl PriceBook {
                 Some(m) => {
                     let canonical: Box<str> =
                         match names[p].get(m.as_str()).and_then(|&h| histories.get(h)) {
-                            Some(h) => h.model.clone(),
+                            Some(h) => (*h.model).into(),
                             None => m.as_str().into(),
                         };
                     model_overrides[p].entry(canonical).or_default().push(item);
@@ -978,6 +980,16 @@ impl PriceBook {
         let sheet = PriceSheet::load(list_path);
         let pricing = PricingConfig::from_raw(config_path, pricing);
         combine(sheet, pricing)
+    }
+
+    /// The canonical name of `provider`'s model `model`: the sheet entry's `model` when `model` is it or
+    /// one of its aliases (dated snapshots), `None` when the sheet does not list the name. One hash
+    /// lookup; the name is shared, so keeping it is a reference count, not a copy.
+    pub fn canonical(&self, provider: ProviderKind, model: &str) -> Option<&Arc<str>> {
+        self.names[provider_index(provider)]
+            .get(model)
+            .and_then(|&h| self.histories.get(h))
+            .map(|h| &h.model)
     }
 
     /// The prices for a request to `provider`'s `model` on the UTC day `day`. Allocation-free except for
@@ -1140,6 +1152,21 @@ mod tests {
         assert!(b.price_at(ANT, "gpt-4o", day).is_err());
         // The superseded gpt-4o snapshot is deliberately not an alias.
         assert!(b.price_at(OAI, "gpt-4o-2024-05-13", day).is_err());
+    }
+
+    #[test]
+    fn canonical_names_resolve_aliases_per_provider() {
+        let b = PriceBook::builtin().unwrap();
+        let c = |p, m| b.canonical(p, m).map(|s| s.to_string());
+        assert_eq!(c(OAI, "gpt-4o-2024-08-06").as_deref(), Some("gpt-4o"));
+        assert_eq!(c(OAI, "gpt-4o").as_deref(), Some("gpt-4o"));
+        assert_eq!(
+            c(OAI, "gpt-4o-mini-2024-07-18").as_deref(),
+            Some("gpt-4o-mini")
+        );
+        assert_eq!(c(OAI, "gpt-4o-2024-05-13"), None);
+        assert_eq!(c(ANT, "gpt-4o"), None);
+        assert_eq!(c(OAI, "no-such-model"), None);
     }
 
     #[test]

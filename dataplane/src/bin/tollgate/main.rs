@@ -141,6 +141,10 @@ enum ServiceTokenAction {
         /// Absolute expiry, RFC 3339, e.g. 2026-01-31T00:00:00Z.
         #[arg(long)]
         expires_at: Option<String>,
+        /// A request attribute the token carries, KEY=VALUE (repeatable): `[attributes]` entries with
+        /// `from = "token:KEY"` take their value from it, and the caller cannot override it.
+        #[arg(long = "attribute", value_name = "KEY=VALUE")]
+        attributes: Vec<String>,
     },
     /// Revoke a token by name or id; the gateway refuses it from then on.
     Revoke {
@@ -330,7 +334,17 @@ fn service_token(action: ServiceTokenAction) -> anyhow::Result<()> {
             team,
             expires_in,
             expires_at,
+            attributes,
         } => {
+            let mut attrs = std::collections::BTreeMap::new();
+            for a in &attributes {
+                let (k, v) = a
+                    .split_once('=')
+                    .with_context(|| format!("--attribute {a:?} is not KEY=VALUE"))?;
+                if attrs.insert(k.to_owned(), v.to_owned()).is_some() {
+                    anyhow::bail!("--attribute {k:?} is given more than once");
+                }
+            }
             let expires_at = match (expires_in, expires_at) {
                 (Some(spec), _) => Some(
                     jiff::Timestamp::now()
@@ -344,7 +358,7 @@ fn service_token(action: ServiceTokenAction) -> anyhow::Result<()> {
                 (None, None) => None,
             };
             let (token, secret) =
-                TokenStore::open(&store.dir()?)?.create(&name, &team, expires_at)?;
+                TokenStore::open(&store.dir()?)?.create_with(&name, &team, expires_at, attrs)?;
             println!("{}", secret.expose());
             eprintln!(
                 "created service token {} ({}) for team {}, expires {}\n\
@@ -372,6 +386,7 @@ fn service_token(action: ServiceTokenAction) -> anyhow::Result<()> {
                         "created_at": t.created_at,
                         "expires_at": t.expires_at,
                         "revoked_at": t.revoked_at,
+                        "attributes": t.attributes,
                         "status": t.status(now).as_str(),
                     });
                     println!("{line}");
