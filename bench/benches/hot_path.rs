@@ -2,8 +2,9 @@
 //!
 //! - `head_parse`: Tollgate's zero-copy request head parse (httparse + offsets into one frozen buffer, framing
 //!   and smuggling checks) vs. parsing into an owned `http::HeaderMap` (what a typical proxy builds).
-//! - `model_probe`: the borrowed serde probe that reads only `model` and `stream` vs. a full
-//!   `serde_json::Value` parse of the body.
+//! - `model_probe`: the strict view the route phase reads every request with (UTF-8, no duplicate key at
+//!   any depth, caps, `n`, unboundable fields) beside the borrowed probe it replaced (only `model` and
+//!   `stream`, duplicates of other keys unseen) and a full `serde_json::Value` parse of the body.
 //! - `sse_framing`: the zero-copy SSE framer over a realistic stream delivered in network-sized pieces vs.
 //!   accumulating a `String` and splitting it into owned events.
 //! - `stream_cutoff`: what a budget's stream cut-off costs per event: nothing while the stream's bytes stay
@@ -15,6 +16,8 @@ use bytes::{Bytes, BytesMut};
 use criterion::{black_box, criterion_group, criterion_main, Criterion, Throughput};
 use tollgate_dataplane::net::http1::{parse_request, Limits};
 use tollgate_dataplane::net::sse::SseFramer;
+use tollgate_dataplane::providers::request::Body;
+use tollgate_dataplane::providers::Api;
 
 const HEAD: &[u8] = b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost:8080\r\nAccept-Encoding: gzip, deflate\r\nConnection: keep-alive\r\nAccept: application/json\r\nContent-Type: application/json\r\nUser-Agent: OpenAI/Python 1.99.1\r\nX-Stainless-Lang: python\r\nX-Stainless-Package-Version: 1.99.1\r\nX-Stainless-OS: Linux\r\nX-Stainless-Arch: x64\r\nX-Stainless-Runtime: CPython\r\nX-Stainless-Runtime-Version: 3.11.7\r\nAuthorization: Bearer eyJhbGciOiJSUzI1NiIsImtpZCI6ImsxIn0.eyJzdWIiOiJ1c2VyIn0.c2ln\r\nX-Stainless-Async: false\r\nX-Stainless-Retry-Count: 0\r\nX-Stainless-Read-Timeout: 600\r\nContent-Length: 96\r\n\r\n";
 
@@ -79,6 +82,15 @@ fn model_probe(c: &mut Criterion) {
             b.iter(|| {
                 let p: Probe<'_> = serde_json::from_slice(black_box(&body)).unwrap();
                 black_box((p.model.len(), p.stream));
+            })
+        });
+        // What the route phase does now: the strict read (UTF-8, duplicate keys at every depth, kept
+        // members with their spans) and the API's view of caps, choices and unboundable fields.
+        g.bench_function(format!("tollgate_strict_view/{}B", body.len()), |b| {
+            b.iter(|| {
+                let view = Body::parse(black_box(&body)).unwrap();
+                let billing = Api::OpenAi.view(&view).unwrap();
+                black_box((view.string("model").unwrap().map(|m| m.len()), billing));
             })
         });
         g.bench_function(format!("baseline_full_value/{}B", body.len()), |b| {

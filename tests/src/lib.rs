@@ -573,6 +573,11 @@ impl Conn {
             chunks: Vec::new(),
             complete: false,
         };
+        // RFC 9112 section 6.3: 204 and 304 responses end at their head.
+        if status == 204 || status == 304 {
+            resp.complete = true;
+            return resp;
+        }
         if get("transfer-encoding").is_some_and(|v| v.contains("chunked")) {
             loop {
                 let Some(pos) = self.buf.windows(2).position(|w| w == b"\r\n") else {
