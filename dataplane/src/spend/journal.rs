@@ -8,6 +8,14 @@
 //! [`Record`] (the record itself is [`crate::spend::records`]'s: one JSON line
 //! `{"q":seq,"t":unix_ms,"a":"pico_usd","k":[[budget, member], ...]}`), and [`read_file`] (for replay and for the ledger thread's catch-up when the channel was full).
 //!
+//! Reservations: at admission, before the request is forwarded, [`Journal::reserve`] appends
+//! `{"r":id,"t":unix_ms,"a":"pico_usd","k":[...]}` (the amount held on each instance); the settlement line
+//! closes it with `"c":id`, a release (or a $0 settlement) with a line `{"c":id}`. Ids are numbered apart
+//! from settlement sequence numbers (the ledger thread never sees reservations). [`read_entries`] reads all
+//! three kinds back and [`unsettled`] finds the reservations a crashed run left open, which the next start
+//! charges at their reserved amount (a crash never under-counts). Open reservations are copied into a
+//! rotated file, so deleting a wholly committed file never loses one.
+//!
 //! Guarantee: an append is one `write(2)` to a file opened with `O_APPEND`: once it returns, the entry is in
 //! the kernel's page cache, which a process crash (`kill -9`, a panic, OOM) cannot lose; a machine crash
 //! or power loss can lose what the ledger thread has not yet `fsync`ed (at most one second: it syncs the
@@ -20,7 +28,8 @@
 //! itself still goes to the ledger thread and the in-memory ledger). A full channel drops only the hand-off:
 //! the ledger thread sees the gap in sequence numbers and reads the missing entries from the file. A torn
 //! last line (a crash mid-append, before the client could have seen its response end) is ignored on replay.
-//! Cost: one small JSON format and one `write(2)` per settled request (bench `admission`: `journal_append`).
+//! Cost: one small JSON format and one `write(2)` per settled request (bench `admission`: `journal_append`),
+//! and one more of each per admitted request for its reservation (`journal_reserve_then_settle`).
 
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;

@@ -8,7 +8,9 @@
 //! instance owned elsewhere is taken off this core's slice (see [`crate::spend::lending`]); any other
 //! owner is asked over its mailbox and answers through this core's own inbox (the request awaits only its
 //! core's local oneshot). An owner that refuses ends the admission, and dropping the partial guard releases
-//! what the others granted. Settling journals first ([`crate::spend::journal`]), then tells each owner.
+//! what the others granted. A reservation held on every owner is journaled before it is returned (so a
+//! crash before it settles charges it at its amount at the next start); settling journals first, closing
+//! that line ([`crate::spend::journal`]), then tells each owner; releasing journals the close too.
 //!
 //! Fails: a full or closed mailbox, or an owner that stopped, fails the request closed (503
 //! `budget_unavailable`): a budget is never skipped. Settlement and release are fire-and-forget messages;
