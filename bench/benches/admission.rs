@@ -11,6 +11,10 @@
 //! - `settle/journal_append_3_budgets`: what a settlement adds for durability: one JSON line appended to
 //!   the core's journal file (a `write(2)` into the page cache) and a `try_send` to the ledger thread;
 //!   beside `settle/baseline_fsync_each`, the naive way (an fsync per settlement).
+//! - `settle/journal_reserve_then_settle_3_budgets`: the same settlement with its reservation journaled at
+//!   admission first (what makes a `kill -9` charge requests in flight): the difference to
+//!   `journal_append_3_budgets` is the admission's price, one more line and `write(2)`.
+//!   `settle/journal_reserve_then_release_3_budgets`: a request that never reached a provider.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
@@ -193,7 +197,22 @@ fn journal(c: &mut Criterion) {
     let now = jiff::Timestamp::now();
     c.bench_function("settle/journal_append_3_budgets", |b| {
         b.iter(|| {
-            j.record(black_box(&keys), Money::from_pico(13_350_000), now)
+            j.record(black_box(&keys), Money::from_pico(13_350_000), now, None)
+                .unwrap();
+            if rx.len() > 100_000 {
+                while rx.try_recv().is_ok() {}
+            }
+        })
+    });
+    // What a crash-safe request adds at admission: its reservation journaled (one more line, one more
+    // write(2)), closed by the settlement line (which then carries the reservation's id). The difference
+    // to `settle/journal_append_3_budgets` is the admission's price.
+    c.bench_function("settle/journal_reserve_then_settle_3_budgets", |b| {
+        b.iter(|| {
+            let id = j
+                .reserve(black_box(&keys), Money::from_pico(40_000_000), now)
+                .unwrap();
+            j.record(black_box(&keys), Money::from_pico(13_350_000), now, id)
                 .unwrap();
             if rx.len() > 100_000 {
                 while rx.try_recv().is_ok() {}
@@ -205,6 +224,15 @@ fn journal(c: &mut Criterion) {
         .append(true)
         .open(dir.join("fsync.log"))
         .unwrap();
+    // A request that never reached a provider: reservation line, then a release line.
+    c.bench_function("settle/journal_reserve_then_release_3_budgets", |b| {
+        b.iter(|| {
+            let id = j
+                .reserve(black_box(&keys), Money::from_pico(40_000_000), now)
+                .unwrap();
+            j.release(id.unwrap()).unwrap();
+        })
+    });
     c.bench_function("settle/baseline_fsync_each", |b| {
         b.iter(|| {
             use std::io::Write;

@@ -72,13 +72,35 @@ fn budget_gateway(budgets: &str) -> (Proc, Gateway, TempDir, Vec<String>) {
     budgeted_gateway("workers = 2", budgets, &["eng", "ops"])
 }
 
+/// What admission reserved for one request (the access log's `reserved_pusd`): what a request in flight at
+/// a crash is charged.
+fn reserved(g: &Gateway) -> i128 {
+    let line = g
+        .wait_line(|l| l.contains("\"reserved_pusd\""), Duration::from_secs(5))
+        .expect("an access log line with reserved_pusd");
+    let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+    i128::from(v["reserved_pusd"].as_i64().unwrap())
+}
+
+/// Requests in flight charged at their reservation by the start that followed a crash (the
+/// `reservation_charged_after_crash` events).
+fn charged_after_crash(g: &Gateway) -> i128 {
+    let started = g.wait_json(&[("event", json!("ledger_started"))]);
+    started["charged_after_crash"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
 #[test]
 fn spend_survives_kill_9_under_streaming_load() {
     let (_m, mut g, _s, tokens) = budget_gateway(
         "[[budgets]]\nname = \"total\"\namount_usd = \"1000\"\nwindow = \"month\"\nscope = \"everyone\"\n",
     );
-    let (mut completed, mut attempted) = (0i128, 0i128);
+    let (mut completed, mut attempted, mut orphans) = (0i128, 0i128, 0i128);
     let mut last = 0;
+    let mut held = None;
     for round in 0..3 {
         let stop = Arc::new(AtomicBool::new(false));
         let clients: Vec<_> = (0..8)
@@ -99,6 +121,7 @@ fn spend_survives_kill_9_under_streaming_load() {
             })
             .collect();
         std::thread::sleep(Duration::from_millis(800));
+        let r = *held.get_or_insert_with(|| reserved(&g));
         g.kill9();
         stop.store(true, Ordering::Relaxed);
         for c in clients {
@@ -107,18 +130,20 @@ fn spend_survives_kill_9_under_streaming_load() {
             attempted += tried;
         }
         g.restart();
-        let replayed = g.wait_json(&[("event", json!("ledger_started"))]);
+        orphans += charged_after_crash(&g);
         let s = spent(&g, "total");
+        let settled = s - orphans * r;
         eprintln!(
-            "round {round}: {completed} completed, {attempted} attempted, stored {} requests' spend ({replayed})",
-            s / COST
+            "round {round}: {completed} completed, {attempted} attempted, stored {} settled requests and {orphans} in flight at a kill, at {r} each",
+            settled / COST
         );
-        assert_eq!(s % COST, 0, "a partial request's spend: {s}");
-        // Every request a client saw complete is counted, once; at most the ones in flight at the kill
-        // (journaled before their last bytes, which never arrived) are counted besides.
+        assert_eq!(settled % COST, 0, "a partial request's spend: {s}");
+        // Every request a client saw complete is counted, once; the ones in flight at the kill are
+        // counted at their cost (journaled before their last bytes, which never arrived) or at their
+        // reservation (admitted, not settled): never fewer than were settled, never more than attempted.
         assert!(
-            completed * COST <= s && s <= attempted * COST,
-            "stored {s}, completed {completed}, attempted {attempted}"
+            completed * COST <= settled && settled / COST + orphans <= attempted,
+            "stored {s}, completed {completed}, attempted {attempted}, orphans {orphans}"
         );
         assert!(completed > 0);
         last = s;
@@ -126,7 +151,119 @@ fn spend_survives_kill_9_under_streaming_load() {
     // A restart with nothing new counts nothing again.
     g.kill9();
     g.restart();
+    assert_eq!(charged_after_crash(&g), 0);
     assert_eq!(spent(&g, "total"), last);
+}
+
+/// Streams mid-flight when the gateway is killed with SIGKILL: the provider bills them, so the next start
+/// charges each at its reservation (the most it could cost), marked as an estimate in the log and in
+/// `tollgate spend`; the completed requests count exactly; further restarts change nothing; a clean
+/// shutdown leaves nothing to charge.
+#[test]
+fn requests_in_flight_at_a_kill_9_are_charged_at_their_reservation() {
+    let (_m, mut g, _s, tokens) = budget_gateway(
+        "[[budgets]]\nname = \"total\"\namount_usd = \"1000\"\nwindow = \"month\"\nscope = \"everyone\"\n",
+    );
+    const DONE: i128 = 3;
+    const IN_FLIGHT: usize = 4;
+    // Completed streams, the same request as the ones in flight below: what each reserves.
+    for _ in 0..DONE {
+        assert!(stream_once(g.addr, &tokens[0]));
+    }
+    let r = reserved(&g);
+    assert!(r > COST, "the reservation bounds the cost: {r}");
+    // Streams that will take 16 s: each client reads until its first token arrived, then holds on.
+    let (tx, rx) = std::sync::mpsc::channel();
+    let clients: Vec<_> = (0..IN_FLIGHT)
+        .map(|i| {
+            let (addr, token, tx) = (g.addr, tokens[i % 2].clone(), tx.clone());
+            std::thread::spawn(move || {
+                let mut s = TcpStream::connect(addr).unwrap();
+                s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+                let req = post_bytes(
+                    "/v1/chat/completions",
+                    STREAM,
+                    &format!(
+                        "{}x-mock-token-delay-ms: 1000\r\nConnection: close\r\n",
+                        headers(&token)
+                    ),
+                );
+                s.write_all(req.as_bytes()).unwrap();
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                while !String::from_utf8_lossy(&buf).contains("data: ") {
+                    match s.read(&mut chunk) {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                    }
+                }
+                tx.send(String::from_utf8_lossy(&buf).starts_with("HTTP/1.1 200"))
+                    .unwrap();
+                // Held open until the gateway dies under it.
+                let _ = s.read_to_end(&mut buf);
+                String::from_utf8_lossy(&buf).contains("data: [DONE]")
+            })
+        })
+        .collect();
+    for _ in 0..IN_FLIGHT {
+        assert!(
+            rx.recv_timeout(Duration::from_secs(10)).unwrap(),
+            "a stream started"
+        );
+    }
+    g.kill9();
+    for c in clients {
+        assert!(!c.join().unwrap(), "no stream completed");
+    }
+    let want = DONE * COST + IN_FLIGHT as i128 * r;
+    let estimate = |g: &Gateway| {
+        g.spend()
+            .iter()
+            .find(|row| row["instance"] == "total")
+            .map(|row| usd_to_pico(row["crash_estimated_usd"].as_str().unwrap()))
+            .unwrap()
+    };
+    // No gateway running: `tollgate spend` already counts what the next start will charge.
+    assert_eq!(spent(&g, "total"), want);
+    assert_eq!(estimate(&g), IN_FLIGHT as i128 * r);
+
+    g.restart();
+    assert_eq!(charged_after_crash(&g), IN_FLIGHT as i128);
+    // One event per journal (core) that left reservations open, with their count and amount per budget.
+    let (mut count, mut usd) = (0, 0);
+    for line in g.output().lines() {
+        let Ok(event) = serde_json::from_str::<serde_json::Value>(line) else {
+            continue;
+        };
+        if event["event"] == "reservation_charged_after_crash" {
+            count += event["count"].as_str().unwrap().parse::<usize>().unwrap();
+            let total = event["usd"]
+                .as_str()
+                .unwrap()
+                .strip_prefix("total=")
+                .unwrap();
+            usd += usd_to_pico(total);
+        }
+    }
+    assert_eq!((count, usd), (IN_FLIGHT, IN_FLIGHT as i128 * r));
+    assert_eq!(spent(&g, "total"), want);
+    assert_eq!(estimate(&g), IN_FLIGHT as i128 * r);
+
+    // Idempotent: another crash and start charge nothing again.
+    g.kill9();
+    g.restart();
+    assert_eq!(charged_after_crash(&g), 0);
+    assert_eq!(spent(&g, "total"), want);
+    assert_eq!(estimate(&g), IN_FLIGHT as i128 * r);
+
+    // A clean shutdown (nothing in flight) leaves no reservation open.
+    let r = post(g.addr, "/v1/chat/completions", CHAT, &headers(&tokens[1]));
+    assert_eq!(r.status, 200, "{}", r.text());
+    g.sigterm();
+    assert_eq!(g.wait_exit(Duration::from_secs(10)), Some(0));
+    g.restart();
+    assert_eq!(charged_after_crash(&g), 0);
+    assert_eq!(spent(&g, "total"), want + COST);
 }
 
 #[test]

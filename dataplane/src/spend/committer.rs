@@ -212,6 +212,19 @@ pub fn start_fleet(
         .map_err(|e| format!("the spend store in {}: {e}", cfg.dir.display()))?;
     let replayed = replay(store.as_ref(), &journal_dir, &policy)
         .map_err(|e| format!("replaying the journals in {}: {e}", journal_dir.display()))?;
+    for (source, count, per) in &replayed.charged {
+        logger.event(
+            "reservation_charged_after_crash",
+            &[
+                ("source", source),
+                ("count", &count.to_string()),
+                ("estimate", "reserved amount"),
+                ("usd", &per_instance(per)),
+            ],
+        );
+    }
+    let charged: usize = replayed.charged.iter().map(|(_, n, _)| n).sum();
+    let replayed = replayed.entries;
     let now = Timestamp::now();
     let since = now
         .checked_sub(jiff::SignedDuration::try_from(HISTORY).unwrap_or_default())
@@ -242,6 +255,7 @@ pub fn start_fleet(
             ("store", store.kind()),
             ("dir", &cfg.dir.display().to_string()),
             ("replayed", &replayed.to_string()),
+            ("charged_after_crash", &charged.to_string()),
             ("pruned_slots", &pruned.to_string()),
             ("loaded_slots", &history.len().to_string()),
         ],
@@ -314,20 +328,53 @@ pub fn start_fleet(
     })
 }
 
-/// Applies every journal entry of earlier runs the store does not have, then removes those journals.
-fn replay(store: &dyn Store, dir: &Path, policy: &RetryPolicy) -> Result<usize, StoreError> {
+/// What [`replay`] did.
+#[derive(Debug, Default)]
+struct Replayed {
+    /// Settlements committed.
+    entries: usize,
+    /// Per source, the reservations it left open (a crash) and charged at their reserved amount: their
+    /// count and the total per instance.
+    charged: Vec<(String, usize, BTreeMap<InstanceName, i128>)>,
+}
+
+/// Applies every journal entry of earlier runs the store does not have, charges every reservation those
+/// runs left open (a crash: the provider may bill the request; the reservation is the most it can cost) at
+/// its reserved amount, in the same transaction, then removes those journals.
+fn replay(store: &dyn Store, dir: &Path, policy: &RetryPolicy) -> Result<Replayed, StoreError> {
     let sources = journal::list(dir).map_err(|e| StoreError::Unavailable(e.to_string()))?;
-    let mut replayed = 0;
+    let mut out = Replayed::default();
     for (source, files) in sources {
         let applied = transact(store, policy, |txn| ledger::applied(txn, &source))?;
         let mut batch = Batch::default();
+        let mut entries = Vec::new();
         for (_, path) in &files {
-            let records =
-                journal::read_file(path).map_err(|e| StoreError::Unavailable(e.to_string()))?;
-            for r in records.into_iter().filter(|r| r.seq > applied) {
-                replayed += 1;
-                add_record(&mut batch, &r);
+            entries.extend(
+                journal::read_entries(path).map_err(|e| StoreError::Unavailable(e.to_string()))?,
+            );
+        }
+        for e in &entries {
+            if let journal::Entry::Settled { record, .. } = e {
+                if record.seq > applied {
+                    out.entries += 1;
+                    add_record(&mut batch, record);
+                }
             }
+        }
+        let last_first = files.last().map_or(0, |(f, _)| *f);
+        let open = journal::unsettled(&entries, last_first);
+        // Committed under one sequence number past the source's settlements: a replay interrupted after
+        // this commit (before the journals are removed) finds it applied and charges nothing twice.
+        if !open.orphans.is_empty() && open.seq > applied {
+            let mut per: BTreeMap<InstanceName, i128> = BTreeMap::new();
+            for (at, amount, instances) in &open.orphans {
+                for i in instances {
+                    batch.add(&source, open.seq, i.clone(), *amount, *at);
+                    batch.add_estimate(i.clone(), *amount, *at);
+                    *per.entry(i.clone()).or_insert(0) += amount.pico();
+                }
+            }
+            out.charged.push((source.clone(), open.orphans.len(), per));
         }
         if !batch.is_empty() {
             transact(store, policy, |txn| ledger::apply_batch(txn, &batch))?;
@@ -340,7 +387,22 @@ fn replay(store: &dyn Store, dir: &Path, policy: &RetryPolicy) -> Result<usize, 
             Ok(())
         })?;
     }
-    Ok(replayed)
+    Ok(out)
+}
+
+/// `budget=usd` per instance (`budget/member=usd` for per-identity ones), for the log.
+fn per_instance(per: &BTreeMap<InstanceName, i128>) -> String {
+    per.iter()
+        .map(|(i, a)| {
+            let usd = Money::from_pico(*a).usd();
+            if i.member.is_empty() {
+                format!("{}={usd}", i.budget)
+            } else {
+                format!("{}/{}={usd}", i.budget, i.member)
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 /// Per lease this node holds, the batch's spend in that lease's window (alert-only budgets hold none).
@@ -774,6 +836,15 @@ pub fn slot_time(slot_start: Timestamp, now: Timestamp) -> Timestamp {
         .min(now)
 }
 
+/// Whether a gateway holds the ledger directory's lock (see [`start`]).
+fn gateway_running(dir: &Path) -> bool {
+    match std::fs::File::open(dir.join("lock")) {
+        // Released at once: a gateway starting meanwhile would find it held only for this instant.
+        Ok(f) => f.try_lock_shared().is_err(),
+        Err(_) => false,
+    }
+}
+
 /// One row of `tollgate spend`.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct SpendRow {
@@ -787,6 +858,10 @@ pub struct SpendRow {
     /// Spend read from journals not yet in the store (a run that is still going, or one that crashed and
     /// has not been replayed).
     pub unreplayed_usd: String,
+    /// The part of `spent_usd` charged at an estimate: requests in flight when a gateway crashed, charged
+    /// at their reservation (the most they could cost) because the provider may bill them. Includes a
+    /// crashed run's open reservations not yet replayed (when no gateway is running).
+    pub crash_estimated_usd: String,
 }
 
 /// Current spend per budget instance, from the store (read-only, while a gateway may be writing) plus
@@ -834,22 +909,52 @@ pub fn report(config: &tollgate_core::Config) -> Result<Vec<SpendRow>, String> {
             note(&k, &mut keys);
         }
     }
+    let mut estimated = Ledger::new();
+    let stored_estimates = transact(store, &policy, |txn| {
+        ledger::load_estimated_since(txn, since)
+    })
+    .map_err(|e| format!("{path}: {e}"))?;
+    for h in &stored_estimates {
+        if let Some(k) = instance_key(set, &h.instance) {
+            estimated.record(&k, h.amount, slot_time(h.slot_start, now));
+        }
+    }
+    // While a gateway runs, the journals are its own: their open reservations are requests in flight,
+    // not a crash's. With none running, they are what the next start will charge.
+    let running = gateway_running(&config.ledger.dir);
     let mut unreplayed: HashMap<InstanceKey, i128> = HashMap::new();
     let journal_dir = config.ledger.dir.join("journal");
     for (source, files) in journal::list(&journal_dir).map_err(|e| e.to_string())? {
         let applied = transact(store, &policy, |txn| ledger::applied(txn, &source))
             .map_err(|e| e.to_string())?;
+        let last_first = files.last().map_or(0, |(f, _)| *f);
+        let mut entries = Vec::new();
         for (_, file) in files {
-            for r in journal::read_file(&file).unwrap_or_default() {
-                if r.seq <= applied {
-                    continue;
+            entries.extend(journal::read_entries(&file).unwrap_or_default());
+        }
+        let mut charges: Vec<(Timestamp, Money, Vec<InstanceName>, bool)> = Vec::new();
+        for e in &entries {
+            if let journal::Entry::Settled { record: r, .. } = e {
+                if r.seq > applied {
+                    charges.push((r.at, r.amount, r.instances.clone(), false));
                 }
-                for i in &r.instances {
-                    if let Some(k) = instance_key(set, i) {
-                        ledger.record(&k, r.amount, r.at);
-                        *unreplayed.entry(k.clone()).or_insert(0) += r.amount.pico();
-                        note(&k, &mut keys);
+            }
+        }
+        if !running {
+            let open = journal::unsettled(&entries, last_first);
+            if open.seq > applied {
+                charges.extend(open.orphans.into_iter().map(|(at, a, i)| (at, a, i, true)));
+            }
+        }
+        for (at, amount, instances, is_estimate) in charges {
+            for i in &instances {
+                if let Some(k) = instance_key(set, i) {
+                    ledger.record(&k, amount, at);
+                    if is_estimate {
+                        estimated.record(&k, amount, at);
                     }
+                    *unreplayed.entry(k.clone()).or_insert(0) += amount.pico();
+                    note(&k, &mut keys);
                 }
             }
         }
@@ -870,6 +975,7 @@ pub fn report(config: &tollgate_core::Config) -> Result<Vec<SpendRow>, String> {
                     unreplayed.get(k).copied().unwrap_or(0),
                 )
                 .usd(),
+                crash_estimated_usd: estimated.status(k, now).spent.usd(),
             }
         })
         .collect())
@@ -943,6 +1049,73 @@ mod tests {
         log.close();
         drop(log);
         let _ = writer.join();
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A crashed run's open reservations are charged at their reserved amount at the next start, marked
+    /// as estimates; a replay interrupted after its commit (journals still there) charges nothing twice.
+    #[test]
+    fn a_crashed_runs_open_reservations_are_charged_once_at_their_reservation() {
+        let dir = std::env::temp_dir().join(format!("tg-ledger-orphans-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let journal_dir = dir.join("journal");
+        let source = "1-2-00000000-c0";
+        let team = InstanceName {
+            budget: "team".into(),
+            member: String::new(),
+        };
+        let at = Timestamp::now();
+        let t = at.as_millisecond();
+        // Settled 100 (closing reservation 1), released 2, left 3 (500) and 4 (700) open.
+        let lines = format!(
+            "{{\"r\":1,\"t\":{t},\"a\":\"400\",\"k\":[[\"team\",\"\"]]}}\n\
+             {{\"r\":2,\"t\":{t},\"a\":\"400\",\"k\":[[\"team\",\"\"]]}}\n\
+             {{\"r\":3,\"t\":{t},\"a\":\"500\",\"k\":[[\"team\",\"\"]]}}\n\
+             {{\"q\":1,\"c\":1,\"t\":{t},\"a\":\"100\",\"k\":[[\"team\",\"\"]]}}\n\
+             {{\"c\":2}}\n\
+             {{\"r\":4,\"t\":{t},\"a\":\"700\",\"k\":[[\"team\",\"\"]]}}\n"
+        );
+        let write = || {
+            std::fs::create_dir_all(&journal_dir).unwrap();
+            std::fs::write(journal_dir.join(format!("{source}.1.log")), &lines).unwrap();
+        };
+        write();
+        let store = MemStore::new();
+        let p = RetryPolicy::default();
+        let got = replay(&store, &journal_dir, &p).unwrap();
+        assert_eq!(got.entries, 1);
+        assert_eq!(got.charged.len(), 1);
+        assert_eq!(got.charged[0].1, 2);
+        assert_eq!(got.charged[0].2[&team], 1200);
+        assert_eq!(per_instance(&got.charged[0].2), "team=0.0000000012");
+        let spent = |store: &MemStore| {
+            transact(store, &p, |txn| {
+                Ok((
+                    ledger::load_since(txn, Timestamp::UNIX_EPOCH)?,
+                    ledger::load_estimated_since(txn, Timestamp::UNIX_EPOCH)?,
+                ))
+            })
+            .unwrap()
+        };
+        let (s, e) = spent(&store);
+        assert_eq!(s.len(), 1);
+        assert_eq!(s[0].amount, Money::from_pico(100 + 500 + 700));
+        assert_eq!(e.len(), 1);
+        assert_eq!(e[0].amount, Money::from_pico(500 + 700));
+        assert!(journal::list(&journal_dir).unwrap().is_empty());
+        // Interrupted after the commit: the journal is back and `applied` still says what was committed.
+        write();
+        transact(&store, &p, |txn| {
+            txn.set(
+                &tollgate_core::store::keys::applied(source),
+                &2u64.to_le_bytes(),
+            );
+            Ok(())
+        })
+        .unwrap();
+        let again = replay(&store, &journal_dir, &p).unwrap();
+        assert_eq!((again.entries, again.charged.len()), (0, 0));
+        assert_eq!(spent(&store).0[0].amount, Money::from_pico(1300));
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -8,6 +8,14 @@
 //! [`Record`] (the record itself is [`crate::spend::records`]'s: one JSON line
 //! `{"q":seq,"t":unix_ms,"a":"pico_usd","k":[[budget, member], ...]}`), and [`read_file`] (for replay and for the ledger thread's catch-up when the channel was full).
 //!
+//! Reservations: at admission, before the request is forwarded, [`Journal::reserve`] appends
+//! `{"r":id,"t":unix_ms,"a":"pico_usd","k":[...]}` (the amount held on each instance); the settlement line
+//! closes it with `"c":id`, a release (or a $0 settlement) with a line `{"c":id}`. Ids are numbered apart
+//! from settlement sequence numbers (the ledger thread never sees reservations). [`read_entries`] reads all
+//! three kinds back and [`unsettled`] finds the reservations a crashed run left open, which the next start
+//! charges at their reserved amount (a crash never under-counts). Open reservations are copied into a
+//! rotated file, so deleting a wholly committed file never loses one.
+//!
 //! Guarantee: an append is one `write(2)` to a file opened with `O_APPEND`: once it returns, the entry is in
 //! the kernel's page cache, which a process crash (`kill -9`, a panic, OOM) cannot lose; a machine crash
 //! or power loss can lose what the ledger thread has not yet `fsync`ed (at most one second: it syncs the
@@ -20,9 +28,11 @@
 //! itself still goes to the ledger thread and the in-memory ledger). A full channel drops only the hand-off:
 //! the ledger thread sees the gap in sequence numbers and reads the missing entries from the file. A torn
 //! last line (a crash mid-append, before the client could have seen its response end) is ignored on replay.
-//! Cost: one small JSON format and one `write(2)` per settled request (bench `admission`: `journal_append`).
+//! Cost: one small JSON format and one `write(2)` per settled request (bench `admission`: `journal_append`),
+//! and one more of each per admitted request for its reservation (`journal_reserve_then_settle`).
 
 use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
 use std::io::{BufRead, Write};
 use std::path::{Path, PathBuf};
 
@@ -37,13 +47,38 @@ use crate::spend::records::{instance_name, Record, ToLedger};
 /// A journal file is rotated past this size.
 pub const ROTATE_BYTES: u64 = 64 * 1024 * 1024;
 
+/// One journal line. A settlement has `q` (and `c` when it closes a reservation), a reservation has `r`,
+/// a release (or a settlement at $0) has only `c`.
 #[derive(serde::Serialize, serde::Deserialize)]
 struct Line<'a> {
-    q: u64,
-    t: i64,
-    a: String,
-    #[serde(borrow)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    q: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    r: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    c: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    t: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    a: Option<String>,
+    #[serde(borrow, default, skip_serializing_if = "Vec::is_empty")]
     k: Vec<(std::borrow::Cow<'a, str>, std::borrow::Cow<'a, str>)>,
+}
+
+/// One entry of a journal file, as [`read_entries`] reads it back.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Entry {
+    /// A settlement (sequence `seq`), closing reservation `closes` when it has one.
+    Settled { record: Record, closes: Option<u64> },
+    /// A reservation held at admission: `amount` on each of `instances`, the most the request can cost.
+    Reserved {
+        id: u64,
+        at: Timestamp,
+        amount: Money,
+        instances: Vec<InstanceName>,
+    },
+    /// Reservation `id` released unsettled (the request never reached a provider) or settled at $0.
+    Closed(u64),
 }
 
 /// One core's journal.
@@ -53,7 +88,15 @@ pub struct Journal {
     dir: PathBuf,
     file: RefCell<Option<std::fs::File>>,
     written: Cell<u64>,
+    /// A file is rotated past this many bytes ([`ROTATE_BYTES`]; smaller in tests).
+    rotate: u64,
     seq: Cell<u64>,
+    /// The last reservation id handed out (its own numbering: reservations are not settlements, and the
+    /// ledger thread never sees them).
+    rid: Cell<u64>,
+    /// The lines of the reservations not yet closed, by id: copied into the next file at rotation, so a
+    /// deleted (wholly committed) file never takes an open reservation with it.
+    open: RefCell<HashMap<u64, Vec<u8>>>,
     failed: Cell<bool>,
     tx: Sender<ToLedger>,
     line: RefCell<Vec<u8>>,
@@ -67,7 +110,10 @@ impl Journal {
             dir: dir.to_owned(),
             file: RefCell::new(None),
             written: Cell::new(0),
+            rotate: ROTATE_BYTES,
             seq: Cell::new(0),
+            rid: Cell::new(0),
+            open: RefCell::new(HashMap::new()),
             failed: Cell::new(false),
             tx,
             line: RefCell::new(Vec::with_capacity(256)),
@@ -79,6 +125,11 @@ impl Journal {
         self.failed.get()
     }
 
+    /// Reservations journaled and not yet closed.
+    pub fn open_reservations(&self) -> usize {
+        self.open.borrow().len()
+    }
+
     fn open(&self, first_seq: u64) -> std::io::Result<std::fs::File> {
         std::fs::create_dir_all(&self.dir)?;
         let path = self.dir.join(format!("{}.{first_seq}.log", self.source));
@@ -88,21 +139,99 @@ impl Journal {
             .open(&path)
     }
 
-    /// Journals `amount` spent at `at` on `keys`, then hands it to the ledger thread. Zero amounts are not
-    /// recorded.
+    /// Journals a reservation of `amount` on each of `keys`, made at `at` (at admission, before the request
+    /// is forwarded): if the process dies before the request settles, the next start charges it at this
+    /// amount. Returns the reservation's id, for [`Journal::record`] or [`Journal::release`] to close it;
+    /// `None` when there is nothing to charge (no keys, $0) or the append failed.
+    pub fn reserve(
+        &self,
+        keys: &[InstanceKey],
+        amount: Money,
+        at: Timestamp,
+    ) -> std::io::Result<Option<u64>> {
+        if amount.is_zero() || keys.is_empty() {
+            return Ok(None);
+        }
+        let id = self.rid.get() + 1;
+        self.rid.set(id);
+        let result = self.write_line(
+            &Line {
+                q: None,
+                r: Some(id),
+                c: None,
+                t: Some(at.as_millisecond()),
+                a: Some(amount.pico().to_string()),
+                k: keys
+                    .iter()
+                    .map(|k| {
+                        (
+                            std::borrow::Cow::Borrowed(&*k.budget.name),
+                            std::borrow::Cow::Borrowed(k.member.as_deref().unwrap_or("")),
+                        )
+                    })
+                    .collect(),
+            },
+            self.seq.get() + 1,
+            Some(id),
+        );
+        self.failed.set(result.is_err());
+        result.map(|()| Some(id))
+    }
+
+    /// Closes reservation `id` without spend: the request never reached a provider.
+    pub fn release(&self, id: u64) -> std::io::Result<()> {
+        self.close(id)
+    }
+
+    fn close(&self, id: u64) -> std::io::Result<()> {
+        let was_open = self.open.borrow_mut().remove(&id).is_some();
+        if !was_open {
+            return Ok(());
+        }
+        let line = Line {
+            q: None,
+            r: None,
+            c: Some(id),
+            t: None,
+            a: None,
+            k: Vec::new(),
+        };
+        let result = self.write_line(&line, self.seq.get() + 1, None);
+        self.failed.set(result.is_err());
+        result
+    }
+
+    /// Journals `amount` spent at `at` on `keys`, closing reservation `closes` in the same line, then hands
+    /// it to the ledger thread. Zero amounts are not recorded (only the reservation is closed).
     pub fn record(
         &self,
         keys: &[InstanceKey],
         amount: Money,
         at: Timestamp,
+        closes: Option<u64>,
     ) -> std::io::Result<()> {
         if amount.is_zero() || keys.is_empty() {
-            return Ok(());
+            return closes.map_or(Ok(()), |id| self.close(id));
         }
+        let closes = closes.filter(|id| self.open.borrow_mut().remove(id).is_some());
         let seq = self.seq.get() + 1;
         self.seq.set(seq);
         let instances: Vec<InstanceName> = keys.iter().map(instance_name).collect();
-        let result = self.append(seq, at, amount, &instances);
+        let result = self.write_line(
+            &Line {
+                q: Some(seq),
+                r: None,
+                c: closes,
+                t: Some(at.as_millisecond()),
+                a: Some(amount.pico().to_string()),
+                k: instances
+                    .iter()
+                    .map(|i| (i.budget.as_str().into(), i.member.as_str().into()))
+                    .collect(),
+            },
+            seq,
+            None,
+        );
         self.failed.set(result.is_err());
         let r = Record {
             source: std::sync::Arc::clone(&self.source),
@@ -117,33 +246,30 @@ impl Journal {
         result
     }
 
-    fn append(
+    /// Appends `line` in one `write(2)`; a new file (the first, or past [`ROTATE_BYTES`]) is named after
+    /// `first_seq` and starts with the lines of the reservations still open. `opens`: the line opens that
+    /// reservation (remembered until it is closed).
+    fn write_line(
         &self,
-        seq: u64,
-        at: Timestamp,
-        amount: Money,
-        instances: &[InstanceName],
+        entry: &Line<'_>,
+        first_seq: u64,
+        opens: Option<u64>,
     ) -> std::io::Result<()> {
         let mut line = self.line.borrow_mut();
         line.clear();
-        serde_json::to_writer(
-            &mut *line,
-            &Line {
-                q: seq,
-                t: at.as_millisecond(),
-                a: amount.pico().to_string(),
-                k: instances
-                    .iter()
-                    .map(|i| (i.budget.as_str().into(), i.member.as_str().into()))
-                    .collect(),
-            },
-        )
-        .map_err(std::io::Error::other)?;
+        serde_json::to_writer(&mut *line, entry).map_err(std::io::Error::other)?;
         line.push(b'\n');
         let mut file = self.file.borrow_mut();
-        if file.is_none() || self.written.get() >= ROTATE_BYTES {
-            *file = Some(self.open(seq)?);
-            self.written.set(0);
+        if file.is_none() || self.written.get() >= self.rotate {
+            let mut f = self.open(first_seq)?;
+            // The previous file may be deleted once its settlements are committed: the reservations it
+            // opened that are still open move with the journal.
+            let carried: Vec<u8> = self.open.borrow().values().flatten().copied().collect();
+            if !carried.is_empty() {
+                f.write_all(&carried)?;
+            }
+            *file = Some(f);
+            self.written.set(carried.len() as u64);
         }
         let f = file
             .as_mut()
@@ -151,6 +277,9 @@ impl Journal {
         // One write(2) of a whole line: O_APPEND keeps lines whole.
         f.write_all(&line)?;
         self.written.set(self.written.get() + line.len() as u64);
+        if let Some(id) = opens {
+            self.open.borrow_mut().insert(id, line.clone());
+        }
         Ok(())
     }
 }
@@ -162,9 +291,20 @@ pub fn parse_name(path: &Path) -> Option<(String, u64)> {
     Some((source.to_owned(), first.parse().ok()?))
 }
 
-/// The entries of a journal file, in order. A line that does not parse (a torn last line) ends the read:
-/// nothing after a torn write can have been acknowledged.
+/// The settlements of a journal file, in order (see [`read_entries`]).
 pub fn read_file(path: &Path) -> std::io::Result<Vec<Record>> {
+    Ok(read_entries(path)?
+        .into_iter()
+        .filter_map(|e| match e {
+            Entry::Settled { record, .. } => Some(record),
+            _ => None,
+        })
+        .collect())
+}
+
+/// Every entry of a journal file, in order: settlements, reservations and closes. A line that does not
+/// parse (a torn last line) ends the read: nothing after a torn write can have been acknowledged.
+pub fn read_entries(path: &Path) -> std::io::Result<Vec<Entry>> {
     let Some((source, _)) = parse_name(path) else {
         return Ok(Vec::new());
     };
@@ -176,25 +316,98 @@ pub fn read_file(path: &Path) -> std::io::Result<Vec<Record>> {
         let Ok(l) = serde_json::from_slice::<Line<'_>>(&line) else {
             break;
         };
-        let (Ok(at), Ok(pico)) = (Timestamp::from_millisecond(l.t), l.a.parse::<i128>()) else {
+        if l.q.is_none() && l.r.is_none() {
+            match l.c {
+                Some(id) => {
+                    out.push(Entry::Closed(id));
+                    continue;
+                }
+                None => break,
+            }
+        }
+        let at = l.t.and_then(|t| Timestamp::from_millisecond(t).ok());
+        let pico = l.a.as_deref().and_then(|a| a.parse::<i128>().ok());
+        let (Some(at), Some(pico)) = (at, pico) else {
             break;
         };
-        out.push(Record {
-            source: std::sync::Arc::clone(&source),
-            seq: l.q,
-            at,
-            amount: Money::from_pico(pico),
-            instances: l
-                .k
-                .into_iter()
+        let instances: Vec<InstanceName> =
+            l.k.into_iter()
                 .map(|(b, m)| InstanceName {
                     budget: b.into_owned(),
                     member: m.into_owned(),
                 })
-                .collect(),
+                .collect();
+        out.push(match (l.q, l.r) {
+            (Some(seq), _) => Entry::Settled {
+                record: Record {
+                    source: std::sync::Arc::clone(&source),
+                    seq,
+                    at,
+                    amount: Money::from_pico(pico),
+                    instances,
+                },
+                closes: l.c,
+            },
+            (None, Some(id)) => Entry::Reserved {
+                id,
+                at,
+                amount: Money::from_pico(pico),
+                instances,
+            },
+            (None, None) => break,
         });
     }
     Ok(out)
+}
+
+/// What a crashed run's journal files (one source, all its files) left unsettled: the reservations with no
+/// closing entry, each as a charge at its reserved amount, and the sequence number those charges are
+/// committed under: one past every settlement of the source (and past what its last file's name
+/// promises), so a replay that already committed them (its `applied` at or past it) skips them.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Unsettled {
+    /// `(at, amount, instances)` per reservation never closed, in id order.
+    pub orphans: Vec<(Timestamp, Money, Vec<InstanceName>)>,
+    /// The sequence number the orphans' charges are committed under.
+    pub seq: u64,
+}
+
+/// Finds the reservations in `entries` (every entry of one source's files, in any order) that no entry
+/// closes. `last_first`: the first sequence number in the name of the source's newest file.
+pub fn unsettled(entries: &[Entry], last_first: u64) -> Unsettled {
+    let mut opened: std::collections::BTreeMap<u64, (Timestamp, Money, &[InstanceName])> =
+        Default::default();
+    let mut closed = std::collections::HashSet::new();
+    let mut max_seq = last_first.saturating_sub(1);
+    for e in entries {
+        match e {
+            Entry::Settled { record, closes } => {
+                max_seq = max_seq.max(record.seq);
+                if let Some(id) = closes {
+                    closed.insert(*id);
+                }
+            }
+            Entry::Reserved {
+                id,
+                at,
+                amount,
+                instances,
+            } => {
+                opened.insert(*id, (*at, *amount, instances));
+            }
+            Entry::Closed(id) => {
+                closed.insert(*id);
+            }
+        }
+    }
+    Unsettled {
+        orphans: opened
+            .into_iter()
+            .filter(|(id, _)| !closed.contains(id))
+            .map(|(_, (at, amount, instances))| (at, amount, instances.to_vec()))
+            .collect(),
+        seq: max_seq + 1,
+    }
 }
 
 /// The journal files in `dir`, by source, each source's files in sequence order.
@@ -224,6 +437,124 @@ mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
     use super::*;
+
+    fn budgets() -> Vec<InstanceKey> {
+        let set = tollgate_core::budget::BudgetSet::from_raw(
+            toml::from_str::<toml::Table>(
+                "[[budgets]]\nname = \"team\"\namount_usd = \"1\"\nwindow = \"day\"\nscope = \"everyone\"\n[[budgets]]\nname = \"me\"\namount_usd = \"1\"\nwindow = \"day\"\nscope = \"each_identity\"\n",
+            )
+            .unwrap()["budgets"]
+                .clone()
+                .try_into()
+                .unwrap(),
+            Default::default(),
+        )
+        .unwrap();
+        vec![
+            InstanceKey {
+                budget: std::sync::Arc::clone(set.get("team").unwrap()),
+                member: None,
+            },
+            InstanceKey {
+                budget: std::sync::Arc::clone(set.get("me").unwrap()),
+                member: Some(std::sync::Arc::from("okta:a")),
+            },
+        ]
+    }
+
+    fn entries(dir: &Path, source: &str) -> (Vec<Entry>, u64) {
+        let files = list(dir).unwrap().remove(source).unwrap_or_default();
+        let last_first = files.last().map_or(0, |(f, _)| *f);
+        let mut out = Vec::new();
+        for (_, p) in files {
+            out.extend(read_entries(&p).unwrap());
+        }
+        (out, last_first)
+    }
+
+    /// A reservation closed by its settlement, by a release, or by a settlement at $0 is settled; one with
+    /// no closing line (the process died with the request in flight) is an orphan, charged at its
+    /// reserved amount on every instance it held, under one sequence number past the settlements.
+    #[test]
+    fn reservations_without_a_closing_line_are_orphans() {
+        let dir = std::env::temp_dir().join(format!("tg-journal-orphans-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let (tx, _rx) = crossbeam_channel::bounded(16);
+        let j = Journal::new(&dir, "run-c0", tx);
+        let keys = budgets();
+        let t0 = Timestamp::from_second(1_800_000_000).unwrap();
+        let settled = j.reserve(&keys, Money::from_pico(100), t0).unwrap();
+        let released = j.reserve(&keys, Money::from_pico(200), t0).unwrap();
+        let free = j.reserve(&keys, Money::from_pico(300), t0).unwrap();
+        let in_flight = j.reserve(&keys, Money::from_pico(400), t0).unwrap();
+        assert_eq!(j.open_reservations(), 4);
+        j.record(&keys, Money::from_pico(60), t0, settled).unwrap();
+        j.release(released.unwrap()).unwrap();
+        j.record(&keys, Money::ZERO, t0, free).unwrap();
+        assert_eq!(j.open_reservations(), 1);
+        // Nothing to charge: no line, no id.
+        assert_eq!(j.reserve(&keys, Money::ZERO, t0).unwrap(), None);
+        assert_eq!(j.reserve(&[], Money::from_pico(5), t0).unwrap(), None);
+
+        let (all, last_first) = entries(&dir, "run-c0");
+        assert_eq!(all.len(), 7, "{all:?}");
+        assert!(
+            matches!(&all[4], Entry::Settled { record, closes } if record.seq == 1 && *closes == settled)
+        );
+        let open = unsettled(&all, last_first);
+        assert_eq!(open.seq, 2);
+        assert_eq!(open.orphans.len(), 1);
+        let (at, amount, instances) = &open.orphans[0];
+        assert_eq!((*at, *amount), (t0, Money::from_pico(400)));
+        assert_eq!(
+            instances,
+            &keys.iter().map(instance_name).collect::<Vec<_>>()
+        );
+        // Closed now (the request finished): no orphan left.
+        j.record(&keys, Money::from_pico(350), t0, in_flight)
+            .unwrap();
+        let (all, last_first) = entries(&dir, "run-c0");
+        let open = unsettled(&all, last_first);
+        assert!(open.orphans.is_empty());
+        assert_eq!(open.seq, 3);
+        // The settlements read as before.
+        let files = list(&dir).unwrap();
+        assert_eq!(read_file(&files["run-c0"][0].1).unwrap().len(), 2);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// A rotated journal carries its open reservations into the new file: the old one may be deleted once
+    /// its settlements are committed, and the orphan is still found.
+    #[test]
+    fn open_reservations_move_with_a_rotation() {
+        let dir = std::env::temp_dir().join(format!("tg-journal-rotate-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let (tx, _rx) = crossbeam_channel::bounded(1024);
+        let mut j = Journal::new(&dir, "run-c0", tx);
+        j.rotate = 300;
+        let keys = budgets();
+        let t0 = Timestamp::from_second(1_800_000_000).unwrap();
+        let long = j.reserve(&keys, Money::from_pico(999), t0).unwrap();
+        for _ in 0..20 {
+            let id = j.reserve(&keys, Money::from_pico(10), t0).unwrap();
+            j.record(&keys, Money::from_pico(5), t0, id).unwrap();
+        }
+        let files = list(&dir).unwrap().remove("run-c0").unwrap();
+        assert!(files.len() > 2, "{files:?}");
+        // The ledger thread deletes every file but the newest once committed.
+        for (_, p) in &files[..files.len() - 1] {
+            std::fs::remove_file(p).unwrap();
+        }
+        let (all, last_first) = entries(&dir, "run-c0");
+        let open = unsettled(&all, last_first);
+        assert_eq!(open.orphans.len(), 1, "{all:?}");
+        assert_eq!(open.orphans[0].1, Money::from_pico(999));
+        assert_eq!(open.seq, 21);
+        j.release(long.unwrap()).unwrap();
+        let (all, last_first) = entries(&dir, "run-c0");
+        assert!(unsettled(&all, last_first).orphans.is_empty());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 
     #[test]
     fn names_round_trip_and_torn_lines_end_the_read() {
@@ -276,7 +607,7 @@ mod tests {
         };
         let now = Timestamp::now();
         assert!(j
-            .record(std::slice::from_ref(&key), Money::from_pico(5), now)
+            .record(std::slice::from_ref(&key), Money::from_pico(5), now, None)
             .is_err());
         assert!(j.failed());
         assert!(
@@ -285,7 +616,7 @@ mod tests {
         // The path becomes a directory: appends work again.
         std::fs::remove_file(&blocked).unwrap();
         std::fs::create_dir_all(&blocked).unwrap();
-        j.record(std::slice::from_ref(&key), Money::from_pico(7), now)
+        j.record(std::slice::from_ref(&key), Money::from_pico(7), now, None)
             .unwrap();
         assert!(!j.failed());
         let files = list(&blocked).unwrap();

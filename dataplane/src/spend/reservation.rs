@@ -8,7 +8,9 @@
 //! instance owned elsewhere is taken off this core's slice (see [`crate::spend::lending`]); any other
 //! owner is asked over its mailbox and answers through this core's own inbox (the request awaits only its
 //! core's local oneshot). An owner that refuses ends the admission, and dropping the partial guard releases
-//! what the others granted. Settling journals first ([`crate::spend::journal`]), then tells each owner.
+//! what the others granted. A reservation held on every owner is journaled before it is returned (so a
+//! crash before it settles charges it at its amount at the next start); settling journals first, closing
+//! that line ([`crate::spend::journal`]), then tells each owner; releasing journals the close too.
 //!
 //! Fails: a full or closed mailbox, or an owner that stopped, fails the request closed (503
 //! `budget_unavailable`): a budget is never skipped. Settlement and release are fire-and-forget messages;
@@ -43,6 +45,9 @@ pub struct Reservation {
     pub(super) leased: Vec<(InstanceKey, Money)>,
     /// Every instance charged: what the journal records.
     keys: Vec<InstanceKey>,
+    /// The journal's id of this reservation (journaled at admission, closed by the settlement or the
+    /// release); `None` when nothing was journaled.
+    journaled: Option<u64>,
     /// The amount reserved on each instance.
     pub amount: Money,
     /// Messages to other cores this admission waited for (0: admitted on this core alone).
@@ -57,7 +62,8 @@ impl Reservation {
     pub fn settle(mut self, actual: Money) {
         let now = Timestamp::now();
         // Durable first: the journal has the settlement before anything else learns of it.
-        self.budgets.journal(&self.keys, actual, now);
+        self.budgets
+            .journal(&self.keys, actual, now, self.journaled.take());
         for (core, res) in std::mem::take(&mut self.parts) {
             self.budgets.send_settle(core, res, actual, now);
         }
@@ -76,6 +82,9 @@ impl Reservation {
 impl Drop for Reservation {
     fn drop(&mut self) {
         if !self.done {
+            if let Some(id) = self.journaled.take() {
+                self.budgets.journal_release(id);
+            }
             for (core, res) in std::mem::take(&mut self.parts) {
                 self.budgets.send_release(core, res);
             }
@@ -126,6 +135,7 @@ impl CoreBudgets {
             parts: Vec::with_capacity(by_owner.len()),
             leased: Vec::with_capacity(lendable.len()),
             keys: Vec::new(),
+            journaled: None,
             amount,
             asks: 0,
             statuses: Vec::new(),
@@ -196,6 +206,9 @@ impl CoreBudgets {
                 return Ok(Err(e));
             }
         }
+        // Held on every owner: journaled before the request goes anywhere, so a crash from here on is
+        // charged at this amount at the next start unless a settlement or release closes it.
+        held.journaled = self.journal_reserve(&held.keys, amount, Timestamp::now());
         Ok(Ok(held))
     }
 }

@@ -214,21 +214,55 @@ impl CoreBudgets {
         }
     }
 
-    /// Journals a settlement and hands it to the ledger thread.
-    pub(super) fn journal(&self, keys: &[InstanceKey], actual: Money, now: Timestamp) {
+    /// Journals a settlement (closing reservation `closes`) and hands it to the ledger thread.
+    pub(super) fn journal(
+        &self,
+        keys: &[InstanceKey],
+        actual: Money,
+        now: Timestamp,
+        closes: Option<u64>,
+    ) {
         if let Some(j) = &self.journal {
             let was_failing = j.failed();
-            match j.record(keys, actual, now) {
-                // One event when appends start failing and one when they work again, not one per request.
-                Err(e) if !was_failing => self.log.event(
-                    "journal_failed",
-                    &[("core", &self.core.to_string()), ("error", &e.to_string())],
-                ),
-                Ok(()) if was_failing => self
-                    .log
-                    .event("journal_recovered", &[("core", &self.core.to_string())]),
-                _ => {}
-            }
+            self.journal_outcome(was_failing, j.record(keys, actual, now, closes));
+        }
+    }
+
+    /// Journals a reservation at admission (see [`crate::spend::journal::Journal::reserve`]); its id, when
+    /// one was written, for the settlement or release that closes it.
+    pub(super) fn journal_reserve(
+        &self,
+        keys: &[InstanceKey],
+        amount: Money,
+        now: Timestamp,
+    ) -> Option<u64> {
+        let j = self.journal.as_ref()?;
+        let was_failing = j.failed();
+        let result = j.reserve(keys, amount, now);
+        let id = result.as_ref().ok().copied().flatten();
+        self.journal_outcome(was_failing, result.map(|_| ()));
+        id
+    }
+
+    /// Journals that reservation `id` was released unsettled.
+    pub(super) fn journal_release(&self, id: u64) {
+        if let Some(j) = &self.journal {
+            let was_failing = j.failed();
+            self.journal_outcome(was_failing, j.release(id));
+        }
+    }
+
+    /// One event when appends start failing and one when they work again, not one per request.
+    fn journal_outcome(&self, was_failing: bool, result: std::io::Result<()>) {
+        match result {
+            Err(e) if !was_failing => self.log.event(
+                "journal_failed",
+                &[("core", &self.core.to_string()), ("error", &e.to_string())],
+            ),
+            Ok(()) if was_failing => self
+                .log
+                .event("journal_recovered", &[("core", &self.core.to_string())]),
+            _ => {}
         }
     }
 

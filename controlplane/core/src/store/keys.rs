@@ -11,6 +11,7 @@
 //! ```text
 //! ("tg", "schema")                                      -> the schema version, ASCII decimal ("1")
 //! ("tg", "spend", budget, member, slot)                 -> pico-USD spent, i128 16-byte LE, atomic add
+//! ("tg", "estimated", budget, member, slot)             -> pico-USD of that spend charged at an estimate, i128 16-byte LE, atomic add
 //! ("tg", "applied", source)                             -> last sequence applied, u64 8-byte LE
 //! ("tg", "lease", budget, member, window, node)         -> unspent lease, pico-USD, i128 16-byte LE, atomic add
 //! ("tg", "lease_exp", budget, member, window, node)     -> lease expiry, Unix ms, i64 8-byte LE
@@ -21,6 +22,7 @@
 //! |---|---|---|---|
 //! | [`schema`] | `("tg", "schema")` | the schema version, ASCII decimal | `ledger::check_schema`, once, into an empty store |
 //! | [`spend`] | `("tg", "spend", budget: str, member: str, slot: int)` | pico-USD spent on the instance in that 15-minute slot, a 16-byte little-endian two's-complement counter written with atomic add; `member` is `source:subject` for a per-identity instance, `""` for a shared one; `slot` = Unix seconds / [`SLOT_SECS`] | `ledger::apply_batch` (add), `ledger::prune_before` (clear); read by `ledger::load_since` and `fleet::committed` |
+//! | [`estimated`] | `("tg", "estimated", budget: str, member: str, slot: int)` | the part of the same slot's [`spend`] that was charged at an estimate: reservations a crashed run left open, charged at their reserved amount at the next start; 16-byte counter written with atomic add | `ledger::apply_batch` (add), `ledger::prune_before` (clear); read by `ledger::load_estimated_since` |
 //! | [`applied`] | `("tg", "applied", source: str)` | the highest sequence number of `source` (a journal: one core of one process run) applied, 8 bytes little-endian | `ledger::apply_batch` (set), `ledger::forget_source` (clear) |
 //! | [`lease`] | `("tg", "lease", budget: str, member: str, window: int, node: int)` | the unspent amount of `node`'s lease, pico-USD, 16-byte counter written with atomic add; `window` is the window's start, Unix seconds | `fleet::acquire` (add, and clear of expired leases), `fleet::commit` (subtract), `fleet::release` and `fleet::release_all` (clear) |
 //! | [`lease_expiry`] | `("tg", "lease_exp", budget: str, member: str, window: int, node: int)` | the lease's expiry, Unix milliseconds, 8 bytes little-endian | `fleet::acquire` (set), `fleet::release` and `fleet::release_all` (clear) |
@@ -47,6 +49,7 @@ pub const SLOT_SECS: i64 = 900;
 const ROOT: &str = "tg";
 const SCHEMA: &str = "schema";
 const SPEND: &str = "spend";
+const ESTIMATED: &str = "estimated";
 const APPLIED: &str = "applied";
 const LEASE: &str = "lease";
 const LEASE_EXP: &str = "lease_exp";
@@ -100,13 +103,36 @@ pub fn spend_slots(budget: &str, member: &str, from: i64, to: i64) -> (Vec<u8>, 
 
 /// Reads a [`spend`] key back: `(budget, member, slot)`.
 pub fn parse_spend(key: &[u8]) -> Result<(String, String, i64), StoreError> {
+    parse_slot_key(key, SPEND)
+}
+
+/// `("tg", "estimated", budget, member, slot)`: how much of that slot's [`spend`] is an estimate.
+pub fn estimated(budget: &str, member: &str, slot: i64) -> Vec<u8> {
+    let mut t = under(ESTIMATED, instance(budget, member));
+    t.push(Element::Int(slot));
+    pack(&t)
+}
+
+/// Every [`estimated`] key.
+pub fn all_estimated() -> (Vec<u8>, Vec<u8>) {
+    range(&under(ESTIMATED, []))
+}
+
+/// Reads an [`estimated`] key back: `(budget, member, slot)`.
+pub fn parse_estimated(key: &[u8]) -> Result<(String, String, i64), StoreError> {
+    parse_slot_key(key, ESTIMATED)
+}
+
+fn parse_slot_key(key: &[u8], want: &str) -> Result<(String, String, i64), StoreError> {
     match unpack(key)?.as_slice() {
         [Element::Str(root), Element::Str(kind), Element::Str(b), Element::Str(m), Element::Int(s)]
-            if root == ROOT && kind == SPEND =>
+            if root == ROOT && kind == want =>
         {
             Ok((b.clone(), m.clone(), *s))
         }
-        _ => Err(StoreError::Corrupt("a spend key of the wrong shape".into())),
+        _ => Err(StoreError::Corrupt(format!(
+            "a {want} key of the wrong shape"
+        ))),
     }
 }
 
@@ -206,6 +232,15 @@ mod tests {
             spend("me", "okta:alice", 1_960_000),
             b"\x02tg\x00\x02spend\x00\x02me\x00\x02okta:alice\x00\x17\x1d\xe8\x40"
         );
+        assert_eq!(
+            estimated("team", "", 1),
+            b"\x02tg\x00\x02estimated\x00\x02team\x00\x02\x00\x15\x01"
+        );
+        assert_eq!(
+            parse_estimated(&estimated("me", "okta:a", 7)).unwrap(),
+            ("me".to_owned(), "okta:a".to_owned(), 7)
+        );
+        assert!(parse_spend(&estimated("me", "", 7)).is_err());
         assert_eq!(
             applied("run1-c0"),
             b"\x02tg\x00\x02applied\x00\x02run1-c0\x00"

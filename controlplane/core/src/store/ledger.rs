@@ -1,7 +1,8 @@
 //! Spend in the store: the key schema, batched and idempotent writes of settled spend, and reading it back
 //! to rebuild budget windows. Written once against [`crate::store`], for every implementation.
 //!
-//! Keys: `("tg", "schema")`, `("tg", "spend", budget, member, slot)` and `("tg", "applied", source)`, all
+//! Keys: `("tg", "schema")`, `("tg", "spend", budget, member, slot)`, `("tg", "estimated", budget, member,
+//! slot)` (the part of a slot's spend charged at an estimate after a crash) and `("tg", "applied", source)`, all
 //! from [`keys`] (the key schema, its layouts and value encodings, and [`SCHEMA_VERSION`]; `docs/store.md`
 //! keeps it for operators).
 //!
@@ -41,6 +42,9 @@ pub struct Batch {
     pub spend: BTreeMap<(InstanceName, i64), i128>,
     /// Per source, the highest sequence number included.
     pub upto: BTreeMap<String, u64>,
+    /// The part of `spend` charged at an estimate (reservations a crashed run left open), by instance and
+    /// slot: also written to `("tg", "estimated", ..)` so `tollgate spend` can say so.
+    pub estimated: BTreeMap<(InstanceName, i64), i128>,
 }
 
 impl Batch {
@@ -62,6 +66,13 @@ impl Batch {
                 self.upto.insert(source.to_owned(), seq);
             }
         }
+    }
+
+    /// Marks `amount` at `at` on `instance` (already [`Batch::add`]ed) as charged at an estimate.
+    pub fn add_estimate(&mut self, instance: InstanceName, amount: Money, at: Timestamp) {
+        let slot = at.as_second().div_euclid(SLOT_SECS);
+        let e = self.estimated.entry((instance, slot)).or_insert(0);
+        *e = e.wrapping_add(amount.pico());
     }
 
     pub fn is_empty(&self) -> bool {
@@ -131,6 +142,12 @@ pub fn apply_batch(txn: &mut dyn Transaction, batch: &Batch) -> Result<bool, Sto
             *amount,
         );
     }
+    for ((instance, slot), amount) in &batch.estimated {
+        txn.add(
+            &keys::estimated(&instance.budget, &instance.member, *slot),
+            *amount,
+        );
+    }
     Ok(true)
 }
 
@@ -168,7 +185,25 @@ pub fn load_since(
     txn: &mut dyn Transaction,
     since: Timestamp,
 ) -> Result<Vec<SlotSpend>, StoreError> {
-    let (mut begin, end) = keys::all_spend();
+    load_slots(txn, since, keys::all_spend(), keys::parse_spend)
+}
+
+/// Every slot's spend charged at an estimate (see [`Batch::estimated`]) at or after `since`.
+pub fn load_estimated_since(
+    txn: &mut dyn Transaction,
+    since: Timestamp,
+) -> Result<Vec<SlotSpend>, StoreError> {
+    load_slots(txn, since, keys::all_estimated(), keys::parse_estimated)
+}
+
+type ParseSlot = fn(&[u8]) -> Result<(String, String, i64), StoreError>;
+
+fn load_slots(
+    txn: &mut dyn Transaction,
+    since: Timestamp,
+    (mut begin, end): (Vec<u8>, Vec<u8>),
+    parse: ParseSlot,
+) -> Result<Vec<SlotSpend>, StoreError> {
     let min_slot = since.as_second().div_euclid(SLOT_SECS);
     let mut out = Vec::new();
     loop {
@@ -177,7 +212,7 @@ pub fn load_since(
         let mut next = last.clone();
         next.push(0);
         for (k, v) in &page {
-            let (budget, member, slot) = keys::parse_spend(k)?;
+            let (budget, member, slot) = parse(k)?;
             if slot < min_slot {
                 continue;
             }
@@ -200,16 +235,25 @@ pub fn load_since(
     Ok(out)
 }
 
-/// Clears spend slots older than `before` (retention: the ledger never reads them again).
+/// Clears spend slots (and their estimate marks) older than `before` (retention: the ledger never reads
+/// them again). Returns the spend slots cleared.
 pub fn prune_before(txn: &mut dyn Transaction, before: Timestamp) -> Result<usize, StoreError> {
-    let (begin, end) = keys::all_spend();
     let min_slot = before.as_second().div_euclid(SLOT_SECS);
     let mut cleared = 0;
+    let (begin, end) = keys::all_spend();
     for (k, _) in txn.get_range(&begin, &end, 0)? {
         if let Ok((_, _, s)) = keys::parse_spend(&k) {
             if s < min_slot {
                 txn.clear(&k);
                 cleared += 1;
+            }
+        }
+    }
+    let (begin, end) = keys::all_estimated();
+    for (k, _) in txn.get_range(&begin, &end, 0)? {
+        if let Ok((_, _, s)) = keys::parse_estimated(&k) {
+            if s < min_slot {
+                txn.clear(&k);
             }
         }
     }

@@ -316,6 +316,18 @@ fn spend(config: &std::path::Path, budget: Option<&str>, json: bool) -> anyhow::
             r.instance, r.window, r.spent_usd, r.limit_usd, r.remaining_usd, r.resets_at
         )?;
     }
+    for r in &rows {
+        if r.crash_estimated_usd
+            .chars()
+            .any(|c| c.is_ascii_digit() && c != '0')
+        {
+            writeln!(
+                out,
+                "note: {} includes ${} charged at the reserved amount of requests in flight when a gateway crashed",
+                r.instance, r.crash_estimated_usd
+            )?;
+        }
+    }
     Ok(())
 }
 
