@@ -75,8 +75,23 @@ fn model_probe(c: &mut Criterion) {
         stream: Option<bool>,
     }
     let mut g = c.benchmark_group("model_probe");
-    for words in [20usize, 2000] {
-        let body = chat_body(words);
+    // A short prompt, a long one, and a long conversation (many small objects: the duplicate-key check's
+    // worst case per byte).
+    let conversation = {
+        let turns: Vec<String> = (0..100)
+            .map(|i| {
+                format!(
+                    r#"{{"role":"{}","content":"turn {i} with a few words of text"}}"#,
+                    if i % 2 == 0 { "user" } else { "assistant" }
+                )
+            })
+            .collect();
+        Bytes::from(format!(
+            r#"{{"model":"gpt-4o-mini","messages":[{}],"stream":true,"max_tokens":256}}"#,
+            turns.join(",")
+        ))
+    };
+    for body in [chat_body(20), chat_body(2000), conversation] {
         g.throughput(Throughput::Bytes(body.len() as u64));
         g.bench_function(format!("tollgate_borrowed_probe/{}B", body.len()), |b| {
             b.iter(|| {

@@ -249,3 +249,119 @@ fn stream_options_null_is_replaced_so_the_stream_is_billed_from_usage() {
     assert_eq!(line["usage"], "reported", "{line}");
     assert_eq!(line["output_tokens"], 20, "{line}");
 }
+
+#[test]
+fn lower_max_tokens_replaces_a_null_cap_and_the_choices_fit_what_is_left() {
+    let budget = r#"
+[[budgets]]
+name = "tight"
+amount_usd = "0.00004"
+window = "day"
+scope = "group"
+group = "platform"
+on_insufficient = "lower_max_tokens"
+"#;
+    let (m, g, _s, token) = setup(budget);
+    // gpt-4o-mini: 40,000,000 pico left pays for the input bound and then what fits of 2 choices.
+    let body = r#"{"model":"gpt-4o-mini","n":2,"max_tokens":null,"max_completion_tokens":1000,"messages":[{"role":"user","content":"hi"}]}"#;
+    let r = post(
+        g.addr,
+        "/v1/chat/completions",
+        body,
+        &format!("{}{LONG}", auth(&token)),
+    );
+    assert_eq!(
+        r.status,
+        200,
+        "{}",
+        r.text().chars().take(300).collect::<String>()
+    );
+    let lowered: u64 = r
+        .header("x-tollgate-max-tokens-lowered")
+        .unwrap()
+        .parse()
+        .unwrap();
+    let expect = ((40_000_000 - body.len() as i64 * 150_000) / (2 * 600_000)) as u64;
+    assert_eq!(lowered, expect);
+    let rec = only_request(&m);
+    let sent = rec["body"].as_str().unwrap();
+    // Both cap fields say the lowered cap: the provider cannot read the client's null or 1000.
+    assert!(
+        sent.contains(&format!("\"max_tokens\":{lowered}")),
+        "{sent}"
+    );
+    assert!(
+        sent.contains(&format!("\"max_completion_tokens\":{lowered}")),
+        "{sent}"
+    );
+    assert_eq!(rec["billed"]["output_tokens"], 2 * lowered);
+    let line = logged(&g, &r);
+    assert!(line["cost_pusd"].as_i64().unwrap() <= line["reserved_pusd"].as_i64().unwrap());
+    assert!(line["cost_pusd"].as_i64().unwrap() <= 40_000_000);
+}
+
+/// The issue's overshoot measurement: 200 concurrent requests that each try a way past the reservation
+/// (`n`, null caps under a policy cap, duplicated keys) against one small budget.
+#[test]
+fn two_hundred_concurrent_hostile_requests_never_overspend_a_small_budget() {
+    let extra = r#"
+[[budgets]]
+name = "small"
+amount_usd = "0.002"
+window = "day"
+scope = "group"
+group = "platform"
+
+[[policies]]
+name = "capped"
+default = true
+max_tokens = 40
+"#;
+    let (_m, g, _s, token) = setup(extra);
+    let bodies = [
+        r#"{"model":"gpt-4o-mini","n":3,"max_tokens":40,"stream":true,"messages":[{"role":"user","content":"hi"}]}"#,
+        r#"{"model":"gpt-4o-mini","max_completion_tokens":null,"messages":[{"role":"user","content":"hi"}]}"#,
+        r#"{"model":"gpt-4o-mini","n":2,"max_tokens":null,"max_completion_tokens":null,"stream":true,"stream_options":null,"messages":[{"role":"user","content":"hi"}]}"#,
+        r#"{"model":"gpt-4o-mini","n":1,"max_tokens":10,"messages":[{"role":"user","content":"hi"}],"n":8}"#,
+    ];
+    let addr = g.addr;
+    let threads: Vec<_> = (0..200)
+        .map(|i| {
+            let headers = format!(
+                "{}x-mock-output-tokens: 5000\r\nx-mock-token-delay-ms: 2\r\n",
+                auth(&token)
+            );
+            let body = bodies[i % bodies.len()];
+            std::thread::spawn(move || {
+                let r = post(addr, "/v1/chat/completions", body, &headers);
+                (r.status, r.header("x-request-id").map(str::to_owned))
+            })
+        })
+        .collect();
+    let results: Vec<(u16, Option<String>)> =
+        threads.into_iter().map(|h| h.join().unwrap()).collect();
+    let served: Vec<&String> = results
+        .iter()
+        .filter(|(s, _)| *s == 200)
+        .filter_map(|(_, id)| id.as_ref())
+        .collect();
+    let refused = results.iter().filter(|(s, _)| *s == 429).count();
+    let invalid = results.iter().filter(|(s, _)| *s == 400).count();
+    assert_eq!(served.len() + refused + invalid, 200, "{results:?}");
+    assert_eq!(invalid, 50, "every duplicated-key body is refused");
+    assert!(refused > 0 && !served.is_empty());
+    let total: i64 = served
+        .iter()
+        .map(|id| {
+            g.wait_json(&[("event", json!("request")), ("request_id", json!(id))])["cost_pusd"]
+                .as_i64()
+                .unwrap()
+        })
+        .sum();
+    let limit = 2_000_000_000i64;
+    println!(
+        "200 hostile requests: served {} refused {refused} invalid {invalid}; spent {total} of {limit} pico-USD",
+        served.len()
+    );
+    assert!(total <= limit, "overspent: {total} > {limit}");
+}
