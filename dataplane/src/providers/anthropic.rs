@@ -76,10 +76,7 @@ pub fn view(body: &Body<'_>) -> Result<Billing> {
             return unbounded(field, "tools run by the provider are billed per use");
         }
     }
-    if body
-        .get("messages")
-        .is_some_and(|m| super::json::type_count(m.raw.as_bytes(), b"\"document\"") > 0)
-    {
+    if super::json::type_count(body.bytes, b"\"document\"") > 0 {
         return unbounded(
             "messages[].document",
             "a document's tokens are not bounded by its size",

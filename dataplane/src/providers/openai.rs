@@ -96,8 +96,9 @@ pub fn view(body: &Body<'_>) -> Result<Billing> {
             );
         }
     }
-    if let Some(m) = body.get("messages") {
-        let raw = m.raw.as_bytes();
+    {
+        // Parts anywhere in the body (messages); a key's quotes are never escaped, so no text matches.
+        let raw = body.bytes;
         if super::json::key_count(raw, b"\"input_audio\"") > 0 {
             return unbounded(
                 "messages[].input_audio",

@@ -22,7 +22,9 @@ use serde_json::value::RawValue;
 
 use crate::error::{Error, Result};
 
-/// Top-level members the API files read; every other member is only checked (UTF-8, no duplicates).
+/// Top-level members the API files read; every other member is only checked (UTF-8, no duplicates). Large
+/// members (`messages`) are not kept: a kept member is walked twice, and the parts the API files look for
+/// in them are found by a byte search over the body ([`Body::bytes`]).
 const KEPT: &[&str] = &[
     "model",
     "stream",
@@ -37,7 +39,6 @@ const KEPT: &[&str] = &[
     "web_search_options",
     "tools",
     "thinking",
-    "messages",
     "mcp_servers",
     "container",
 ];
@@ -198,6 +199,27 @@ fn truncate(s: &str, n: usize) -> &str {
 #[derive(Default)]
 struct Path<'de> {
     segs: Vec<Seg<'de>>,
+    /// The keys of every object being read, innermost last: one stack for the whole parse, so checking
+    /// an object for duplicates allocates nothing once it has grown.
+    keys: Vec<Cow<'de, str>>,
+}
+
+impl<'de> Path<'de> {
+    /// Adds `k` to the object whose keys start at `from`; the second of any key is refused.
+    fn add_key<E: de::Error>(
+        &mut self,
+        from: usize,
+        k: Cow<'de, str>,
+    ) -> std::result::Result<(), E> {
+        if self.keys[from..].contains(&k) {
+            return Err(E::custom(format_args!(
+                "duplicate key \"{}\": a provider reads the last one, so it is refused",
+                truncate(&k, 64)
+            )));
+        }
+        self.keys.push(k);
+        Ok(())
+    }
 }
 
 enum Seg<'de> {
@@ -243,25 +265,6 @@ impl<'de> de::Deserialize<'de> for Key<'de> {
     }
 }
 
-/// Remembers an object's keys and refuses the second of any (a short list: objects have few keys).
-#[derive(Default)]
-struct Seen<'de> {
-    keys: Vec<Cow<'de, str>>,
-}
-
-impl<'de> Seen<'de> {
-    fn add<E: de::Error>(&mut self, k: Cow<'de, str>) -> std::result::Result<(), E> {
-        if self.keys.contains(&k) {
-            return Err(E::custom(format_args!(
-                "duplicate key \"{}\": a provider reads the last one, so it is refused",
-                truncate(&k, 64)
-            )));
-        }
-        self.keys.push(k);
-        Ok(())
-    }
-}
-
 /// The top level: an object whose kept members are captured raw.
 struct Top<'p, 'de> {
     base: usize,
@@ -284,11 +287,11 @@ impl<'de> Visitor<'de> for Top<'_, 'de> {
         self,
         mut map: A,
     ) -> std::result::Result<Self::Value, A::Error> {
-        let mut seen = Seen::default();
+        let from = self.path.keys.len();
         let mut kept = Vec::new();
         while let Some(Key(k)) = map.next_key()? {
             self.path.segs.push(Seg::Key(k.clone()));
-            seen.add(k.clone())?;
+            self.path.add_key(from, k.clone())?;
             if let Some(name) = KEPT.iter().find(|n| **n == k) {
                 let raw: &'de RawValue = map.next_value()?;
                 let text = raw.get();
@@ -311,6 +314,7 @@ impl<'de> Visitor<'de> for Top<'_, 'de> {
             }
             self.path.segs.pop();
         }
+        self.path.keys.truncate(from);
         Ok(kept)
     }
 }
@@ -363,13 +367,14 @@ impl<'de> Visitor<'de> for Strict<'_, 'de> {
         }
     }
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> std::result::Result<(), A::Error> {
-        let mut seen = Seen::default();
+        let from = self.path.keys.len();
         while let Some(Key(k)) = map.next_key()? {
             self.path.segs.push(Seg::Key(k.clone()));
-            seen.add(k)?;
+            self.path.add_key(from, k)?;
             map.next_value_seed(Strict { path: self.path })?;
             self.path.segs.pop();
         }
+        self.path.keys.truncate(from);
         Ok(())
     }
 }
