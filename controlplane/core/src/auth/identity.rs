@@ -389,11 +389,14 @@ impl PolicySet {
     }
 }
 
+/// Identities for unit tests across the crate (policies, budgets).
 #[cfg(test)]
-mod tests {
-    use super::*;
+pub(crate) mod testing {
+    use std::sync::Arc;
 
-    fn user(sub: &str, groups: &[&str]) -> Identity {
+    use super::{Identity, IdentityKind};
+
+    pub(crate) fn user(sub: &str, groups: &[&str]) -> Identity {
         Identity {
             kind: IdentityKind::User,
             subject: Arc::from(sub),
@@ -405,7 +408,7 @@ mod tests {
         }
     }
 
-    fn service(name: &str, team: &str) -> Identity {
+    pub(crate) fn service(name: &str, team: &str) -> Identity {
         Identity {
             kind: IdentityKind::Service,
             subject: Arc::from(name),
@@ -416,6 +419,13 @@ mod tests {
             attributes: Arc::from(Vec::new()),
         }
     }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    use crate::auth::identity::testing::{service, user};
 
     fn set(toml_text: &str) -> PolicySet {
         #[derive(Deserialize)]

@@ -715,29 +715,7 @@ mod tests {
         BudgetSet::from_raw(f.budgets, f.attributes)
     }
 
-    fn user(sub: &str, groups: &[&str]) -> Identity {
-        Identity {
-            kind: IdentityKind::User,
-            subject: Arc::from(sub),
-            email: Some(Arc::from(format!("{sub}@example.com").as_str())),
-            groups: groups.iter().map(|g| Arc::from(*g)).collect(),
-            source: Arc::from("okta"),
-            token_id: None,
-            attributes: Arc::from(Vec::new()),
-        }
-    }
-
-    fn service(name: &str, team: &str) -> Identity {
-        Identity {
-            kind: IdentityKind::Service,
-            subject: Arc::from(name),
-            email: None,
-            groups: Arc::from(vec![Arc::from(team)]),
-            source: Arc::from("service-token"),
-            token_id: Some(Arc::from("st_1")),
-            attributes: Arc::from(Vec::new()),
-        }
-    }
+    use crate::auth::identity::testing::{service, user};
 
     fn req<'a>(model: &'a str, attributes: &'a [(String, String)]) -> BudgetRequest<'a> {
         BudgetRequest {
