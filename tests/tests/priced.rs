@@ -36,6 +36,38 @@ fn logged(g: &Gateway, r: &Response) -> serde_json::Value {
     ])
 }
 
+/// A chat request from the team's token, asking the mock for far more output than any cap here.
+fn send(g: &Gateway, token: &str, body: &str) -> Response {
+    post(
+        g.addr,
+        "/v1/chat/completions",
+        body,
+        &format!("{}{LONG}", auth(token)),
+    )
+}
+
+/// The response's status, with the start of its body when it is not the expected one.
+fn expect_status(r: &Response, status: u16) {
+    assert_eq!(
+        r.status,
+        status,
+        "{}",
+        r.text().chars().take(300).collect::<String>()
+    );
+}
+
+/// The gateway's charge for `r` fits within what it reserved; returns (cost, reserved) in pico-USD.
+fn within_reservation(g: &Gateway, r: &Response) -> (i64, i64) {
+    let line = logged(g, r);
+    let cost = line["cost_pusd"].as_i64().unwrap();
+    let reserved = line["reserved_pusd"].as_i64().unwrap();
+    assert!(
+        cost <= reserved,
+        "billed {cost} pico-USD over the reservation {reserved}: {line}"
+    );
+    (cost, reserved)
+}
+
 /// What the mock recorded for its only request.
 fn only_request(m: &Proc) -> serde_json::Value {
     let all = mock_requests(m);
@@ -61,43 +93,21 @@ fn n_choices_are_reserved_n_times_and_a_request_that_cannot_fit_never_reaches_th
     // 50 choices of 100 tokens of gpt-4o: $0.05 of output, five times the $0.01 budget.
     let big =
         r#"{"model":"gpt-4o","n":50,"max_tokens":100,"messages":[{"role":"user","content":"hi"}]}"#;
-    let r = post(
-        g.addr,
-        "/v1/chat/completions",
-        big,
-        &format!("{}{LONG}", auth(&token)),
-    );
-    assert_eq!(
-        r.status,
-        429,
-        "{}",
-        r.text().chars().take(300).collect::<String>()
-    );
+    let r = send(&g, &token, big);
+    expect_status(&r, 429);
     assert!(mock_requests(&m).is_empty(), "the provider was called");
 
     // 5 choices fit: reserved for 5 x 100 output tokens, billed what the provider generated for all five.
     let five =
         r#"{"model":"gpt-4o","n":5,"max_tokens":100,"messages":[{"role":"user","content":"hi"}]}"#;
-    let r = post(
-        g.addr,
-        "/v1/chat/completions",
-        five,
-        &format!("{}{LONG}", auth(&token)),
-    );
-    assert_eq!(r.status, 200, "{}", r.text());
+    let r = send(&g, &token, five);
+    expect_status(&r, 200);
     assert_eq!(r.json()["choices"].as_array().unwrap().len(), 5);
     let billed = only_request(&m)["billed"].clone();
     assert_eq!(billed["output_tokens"], 500, "{billed}");
     let line = logged(&g, &r);
     assert_eq!(line["output_tokens"], 500, "{line}");
-    let (cost, reserved) = (
-        line["cost_pusd"].as_i64().unwrap(),
-        line["reserved_pusd"].as_i64().unwrap(),
-    );
-    assert!(
-        cost <= reserved,
-        "billed {cost} pico-USD over the reservation {reserved}"
-    );
+    let (_, reserved) = within_reservation(&g, &r);
     assert!(reserved >= 500 * 10_000_000, "reserved {reserved}");
 }
 
@@ -111,13 +121,8 @@ max_tokens = 64
 "#;
     let (m, g, _s, token) = setup(&format!("{TEAM_BUDGET}{policy}"));
     let body = r#"{"model":"gpt-4o-mini","max_completion_tokens":null,"messages":[{"role":"user","content":"hi"}]}"#;
-    let r = post(
-        g.addr,
-        "/v1/chat/completions",
-        body,
-        &format!("{}{LONG}", auth(&token)),
-    );
-    assert_eq!(r.status, 200, "{}", r.text());
+    let r = send(&g, &token, body);
+    expect_status(&r, 200);
     let rec = only_request(&m);
     let sent = rec["body"].as_str().unwrap();
     // One cap field, holding the policy's cap: the client's null was replaced, not shadowed.
@@ -129,8 +134,7 @@ max_tokens = 64
     assert!(sent.contains("\"max_completion_tokens\":64"), "{sent}");
     assert!(!sent.contains("null"), "{sent}");
     assert_eq!(rec["billed"]["output_tokens"], 64);
-    let line = logged(&g, &r);
-    assert!(line["cost_pusd"].as_i64().unwrap() <= line["reserved_pusd"].as_i64().unwrap());
+    within_reservation(&g, &r);
 }
 
 #[test]
@@ -144,20 +148,14 @@ default_max_tokens = 32
     let (m, g, _s, token) = setup(&format!("{TEAM_BUDGET}{route}"));
     let body =
         r#"{"model":"gpt-4o","max_tokens":null,"messages":[{"role":"user","content":"hi"}]}"#;
-    let r = post(
-        g.addr,
-        "/v1/chat/completions",
-        body,
-        &format!("{}{LONG}", auth(&token)),
-    );
-    assert_eq!(r.status, 200, "{}", r.text());
+    let r = send(&g, &token, body);
+    expect_status(&r, 200);
     let rec = only_request(&m);
     let sent = rec["body"].as_str().unwrap();
     assert!(sent.contains("\"max_tokens\":32"), "{sent}");
     assert_eq!(sent.matches("max_").count(), 1, "{sent}");
     assert_eq!(rec["billed"]["output_tokens"], 32);
-    let line = logged(&g, &r);
-    assert!(line["cost_pusd"].as_i64().unwrap() <= line["reserved_pusd"].as_i64().unwrap());
+    within_reservation(&g, &r);
 }
 
 #[test]
@@ -170,7 +168,7 @@ fn duplicate_keys_invalid_utf8_and_unboundable_fields_are_refused_before_the_pro
         r#"{"model":"gpt-4o","n":1,"max_tokens":10,"messages":[],"n":50}"#,
         &a,
     );
-    assert_eq!(r.status, 400, "{}", r.text());
+    expect_status(&r, 400);
     let msg = r.json()["error"]["message"].as_str().unwrap().to_owned();
     assert!(msg.contains("duplicate key \"n\""), "{msg}");
 
@@ -208,7 +206,7 @@ fn duplicate_keys_invalid_utf8_and_unboundable_fields_are_refused_before_the_pro
         r#"{"model":"claude-sonnet-4-5","max_tokens":10,"tools":[{"type":"web_search_20250305","name":"web_search"}],"messages":[]}"#,
         &a,
     );
-    assert_eq!(r.status, 400, "{}", r.text());
+    expect_status(&r, 400);
     assert!(r.text().contains("server tools"), "{}", r.text());
     let r = post(
         g.addr,
@@ -229,13 +227,8 @@ fn duplicate_keys_invalid_utf8_and_unboundable_fields_are_refused_before_the_pro
 fn stream_options_null_is_replaced_so_the_stream_is_billed_from_usage() {
     let (m, g, _s, token) = setup(TEAM_BUDGET);
     let body = r#"{"model":"gpt-4o-mini","stream":true,"stream_options":null,"max_tokens":20,"messages":[{"role":"user","content":"hi"}]}"#;
-    let r = post(
-        g.addr,
-        "/v1/chat/completions",
-        body,
-        &format!("{}{LONG}", auth(&token)),
-    );
-    assert_eq!(r.status, 200, "{}", r.text());
+    let r = send(&g, &token, body);
+    expect_status(&r, 200);
     let sent = only_request(&m)["body"].as_str().unwrap().to_owned();
     assert_eq!(sent.matches("\"stream_options\"").count(), 1, "{sent}");
     assert!(sent.contains("\"include_usage\":true"), "{sent}");
@@ -264,18 +257,8 @@ on_insufficient = "lower_max_tokens"
     let (m, g, _s, token) = setup(budget);
     // gpt-4o-mini: 40,000,000 pico left pays for the input bound and then what fits of 2 choices.
     let body = r#"{"model":"gpt-4o-mini","n":2,"max_tokens":null,"max_completion_tokens":1000,"messages":[{"role":"user","content":"hi"}]}"#;
-    let r = post(
-        g.addr,
-        "/v1/chat/completions",
-        body,
-        &format!("{}{LONG}", auth(&token)),
-    );
-    assert_eq!(
-        r.status,
-        200,
-        "{}",
-        r.text().chars().take(300).collect::<String>()
-    );
+    let r = send(&g, &token, body);
+    expect_status(&r, 200);
     let lowered: u64 = r
         .header("x-tollgate-max-tokens-lowered")
         .unwrap()
@@ -295,9 +278,8 @@ on_insufficient = "lower_max_tokens"
         "{sent}"
     );
     assert_eq!(rec["billed"]["output_tokens"], 2 * lowered);
-    let line = logged(&g, &r);
-    assert!(line["cost_pusd"].as_i64().unwrap() <= line["reserved_pusd"].as_i64().unwrap());
-    assert!(line["cost_pusd"].as_i64().unwrap() <= 40_000_000);
+    let (cost, _) = within_reservation(&g, &r);
+    assert!(cost <= 40_000_000, "spent {cost} of the 40,000,000 left");
 }
 
 /// The issue's overshoot measurement: 200 concurrent requests that each try a way past the reservation
