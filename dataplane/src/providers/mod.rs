@@ -320,6 +320,67 @@ impl StreamEnd {
 mod tests {
     use super::*;
 
+    /// The 400s a careless client's body gets from each API's view, each naming the field.
+    #[test]
+    fn views_refuse_what_the_provider_would_read_otherwise_naming_the_field() {
+        use crate::error::ErrorKind;
+        let refused = |api: Api, body: &str| {
+            let parsed = request::Body::parse(body.as_bytes()).unwrap_or_else(|e| panic!("{e}"));
+            match api.view(&parsed) {
+                Ok(b) => panic!("{body} was accepted as {b:?}"),
+                Err(e) => e,
+            }
+        };
+        for (body, field) in [
+            (r#"{"model":"m","n":0}"#, "`n`"),
+            (r#"{"model":"m","n":129}"#, "`n`"),
+            (r#"{"model":"m","max_tokens":"100"}"#, "`max_tokens`"),
+            (r#"{"model":"m","stream":"yes"}"#, "`stream`"),
+            (
+                r#"{"model":"m","stream":true,"stream_options":5}"#,
+                "`stream_options`",
+            ),
+        ] {
+            let e = refused(Api::OpenAi, body);
+            assert_eq!(e.kind, ErrorKind::InvalidBody, "{body}");
+            assert!(e.message.contains(field), "{body}: {}", e.message);
+        }
+        for (body, field) in [
+            (r#"{"model":"m","service_tier":"priority"}"#, "service_tier"),
+            (
+                r#"{"model":"m","prediction":{"type":"content","content":"x"}}"#,
+                "prediction",
+            ),
+            (r#"{"model":"m","audio":{"voice":"alloy"}}"#, "audio"),
+            (
+                r#"{"model":"m","messages":[{"role":"user","content":[{"type":"file","file":{}}]}]}"#,
+                "file",
+            ),
+        ] {
+            let e = refused(Api::OpenAi, body);
+            assert_eq!(e.kind, ErrorKind::UnboundedCost, "{body}");
+            assert!(e.message.contains(field), "{body}: {}", e.message);
+        }
+        let e = refused(Api::Anthropic, r#"{"model":"m","messages":[]}"#);
+        assert!(
+            e.message.contains("`max_tokens` is required"),
+            "{}",
+            e.message
+        );
+        let e = refused(
+            Api::Anthropic,
+            r#"{"model":"m","max_tokens":9,"messages":[{"role":"user","content":[{"type":"document","source":{"type":"url","url":"u"}}]}]}"#,
+        );
+        assert_eq!(e.kind, ErrorKind::UnboundedCost);
+        // What is accepted reads as the provider reads it.
+        let ok = request::Body::parse(
+            br#"{"model":"m","n":3,"max_tokens":9,"max_completion_tokens":null,"service_tier":"flex"}"#,
+        )
+        .unwrap();
+        let b = Api::OpenAi.view(&ok).unwrap();
+        assert_eq!((b.cap, b.choices, b.stream), (Some(9), 3, false));
+    }
+
     #[test]
     fn shapes_match_the_providers() {
         let e = Error::unknown_model("model \"x\" is not routed");
