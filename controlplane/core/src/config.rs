@@ -237,6 +237,9 @@ pub struct Config {
     pub store: StoreConfig,
     pub ledger: LedgerConfig,
     pub budgets: std::sync::Arc<crate::budget::BudgetSet>,
+    /// Data-plane service tokens the control plane made (not the file's: those are read from
+    /// `service-tokens.json` by the gateway's identity thread); set by [`crate::catalog::effective`].
+    pub service_tokens: std::sync::Arc<Vec<crate::auth::service_tokens::ServiceToken>>,
 }
 
 /// Which I/O driver the workers use.
@@ -453,7 +456,7 @@ fn read(path: &Path) -> Result<String, ConfigError> {
 }
 
 /// `text` as written (unknown fields refused), or its TOML error naming `path` and the line.
-fn parse_raw(path: &Path, text: &str) -> Result<RawConfig, ConfigError> {
+pub(crate) fn parse_raw(path: &Path, text: &str) -> Result<RawConfig, ConfigError> {
     toml::from_str(text).map_err(|e| ConfigError {
         issues: vec![toml_issue(path, text, &e)],
     })
@@ -935,6 +938,7 @@ impl Config {
                 store,
                 ledger,
                 budgets: std::sync::Arc::new(budgets),
+                service_tokens: std::sync::Arc::new(Vec::new()),
             }),
             _ => Err(ConfigError { issues: is.list }),
         }

@@ -23,6 +23,7 @@
 
 pub mod auth;
 pub mod budget;
+pub mod catalog;
 pub mod config;
 pub mod domain;
 pub mod issues;

@@ -31,7 +31,7 @@
 
 use std::sync::Arc;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 /// What kind of caller a request came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -99,8 +99,9 @@ impl Identity {
 }
 
 /// `[[policies]]` as written.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct RawPolicy {
     /// Named in 403 errors and logs.
     pub name: String,

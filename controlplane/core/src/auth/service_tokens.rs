@@ -241,6 +241,37 @@ pub fn parse_lifetime(spec: &str) -> Result<SignedDuration> {
     Ok(SignedDuration::from_secs(secs))
 }
 
+/// A fresh token string and the lowercase hex SHA-256 the stores keep of it.
+pub fn mint_secret() -> Result<(Secret, String)> {
+    let mut raw = [0u8; RANDOM_BYTES];
+    getrandom::getrandom(&mut raw).map_err(TokenStoreError::Random)?;
+    let secret = Secret(format!(
+        "{TOKEN_PREFIX}{}",
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(raw)
+    ));
+    let hash = to_hex(&Sha256::digest(secret.expose().as_bytes()));
+    Ok((secret, hash))
+}
+
+/// A fresh public token id, `st_` and 8 hex characters.
+pub fn new_id() -> Result<String> {
+    let mut b = [0u8; 4];
+    getrandom::getrandom(&mut b).map_err(TokenStoreError::Random)?;
+    Ok(format!("st_{}", to_hex(&b)))
+}
+
+/// The hex SHA-256 of a presented token string, as stored.
+pub fn hash_of(presented: &str) -> String {
+    to_hex(&Sha256::digest(presented.as_bytes()))
+}
+
+/// The checks every token's name, team and attributes pass, wherever it is made (CLI file or API).
+pub fn check_fields(name: &str, team: &str, attributes: &BTreeMap<String, String>) -> Result<()> {
+    check_name("name", name)?;
+    check_name("team", team)?;
+    check_attributes(attributes)
+}
+
 /// The store file's path inside `dir`.
 pub fn file_path(dir: &Path) -> PathBuf {
     dir.join(FILE_NAME)
@@ -357,22 +388,14 @@ impl TokenStore {
         expires_at: Option<Timestamp>,
         attributes: BTreeMap<String, String>,
     ) -> Result<(ServiceToken, Secret)> {
-        check_name("name", name)?;
-        check_name("team", team)?;
-        check_attributes(&attributes)?;
+        check_fields(name, team, &attributes)?;
         let now = Timestamp::now();
         if let Some(e) = expires_at {
             if e <= now {
                 return Err(TokenStoreError::ExpiryInPast(e));
             }
         }
-        let mut raw = [0u8; RANDOM_BYTES];
-        getrandom::getrandom(&mut raw).map_err(TokenStoreError::Random)?;
-        let secret = Secret(format!(
-            "{TOKEN_PREFIX}{}",
-            base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(raw)
-        ));
-        let hash = to_hex(&Sha256::digest(secret.expose().as_bytes()));
+        let (secret, hash) = mint_secret()?;
 
         let _lock = self.lock()?;
         let mut file = load(&self.dir)?;
@@ -384,9 +407,7 @@ impl TokenStore {
             return Err(TokenStoreError::DuplicateName(name.to_owned()));
         }
         let id = loop {
-            let mut b = [0u8; 4];
-            getrandom::getrandom(&mut b).map_err(TokenStoreError::Random)?;
-            let id = format!("st_{}", to_hex(&b));
+            let id = new_id()?;
             if !file.tokens.iter().any(|t| t.id == id) {
                 break id;
             }
@@ -556,6 +577,25 @@ impl ServiceTokenSet {
             by_hash.insert(digest, (Arc::new(t), id));
         }
         Ok(ServiceTokenSet { by_hash })
+    }
+
+    /// The set with `extra` tokens added (the control plane's, say); a malformed hash is an error naming
+    /// the id. A hash already present keeps its first record.
+    pub fn with(mut self, extra: &[ServiceToken]) -> Result<ServiceTokenSet> {
+        for t in extra {
+            let Some(digest) = decode_hash(&t.hash) else {
+                return Err(TokenStoreError::InvalidRecord {
+                    path: PathBuf::from("the control plane's catalog"),
+                    id: t.id.clone(),
+                    reason: "hash is not 64 lowercase hex characters".to_owned(),
+                });
+            };
+            let id = identity_of(t);
+            self.by_hash
+                .entry(digest)
+                .or_insert_with(|| (Arc::new(t.clone()), id));
+        }
+        Ok(self)
     }
 
     pub fn len(&self) -> usize {

@@ -84,8 +84,9 @@ pub enum BudgetError {
 }
 
 /// `[[budgets]]` as written.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct RawBudget {
     /// Named in 429 bodies, headers, alerts and logs.
     pub name: String,

@@ -95,8 +95,9 @@ pub struct RawSheetEntry {
 }
 
 /// `long_context = { above_input_tokens = 200000, input = "6", output = "22.50", ... }`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct RawLongContext {
     pub above_input_tokens: Option<u64>,
     pub input: Option<String>,
@@ -135,9 +136,13 @@ pub struct RawPrices {
 /// `[[pricing.overrides]]`: negotiated terms for a provider, or for one model of it.
 ///
 /// Exactly one of `discount_percent` or the absolute prices (`input`, `output`, ...) must be given.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct RawOverride {
+    /// Names the override for the control plane (`/admin/v1/price-overrides/NAME`); optional in the file,
+    /// where a named override is owned by the file.
+    pub name: Option<String>,
     pub provider: Option<String>,
     /// Absent: the terms apply to every model of the provider.
     pub model: Option<String>,
@@ -717,8 +722,19 @@ impl PricingConfig {
         let mut overrides: Vec<Override> = Vec::new();
         // The `pricing.overrides[i]` index of each accepted override, for messages.
         let mut raw_index: Vec<usize> = Vec::new();
+        let mut names = std::collections::HashSet::new();
         for (i, o) in raw.overrides.into_iter().enumerate() {
             let at = |f: &str| format!("pricing.overrides[{i}].{f}");
+            if let Some(n) = &o.name {
+                if n.is_empty() || n.len() > 128 || n.chars().any(|c| c.is_control()) {
+                    is.push(
+                        at("name"),
+                        "must be 1 to 128 characters without control characters",
+                    );
+                } else if !names.insert(n.clone()) {
+                    is.push(at("name"), format!("{n:?} names another override too"));
+                }
+            }
             let label = format!(
                 "{}/{}",
                 o.provider.as_deref().unwrap_or("?"),

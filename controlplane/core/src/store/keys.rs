@@ -15,6 +15,11 @@
 //! ("tg", "applied", source)                             -> last sequence applied, u64 8-byte LE
 //! ("tg", "lease", budget, member, window, node)         -> unspent lease, pico-USD, i128 16-byte LE, atomic add
 //! ("tg", "lease_exp", budget, member, window, node)     -> lease expiry, Unix ms, i64 8-byte LE
+//! ("tg", "catalog", "version")                         -> the catalog's version, i128 16-byte LE
+//! ("tg", "catalog", "object", kind, name)               -> one control-plane object, JSON
+//! ("tg", "catalog", "audit_seq")                        -> the last audit entry's number, i128 16-byte LE
+//! ("tg", "catalog", "audit", seq)                       -> one audit entry, JSON, append-only
+//! ("tg", "catalog", "idempotency", key)                 -> a create's answer for its Idempotency-Key, JSON
 //! ("conformance", check, n | name)                      -> scratch values of the store conformance checks
 //! ```
 //!
@@ -26,6 +31,10 @@
 //! | [`applied`] | `("tg", "applied", source: str)` | the highest sequence number of `source` (a journal: one core of one process run) applied, 8 bytes little-endian | `ledger::apply_batch` (set), `ledger::forget_source` (clear) |
 //! | [`lease`] | `("tg", "lease", budget: str, member: str, window: int, node: int)` | the unspent amount of `node`'s lease, pico-USD, 16-byte counter written with atomic add; `window` is the window's start, Unix seconds | `fleet::acquire` (add, and clear of expired leases), `fleet::commit` (subtract), `fleet::release` and `fleet::release_all` (clear) |
 //! | [`lease_expiry`] | `("tg", "lease_exp", budget: str, member: str, window: int, node: int)` | the lease's expiry, Unix milliseconds, 8 bytes little-endian | `fleet::acquire` (set), `fleet::release` and `fleet::release_all` (clear) |
+//! | [`catalog_version`] | `("tg", "catalog", "version")` | the catalog's version, 16-byte counter | `catalog::write` (get and set, in every transaction that changes an object); watched by every gateway |
+//! | [`catalog_object`] | `("tg", "catalog", "object", kind: str, name: str)` | the object as JSON (`kind`, `name`, `version`, `spec`, ...); `kind` is `policy`, `budget`, `service_token` or `price_override` | `catalog::write`; read by `catalog::objects` |
+//! | [`audit_seq`], [`audit_entry`] | `("tg", "catalog", "audit_seq")`, `("tg", "catalog", "audit", seq: int)` | the last entry's number; one entry as JSON, never rewritten | `catalog::audit::append` |
+//! | [`idempotency`] | `("tg", "catalog", "idempotency", key: str)` | a create's request digest and answer (secrets removed) | `catalog::write` |
 //! | [`conformance`] | `("conformance", check: str, n: int \| name: str)` | whatever the check writes; outside `("tg",)` so a live store can be checked | `store::conformance`, cleared before each check |
 //!
 //! Ranges (half-open `[begin, end)`, as `Transaction::get_range` takes them): [`root`] (every `("tg", ..)`
@@ -214,6 +223,80 @@ pub fn conformance_range(check: &str) -> (Vec<u8>, Vec<u8>) {
     range(&[Element::from(CONFORMANCE), Element::from(check)])
 }
 
+// ---------------------------------------------------------------------------------------------------------
+// The control plane's catalog: policies, budgets, service tokens and price overrides as versioned objects.
+// ---------------------------------------------------------------------------------------------------------
+
+const CATALOG: &str = "catalog";
+
+/// `("tg", "catalog", "version")`: the catalog's version, raised by one in every transaction that changes
+/// an object; the key every gateway watches.
+pub fn catalog_version() -> Vec<u8> {
+    pack(&under(CATALOG, [Element::from("version")]))
+}
+
+/// `("tg", "catalog", "object", kind, name)`: one object as JSON.
+pub fn catalog_object(kind: &str, name: &str) -> Vec<u8> {
+    pack(&under(
+        CATALOG,
+        [
+            Element::from("object"),
+            Element::from(kind),
+            Element::from(name),
+        ],
+    ))
+}
+
+/// Every object of the catalog, all kinds.
+pub fn catalog_objects() -> (Vec<u8>, Vec<u8>) {
+    range(&under(CATALOG, [Element::from("object")]))
+}
+
+/// Every object of one kind, in name order.
+pub fn catalog_kind(kind: &str) -> (Vec<u8>, Vec<u8>) {
+    range(&under(
+        CATALOG,
+        [Element::from("object"), Element::from(kind)],
+    ))
+}
+
+/// Reads a [`catalog_object`] key back: `(kind, name)`.
+pub fn parse_catalog_object(key: &[u8]) -> Result<(String, String), StoreError> {
+    match unpack(key)?.as_slice() {
+        [Element::Str(root), Element::Str(c), Element::Str(o), Element::Str(kind), Element::Str(name)]
+            if root == ROOT && c == CATALOG && o == "object" =>
+        {
+            Ok((kind.clone(), name.clone()))
+        }
+        _ => Err(StoreError::Corrupt(
+            "a catalog key of the wrong shape".to_owned(),
+        )),
+    }
+}
+
+/// `("tg", "catalog", "audit_seq")`: the last audit entry's number.
+pub fn audit_seq() -> Vec<u8> {
+    pack(&under(CATALOG, [Element::from("audit_seq")]))
+}
+
+/// `("tg", "catalog", "audit", seq)`: one audit entry as JSON, never changed once written.
+pub fn audit_entry(seq: i64) -> Vec<u8> {
+    pack(&under(CATALOG, [Element::from("audit"), Element::Int(seq)]))
+}
+
+/// Audit entries with `from <= seq < to`.
+pub fn audit_entries(from: i64, to: i64) -> (Vec<u8>, Vec<u8>) {
+    (audit_entry(from), audit_entry(to))
+}
+
+/// `("tg", "catalog", "idempotency", key)`: what a create with that `Idempotency-Key` answered.
+pub fn idempotency(key: &str) -> Vec<u8> {
+    pack(&under(
+        CATALOG,
+        [Element::from("idempotency"), Element::from(key)],
+    ))
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
@@ -264,6 +347,22 @@ mod tests {
         assert_eq!(
             root(),
             (b"\x02tg\x00\x00".to_vec(), b"\x02tg\x00\xff".to_vec())
+        );
+        assert_eq!(
+            catalog_version(),
+            b"\x02tg\x00\x02catalog\x00\x02version\x00"
+        );
+        assert_eq!(
+            catalog_object("budget", "team"),
+            b"\x02tg\x00\x02catalog\x00\x02object\x00\x02budget\x00\x02team\x00"
+        );
+        assert_eq!(
+            parse_catalog_object(&catalog_object("policy", "p")).unwrap(),
+            ("policy".to_owned(), "p".to_owned())
+        );
+        assert_eq!(
+            audit_entry(1),
+            b"\x02tg\x00\x02catalog\x00\x02audit\x00\x15\x01"
         );
         assert_eq!(
             all_spend(),
