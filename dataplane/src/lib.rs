@@ -124,11 +124,21 @@ impl ReloadOutcome {
     }
 }
 
+/// Where a gateway's spend store comes from.
+enum StoreChoice {
+    /// Opened from `[ledger]` at start.
+    Configured,
+    /// Already opened (and locked) by the caller.
+    Opened(spend::committer::Opened),
+    /// Given (tests), shared with other gateways when the flag is set.
+    Given(Box<dyn tollgate_core::store::Store>, bool),
+}
+
 impl Gateway {
     /// Builds the first snapshot, resolves provider hosts once, starts the log writer, resolver and workers,
     /// and logs one `listening` event per address (tests read the bound port from it).
     pub fn start(config: Config, opts: &BuildOptions) -> Result<Gateway, StartError> {
-        Gateway::start_inner(config, opts, None)
+        Gateway::start_inner(config, opts, StoreChoice::Configured)
     }
 
     /// [`Gateway::start`] with the spend store given instead of opened from `[ledger]` (tests; a
@@ -141,15 +151,26 @@ impl Gateway {
         store: Box<dyn tollgate_core::store::Store>,
         fleet: bool,
     ) -> Result<Gateway, StartError> {
-        Gateway::start_inner(config, opts, Some((store, fleet)))
+        Gateway::start_inner(config, opts, StoreChoice::Given(store, fleet))
+    }
+
+    /// [`Gateway::start`] on the store [`spend::committer::open`] opened (the binary opens it first, to
+    /// read the control plane's catalog before it builds the configuration).
+    pub fn start_opened(
+        config: Config,
+        opts: &BuildOptions,
+        opened: spend::committer::Opened,
+    ) -> Result<Gateway, StartError> {
+        Gateway::start_inner(config, opts, StoreChoice::Opened(opened))
     }
 
     fn start_inner(
         config: Config,
         opts: &BuildOptions,
-        store: Option<(Box<dyn tollgate_core::store::Store>, bool)>,
+        store: StoreChoice,
     ) -> Result<Gateway, StartError> {
-        let fleet = config.ledger.cluster_file.is_some() || store.as_ref().is_some_and(|s| s.1);
+        let fleet =
+            config.ledger.cluster_file.is_some() || matches!(store, StoreChoice::Given(_, true));
         if fleet {
             // Leases are per calendar window; a rolling window has no fixed start to lease against.
             if let Some(b) = config.budgets.budgets().iter().find(|b| {
@@ -202,8 +223,9 @@ impl Gateway {
         let (webhooks, webhook_thread) = obs::webhook::Webhooks::start(logger.clone())?;
         // Spend: the store, earlier runs' journals replayed, and the history the budgets start from.
         let ledger = match store {
-            None => spend::committer::start(&config.ledger, &logger),
-            Some((store, fleet)) => std::fs::create_dir_all(&config.ledger.dir)
+            StoreChoice::Configured => spend::committer::start(&config.ledger, &logger),
+            StoreChoice::Opened(o) => spend::committer::start_opened(o, &config.ledger, &logger),
+            StoreChoice::Given(store, fleet) => std::fs::create_dir_all(&config.ledger.dir)
                 .map_err(|e| format!("ledger.dir {}: {e}", config.ledger.dir.display()))
                 .and_then(|()| {
                     spend::committer::start_fleet(store, &config.ledger, &logger, fleet)
@@ -323,6 +345,7 @@ impl Gateway {
             .try_send(runtime::credentials::Reload {
                 auth: config.auth.clone(),
                 policies: Arc::clone(&config.policies),
+                tokens: Arc::clone(&config.service_tokens),
                 done: done_tx,
             });
         let identity_published = sent.is_ok() && done_rx.recv_timeout(IDENTITY_ACK).is_ok();

@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 use arc_swap::ArcSwap;
 use crossbeam_channel::{Receiver, Sender};
 use tollgate_core::auth::jwt::{self, AuthConfig, KeySet};
-use tollgate_core::auth::service_tokens::{self, ServiceTokenSet, TokenStore};
+use tollgate_core::auth::service_tokens::{self, ServiceToken, ServiceTokenSet, TokenStore};
 use tollgate_core::{Config, Identity, PolicySet};
 
 use crate::obs::accesslog::Logger;
@@ -67,6 +67,8 @@ pub struct AuthHandle {
 pub struct Reload {
     pub auth: AuthConfig,
     pub policies: Arc<PolicySet>,
+    /// The control plane's data-plane tokens (the catalog's), joined to the file's.
+    pub tokens: Arc<Vec<ServiceToken>>,
     /// Answered once the new policies and issuers are published (before new issuers' keys are fetched).
     pub done: Sender<()>,
 }
@@ -97,6 +99,8 @@ struct Sync {
     prints: Vec<String>,
     tokens: Arc<ServiceTokenSet>,
     token_print: Option<(u64, std::time::SystemTime, u64)>,
+    /// The catalog's tokens, as the last reload gave them.
+    api_tokens: Arc<Vec<ServiceToken>>,
     store_dir: PathBuf,
     key_generation: u64,
     published: AuthPublished,
@@ -218,13 +222,14 @@ impl Sync {
             .collect()
     }
 
-    /// Reloads the service-token file when it changed; returns whether anything was published.
-    fn poll_tokens(&mut self) -> bool {
+    /// Reloads the service-token file when it changed (or `force`, when the catalog's tokens did); returns
+    /// whether anything was published.
+    fn poll_tokens(&mut self, force: bool) -> bool {
         let print = service_tokens::fingerprint(&self.store_dir);
-        if print == self.token_print {
+        if print == self.token_print && !force {
             return false;
         }
-        match load_tokens(&self.store_dir) {
+        match load_tokens(&self.store_dir, &self.api_tokens) {
             Ok(set) => {
                 self.token_print = print;
                 self.logger.value(serde_json::json!({
@@ -250,10 +255,12 @@ impl Sync {
     }
 }
 
-fn load_tokens(dir: &Path) -> Result<ServiceTokenSet, String> {
+fn load_tokens(dir: &Path, api: &[ServiceToken]) -> Result<ServiceTokenSet, String> {
     // Read-only: the gateway never takes the writers' lock, it reads whole files (writers rename).
     let file = service_tokens::load(dir).map_err(|e| e.to_string())?;
-    ServiceTokenSet::from_file(file).map_err(|e| e.to_string())
+    ServiceTokenSet::from_file(file)
+        .and_then(|s| s.with(api))
+        .map_err(|e| e.to_string())
 }
 
 /// Creates the quickstart's demo token when asked and the store holds none; says where it is.
@@ -317,9 +324,11 @@ pub fn start(
     }
     let auth = Arc::new(config.auth.clone());
     let n = auth.issuers.len();
-    let tokens = load_tokens(&config.store.dir).map_err(|reason| IdentityError::Store {
-        dir: config.store.dir.display().to_string(),
-        reason,
+    let tokens = load_tokens(&config.store.dir, &config.service_tokens).map_err(|reason| {
+        IdentityError::Store {
+            dir: config.store.dir.display().to_string(),
+            reason,
+        }
     })?;
     let published: AuthPublished = Arc::new(ArcSwap::from_pointee(AuthState {
         config: Arc::clone(&auth),
@@ -336,6 +345,7 @@ pub fn start(
         prints: vec![String::new(); n],
         token_print: service_tokens::fingerprint(&config.store.dir),
         tokens: Arc::new(tokens),
+        api_tokens: Arc::clone(&config.service_tokens),
         store_dir: config.store.dir.clone(),
         key_generation: 0,
         published: Arc::clone(&published),
@@ -397,6 +407,10 @@ fn run(mut sync: Sync, rx: Receiver<usize>, ctl: Receiver<Reload>, shutdown: Arc
         }
         for r in reloads {
             let fetch = sync.apply(r.auth, r.policies);
+            if sync.api_tokens != r.tokens {
+                sync.api_tokens = r.tokens;
+                sync.poll_tokens(true);
+            }
             sync.publish();
             let _ = r.done.send(());
             for i in fetch {
@@ -448,7 +462,7 @@ fn run(mut sync: Sync, rx: Receiver<usize>, ctl: Receiver<Reload>, shutdown: Arc
                     };
             }
         }
-        changed |= sync.poll_tokens();
+        changed |= sync.poll_tokens(false);
         if changed {
             sync.publish();
         }

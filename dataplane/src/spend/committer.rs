@@ -131,9 +131,46 @@ pub struct Started {
     pub replayed: usize,
 }
 
+/// The configured store, opened, with the ledger directory's lock held: what [`start_opened`] runs on.
+/// The gateway's control plane and catalog watcher share `store`.
+pub struct Opened {
+    pub store: std::sync::Arc<dyn Store>,
+    lock: std::fs::File,
+}
+
+impl std::fmt::Debug for Opened {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Opened")
+            .field("store", &self.store.kind())
+            .finish_non_exhaustive()
+    }
+}
+
 /// Opens the embedded store under `cfg.dir`, checks its schema, replays earlier runs' journals, loads the
 /// spend history, and starts the ledger thread.
 pub fn start(cfg: &LedgerConfig, logger: &Logger) -> Result<Started, String> {
+    start_opened(open(cfg)?, cfg, logger)
+}
+
+/// [`start`] on a store [`open`] opened.
+pub fn start_opened(
+    opened: Opened,
+    cfg: &LedgerConfig,
+    logger: &Logger,
+) -> Result<Started, String> {
+    // A shared store (FoundationDB) is fleet mode: budget limits hold across the nodes through leases.
+    let mut started = start_fleet(
+        Box::new(opened.store),
+        cfg,
+        logger,
+        cfg.cluster_file.is_some(),
+    )?;
+    started.handle.lock = Some(opened.lock);
+    Ok(started)
+}
+
+/// Takes the ledger directory's lock (one gateway per directory) and opens the configured store.
+pub fn open(cfg: &LedgerConfig) -> Result<Opened, String> {
     std::fs::create_dir_all(&cfg.dir)
         .map_err(|e| format!("ledger.dir {}: {e}", cfg.dir.display()))?;
     // One gateway per ledger directory: another one's journals are not ours to replay.
@@ -148,10 +185,10 @@ pub fn start(cfg: &LedgerConfig, logger: &Logger) -> Result<Started, String> {
         ));
     }
     let store = open_store(cfg, false)?;
-    // A shared store (FoundationDB) is fleet mode: budget limits hold across the nodes through leases.
-    let mut started = start_fleet(store, cfg, logger, cfg.cluster_file.is_some())?;
-    started.handle.lock = Some(lock);
-    Ok(started)
+    Ok(Opened {
+        store: std::sync::Arc::from(store),
+        lock,
+    })
 }
 
 /// The configured spend store: FoundationDB when `ledger.cluster_file` is set (binaries built with the

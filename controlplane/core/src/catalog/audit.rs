@@ -10,7 +10,7 @@
 use jiff::Timestamp;
 use serde::{Deserialize, Serialize};
 
-use super::{Actor, Kind, Object};
+use super::object::{Actor, Kind, Object};
 use crate::store::{
     decode_i128, encode_i128, keys, transact, RetryPolicy, Store, StoreError, Transaction,
 };

@@ -19,8 +19,8 @@ use std::sync::Arc;
 
 use jiff::Timestamp;
 
+use super::object::{CatalogError, FieldIssue, Kind, Snapshot};
 use super::tokens::StoredToken;
-use super::{CatalogError, FieldIssue, Kind, Snapshot};
 use crate::auth::identity::RawPolicy;
 use crate::auth::service_tokens::{self, ServiceToken};
 use crate::budget::RawBudget;

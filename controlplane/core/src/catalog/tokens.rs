@@ -17,7 +17,7 @@ use std::collections::BTreeMap;
 use jiff::Timestamp;
 use serde::{Deserialize, Serialize};
 
-use super::Role;
+use super::object::Role;
 use crate::auth::service_tokens::{
     self, mint_secret, new_id, Secret, ServiceToken, TokenStatus, TokenStoreError,
 };

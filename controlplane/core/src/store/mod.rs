@@ -111,6 +111,18 @@ pub trait Store: Send + Sync {
     fn begin(&self) -> Result<Box<dyn Transaction + '_>, StoreError>;
 }
 
+/// A shared store is a store: the gateway's ledger thread, its control plane and its catalog watcher hold
+/// one store (one SQLite connection, one FoundationDB client) together.
+impl<S: Store + ?Sized> Store for std::sync::Arc<S> {
+    fn kind(&self) -> &'static str {
+        (**self).kind()
+    }
+
+    fn begin(&self) -> Result<Box<dyn Transaction + '_>, StoreError> {
+        (**self).begin()
+    }
+}
+
 /// How [`transact`] retries.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RetryPolicy {

@@ -10,8 +10,10 @@ fn tollgate() -> Command {
 
 #[test]
 fn check_config_accepts_the_quickstart() {
+    // dataplane/cmd -> the repository root.
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
+        .ancestors()
+        .nth(2)
         .unwrap();
     let out = tollgate()
         .args(["check-config"])
@@ -81,8 +83,10 @@ fn version_names_the_release_and_the_commit() {
 /// A new example without the line, or one that fails its check, fails here.
 #[test]
 fn every_example_passes_the_check_its_comment_promises() {
+    // dataplane/cmd -> the repository root.
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
+        .ancestors()
+        .nth(2)
         .unwrap();
     let mut checked = Vec::new();
     for entry in std::fs::read_dir(root.join("examples")).unwrap() {

@@ -12,11 +12,10 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
-use tollgate_core::config::{parse_base_url, KeySource};
 use tollgate_core::Config;
-use tollgate_dataplane::runtime::snapshot::MOCK_KEY;
-use tollgate_dataplane::{BuildOptions, Gateway};
+
+mod admin;
+mod serve;
 
 #[derive(Parser)]
 #[command(
@@ -88,6 +87,31 @@ enum Command {
         #[arg(long)]
         client_secret: Option<String>,
     },
+    /// Budgets in a running control plane (`--url`): list, get, set FIELD=VALUE, delete, live state.
+    Budget {
+        #[command(subcommand)]
+        action: ObjectAction,
+    },
+    /// Model policies in a running control plane (`--url`): list, get, set FIELD=VALUE, delete.
+    Policy {
+        #[command(subcommand)]
+        action: ObjectAction,
+    },
+    /// Make the control plane's policies, budgets and price overrides match a file: prints the plan
+    /// (create, update, unchanged; with --prune, delete), then applies it with If-Match.
+    Apply {
+        #[command(flatten)]
+        target: admin::Target,
+        /// A configuration fragment: `[[policies]]`, `[[budgets]]`, `[[pricing.overrides]]` (named).
+        #[arg(long, short)]
+        file: PathBuf,
+        /// Also delete the control plane's objects the file does not declare.
+        #[arg(long)]
+        prune: bool,
+        /// Print the plan only.
+        #[arg(long)]
+        dry_run: bool,
+    },
     /// Print a fresh access token (refreshed when it is about to expire), e.g. `OPENAI_API_KEY=$(tollgate token)`.
     Token {
         /// Which stored sign-in to use; the last one signed in to when absent.
@@ -97,6 +121,71 @@ enum Command {
         #[arg(long)]
         id_token: bool,
     },
+}
+
+/// What `tollgate budget` and `tollgate policy` do.
+#[derive(Subcommand)]
+enum ObjectAction {
+    /// Every object, the file's (owner "file", read-only here) and the API's.
+    List {
+        #[command(flatten)]
+        target: admin::Target,
+        #[arg(long)]
+        json: bool,
+    },
+    /// One object with its version.
+    Get {
+        #[command(flatten)]
+        target: admin::Target,
+        name: String,
+    },
+    /// Change fields of an API-owned object (read, change, write with If-Match), e.g. amount_usd=2.50.
+    Set {
+        #[command(flatten)]
+        target: admin::Target,
+        name: String,
+        #[arg(value_name = "FIELD=VALUE", required = true)]
+        fields: Vec<String>,
+    },
+    /// Delete an API-owned object (the version read is the version deleted).
+    Delete {
+        #[command(flatten)]
+        target: admin::Target,
+        name: String,
+    },
+    /// Live state of a budget: limit, spent, reserved in flight, remaining, reset, per instance.
+    State {
+        #[command(flatten)]
+        target: admin::Target,
+        name: String,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn object_command(kind: &str, action: ObjectAction) -> anyhow::Result<()> {
+    match action {
+        ObjectAction::List { target, json } => {
+            admin::list(&admin::Client::new(&target)?, kind, json)
+        }
+        ObjectAction::Get { target, name } => {
+            admin::get(&admin::Client::new(&target)?, kind, &name)
+        }
+        ObjectAction::Set {
+            target,
+            name,
+            fields,
+        } => admin::set(&admin::Client::new(&target)?, kind, &name, &fields),
+        ObjectAction::Delete { target, name } => {
+            admin::delete(&admin::Client::new(&target)?, kind, &name)
+        }
+        ObjectAction::State { target, name, json } => {
+            if kind != "budget" {
+                anyhow::bail!("only budgets have live state");
+            }
+            admin::state(&admin::Client::new(&target)?, &name, json)
+        }
+    }
 }
 
 /// Where the token store is: given directly, or the `store.dir` of a gateway config.
@@ -221,17 +310,38 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Command::Budget { action } => exit("tollgate budget", object_command("budget", action)),
+        Command::Policy { action } => exit("tollgate policy", object_command("policy", action)),
+        Command::Apply {
+            target,
+            file,
+            prune,
+            dry_run,
+        } => exit(
+            "tollgate apply",
+            admin::Client::new(&target).and_then(|c| admin::apply(&c, &file, prune, dry_run)),
+        ),
         Command::Serve {
             config,
             listen,
             workers,
-        } => match serve(&config, listen, workers) {
+        } => match serve::serve(&config, listen, workers) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("tollgate: {e:#}");
                 ExitCode::FAILURE
             }
         },
+    }
+}
+
+fn exit(what: &str, r: anyhow::Result<()>) -> ExitCode {
+    match r {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("{what}: {e:#}");
+            ExitCode::FAILURE
+        }
     }
 }
 
@@ -440,138 +550,4 @@ fn service_token(action: ServiceTokenAction) -> anyhow::Result<()> {
         }
     }
     Ok(())
-}
-
-/// Applies the command line's `--listen` and `--workers` over the file's `[server]`.
-fn apply_overrides(
-    config: &mut Config,
-    listen: &[String],
-    workers: Option<usize>,
-) -> anyhow::Result<()> {
-    if !listen.is_empty() {
-        config.server.listen = listen
-            .iter()
-            .map(|a| {
-                a.parse()
-                    .with_context(|| format!("--listen {a:?} is not an IP:port address"))
-            })
-            .collect::<anyhow::Result<_>>()?;
-    }
-    if let Some(w) = workers {
-        config.server.workers = w;
-    }
-    Ok(())
-}
-
-/// Whether some provider will be served by the bundled mock (it allows it and has no key).
-fn needs_mock(config: &Config) -> bool {
-    config
-        .providers
-        .iter()
-        .any(|p| p.mock_when_no_key && (p.key == KeySource::None || p.load_key().is_err()))
-}
-
-/// Starts the bundled mock provider and points `opts` at it.
-fn start_mock(opts: &mut BuildOptions) -> anyhow::Result<tollgate_loadtest::MockHandle> {
-    let cfg = tollgate_loadtest::MockConfig {
-        defaults: tollgate_loadtest::MockDefaults {
-            expected_key: Some(MOCK_KEY.to_owned()),
-            ..Default::default()
-        },
-        threads: 1,
-        ..Default::default()
-    };
-    let m = tollgate_loadtest::spawn(cfg).context("starting the bundled mock provider")?;
-    opts.mock_base =
-        Some(parse_base_url(&format!("http://{}", m.addr())).map_err(anyhow::Error::msg)?);
-    Ok(m)
-}
-
-fn serve(
-    path: &std::path::Path,
-    listen: Vec<String>,
-    workers: Option<usize>,
-) -> anyhow::Result<()> {
-    let mut config =
-        Config::load(path).map_err(|e| anyhow::anyhow!("invalid configuration:\n{e}"))?;
-    apply_overrides(&mut config, &listen, workers)?;
-
-    // The bundled mock serves providers that allow it and have no key, so the quickstart runs offline.
-    let mut opts = BuildOptions::default();
-    let mut mock = if needs_mock(&config) {
-        Some(start_mock(&mut opts)?)
-    } else {
-        None
-    };
-
-    // Block the signals before any thread starts so only the waiting thread sees them.
-    let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT, SIGHUP])
-        .context("installing signal handlers")?;
-    let gateway = Gateway::start(config, &opts).context("starting the gateway")?;
-    for sig in signals.forever() {
-        if sig != SIGHUP {
-            break;
-        }
-        reload(&gateway, path, &listen, workers, &mut opts, &mut mock);
-    }
-    gateway.shutdown();
-    if let Some(m) = mock {
-        m.shutdown();
-    }
-    Ok(())
-}
-
-/// SIGHUP: re-reads and validates `path` and applies it; on any error logs `reload_failed` with every
-/// issue and keeps the running configuration.
-fn reload(
-    gateway: &Gateway,
-    path: &std::path::Path,
-    listen: &[String],
-    workers: Option<usize>,
-    opts: &mut BuildOptions,
-    mock: &mut Option<tollgate_loadtest::MockHandle>,
-) {
-    let file = path.display().to_string();
-    let issue = |field: &str, reason: String| serde_json::json!({ "file": file, "field": field, "reason": reason });
-    let failed = |issues: Vec<serde_json::Value>| {
-        gateway.log_value(serde_json::json!({
-            "ts": tollgate_dataplane::obs::accesslog::now_rfc3339(),
-            "event": "reload_failed",
-            "file": file,
-            "issues": issues,
-            "keeping": "the running configuration",
-        }));
-    };
-    let mut config = match Config::load(path) {
-        Ok(c) => c,
-        Err(e) => {
-            return failed(
-                e.issues
-                    .iter()
-                    .map(|i| {
-                        serde_json::json!({
-                            "file": i.file.display().to_string(),
-                            "field": i.field,
-                            "reason": i.reason,
-                        })
-                    })
-                    .collect(),
-            )
-        }
-    };
-    if let Err(e) = apply_overrides(&mut config, listen, workers) {
-        return failed(vec![issue("server", format!("{e:#}"))]);
-    }
-    if mock.is_none() && needs_mock(&config) {
-        match start_mock(opts) {
-            Ok(m) => *mock = Some(m),
-            Err(e) => return failed(vec![issue("providers", format!("{e:#}"))]),
-        }
-    }
-    if let Err(e) = gateway.reload(config, opts) {
-        let tollgate_dataplane::ReloadError::Build(
-            tollgate_dataplane::runtime::snapshot::BuildError::Provider { provider, reason },
-        ) = e;
-        failed(vec![issue(&format!("providers.{provider}"), reason)]);
-    }
 }
