@@ -88,6 +88,9 @@ pub struct RawLedger {
     /// A FoundationDB cluster file: keep spend in that cluster (a fleet) instead of `ledger.sqlite`.
     /// Relative to the config file. Needs a binary built with the `fdb` feature.
     pub cluster_file: Option<PathBuf>,
+    /// An SQLite file shared by the gateways of one machine (each keeps its own `dir` for journals):
+    /// fleet mode through one embedded store, without FoundationDB. Relative to the config file.
+    pub shared_file: Option<PathBuf>,
     /// Fleet mode: this node's id in the store's budget leases (default: random per start).
     pub node_id: Option<u64>,
     /// Fleet mode: how many nodes share the store, a hint for lease sizing (default 4).
@@ -110,6 +113,8 @@ pub struct LedgerConfig {
     /// the feature), `None` the embedded SQLite store in `dir`. Whoever opens the ledger's store picks
     /// it from here.
     pub cluster_file: Option<PathBuf>,
+    /// `Some`: the SQLite store is this file, shared with other gateways on the machine (fleet mode).
+    pub shared_file: Option<PathBuf>,
     /// Fleet mode's budget leases (see `docs/fleet.md`); used only when the store is shared.
     pub fleet: FleetConfig,
 }
@@ -874,6 +879,12 @@ impl Config {
                  run a build with `--features fdb`",
             );
         }
+        if raw.ledger.cluster_file.is_some() && raw.ledger.shared_file.is_some() {
+            is.push(
+                "ledger.shared_file",
+                "cannot be combined with ledger.cluster_file: the spend store is one or the other",
+            );
+        }
         if raw.ledger.node_id.is_some_and(|n| n > i64::MAX as u64) {
             is.push(
                 "ledger.node_id",
@@ -909,6 +920,13 @@ impl Config {
                 max_skew_ms: max_skew_ms.min(3_600_000) as i64,
             },
             cluster_file: raw.ledger.cluster_file.map(|f| {
+                if f.is_relative() {
+                    base.join(f)
+                } else {
+                    f
+                }
+            }),
+            shared_file: raw.ledger.shared_file.map(|f| {
                 if f.is_relative() {
                     base.join(f)
                 } else {

@@ -58,6 +58,7 @@ pub const RESTART_REQUIRED: &[StartOnly] = &[
     start_only!("ledger.commit_interval_ms", ledger.commit_interval),
     start_only!("ledger.fail_closed_after_ms", ledger.fail_closed_after),
     start_only!("ledger.cluster_file", ledger.cluster_file),
+    start_only!("ledger.shared_file", ledger.shared_file),
     start_only!("ledger.node_id", ledger.fleet.node_id),
     start_only!("ledger.fleet_nodes", ledger.fleet.nodes),
     start_only!("ledger.lease_ttl_ms", ledger.fleet.lease_ttl_ms),

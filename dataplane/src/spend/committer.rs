@@ -163,7 +163,7 @@ pub fn start_opened(
         Box::new(opened.store),
         cfg,
         logger,
-        cfg.cluster_file.is_some(),
+        cfg.cluster_file.is_some() || cfg.shared_file.is_some(),
     )?;
     started.handle.lock = Some(opened.lock);
     Ok(started)
@@ -209,7 +209,10 @@ fn open_store(cfg: &LedgerConfig, read_only: bool) -> Result<Box<dyn Store>, Str
             cluster_file.display()
         ));
     }
-    let path = cfg.dir.join("ledger.sqlite");
+    let path = cfg
+        .shared_file
+        .clone()
+        .unwrap_or_else(|| cfg.dir.join("ledger.sqlite"));
     let opened = if read_only {
         if !path.exists() {
             return Err(format!(
@@ -1038,6 +1041,7 @@ mod tests {
             commit_interval: Duration::from_millis(10),
             fail_closed_after: Duration::from_secs(30),
             cluster_file: None,
+            shared_file: None,
             fleet: Default::default(),
         };
         let (log, writer) = Logger::start().unwrap();
