@@ -28,6 +28,7 @@ pub mod mem;
 
 pub mod sqlite;
 pub mod tuple;
+pub mod usage;
 
 /// A key and its value, as range reads return them.
 pub type KeyValue = (Vec<u8>, Vec<u8>);
