@@ -45,10 +45,10 @@ use crossbeam_channel::{Receiver, Sender};
 use jiff::Timestamp;
 use tollgate_core::budget::InstanceKey;
 use tollgate_core::config::{FleetConfig, LedgerConfig};
+use tollgate_core::store::consumption::{self as usage, Seen, UsageCounts};
 use tollgate_core::store::fleet::{self, Ask, WindowRef};
 use tollgate_core::store::keys::UsageDims;
 use tollgate_core::store::ledger::{self, Batch, InstanceName, SlotSpend, SLOT_SECS};
-use tollgate_core::store::usage::{self, Seen, UsageCounts};
 use tollgate_core::store::{transact, RetryPolicy, Store, StoreError};
 use tollgate_core::{IdentityKind, Money};
 

@@ -29,8 +29,8 @@
 //! | [`applied`] | `("tg", "applied", source: str)` | the highest sequence number of `source` (a journal: one core of one process run) applied, 8 bytes little-endian | `ledger::apply_batch` (set), `ledger::forget_source` (clear) |
 //! | [`lease`] | `("tg", "lease", budget: str, member: str, window: int, node: int)` | the unspent amount of `node`'s lease, pico-USD, 16-byte counter written with atomic add; `window` is the window's start, Unix seconds | `fleet::acquire` (add, and clear of expired leases), `fleet::commit` (subtract), `fleet::release` and `fleet::release_all` (clear) |
 //! | [`lease_expiry`] | `("tg", "lease_exp", budget: str, member: str, window: int, node: int)` | the lease's expiry, Unix milliseconds, 8 bytes little-endian | `fleet::acquire` (set), `fleet::release` and `fleet::release_all` (clear) |
-//! | [`usage`] | `("tg", "usage", hour: int, provider: str, model: str, identity: str, groups: str, service_token: str, attributes: str, measure: str)` | one measure of the settled requests with exactly these dimensions in that hour, a 16-byte counter written with atomic add. `hour` = Unix seconds / 3600 (settlement time, UTC); `model` the canonical billed model; `identity` `source:subject` as budget members are written (`""` anonymous); `groups` sorted and comma-joined, `attributes` `k=v;k=v` sorted by key (both escaped by `usage::escape`; `""` none); `service_token` the token's name or `""`; `measure` one of [`USAGE_MEASURES`] (`cost` and `list_cost` in pico-USD, the rest counts; zero counters are not written, `requests` always is) | `ledger::apply_batch` (add); read by `usage::query` |
-//! | [`seen`] | `("tg", "seen", identity: str)` | the identity (`source:subject`, `""` anonymous) as last seen: JSON `{"identity","kind","subject","source","groups":[..],"service_token","team","first_seen","last_seen"}` (RFC 3339), `first_seen` kept from the stored value | `ledger::apply_batch` (read, then set); read by `usage::seen` |
+//! | [`usage`] | `("tg", "usage", hour: int, provider: str, model: str, identity: str, groups: str, service_token: str, attributes: str, measure: str)` | one measure of the settled requests with exactly these dimensions in that hour, a 16-byte counter written with atomic add. `hour` = Unix seconds / 3600 (settlement time, UTC); `model` the canonical billed model; `identity` `source:subject` as budget members are written (`""` anonymous); `groups` sorted and comma-joined, `attributes` `k=v;k=v` sorted by key (both escaped by `consumption::escape`; `""` none); `service_token` the token's name or `""`; `measure` one of [`USAGE_MEASURES`] (`cost` and `list_cost` in pico-USD, the rest counts; zero counters are not written, `requests` always is) | `ledger::apply_batch` (add); read by `consumption::query` |
+//! | [`seen`] | `("tg", "seen", identity: str)` | the identity (`source:subject`, `""` anonymous) as last seen: JSON `{"identity","kind","subject","source","groups":[..],"service_token","team","first_seen","last_seen"}` (RFC 3339), `first_seen` kept from the stored value | `ledger::apply_batch` (read, then set); read by `consumption::seen` |
 //! | [`conformance`] | `("conformance", check: str, n: int \| name: str)` | whatever the check writes; outside `("tg",)` so a live store can be checked | `store::conformance`, cleared before each check |
 //!
 //! Ranges (half-open `[begin, end)`, as `Transaction::get_range` takes them): [`root`] (every `("tg", ..)`
@@ -80,7 +80,7 @@ pub const USAGE_MEASURES: [&str; 8] = [
     "reasoning_tokens",
 ];
 
-/// The dimensions of one [`usage`] counter, as stored (already canonical: see `usage::escape`).
+/// The dimensions of one [`usage`] counter, as stored (already canonical: see `consumption::escape`).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct UsageDims {
     pub provider: String,

@@ -16,7 +16,7 @@
 //! twice. Entries with a sequence at or below the applied one are dropped.
 //!
 //! Usage: a batch also carries the usage counters of the settlements it covers (per hour and dimensions,
-//! [`crate::store::usage`]) and the identities they came from; they are written in the same transaction,
+//! [`crate::store::consumption`]) and the identities they came from; they are written in the same transaction,
 //! so they are applied exactly when the spend is: once.
 //!
 //! Fails: store errors pass through ([`StoreError`]); a schema this binary does not know is refused with a
@@ -29,8 +29,8 @@ use std::collections::BTreeMap;
 use jiff::Timestamp;
 
 use crate::pricing::money::Money;
+use crate::store::consumption::{self, Seen, UsageCounts};
 use crate::store::keys::{self, UsageDims, HOUR_SECS};
-use crate::store::usage::{self, Seen, UsageCounts};
 use crate::store::{decode_i128, Store, StoreError, Transaction};
 
 pub use crate::store::keys::{SCHEMA_VERSION, SLOT_SECS};
@@ -52,7 +52,7 @@ pub struct Batch {
     /// slot: also written to `("tg", "estimated", ..)` so `tollgate spend` can say so.
     pub estimated: BTreeMap<(InstanceName, i64), i128>,
     /// Usage counters merged per (hour, dimensions): written to `("tg", "usage", ..)` in the same
-    /// transaction as the spend, under the same `upto` (see [`crate::store::usage`]).
+    /// transaction as the spend, under the same `upto` (see [`crate::store::consumption`]).
     pub usage: BTreeMap<(i64, UsageDims), UsageCounts>,
     /// Identities seen in the batch, by identity dimension (merged: earliest first, latest last seen).
     pub seen: BTreeMap<String, Seen>,
@@ -196,7 +196,7 @@ pub fn apply_batch(txn: &mut dyn Transaction, batch: &Batch) -> Result<bool, Sto
         }
     }
     for seen in batch.seen.values() {
-        usage::write_seen(txn, seen)?;
+        consumption::write_seen(txn, seen)?;
     }
     Ok(true)
 }

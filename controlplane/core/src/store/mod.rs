@@ -26,9 +26,9 @@ pub mod keys;
 pub mod ledger;
 pub mod mem;
 
+pub mod consumption;
 pub mod sqlite;
 pub mod tuple;
-pub mod usage;
 
 /// A key and its value, as range reads return them.
 pub type KeyValue = (Vec<u8>, Vec<u8>);
