@@ -197,8 +197,14 @@ fn journal(c: &mut Criterion) {
     let now = jiff::Timestamp::now();
     c.bench_function("settle/journal_append_3_budgets", |b| {
         b.iter(|| {
-            j.record(black_box(&keys), Money::from_pico(13_350_000), now, None)
-                .unwrap();
+            j.record(
+                black_box(&keys),
+                Money::from_pico(13_350_000),
+                now,
+                None,
+                None,
+            )
+            .unwrap();
             if rx.len() > 100_000 {
                 while rx.try_recv().is_ok() {}
             }
@@ -212,8 +218,14 @@ fn journal(c: &mut Criterion) {
             let id = j
                 .reserve(black_box(&keys), Money::from_pico(40_000_000), now)
                 .unwrap();
-            j.record(black_box(&keys), Money::from_pico(13_350_000), now, id)
-                .unwrap();
+            j.record(
+                black_box(&keys),
+                Money::from_pico(13_350_000),
+                now,
+                id,
+                None,
+            )
+            .unwrap();
             if rx.len() > 100_000 {
                 while rx.try_recv().is_ok() {}
             }

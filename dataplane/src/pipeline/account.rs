@@ -16,16 +16,22 @@
 //! Budgets: the admit phase's reservation is settled here with the effective cost; a request that ends
 //! with nothing to settle (never reached a provider) drops its reservation, which releases it.
 //!
+//! Usage: every request settled here, budgets or not, journals its usage, cost and dimensions
+//! ([`crate::spend::records::Metered`]) for the store's usage counters: with the reservation's settlement
+//! when it has one, else on its own line (`CoreBudgets::journal_usage`), both before the last bytes reach
+//! the client when the forward phase settles (it does for every response it relays whole).
+//!
 //! Cost: the quote was taken when the request started (its price date is the request's); pricing a usage is
 //! a handful of integer multiplications. Fails: never.
 
 use tollgate_core::Usage;
 
-use super::ctx::{RequestCtx, Settled, UsageSource};
+use super::ctx::{Core, RequestCtx, Settled, UsageSource};
+use crate::spend::records::Metered;
 
 /// Settles the request once. Requests that never reached a provider (rejected, unpriced, unreachable) have
 /// nothing to settle.
-pub fn settle(ctx: &mut RequestCtx) {
+pub fn settle(core: &Core, ctx: &mut RequestCtx) {
     if ctx.account.is_some() {
         return;
     }
@@ -66,9 +72,22 @@ pub fn settle(ctx: &mut RequestCtx) {
         }
     };
     let cost = quote.cost(&usage);
+    let metered = match (&ctx.identity, &ctx.provider, &ctx.billed_model) {
+        (Some(identity), Some(provider), Some(model)) => Some(Box::new(Metered {
+            identity: identity.clone(),
+            provider: std::sync::Arc::clone(&provider.label),
+            model: std::sync::Arc::clone(model),
+            attributes: std::mem::take(&mut ctx.attributes),
+            usage,
+            cost,
+        })),
+        _ => None,
+    };
     // The budgets are charged the negotiated cost, once; the rest of the reservation goes back.
-    if let Some(r) = ctx.reservation.take() {
-        r.settle(cost.effective);
+    match (ctx.reservation.take(), metered) {
+        (Some(r), metered) => r.settle(cost.effective, metered),
+        (None, Some(m)) => core.budgets.journal_usage(m),
+        (None, None) => {}
     }
     ctx.account = Some(Settled {
         usage,

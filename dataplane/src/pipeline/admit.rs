@@ -50,10 +50,12 @@ pub async fn admit(
         return Ok(Admitted::Yes);
     };
     // Declared attributes are checked on every request (required ones, allowed values), budgets or not.
-    let attributes = budgets
+    // Kept in the context: the usage counters are by attribute, budgets or not.
+    ctx.attributes = budgets
         .attributes()
         .resolve(id, ctx.head.headers())
         .map_err(Error::bad_request)?;
+    let attributes = &ctx.attributes;
     if budgets.is_empty() {
         return Ok(Admitted::Yes);
     }
@@ -67,7 +69,7 @@ pub async fn admit(
             upstream_model: routed.upstream_model.as_deref(),
             canonical_model: routed.canonical_model.as_deref(),
             provider: &routed.provider.name,
-            attributes: &attributes,
+            attributes,
         },
     );
     if keys.is_empty() {

@@ -190,6 +190,11 @@ pub struct RequestCtx {
     /// Output tokens after which a stream is cut off (a budget with `stream_cutoff` applied): the output
     /// its reservation covers.
     pub cutoff_tokens: Option<u64>,
+    /// The canonical billed model (the price sheet's name, or the billed name when it has none), set after
+    /// routing: the usage counters' model.
+    pub billed_model: Option<Arc<str>>,
+    /// The request's attributes as the admit phase resolved them (for the usage counters).
+    pub attributes: Vec<(String, String)>,
     /// Cross-core messages the admission waited for (see [`crate::spend::reservation::Reservation::asks`]).
     pub budget_asks: Option<u32>,
 }

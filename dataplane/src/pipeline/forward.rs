@@ -556,7 +556,7 @@ async fn relay_body(
             } else {
                 batch.push(Bytes::from(c.tail()));
             }
-            settle_before_last_bytes(ctx, tap);
+            settle_before_last_bytes(core, ctx, tap);
             flush(ctx, &mut io.wr, batch).await?;
             return Err(Stop::CutOff);
         }
@@ -580,7 +580,7 @@ async fn relay_body(
                 }
                 batch.push(Bytes::from_static(b"0\r\n\r\n"));
             }
-            settle_before_last_bytes(ctx, tap);
+            settle_before_last_bytes(core, ctx, tap);
             flush(ctx, &mut io.wr, batch).await?;
             return Ok(true);
         }
@@ -613,7 +613,7 @@ async fn relay_body(
                         batch.push_chunk(rest);
                     }
                     batch.push(Bytes::from_static(b"0\r\n\r\n"));
-                    settle_before_last_bytes(ctx, tap);
+                    settle_before_last_bytes(core, ctx, tap);
                     flush(ctx, &mut io.wr, batch).await?;
                     return Ok(false);
                 }
@@ -748,11 +748,11 @@ impl Tap {
 
 /// Settles the request before its last bytes go to the client (see `crate::spend::journal`: the settlement is
 /// journaled first, so a response the client saw complete is never lost to a crash).
-fn settle_before_last_bytes(ctx: &mut RequestCtx, tap: &mut Tap) {
+fn settle_before_last_bytes(core: &Core, ctx: &mut RequestCtx, tap: &mut Tap) {
     let (meter, relayed) = tap.finish();
     ctx.meter = Some(meter);
     ctx.relayed = relayed;
-    super::account::settle(ctx);
+    super::account::settle(core, ctx);
 }
 
 /// The cost of a completed stream, as its last bytes: an SSE comment line (`: tollgate-cost=USD`), which

@@ -91,6 +91,8 @@ pub async fn run_one(core: &Core, io: &mut ClientIo) -> bool {
         max_tokens_lowered: None,
         owner_local: None,
         budget_asks: None,
+        billed_model: None,
+        attributes: Vec::new(),
         cutoff_tokens: None,
     };
     handle(core, &mut ctx, io).await;
@@ -215,6 +217,15 @@ async fn handle(core: &Core, ctx: &mut RequestCtx, io: &mut ClientIo) {
         ctx.route = Some(routed.route.clone());
         ctx.upstream_model = routed.upstream_model.clone();
         ctx.provider = Some(Arc::clone(&routed.provider));
+        ctx.billed_model = Some(match &routed.canonical_model {
+            Some(c) => Arc::clone(c),
+            None => Arc::from(
+                routed
+                    .upstream_model
+                    .as_deref()
+                    .unwrap_or(routed.model.as_str()),
+            ),
+        });
         // 4. authorize
         if let Some(id) = &ctx.identity {
             let auth = core.auth.state.load();
@@ -254,7 +265,7 @@ async fn handle(core: &Core, ctx: &mut RequestCtx, io: &mut ClientIo) {
         fail(ctx, io, e).await;
     }
     // 8. account (settles the reservation exactly once)
-    account::settle(ctx);
+    account::settle(core, ctx);
 }
 
 /// `GET /v1/models` answers in the shape of the API whose SDK header the caller sent (Anthropic SDKs send

@@ -31,6 +31,8 @@ pub struct Snapshot {
 #[derive(Debug)]
 pub struct ProviderRuntime {
     pub name: String,
+    /// The same name, shared: what usage records carry (no copy per request).
+    pub label: Arc<str>,
     pub kind: ProviderKind,
     /// The wire API it speaks (what `kind` means on the wire).
     pub api: Api,
@@ -122,6 +124,7 @@ impl Snapshot {
             };
             providers.push(Arc::new(ProviderRuntime {
                 name: p.name.clone(),
+                label: Arc::from(p.name.as_str()),
                 kind: p.kind,
                 api: Api::of(p.kind),
                 base,

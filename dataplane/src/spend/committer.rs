@@ -45,16 +45,18 @@ use crossbeam_channel::{Receiver, Sender};
 use jiff::Timestamp;
 use tollgate_core::budget::InstanceKey;
 use tollgate_core::config::{FleetConfig, LedgerConfig};
+use tollgate_core::store::consumption::{self as usage, Seen, UsageCounts};
 use tollgate_core::store::fleet::{self, Ask, WindowRef};
+use tollgate_core::store::keys::UsageDims;
 use tollgate_core::store::ledger::{self, Batch, InstanceName, SlotSpend, SLOT_SECS};
 use tollgate_core::store::{transact, RetryPolicy, Store, StoreError};
-use tollgate_core::Money;
+use tollgate_core::{IdentityKind, Money};
 
 use crate::obs::accesslog::Logger;
 use crate::runtime::inbox::{FleetAnswer, Msg};
 use crate::runtime::mailbox::Postman;
 use crate::spend::journal;
-use crate::spend::records::{self, Record, ToLedger};
+use crate::spend::records::{self, Metered, Record, ToLedger};
 
 /// How far back spend is kept and loaded: the ledger's 32 days and a slot.
 const HISTORY: Duration = Duration::from_secs(32 * 86_400 + 900);
@@ -471,9 +473,56 @@ fn add_record(batch: &mut Batch, r: &Record) {
     for i in &r.instances {
         batch.add(&r.source, r.seq, i.clone(), r.amount, r.at);
     }
-    if r.instances.is_empty() {
-        batch.upto.insert(r.source.to_string(), r.seq);
+    batch.covers(&r.source, r.seq);
+    if let Some(m) = &r.usage {
+        let (dims, counts, seen) = usage_of(m, r.at);
+        batch.add_usage(&r.source, r.seq, r.at, dims, &counts);
+        batch.saw(seen);
     }
+}
+
+/// A settled request's usage as the store counts it: its dimensions (canonical), its counters, and its
+/// identity as seen at `at`. Runs on the ledger thread (the string work stays off the cores).
+fn usage_of(m: &Metered, at: Timestamp) -> (UsageDims, UsageCounts, Seen) {
+    let id = &m.identity;
+    let anonymous = id.kind == IdentityKind::Anonymous;
+    let token = (id.kind == IdentityKind::Service).then(|| id.subject.to_string());
+    let identity = usage::identity_dim(anonymous, &id.source, &id.subject);
+    let dims = UsageDims {
+        provider: m.provider.to_string(),
+        model: m.model.to_string(),
+        identity: identity.clone(),
+        groups: usage::groups_dim(&id.groups),
+        service_token: token.clone().unwrap_or_default(),
+        attributes: usage::attributes_dim(&m.attributes),
+    };
+    let u = &m.usage;
+    let counts = UsageCounts {
+        cost: m.cost.effective.pico(),
+        list_cost: m.cost.list.pico(),
+        requests: 1,
+        input_tokens: u.input_tokens,
+        cached_input_tokens: u.cached_input_tokens,
+        cache_write_tokens: u
+            .cache_write_5m_tokens
+            .saturating_add(u.cache_write_1h_tokens),
+        output_tokens: u.output_tokens,
+        reasoning_tokens: u.reasoning_tokens,
+    };
+    let seen = Seen {
+        identity,
+        kind: id.kind.as_str().to_owned(),
+        subject: id.subject.to_string(),
+        source: id.source.to_string(),
+        groups: id.groups.iter().map(|g| g.to_string()).collect(),
+        team: token
+            .as_ref()
+            .and_then(|_| id.groups.first().map(|g| g.to_string())),
+        service_token: token,
+        first_seen: at,
+        last_seen: at,
+    };
+    (dims, counts, seen)
 }
 
 #[derive(Debug, Default)]
@@ -1077,6 +1126,7 @@ mod tests {
                 at,
                 amount: Money::from_pico(400),
                 instances: vec![team.clone()],
+                usage: None,
             }))
             .unwrap();
         started.handle.shutdown(Duration::from_secs(5));

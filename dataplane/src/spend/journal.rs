@@ -6,7 +6,9 @@
 //!
 //! Owns: [`Journal`] (one per core: its file, its sequence numbers, its sender), the file format of a
 //! [`Record`] (the record itself is [`crate::spend::records`]'s: one JSON line
-//! `{"q":seq,"t":unix_ms,"a":"pico_usd","k":[[budget, member], ...]}`), and [`read_file`] (for replay and for the ledger thread's catch-up when the channel was full).
+//! `{"q":seq,"t":unix_ms,"a":"pico_usd","k":[[budget, member], ...],"u":{..}}`, where `u` is the request's
+//! usage and dimensions (see `LineUsage`): lines written before it existed have none and replay as spend
+//! only; an older binary ignores it), and [`read_file`] (for replay and for the ledger thread's catch-up when the channel was full).
 //!
 //! Reservations: at admission, before the request is forwarded, [`Journal::reserve`] appends
 //! `{"r":id,"t":unix_ms,"a":"pico_usd","k":[...]}` (the amount held on each instance); the settlement line
@@ -39,10 +41,11 @@ use std::path::{Path, PathBuf};
 use crossbeam_channel::Sender;
 use jiff::Timestamp;
 use tollgate_core::budget::InstanceKey;
+use tollgate_core::pricing::Cost;
 use tollgate_core::store::ledger::InstanceName;
-use tollgate_core::Money;
+use tollgate_core::{Identity, IdentityKind, Money, Usage};
 
-use crate::spend::records::{instance_name, Record, ToLedger};
+use crate::spend::records::{instance_name, Metered, Record, ToLedger};
 
 /// A journal file is rotated past this size.
 pub const ROTATE_BYTES: u64 = 64 * 1024 * 1024;
@@ -63,6 +66,114 @@ struct Line<'a> {
     a: Option<String>,
     #[serde(borrow, default, skip_serializing_if = "Vec::is_empty")]
     k: Vec<(std::borrow::Cow<'a, str>, std::borrow::Cow<'a, str>)>,
+    /// The request's usage (absent in lines written before usage was journaled, and in reservations).
+    #[serde(borrow, default, skip_serializing_if = "Option::is_none")]
+    u: Option<LineUsage<'a>>,
+}
+
+type Text<'a> = std::borrow::Cow<'a, str>;
+
+/// A settlement line's usage: `{"p":provider,"m":model,"ik":kind,"is":source,"id":subject,"g":[groups],
+/// "at":[[key,value],..],"c":"effective_pico","l":"list_pico","n":[input,cached_input,cache_write_5m,
+/// cache_write_1h,output,reasoning],"e":estimated}`.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct LineUsage<'a> {
+    #[serde(borrow)]
+    p: Text<'a>,
+    #[serde(borrow)]
+    m: Text<'a>,
+    #[serde(borrow)]
+    ik: Text<'a>,
+    #[serde(borrow)]
+    is: Text<'a>,
+    #[serde(borrow)]
+    id: Text<'a>,
+    #[serde(borrow, default, skip_serializing_if = "Vec::is_empty")]
+    g: Vec<Text<'a>>,
+    #[serde(borrow, default, skip_serializing_if = "Vec::is_empty")]
+    at: Vec<(Text<'a>, Text<'a>)>,
+    c: String,
+    l: String,
+    n: [u64; 6],
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    e: bool,
+}
+
+impl<'a> LineUsage<'a> {
+    fn of(m: &'a Metered) -> LineUsage<'a> {
+        let u = &m.usage;
+        LineUsage {
+            p: Text::Borrowed(&m.provider),
+            m: Text::Borrowed(&m.model),
+            ik: Text::Borrowed(m.identity.kind.as_str()),
+            is: Text::Borrowed(&m.identity.source),
+            id: Text::Borrowed(&m.identity.subject),
+            g: m.identity
+                .groups
+                .iter()
+                .map(|g| Text::Borrowed(&**g))
+                .collect(),
+            at: m
+                .attributes
+                .iter()
+                .map(|(k, v)| (Text::Borrowed(k.as_str()), Text::Borrowed(v.as_str())))
+                .collect(),
+            c: m.cost.effective.pico().to_string(),
+            l: m.cost.list.pico().to_string(),
+            n: [
+                u.input_tokens,
+                u.cached_input_tokens,
+                u.cache_write_5m_tokens,
+                u.cache_write_1h_tokens,
+                u.output_tokens,
+                u.reasoning_tokens,
+            ],
+            e: u.estimated,
+        }
+    }
+
+    /// The usage back; `None` when an amount does not parse.
+    fn into_metered(self) -> Option<Metered> {
+        let kind = match &*self.ik {
+            "user" => IdentityKind::User,
+            "service" => IdentityKind::Service,
+            _ => IdentityKind::Anonymous,
+        };
+        let shared = |t: Text<'_>| std::sync::Arc::<str>::from(&*t);
+        let groups: Vec<std::sync::Arc<str>> = self.g.into_iter().map(shared).collect();
+        let [input, cached, w5, w1, output, reasoning] = self.n;
+        Some(Metered {
+            identity: Identity {
+                kind,
+                subject: shared(self.id),
+                email: None,
+                groups: std::sync::Arc::from(groups),
+                source: shared(self.is),
+                token_id: None,
+                attributes: std::sync::Arc::from(Vec::new()),
+            },
+            provider: shared(self.p),
+            model: shared(self.m),
+            attributes: self
+                .at
+                .into_iter()
+                .map(|(k, v)| (k.into_owned(), v.into_owned()))
+                .collect(),
+            usage: Usage {
+                input_tokens: input,
+                cached_input_tokens: cached,
+                cache_write_5m_tokens: w5,
+                cache_write_1h_tokens: w1,
+                output_tokens: output,
+                reasoning_tokens: reasoning,
+                estimated: self.e,
+            },
+            cost: Cost {
+                list: Money::from_pico(self.l.parse().ok()?),
+                effective: Money::from_pico(self.c.parse().ok()?),
+            },
+        })
+    }
 }
 
 /// One entry of a journal file, as [`read_entries`] reads it back.
@@ -170,6 +281,7 @@ impl Journal {
                         )
                     })
                     .collect(),
+                u: None,
             },
             self.seq.get() + 1,
             Some(id),
@@ -195,24 +307,34 @@ impl Journal {
             t: None,
             a: None,
             k: Vec::new(),
+            u: None,
         };
         let result = self.write_line(&line, self.seq.get() + 1, None);
         self.failed.set(result.is_err());
         result
     }
 
-    /// Journals `amount` spent at `at` on `keys`, closing reservation `closes` in the same line, then hands
-    /// it to the ledger thread. Zero amounts are not recorded (only the reservation is closed).
+    /// Journals `amount` spent at `at` on `keys`, closing reservation `closes` in the same line, with the
+    /// request's `usage`, then hands it to the ledger thread. A line is written when there is spend (a
+    /// nonzero amount on some instance) or usage; otherwise only the reservation is closed. Spend at $0 is
+    /// journaled without instances.
     pub fn record(
         &self,
         keys: &[InstanceKey],
         amount: Money,
         at: Timestamp,
         closes: Option<u64>,
+        usage: Option<Box<Metered>>,
     ) -> std::io::Result<()> {
-        if amount.is_zero() || keys.is_empty() {
+        let spend = !amount.is_zero() && !keys.is_empty();
+        if !spend && usage.is_none() {
             return closes.map_or(Ok(()), |id| self.close(id));
         }
+        let (keys, amount) = if spend {
+            (keys, amount)
+        } else {
+            (&[][..], Money::ZERO)
+        };
         let closes = closes.filter(|id| self.open.borrow_mut().remove(id).is_some());
         let seq = self.seq.get() + 1;
         self.seq.set(seq);
@@ -228,6 +350,7 @@ impl Journal {
                     .iter()
                     .map(|i| (i.budget.as_str().into(), i.member.as_str().into()))
                     .collect(),
+                u: usage.as_deref().map(LineUsage::of),
             },
             seq,
             None,
@@ -239,6 +362,7 @@ impl Journal {
             at,
             amount,
             instances,
+            usage,
         };
         // A full channel drops only the hand-off: the ledger thread reads the entry back from this file
         // when the next one shows the gap (its `recovered_from_journal` count).
@@ -345,6 +469,7 @@ pub fn read_entries(path: &Path) -> std::io::Result<Vec<Entry>> {
                     at,
                     amount: Money::from_pico(pico),
                     instances,
+                    usage: l.u.and_then(LineUsage::into_metered).map(Box::new),
                 },
                 closes: l.c,
             },
@@ -488,9 +613,10 @@ mod tests {
         let free = j.reserve(&keys, Money::from_pico(300), t0).unwrap();
         let in_flight = j.reserve(&keys, Money::from_pico(400), t0).unwrap();
         assert_eq!(j.open_reservations(), 4);
-        j.record(&keys, Money::from_pico(60), t0, settled).unwrap();
+        j.record(&keys, Money::from_pico(60), t0, settled, None)
+            .unwrap();
         j.release(released.unwrap()).unwrap();
-        j.record(&keys, Money::ZERO, t0, free).unwrap();
+        j.record(&keys, Money::ZERO, t0, free, None).unwrap();
         assert_eq!(j.open_reservations(), 1);
         // Nothing to charge: no line, no id.
         assert_eq!(j.reserve(&keys, Money::ZERO, t0).unwrap(), None);
@@ -511,7 +637,7 @@ mod tests {
             &keys.iter().map(instance_name).collect::<Vec<_>>()
         );
         // Closed now (the request finished): no orphan left.
-        j.record(&keys, Money::from_pico(350), t0, in_flight)
+        j.record(&keys, Money::from_pico(350), t0, in_flight, None)
             .unwrap();
         let (all, last_first) = entries(&dir, "run-c0");
         let open = unsettled(&all, last_first);
@@ -537,7 +663,7 @@ mod tests {
         let long = j.reserve(&keys, Money::from_pico(999), t0).unwrap();
         for _ in 0..20 {
             let id = j.reserve(&keys, Money::from_pico(10), t0).unwrap();
-            j.record(&keys, Money::from_pico(5), t0, id).unwrap();
+            j.record(&keys, Money::from_pico(5), t0, id, None).unwrap();
         }
         let files = list(&dir).unwrap().remove("run-c0").unwrap();
         assert!(files.len() > 2, "{files:?}");
@@ -553,6 +679,87 @@ mod tests {
         j.release(long.unwrap()).unwrap();
         let (all, last_first) = entries(&dir, "run-c0");
         assert!(unsettled(&all, last_first).orphans.is_empty());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// A request's usage rides on its settlement line and reads back whole; a request without budgets
+    /// journals a line with no instances; a line from before usage was journaled reads with none.
+    #[test]
+    fn usage_is_journaled_with_or_without_budgets_and_old_lines_still_read() {
+        let dir = std::env::temp_dir().join(format!("tg-journal-usage-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let (tx, rx) = crossbeam_channel::bounded(16);
+        let j = Journal::new(&dir, "run-c0", tx);
+        let keys = budgets();
+        let t0 = Timestamp::from_second(1_800_000_000).unwrap();
+        let metered = Metered {
+            identity: Identity {
+                kind: IdentityKind::Service,
+                subject: "ci-bot".into(),
+                email: None,
+                groups: std::sync::Arc::from(vec![std::sync::Arc::<str>::from("plat,form")]),
+                source: "service-token".into(),
+                token_id: None,
+                attributes: std::sync::Arc::from(Vec::new()),
+            },
+            provider: "openai".into(),
+            model: "gpt-4o".into(),
+            attributes: vec![("team".into(), "a;b".into())],
+            usage: Usage {
+                input_tokens: 10,
+                cached_input_tokens: 2,
+                cache_write_5m_tokens: 3,
+                cache_write_1h_tokens: 4,
+                output_tokens: 5,
+                reasoning_tokens: 1,
+                estimated: true,
+            },
+            cost: Cost {
+                list: Money::from_pico(200),
+                effective: Money::from_pico(150),
+            },
+        };
+        let id = j.reserve(&keys, Money::from_pico(900), t0).unwrap();
+        j.record(
+            &keys,
+            Money::from_pico(150),
+            t0,
+            id,
+            Some(Box::new(metered.clone())),
+        )
+        .unwrap();
+        j.record(&[], Money::ZERO, t0, None, Some(Box::new(metered.clone())))
+            .unwrap();
+        // Nothing to journal: no spend, no usage.
+        j.record(&[], Money::ZERO, t0, None, None).unwrap();
+        let files = list(&dir).unwrap();
+        let recs = read_file(&files["run-c0"][0].1).unwrap();
+        assert_eq!(recs.len(), 2);
+        assert_eq!(recs[0].instances.len(), 2);
+        assert_eq!(recs[0].usage.as_deref(), Some(&metered));
+        assert!(recs[1].instances.is_empty());
+        assert_eq!(recs[1].seq, 2);
+        assert_eq!(recs[1].usage.as_deref(), Some(&metered));
+        let handed: Vec<Record> = rx
+            .try_iter()
+            .filter_map(|m| match m {
+                ToLedger::Settled(r) => Some(r),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(handed, recs);
+        let (all, last_first) = entries(&dir, "run-c0");
+        assert!(unsettled(&all, last_first).orphans.is_empty());
+        // A line an older Tollgate wrote: spend only.
+        let old = dir.join("old-c0.1.log");
+        std::fs::write(
+            &old,
+            "{\"q\":1,\"t\":1000,\"a\":\"5\",\"k\":[[\"team\",\"\"]]}\n",
+        )
+        .unwrap();
+        let r = read_file(&old).unwrap();
+        assert_eq!(r.len(), 1);
+        assert_eq!(r[0].usage, None);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
@@ -607,7 +814,13 @@ mod tests {
         };
         let now = Timestamp::now();
         assert!(j
-            .record(std::slice::from_ref(&key), Money::from_pico(5), now, None)
+            .record(
+                std::slice::from_ref(&key),
+                Money::from_pico(5),
+                now,
+                None,
+                None
+            )
             .is_err());
         assert!(j.failed());
         assert!(
@@ -616,8 +829,14 @@ mod tests {
         // The path becomes a directory: appends work again.
         std::fs::remove_file(&blocked).unwrap();
         std::fs::create_dir_all(&blocked).unwrap();
-        j.record(std::slice::from_ref(&key), Money::from_pico(7), now, None)
-            .unwrap();
+        j.record(
+            std::slice::from_ref(&key),
+            Money::from_pico(7),
+            now,
+            None,
+            None,
+        )
+        .unwrap();
         assert!(!j.failed());
         let files = list(&blocked).unwrap();
         let recs = read_file(&files["run-c0"][0].1).unwrap();

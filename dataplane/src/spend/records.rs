@@ -6,13 +6,22 @@
 //! dependencies point one way (shard -> journal -> records <- committer; the shard also reads the
 //! committer's `Health`) and neither the journal nor the committer imports the shard.
 //!
-//! Fails: nothing here fails. Cost: a record is built once per settled request (its instance names are the
-//! only allocation) and moved through the channel, never copied.
+//! Usage: a record also carries what the request consumed and cost, and who made it ([`Metered`]), for the
+//! store's dimensional usage counters: every priced request that settles sends one, with or without
+//! budgets (a request without budgets has no instances).
+//!
+//! Fails: nothing here fails. Cost: a record is built once per settled request (its instance names and the
+//! boxed [`Metered`] are its allocations; the identity, provider and model in it are shared strings, the
+//! attributes are the admit phase's, moved) and moved through the channel, never copied.
+
+use std::sync::Arc;
 
 use jiff::Timestamp;
 use tollgate_core::budget::InstanceKey;
+use tollgate_core::pricing::Cost;
 use tollgate_core::store::ledger::InstanceName;
 use tollgate_core::Money;
+use tollgate_core::{Identity, Usage};
 
 use crate::runtime::inbox::Msg;
 use crate::runtime::mailbox::Postman;
@@ -25,6 +34,22 @@ pub struct Record {
     pub at: Timestamp,
     pub amount: Money,
     pub instances: Vec<InstanceName>,
+    /// The request's usage and dimensions (`None`: journal lines written before usage was journaled).
+    pub usage: Option<Box<Metered>>,
+}
+
+/// One settled request's usage, cost and dimensions, turned into usage counters by the ledger thread.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Metered {
+    pub identity: Identity,
+    /// The provider's configured name.
+    pub provider: Arc<str>,
+    /// The canonical billed model (the price sheet's name; the billed name when the sheet has none).
+    pub model: Arc<str>,
+    /// The request's attributes as the admit phase resolved them.
+    pub attributes: Vec<(String, String)>,
+    pub usage: Usage,
+    pub cost: Cost,
 }
 
 /// What the committer thread receives.

@@ -58,12 +58,13 @@ pub struct Reservation {
 }
 
 impl Reservation {
-    /// Charges `actual` to every instance held and releases the rest of the reservation. Exactly once.
-    pub fn settle(mut self, actual: Money) {
+    /// Charges `actual` to every instance held and releases the rest of the reservation, journaling the
+    /// request's `usage` with the settlement. Exactly once.
+    pub fn settle(mut self, actual: Money, usage: Option<Box<crate::spend::records::Metered>>) {
         let now = Timestamp::now();
         // Durable first: the journal has the settlement before anything else learns of it.
         self.budgets
-            .journal(&self.keys, actual, now, self.journaled.take());
+            .journal(&self.keys, actual, now, self.journaled.take(), usage);
         for (core, res) in std::mem::take(&mut self.parts) {
             self.budgets.send_settle(core, res, actual, now);
         }

@@ -214,18 +214,26 @@ impl CoreBudgets {
         }
     }
 
-    /// Journals a settlement (closing reservation `closes`) and hands it to the ledger thread.
+    /// Journals a settlement (closing reservation `closes`, with the request's usage) and hands it to the
+    /// ledger thread.
     pub(super) fn journal(
         &self,
         keys: &[InstanceKey],
         actual: Money,
         now: Timestamp,
         closes: Option<u64>,
+        usage: Option<Box<crate::spend::records::Metered>>,
     ) {
         if let Some(j) = &self.journal {
             let was_failing = j.failed();
-            self.journal_outcome(was_failing, j.record(keys, actual, now, closes));
+            self.journal_outcome(was_failing, j.record(keys, actual, now, closes, usage));
         }
+    }
+
+    /// Journals the usage of a settled request that held no reservation (no budget applied) and hands it
+    /// to the ledger thread, for the usage counters.
+    pub fn journal_usage(&self, usage: Box<crate::spend::records::Metered>) {
+        self.journal(&[], Money::ZERO, Timestamp::now(), None, Some(usage));
     }
 
     /// Journals a reservation at admission (see [`crate::spend::journal::Journal::reserve`]); its id, when

@@ -20,6 +20,9 @@
 //! ("tg", "catalog", "audit_seq")                        -> the last audit entry's number, i128 16-byte LE
 //! ("tg", "catalog", "audit", seq)                       -> one audit entry, JSON, append-only
 //! ("tg", "catalog", "idempotency", key)                 -> a create's answer for its Idempotency-Key, JSON
+//! ("tg", "usage", hour, provider, model, identity, groups, service_token, attributes, measure)
+//!                                                       -> that measure's count in the hour, i128 16-byte LE, atomic add
+//! ("tg", "seen", identity)                              -> the identity as last seen, JSON
 //! ("conformance", check, n | name)                      -> scratch values of the store conformance checks
 //! ```
 //!
@@ -35,12 +38,16 @@
 //! | [`catalog_object`] | `("tg", "catalog", "object", kind: str, name: str)` | the object as JSON (`kind`, `name`, `version`, `spec`, ...); `kind` is `policy`, `budget`, `service_token` or `price_override` | `catalog::write`; read by `catalog::objects` |
 //! | [`audit_seq`], [`audit_entry`] | `("tg", "catalog", "audit_seq")`, `("tg", "catalog", "audit", seq: int)` | the last entry's number; one entry as JSON, never rewritten | `catalog::audit::append` |
 //! | [`idempotency`] | `("tg", "catalog", "idempotency", key: str)` | a create's request digest and answer (secrets removed) | `catalog::write` |
+//! | [`usage`] | `("tg", "usage", hour: int, provider: str, model: str, identity: str, groups: str, service_token: str, attributes: str, measure: str)` | one measure of the settled requests with exactly these dimensions in that hour, a 16-byte counter written with atomic add. `hour` = Unix seconds / 3600 (settlement time, UTC); `model` the canonical billed model; `identity` `source:subject` as budget members are written (`""` anonymous); `groups` sorted and comma-joined, `attributes` `k=v;k=v` sorted by key (both escaped by `consumption::escape`; `""` none); `service_token` the token's name or `""`; `measure` one of [`USAGE_MEASURES`] (`cost` and `list_cost` in pico-USD, the rest counts; zero counters are not written, `requests` always is) | `ledger::apply_batch` (add); read by `consumption::query` |
+//! | [`seen`] | `("tg", "seen", identity: str)` | the identity (`source:subject`, `""` anonymous) as last seen: JSON `{"identity","kind","subject","source","groups":[..],"service_token","team","first_seen","last_seen"}` (RFC 3339), `first_seen` kept from the stored value | `ledger::apply_batch` (read, then set); read by `consumption::seen` |
 //! | [`conformance`] | `("conformance", check: str, n: int \| name: str)` | whatever the check writes; outside `("tg",)` so a live store can be checked | `store::conformance`, cleared before each check |
 //!
 //! Ranges (half-open `[begin, end)`, as `Transaction::get_range` takes them): [`root`] (every `("tg", ..)`
 //! key), [`all_spend`], [`spend_slots`] (one instance's slots in `[from, to)`), [`all_leases`],
 //! [`all_lease_expiries`], [`window_leases`], [`window_lease_expiries`] (every node's lease of one instance
-//! in one window), [`conformance_range`]. [`parse_spend`] and [`lease_node`] read keys back.
+//! in one window), [`budget_spend`] (every slot of one budget), [`usage_hours`] (every usage counter of the
+//! hours `[from, to)`), [`seen_from`] (identities seen, from a cursor), [`conformance_range`].
+//! [`parse_spend`], [`parse_usage`], [`parse_seen`] and [`lease_node`] read keys back.
 //!
 //! Changing a layout changes the bytes of keys already stored: it needs a new [`SCHEMA_VERSION`] and a
 //! migration in `ledger::check_schema`. The test at the end of this module pins the bytes.
@@ -63,6 +70,39 @@ const APPLIED: &str = "applied";
 const LEASE: &str = "lease";
 const LEASE_EXP: &str = "lease_exp";
 const CONFORMANCE: &str = "conformance";
+const USAGE: &str = "usage";
+const SEEN: &str = "seen";
+
+/// Length of a usage hour, seconds: a [`usage`] key's `hour` is Unix seconds / `HOUR_SECS`.
+pub const HOUR_SECS: i64 = 3600;
+
+/// The measures a [`usage`] key can name: effective cost and list cost (pico-USD), requests, and tokens by
+/// class (input excludes cached input; output includes reasoning, as the price sheet counts them).
+pub const USAGE_MEASURES: [&str; 8] = [
+    "cost",
+    "list_cost",
+    "requests",
+    "input_tokens",
+    "cached_input_tokens",
+    "cache_write_tokens",
+    "output_tokens",
+    "reasoning_tokens",
+];
+
+/// The dimensions of one [`usage`] counter, as stored (already canonical: see `consumption::escape`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct UsageDims {
+    pub provider: String,
+    pub model: String,
+    /// `source:subject`, `""` for anonymous.
+    pub identity: String,
+    /// Sorted, escaped, comma-joined; `""` none.
+    pub groups: String,
+    /// The service token's name, `""` for a person or anonymous.
+    pub service_token: String,
+    /// `k=v;k=v` sorted by key, values escaped; `""` none.
+    pub attributes: String,
+}
 
 /// `("tg", kind, rest..)` as tuple elements.
 fn under(kind: &str, rest: impl IntoIterator<Item = Element>) -> Vec<Element> {
@@ -216,6 +256,88 @@ pub fn conformance(check: &str, which: Scratch<'_>) -> Vec<u8> {
         Scratch::Named(name) => Element::from(name),
     };
     pack(&[Element::from(CONFORMANCE), Element::from(check), last])
+}
+
+/// `("tg", "usage", hour, provider, model, identity, groups, service_token, attributes, measure)`.
+pub fn usage(hour: i64, dims: &UsageDims, measure: &str) -> Vec<u8> {
+    pack(&under(
+        USAGE,
+        [
+            Element::Int(hour),
+            Element::from(dims.provider.as_str()),
+            Element::from(dims.model.as_str()),
+            Element::from(dims.identity.as_str()),
+            Element::from(dims.groups.as_str()),
+            Element::from(dims.service_token.as_str()),
+            Element::from(dims.attributes.as_str()),
+            Element::from(measure),
+        ],
+    ))
+}
+
+/// Every [`usage`] key with `from <= hour < to`.
+pub fn usage_hours(from: i64, to: i64) -> (Vec<u8>, Vec<u8>) {
+    let (_, end_all) = range(&under(USAGE, []));
+    let bound = |hour: i64| pack(&under(USAGE, [Element::Int(hour)]));
+    (bound(from), bound(to).min(end_all))
+}
+
+/// Reads a [`usage`] key back: `(hour, dims, measure)`.
+pub fn parse_usage(key: &[u8]) -> Result<(i64, UsageDims, String), StoreError> {
+    match unpack(key)?.as_mut_slice() {
+        [Element::Str(root), Element::Str(kind), Element::Int(hour), Element::Str(provider), Element::Str(model), Element::Str(identity), Element::Str(groups), Element::Str(service_token), Element::Str(attributes), Element::Str(measure)]
+            if root == ROOT && kind == USAGE =>
+        {
+            Ok((
+                *hour,
+                UsageDims {
+                    provider: std::mem::take(provider),
+                    model: std::mem::take(model),
+                    identity: std::mem::take(identity),
+                    groups: std::mem::take(groups),
+                    service_token: std::mem::take(service_token),
+                    attributes: std::mem::take(attributes),
+                },
+                std::mem::take(measure),
+            ))
+        }
+        _ => Err(StoreError::Corrupt("a usage key of the wrong shape".into())),
+    }
+}
+
+/// `("tg", "seen", identity)`.
+pub fn seen(identity: &str) -> Vec<u8> {
+    pack(&under(SEEN, [Element::from(identity)]))
+}
+
+/// The [`seen`] keys after `after` (every one when `None`), in identity order.
+pub fn seen_from(after: Option<&str>) -> (Vec<u8>, Vec<u8>) {
+    let (begin, end) = range(&under(SEEN, []));
+    match after {
+        Some(a) => {
+            let mut k = seen(a);
+            k.push(0);
+            (k, end)
+        }
+        None => (begin, end),
+    }
+}
+
+/// Reads a [`seen`] key back: the identity.
+pub fn parse_seen(key: &[u8]) -> Result<String, StoreError> {
+    match unpack(key)?.as_mut_slice() {
+        [Element::Str(root), Element::Str(kind), Element::Str(identity)]
+            if root == ROOT && kind == SEEN =>
+        {
+            Ok(std::mem::take(identity))
+        }
+        _ => Err(StoreError::Corrupt("a seen key of the wrong shape".into())),
+    }
+}
+
+/// Every [`spend`] key of one budget (all its instances and slots).
+pub fn budget_spend(budget: &str) -> (Vec<u8>, Vec<u8>) {
+    range(&under(SPEND, [Element::from(budget)]))
 }
 
 /// Every key of one conformance check.
@@ -378,6 +500,63 @@ mod tests {
                 b"\x02tg\x00\x02lease\x00\x02b\x00\x02m\x00\x16\x07\x08\xff".to_vec()
             )
         );
+    }
+
+    fn dims() -> UsageDims {
+        UsageDims {
+            provider: "openai".into(),
+            model: "gpt-4o".into(),
+            identity: "okta:alice".into(),
+            groups: "eng,ops".into(),
+            service_token: String::new(),
+            attributes: "team=x".into(),
+        }
+    }
+
+    /// Usage and seen keys: pinned like the others, read back, and their ranges hold them.
+    #[test]
+    fn usage_and_seen_keys_are_pinned_and_read_back() {
+        assert_eq!(
+            usage(1, &dims(), "cost"),
+            b"\x02tg\x00\x02usage\x00\x15\x01\x02openai\x00\x02gpt-4o\x00\x02okta:alice\x00\x02eng,ops\x00\x02\x00\x02team=x\x00\x02cost\x00"
+        );
+        assert_eq!(
+            usage(0, &UsageDims::default(), "requests"),
+            b"\x02tg\x00\x02usage\x00\x14\x02\x00\x02\x00\x02\x00\x02\x00\x02\x00\x02\x00\x02requests\x00"
+        );
+        assert_eq!(
+            seen("okta:alice"),
+            b"\x02tg\x00\x02seen\x00\x02okta:alice\x00"
+        );
+        assert_eq!(seen(""), b"\x02tg\x00\x02seen\x00\x02\x00");
+        let k = usage(493_000, &dims(), "output_tokens");
+        assert_eq!(
+            parse_usage(&k).unwrap(),
+            (493_000, dims(), "output_tokens".to_owned())
+        );
+        assert!(parse_usage(&seen("a")).is_err());
+        assert!(parse_usage(&spend("a", "", 1)).is_err());
+        assert_eq!(parse_seen(&seen("okta:bob")).unwrap(), "okta:bob");
+        assert!(parse_seen(&usage(1, &dims(), "cost")).is_err());
+        let inside = |(b, e): &(Vec<u8>, Vec<u8>), k: &[u8]| b.as_slice() <= k && k < e.as_slice();
+        let hours = usage_hours(10, 12);
+        assert!(!inside(&hours, &usage(9, &dims(), "cost")));
+        assert!(inside(&hours, &usage(10, &dims(), "cost")));
+        assert!(inside(
+            &hours,
+            &usage(11, &UsageDims::default(), "requests")
+        ));
+        assert!(!inside(&hours, &usage(12, &dims(), "cost")));
+        assert!(!inside(&hours, &seen("")));
+        assert!(inside(&seen_from(None), &seen("")));
+        assert!(!inside(&seen_from(Some("a")), &seen("a")));
+        assert!(inside(&seen_from(Some("a")), &seen("a\u{0}")));
+        assert!(inside(&seen_from(Some("a")), &seen("b")));
+        assert!(!inside(&seen_from(None), &usage(1, &dims(), "cost")));
+        assert!(inside(&budget_spend("team"), &spend("team", "m", 5)));
+        assert!(!inside(&budget_spend("team"), &spend("team2", "", 5)));
+        assert!(inside(&root(), &usage(1, &dims(), "cost")));
+        assert_eq!(USAGE_MEASURES.len(), 8);
     }
 
     #[test]

@@ -15,16 +15,22 @@
 //! already applied is skipped, so a retried commit, or a commit whose outcome was unknown, never counts
 //! twice. Entries with a sequence at or below the applied one are dropped.
 //!
+//! Usage: a batch also carries the usage counters of the settlements it covers (per hour and dimensions,
+//! [`crate::store::consumption`]) and the identities they came from; they are written in the same transaction,
+//! so they are applied exactly when the spend is: once.
+//!
 //! Fails: store errors pass through ([`StoreError`]); a schema this binary does not know is refused with a
 //! message naming both versions. Cost: one transaction per batch: a read per source, an atomic add per
-//! (instance, slot).
+//! (instance, slot), an atomic add per nonzero measure per (hour, dimensions), a read and a write per
+//! identity seen.
 
 use std::collections::BTreeMap;
 
 use jiff::Timestamp;
 
 use crate::pricing::money::Money;
-use crate::store::keys;
+use crate::store::consumption::{self, Seen, UsageCounts};
+use crate::store::keys::{self, UsageDims, HOUR_SECS};
 use crate::store::{decode_i128, Store, StoreError, Transaction};
 
 pub use crate::store::keys::{SCHEMA_VERSION, SLOT_SECS};
@@ -45,6 +51,11 @@ pub struct Batch {
     /// The part of `spend` charged at an estimate (reservations a crashed run left open), by instance and
     /// slot: also written to `("tg", "estimated", ..)` so `tollgate spend` can say so.
     pub estimated: BTreeMap<(InstanceName, i64), i128>,
+    /// Usage counters merged per (hour, dimensions): written to `("tg", "usage", ..)` in the same
+    /// transaction as the spend, under the same `upto` (see [`crate::store::consumption`]).
+    pub usage: BTreeMap<(i64, UsageDims), UsageCounts>,
+    /// Identities seen in the batch, by identity dimension (merged: earliest first, latest last seen).
+    pub seen: BTreeMap<String, Seen>,
 }
 
 impl Batch {
@@ -60,12 +71,7 @@ impl Batch {
         let slot = at.as_second().div_euclid(SLOT_SECS);
         let e = self.spend.entry((instance, slot)).or_insert(0);
         *e = e.wrapping_add(amount.pico());
-        match self.upto.get_mut(source) {
-            Some(u) => *u = (*u).max(seq),
-            None => {
-                self.upto.insert(source.to_owned(), seq);
-            }
-        }
+        self.covers(source, seq);
     }
 
     /// Marks `amount` at `at` on `instance` (already [`Batch::add`]ed) as charged at an estimate.
@@ -75,8 +81,42 @@ impl Batch {
         *e = e.wrapping_add(amount.pico());
     }
 
+    /// Adds one request's usage `counts`, settled at `at` with `dims`, from entry `seq` of `source`.
+    pub fn add_usage(
+        &mut self,
+        source: &str,
+        seq: u64,
+        at: Timestamp,
+        dims: UsageDims,
+        counts: &UsageCounts,
+    ) {
+        let hour = at.as_second().div_euclid(HOUR_SECS);
+        self.usage.entry((hour, dims)).or_default().add(counts);
+        self.covers(source, seq);
+    }
+
+    /// Records a sighting of an identity (see [`Seen::merge`]).
+    pub fn saw(&mut self, seen: Seen) {
+        match self.seen.get_mut(&seen.identity) {
+            Some(s) => s.merge(&seen),
+            None => {
+                self.seen.insert(seen.identity.clone(), seen);
+            }
+        }
+    }
+
+    /// Notes that the batch covers entry `seq` of `source`.
+    pub fn covers(&mut self, source: &str, seq: u64) {
+        match self.upto.get_mut(source) {
+            Some(u) => *u = (*u).max(seq),
+            None => {
+                self.upto.insert(source.to_owned(), seq);
+            }
+        }
+    }
+
     pub fn is_empty(&self) -> bool {
-        self.spend.is_empty() && self.upto.is_empty()
+        self.spend.is_empty() && self.upto.is_empty() && self.usage.is_empty()
     }
 }
 
@@ -147,6 +187,16 @@ pub fn apply_batch(txn: &mut dyn Transaction, batch: &Batch) -> Result<bool, Sto
             &keys::estimated(&instance.budget, &instance.member, *slot),
             *amount,
         );
+    }
+    for ((hour, dims), counts) in &batch.usage {
+        for (measure, value) in counts.measures() {
+            if value != 0 {
+                txn.add(&keys::usage(*hour, dims, measure), value);
+            }
+        }
+    }
+    for seen in batch.seen.values() {
+        consumption::write_seen(txn, seen)?;
     }
     Ok(true)
 }

@@ -26,6 +26,7 @@ pub mod keys;
 pub mod ledger;
 pub mod mem;
 
+pub mod consumption;
 pub mod sqlite;
 pub mod tuple;
 
