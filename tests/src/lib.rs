@@ -300,6 +300,10 @@ pub fn config_for(base: &str, server_extra: &str, extra: &str) -> String {
             test_store().display()
         ));
     }
+    if !extra.contains("[admin]") {
+        // Each gateway's control plane on a port of its own (tests run side by side).
+        extra.push_str("\n[admin]\nlisten = \"127.0.0.1:0\"\n");
+    }
     if !extra.contains("[ledger]") {
         // Each gateway its own spend store, next to its config file (relative paths resolve there).
         extra.push_str("\n[ledger]\ndir = \"ledger\"\n");

@@ -99,7 +99,8 @@ fn quickstart_runs_offline_on_the_bundled_mock() {
     let cfg = root.join("examples/quickstart.toml");
     let text = std::fs::read_to_string(&cfg)
         .unwrap()
-        .replace("127.0.0.1:8080", "127.0.0.1:0");
+        .replace("127.0.0.1:8080", "127.0.0.1:0")
+        .replace("127.0.0.1:8081", "127.0.0.1:0");
     let dir = TempDir::new("qs");
     let path = dir.file("quickstart.toml", &text);
     let g = Proc::start(

@@ -298,6 +298,9 @@ fn run() -> anyhow::Result<bool> {
             r#"[server]
 listen = ["127.0.0.1:0"]
 workers = {workers}
+# The control plane listens as in a deployment (idle here), on a port of its own.
+[admin]
+listen = "127.0.0.1:0"
 [store]
 dir = "{store}"
 [[providers]]
