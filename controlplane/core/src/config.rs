@@ -1033,7 +1033,10 @@ fn admin_config(is: &mut Issues<'_>, raw: RawAdmin, base: &Path) -> AdminConfig 
     match (raw.tls_cert_file, raw.tls_key_file) {
         (Some(cert), Some(key)) => {
             let (cert_file, key_file) = (resolve(cert), resolve(key));
-            for (field, f) in [("admin.tls_cert_file", &cert_file), ("admin.tls_key_file", &key_file)] {
+            for (field, f) in [
+                ("admin.tls_cert_file", &cert_file),
+                ("admin.tls_key_file", &key_file),
+            ] {
                 if !f.exists() {
                     is.push(field, format!("{} does not exist", f.display()));
                 }

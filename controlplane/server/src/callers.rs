@@ -108,7 +108,11 @@ pub fn role_for_groups(roles: &AdminRoles, groups: &[Arc<str>]) -> Option<Role> 
 }
 
 /// The caller behind `headers`: its principal and role.
-pub async fn authenticate(app: &Arc<App>, headers: &HeaderMap, from: String) -> Result<Caller, ApiError> {
+pub async fn authenticate(
+    app: &Arc<App>,
+    headers: &HeaderMap,
+    from: String,
+) -> Result<Caller, ApiError> {
     let presented = bearer(headers)?.to_owned();
     if tollgate_core::auth::service_tokens::looks_like_service_token(&presented) {
         let store = Arc::clone(&app.store);
@@ -153,12 +157,7 @@ async fn keys_for(
     issuer: &jwt::IssuerConfig,
     kid: Option<&str>,
 ) -> Result<Arc<KeySet>, ApiError> {
-    let cached = app
-        .keys
-        .keys
-        .lock()
-        .ok()
-        .and_then(|m| m.get(&idx).cloned());
+    let cached = app.keys.keys.lock().ok().and_then(|m| m.get(&idx).cloned());
     if let Some((at, keys)) = &cached {
         let fresh = at.elapsed() < issuer.refresh;
         let has = kid.is_none_or(|k| keys.has_kid(k));
@@ -251,7 +250,8 @@ pub async fn guard(State(app): State<Arc<App>>, mut req: Request, next: Next) ->
                 };
                 let store = Arc::clone(&app.store);
                 // A refusal is answered even when the audit log cannot be written.
-                let _ = tokio::task::spawn_blocking(move || audit::record(store.as_ref(), &entry)).await;
+                let _ = tokio::task::spawn_blocking(move || audit::record(store.as_ref(), &entry))
+                    .await;
             }
             e.into_response()
         }

@@ -185,8 +185,7 @@ pub fn bootstrap_admin_token(
     name: &str,
     role: Role,
 ) -> Result<Secret, BootstrapError> {
-    let (token, secret) =
-        StoredToken::mint(name, "admin", None, Default::default(), Some(role))?;
+    let (token, secret) = StoredToken::mint(name, "admin", None, Default::default(), Some(role))?;
     let spec = serde_json::to_value(&token).map_err(|e| BootstrapError::Encode(e.to_string()))?;
     let actor = Actor {
         principal: "cli".to_owned(),

@@ -80,8 +80,7 @@ impl Modify for Common {
             ),
         );
         for (path, item) in openapi.paths.paths.iter_mut() {
-            let protected =
-                path != "/admin/v1/healthz" && path != "/admin/v1/openapi.json";
+            let protected = path != "/admin/v1/healthz" && path != "/admin/v1/openapi.json";
             if let Some(op) = item.get.as_mut() {
                 add_common(op, protected, false);
             }

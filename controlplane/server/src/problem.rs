@@ -242,21 +242,13 @@ pub fn parse_json<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, Api
         // An unknown field is reported at its parent: name the field itself.
         if let Some(rest) = msg.strip_prefix("unknown field `") {
             if let Some(name) = rest.split('`').next() {
-                field = if field.is_empty() {
-                    name.to_owned()
-                } else {
-                    format!("{field}.{name}")
-                };
+                field = join_field(&field, name);
             }
         }
         // Missing fields are named in the message, also at the parent.
         if let Some(rest) = msg.strip_prefix("missing field `") {
             if let Some(name) = rest.split('`').next() {
-                field = if field.is_empty() {
-                    name.to_owned()
-                } else {
-                    format!("{field}.{name}")
-                };
+                field = join_field(&field, name);
             }
         }
         let reason = match msg.rfind(" at line ") {
@@ -273,6 +265,17 @@ pub fn parse_json<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, Api
         }
     })?;
     Ok(v)
+}
+
+/// `parent.name`, unless the path already ends with the name.
+fn join_field(parent: &str, name: &str) -> String {
+    if parent.is_empty() {
+        name.to_owned()
+    } else if parent == name || parent.ends_with(&format!(".{name}")) {
+        parent.to_owned()
+    } else {
+        format!("{parent}.{name}")
+    }
 }
 
 /// The layer that turns an error response without a problem body (axum's rejections) into one.

@@ -57,11 +57,9 @@ pub async fn list(
     let limit = q.limit()?;
     let after = match q.cursor.as_deref() {
         None => 0,
-        Some(c) => c
-            .parse::<i64>()
-            .ok()
-            .filter(|n| *n >= 0)
-            .ok_or_else(|| ApiError::InvalidRequest("cursor is not one this API gave out".to_owned()))?,
+        Some(c) => c.parse::<i64>().ok().filter(|n| *n >= 0).ok_or_else(|| {
+            ApiError::InvalidRequest("cursor is not one this API gave out".to_owned())
+        })?,
     };
     let entries = blocking(move || {
         audit::list(app.store.as_ref(), after, limit + 1)

@@ -11,7 +11,12 @@ use utoipa::ToSchema;
 
 use crate::endpoints::{blocking, path_name, snapshot, validator};
 
-crate::object_routes!(RawBudget, "/admin/v1/budgets", "/admin/v1/budgets/{name}", "budgets");
+crate::object_routes!(
+    RawBudget,
+    "/admin/v1/budgets",
+    "/admin/v1/budgets/{name}",
+    "budgets"
+);
 
 /// A budget's state.
 #[derive(Debug, serde::Serialize, serde::Deserialize, ToSchema)]
@@ -43,16 +48,15 @@ pub async fn state(
 ) -> Result<Json<BudgetState>, ApiError> {
     use tollgate_core::catalog::Kind;
     path_name(Kind::Budget, &name)?;
-    let live = app
-        .hooks
-        .live_budgets()
-        .and_then(|v| v.get(&name).cloned());
+    let live = app.hooks.live_budgets().and_then(|v| v.get(&name).cloned());
     let st = blocking(move || {
         let v = validator(&app)?;
         let snap = snapshot(&app)?;
-        let config = v
-            .config(&snap)
-            .map_err(|e| ApiError::ConfigUnavailable(format!("the effective configuration does not validate: {e}")))?;
+        let config = v.config(&snap).map_err(|e| {
+            ApiError::ConfigUnavailable(format!(
+                "the effective configuration does not validate: {e}"
+            ))
+        })?;
         let b = config
             .budgets
             .budgets()

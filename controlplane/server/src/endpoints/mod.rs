@@ -69,8 +69,7 @@ pub async fn blocking<T: Send + 'static>(
 pub fn valid_name(n: &str) -> bool {
     !n.is_empty()
         && n.len() <= 128
-        && n
-            .bytes()
+        && n.bytes()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
 }
 
@@ -197,7 +196,11 @@ pub fn write(
 }
 
 /// A stored answer replayed: its status and body, marked.
-pub fn replayed(status: u16, body: serde_json::Value, extra: &[(HeaderName, HeaderValue)]) -> Response {
+pub fn replayed(
+    status: u16,
+    body: serde_json::Value,
+    extra: &[(HeaderName, HeaderValue)],
+) -> Response {
     let status = StatusCode::from_u16(status).unwrap_or(StatusCode::OK);
     let mut r = (status, axum::Json(body)).into_response();
     r.headers_mut()
@@ -246,7 +249,7 @@ pub fn encode_cursor(pos: &str) -> String {
 
 pub fn decode_cursor(c: &str) -> Result<String, ApiError> {
     let bad = || ApiError::InvalidRequest("cursor is not one this API gave out".to_owned());
-    if c.len() % 2 != 0 || c.len() > 1024 {
+    if c.len() & 1 == 1 || c.len() > 1024 {
         return Err(bad());
     }
     let bytes = (0..c.len())

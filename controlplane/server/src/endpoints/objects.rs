@@ -65,7 +65,10 @@ impl Spec for RawOverride {
 }
 
 /// The body as `S`, its name checked (and equal to `path_name` on a replace), and as stored.
-fn body_spec<S: Spec>(bytes: &[u8], path_name: Option<&str>) -> Result<(String, serde_json::Value), ApiError> {
+fn body_spec<S: Spec>(
+    bytes: &[u8],
+    path_name: Option<&str>,
+) -> Result<(String, serde_json::Value), ApiError> {
     let spec: S = parse_json(bytes)?;
     let invalid = |reason: String| ApiError::Validation {
         detail: format!("the {}'s name is not valid", S::KIND),
@@ -86,11 +89,10 @@ fn body_spec<S: Spec>(bytes: &[u8], path_name: Option<&str>) -> Result<(String, 
         }
         (Some(n), _) => n.to_owned(),
     };
-    let value = serde_json::to_value(&spec)
-        .map_err(|e| ApiError::InvalidBody {
-            detail: e.to_string(),
-            errors: Vec::new(),
-        })?;
+    let value = serde_json::to_value(&spec).map_err(|e| ApiError::InvalidBody {
+        detail: e.to_string(),
+        errors: Vec::new(),
+    })?;
     Ok((name, value))
 }
 
@@ -204,7 +206,12 @@ pub async fn create<S: Spec>(
         }
         (_, Some(o)) => {
             let view = ObjectView::api(&o);
-            Ok(with_tags(Json(&view).into_response(), &view, StatusCode::CREATED, S::BASE))
+            Ok(with_tags(
+                Json(&view).into_response(),
+                &view,
+                StatusCode::CREATED,
+                S::BASE,
+            ))
         }
         (_, None) => Err(ApiError::StoreUnavailable(
             "the write reported no object".to_owned(),
@@ -229,7 +236,12 @@ pub async fn get<S: Spec>(
         }
     })
     .await?;
-    Ok(with_tags(Json(&view).into_response(), &view, StatusCode::OK, S::BASE))
+    Ok(with_tags(
+        Json(&view).into_response(),
+        &view,
+        StatusCode::OK,
+        S::BASE,
+    ))
 }
 
 pub async fn replace<S: Spec>(
@@ -263,7 +275,12 @@ pub async fn replace<S: Spec>(
     let o = written_object(&w)
         .ok_or_else(|| ApiError::StoreUnavailable("the write reported no object".to_owned()))?;
     let view = ObjectView::api(&o);
-    Ok(with_tags(Json(&view).into_response(), &view, StatusCode::OK, S::BASE))
+    Ok(with_tags(
+        Json(&view).into_response(),
+        &view,
+        StatusCode::OK,
+        S::BASE,
+    ))
 }
 
 pub async fn delete<S: Spec>(

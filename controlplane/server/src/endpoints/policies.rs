@@ -4,7 +4,12 @@
 
 use tollgate_core::auth::identity::RawPolicy;
 
-crate::object_routes!(RawPolicy, "/admin/v1/policies", "/admin/v1/policies/{name}", "policies");
+crate::object_routes!(
+    RawPolicy,
+    "/admin/v1/policies",
+    "/admin/v1/policies/{name}",
+    "policies"
+);
 
 pub fn routes() -> axum::Router<std::sync::Arc<App>> {
     object_router()

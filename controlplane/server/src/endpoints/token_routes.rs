@@ -266,7 +266,8 @@ pub async fn create(
     let req: CreateToken = parse_json(&bytes)?;
     if req.role.is_some() && (req.budget.is_some() || req.policy.is_some()) {
         return Err(ApiError::Validation {
-            detail: "an admin token (role) calls this API only: it takes no budget or policy".to_owned(),
+            detail: "an admin token (role) calls this API only: it takes no budget or policy"
+                .to_owned(),
             errors: vec![FieldError {
                 field: "role".to_owned(),
                 reason: "cannot be combined with budget or policy".to_owned(),
@@ -312,7 +313,9 @@ pub async fn create(
     let mut changes = vec![Change {
         kind: Kind::ServiceToken,
         name: name.clone(),
-        spec: Some(serde_json::to_value(&token).map_err(|e| ApiError::StoreUnavailable(e.to_string()))?),
+        spec: Some(
+            serde_json::to_value(&token).map_err(|e| ApiError::StoreUnavailable(e.to_string()))?,
+        ),
         precondition: Precondition::Absent,
     }];
     if let Some(b) = req.budget {
@@ -336,7 +339,10 @@ pub async fn create(
         changes.push(Change {
             kind: Kind::Budget,
             name: attached.clone(),
-            spec: Some(serde_json::to_value(&raw).map_err(|e| ApiError::StoreUnavailable(e.to_string()))?),
+            spec: Some(
+                serde_json::to_value(&raw)
+                    .map_err(|e| ApiError::StoreUnavailable(e.to_string()))?,
+            ),
             precondition: Precondition::Absent,
         });
     }
@@ -354,7 +360,10 @@ pub async fn create(
         changes.push(Change {
             kind: Kind::Policy,
             name: attached.clone(),
-            spec: Some(serde_json::to_value(&raw).map_err(|e| ApiError::StoreUnavailable(e.to_string()))?),
+            spec: Some(
+                serde_json::to_value(&raw)
+                    .map_err(|e| ApiError::StoreUnavailable(e.to_string()))?,
+            ),
             precondition: Precondition::Absent,
         });
     }
@@ -394,15 +403,16 @@ pub async fn create(
     let location = HeaderValue::from_str(&format!("{BASE}/{name}")).ok();
     match w {
         Written::Replayed(a) => {
-            let extra: Vec<_> = location.into_iter().map(|l| (header::LOCATION, l)).collect();
+            let extra: Vec<_> = location
+                .into_iter()
+                .map(|l| (header::LOCATION, l))
+                .collect();
             Ok(replayed(a.status, a.body, &extra))
         }
         Written::Applied { objects, .. } => {
-            let o = objects
-                .into_iter()
-                .next()
-                .flatten()
-                .ok_or_else(|| ApiError::StoreUnavailable("the write reported no token".to_owned()))?;
+            let o = objects.into_iter().next().flatten().ok_or_else(|| {
+                ApiError::StoreUnavailable("the write reported no token".to_owned())
+            })?;
             let body = TokenSecret {
                 token: view_of(&o, Timestamp::now())?,
                 secret: Some(secret.expose().to_owned()),
@@ -537,6 +547,12 @@ pub fn routes() -> axum::Router<Arc<App>> {
     axum::Router::new()
         .route(BASE, axum::routing::get(list).post(create))
         .route("/admin/v1/service-tokens/{name}", axum::routing::get(get))
-        .route("/admin/v1/service-tokens/{name}/revoke", axum::routing::post(revoke))
-        .route("/admin/v1/service-tokens/{name}/rotate", axum::routing::post(rotate))
+        .route(
+            "/admin/v1/service-tokens/{name}/revoke",
+            axum::routing::post(revoke),
+        )
+        .route(
+            "/admin/v1/service-tokens/{name}/rotate",
+            axum::routing::post(rotate),
+        )
 }
