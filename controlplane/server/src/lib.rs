@@ -31,6 +31,7 @@ pub mod endpoints;
 pub mod listener;
 pub mod openapi;
 pub mod problem;
+pub mod routing;
 
 /// What the server needs besides the store.
 #[derive(Debug, Clone)]

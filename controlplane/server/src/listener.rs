@@ -122,7 +122,7 @@ pub fn run(
         let Ok(tcp) = TcpListener::from_std(listener) else {
             return;
         };
-        let router = crate::endpoints::router(app);
+        let router = crate::routing::router(app);
         let (grace_tx, grace_rx) = tokio::sync::watch::channel(false);
         let signal = async move {
             let _ = stop.await;

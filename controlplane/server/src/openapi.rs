@@ -18,7 +18,7 @@ use crate::endpoints::{audit_log, budgets, health, policies, price_overrides, to
 #[openapi(
     info(title = "Tollgate admin API", description = "The control plane's REST API: policies, budgets, price overrides and service tokens beside the configuration file, and the audit log. Errors are RFC 9457 problem details."),
     paths(
-        health::healthz, health::openapi,
+        health::healthz, serve,
         policies::list, policies::create, policies::get, policies::replace, policies::delete,
         budgets::list, budgets::create, budgets::get, budgets::replace, budgets::delete, budgets::state,
         price_overrides::list, price_overrides::create, price_overrides::get, price_overrides::replace, price_overrides::delete,
@@ -95,6 +95,13 @@ impl Modify for Common {
             }
         }
     }
+}
+
+/// This API's OpenAPI 3.1 document.
+#[utoipa::path(get, path = "/admin/v1/openapi.json", tag = "meta",
+    responses((status = 200, description = "The OpenAPI document", body = Object)))]
+pub async fn serve() -> axum::Json<serde_json::Value> {
+    axum::Json(document())
 }
 
 /// The document as JSON.

@@ -10,7 +10,7 @@ use axum::Json;
 use tollgate_core::catalog::audit;
 use utoipa::ToSchema;
 
-use crate::endpoints::{blocking, page_query, PageQuery};
+use crate::endpoints::shared::{blocking, page_query, PageQuery};
 use crate::problem::{ApiError, Problem};
 use crate::App;
 

@@ -9,7 +9,7 @@
 use tollgate_core::budget::RawBudget;
 use utoipa::ToSchema;
 
-use crate::endpoints::{blocking, path_name, snapshot, validator};
+use crate::endpoints::shared::{blocking, path_name, snapshot, validator};
 
 crate::object_routes!(
     RawBudget,

@@ -1,5 +1,4 @@
-//! `/admin/v1/healthz` (no auth): the server answers and the store is readable; and
-//! `/admin/v1/openapi.json` (no auth), the generated OpenAPI document. Fails: 503 `store_unavailable`
+//! `/admin/v1/healthz` (no auth): the server answers and the store is readable. Fails: 503 `store_unavailable`
 //! when the catalog version cannot be read. Cost: one store read; the document is built per call.
 
 use std::sync::Arc;
@@ -8,7 +7,7 @@ use axum::extract::State;
 use axum::Json;
 use utoipa::ToSchema;
 
-use crate::endpoints::blocking;
+use crate::endpoints::shared::blocking;
 use crate::problem::{ApiError, Problem};
 use crate::App;
 
@@ -38,15 +37,6 @@ pub async fn healthz(State(app): State<Arc<App>>) -> Result<Json<Health>, ApiErr
     }))
 }
 
-/// This API's OpenAPI 3.1 document.
-#[utoipa::path(get, path = "/admin/v1/openapi.json", tag = "meta",
-    responses((status = 200, description = "The OpenAPI document", body = Object)))]
-pub async fn openapi() -> Json<serde_json::Value> {
-    Json(crate::openapi::document())
-}
-
 pub fn routes() -> axum::Router<Arc<App>> {
-    axum::Router::new()
-        .route("/admin/v1/healthz", axum::routing::get(healthz))
-        .route("/admin/v1/openapi.json", axum::routing::get(openapi))
+    axum::Router::new().route("/admin/v1/healthz", axum::routing::get(healthz))
 }

@@ -24,7 +24,7 @@ use tollgate_core::budget::RawBudget;
 use tollgate_core::catalog::{Change, Kind, Object, Precondition, Written};
 use tollgate_core::pricing::RawOverride;
 
-use super::{
+use super::shared::{
     blocking, decode_cursor, encode_cursor, etag, idempotency, if_match, page_query, path_name,
     replayed, snapshot, valid_name, validator, write, ObjectPage, ObjectView, PageQuery,
 };
@@ -323,7 +323,8 @@ macro_rules! object_routes {
         use axum::{Extension, Json};
 
         use $crate::callers::Caller;
-        use $crate::endpoints::{objects, ObjectPage, PageQuery};
+        use $crate::endpoints::objects;
+        use $crate::endpoints::shared::{ObjectPage, PageQuery};
         use $crate::problem::{ApiError, Problem};
         use $crate::App;
 
@@ -342,7 +343,7 @@ macro_rules! object_routes {
         #[utoipa::path(post, path = $base, tag = $tag, request_body = $spec,
             params(("Idempotency-Key" = Option<String>, Header, description = "1-255 printable ASCII characters; a repeat gets the first answer")),
             responses(
-                (status = 201, description = "Created; ETag and Location set", body = $crate::endpoints::ObjectView,
+                (status = 201, description = "Created; ETag and Location set", body = $crate::endpoints::shared::ObjectView,
                     headers(("ETag" = String), ("Location" = String))),
                 (status = 409, description = "Exists, or the file owns the name", body = Problem, content_type = "application/problem+json"),
                 (status = 422, description = "Validation failed, or the Idempotency-Key was used for another request", body = Problem, content_type = "application/problem+json")),
@@ -360,7 +361,7 @@ macro_rules! object_routes {
         /// Reads one object (with its ETag when the API owns it).
         #[utoipa::path(get, path = $item, tag = $tag, params(("name" = String, Path)),
             responses(
-                (status = 200, description = "The object", body = $crate::endpoints::ObjectView, headers(("ETag" = String))),
+                (status = 200, description = "The object", body = $crate::endpoints::shared::ObjectView, headers(("ETag" = String))),
                 (status = 404, description = "No such object", body = Problem, content_type = "application/problem+json")),
             security(("bearer" = [])))]
         pub async fn get(s: State<std::sync::Arc<App>>, n: Path<String>) -> Result<Response, ApiError> {
@@ -371,7 +372,7 @@ macro_rules! object_routes {
         #[utoipa::path(put, path = $item, tag = $tag, request_body = $spec,
             params(("name" = String, Path), ("If-Match" = String, Header, description = "The object's ETag")),
             responses(
-                (status = 200, description = "Replaced", body = $crate::endpoints::ObjectView, headers(("ETag" = String))),
+                (status = 200, description = "Replaced", body = $crate::endpoints::shared::ObjectView, headers(("ETag" = String))),
                 (status = 404, description = "No such object", body = Problem, content_type = "application/problem+json"),
                 (status = 409, description = "The file owns the name", body = Problem, content_type = "application/problem+json"),
                 (status = 412, description = "The object changed since that ETag", body = Problem, content_type = "application/problem+json"),

@@ -30,7 +30,9 @@ use tollgate_core::catalog::{Change, Kind, Object, Precondition, Role, Written};
 use utoipa::ToSchema;
 
 use crate::callers::Caller;
-use crate::endpoints::{blocking, idempotency, path_name, replayed, snapshot, write};
+use crate::endpoints::shared::{
+    blocking, idempotency, path_name, replayed, snapshot, valid_name, write,
+};
 use crate::problem::{parse_json, read_body, ApiError, FieldError, Problem};
 use crate::App;
 
@@ -274,7 +276,7 @@ pub async fn create(
             }],
         });
     }
-    if !crate::endpoints::valid_name(&req.name) {
+    if !valid_name(&req.name) {
         return Err(ApiError::Validation {
             detail: "the token's name is not valid".to_owned(),
             errors: vec![FieldError {
