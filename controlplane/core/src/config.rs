@@ -56,6 +56,73 @@ pub struct RawConfig {
     /// `[[budgets]]`: dollar budgets.
     #[serde(default)]
     pub budgets: Vec<crate::budget::RawBudget>,
+    /// `[admin]`: the control plane's REST API (listen address, TLS, which OIDC groups get which role).
+    #[serde(default)]
+    pub admin: RawAdmin,
+}
+
+/// `[admin]` as written.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAdmin {
+    /// The admin API's socket address (default `127.0.0.1:8081`; port 0 picks a free one).
+    pub listen: Option<String>,
+    /// Serve the admin API at all (default true).
+    pub enabled: Option<bool>,
+    /// PEM certificate chain and private key; both or neither. Required when `listen` is not loopback.
+    pub tls_cert_file: Option<PathBuf>,
+    pub tls_key_file: Option<PathBuf>,
+    /// OIDC groups (as `[auth]` issuers map them) granting each role; `"*"` is any verified identity.
+    #[serde(default)]
+    pub roles: RawAdminRoles,
+}
+
+/// `[admin] roles` as written: one list of groups per role.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAdminRoles {
+    #[serde(default)]
+    pub admin: Vec<String>,
+    #[serde(default)]
+    pub finance: Vec<String>,
+    #[serde(default)]
+    pub viewer: Vec<String>,
+}
+
+/// `[admin]`, validated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AdminConfig {
+    pub listen: SocketAddr,
+    pub enabled: bool,
+    /// `Some` serves HTTPS with this certificate and key (resolved against the config file's directory).
+    pub tls: Option<AdminTls>,
+    pub roles: AdminRoles,
+}
+
+impl Default for AdminConfig {
+    fn default() -> AdminConfig {
+        AdminConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8081)),
+            enabled: true,
+            tls: None,
+            roles: AdminRoles::default(),
+        }
+    }
+}
+
+/// The admin API's certificate and key files (PEM).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AdminTls {
+    pub cert_file: PathBuf,
+    pub key_file: PathBuf,
+}
+
+/// Which OIDC groups grant each admin role (`"*"`: any verified identity). Empty: only admin tokens.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AdminRoles {
+    pub admin: Vec<String>,
+    pub finance: Vec<String>,
+    pub viewer: Vec<String>,
 }
 
 /// `[store]` as written.
@@ -245,6 +312,8 @@ pub struct Config {
     /// Data-plane service tokens the control plane made (not the file's: those are read from
     /// `service-tokens.json` by the gateway's identity thread); set by [`crate::catalog::effective`].
     pub service_tokens: std::sync::Arc<Vec<crate::auth::service_tokens::ServiceToken>>,
+    /// `[admin]`: the control plane's REST API.
+    pub admin: AdminConfig,
 }
 
 /// Which I/O driver the workers use.
@@ -943,6 +1012,7 @@ impl Config {
                 raw.ledger.fail_closed_after_ms.unwrap_or(30_000),
             ),
         };
+        let admin = admin_config(&mut is, raw.admin, base);
         match prices {
             Some(prices) if is.list.is_empty() => Ok(Config {
                 server,
@@ -957,10 +1027,84 @@ impl Config {
                 ledger,
                 budgets: std::sync::Arc::new(budgets),
                 service_tokens: std::sync::Arc::new(Vec::new()),
+                admin,
             }),
             _ => Err(ConfigError { issues: is.list }),
         }
     }
+}
+
+/// `[admin]`: every issue names `admin.FIELD`.
+fn admin_config(is: &mut Issues<'_>, raw: RawAdmin, base: &Path) -> AdminConfig {
+    let mut c = AdminConfig::default();
+    if let Some(l) = &raw.listen {
+        match l.parse::<SocketAddr>() {
+            Ok(a) => c.listen = a,
+            Err(_) => is.push(
+                "admin.listen",
+                format!("{l:?} is not an IP:port socket address"),
+            ),
+        }
+    }
+    c.enabled = raw.enabled.unwrap_or(true);
+    let resolve = |p: PathBuf| if p.is_relative() { base.join(p) } else { p };
+    match (raw.tls_cert_file, raw.tls_key_file) {
+        (Some(cert), Some(key)) => {
+            let (cert_file, key_file) = (resolve(cert), resolve(key));
+            for (field, f) in [
+                ("admin.tls_cert_file", &cert_file),
+                ("admin.tls_key_file", &key_file),
+            ] {
+                if !f.exists() {
+                    is.push(field, format!("{} does not exist", f.display()));
+                }
+            }
+            c.tls = Some(AdminTls {
+                cert_file,
+                key_file,
+            });
+        }
+        (Some(_), None) => is.push(
+            "admin.tls_key_file",
+            "is required with admin.tls_cert_file (set both or neither)",
+        ),
+        (None, Some(_)) => is.push(
+            "admin.tls_cert_file",
+            "is required with admin.tls_key_file (set both or neither)",
+        ),
+        (None, None) => {
+            if c.enabled && !c.listen.ip().is_loopback() {
+                is.push(
+                    "admin.tls_cert_file",
+                    format!(
+                        "is required (with admin.tls_key_file) when admin.listen ({}) is not a loopback \
+                         address: admin credentials must not cross the network in clear text",
+                        c.listen
+                    ),
+                );
+            }
+        }
+    }
+    for (role, groups) in [
+        ("admin", &raw.roles.admin),
+        ("finance", &raw.roles.finance),
+        ("viewer", &raw.roles.viewer),
+    ] {
+        for (i, g) in groups.iter().enumerate() {
+            if g.is_empty() || g.len() > 256 || g.chars().any(char::is_control) {
+                is.push(
+                    format!("admin.roles.{role}[{i}]"),
+                    "must be a group name of 1-256 characters (or \"*\" for any verified identity)",
+                );
+            }
+        }
+    }
+    c.roles = AdminRoles {
+        admin: raw.roles.admin,
+        finance: raw.roles.finance,
+        viewer: raw.roles.viewer,
+    };
+    c
 }
 
 fn valid_name(n: &str) -> bool {

@@ -64,6 +64,9 @@ pub const RESTART_REQUIRED: &[StartOnly] = &[
     start_only!("ledger.lease_ttl_ms", ledger.fleet.lease_ttl_ms),
     start_only!("ledger.max_skew_ms", ledger.fleet.max_skew_ms),
     start_only!("auth.demo_token", auth.demo_token),
+    start_only!("admin.listen", admin.listen),
+    start_only!("admin.enabled", admin.enabled),
+    start_only!("admin.roles", admin.roles),
 ];
 
 /// Which of [`RESTART_REQUIRED`] differ between the running configuration and a new one.
@@ -132,6 +135,9 @@ provider = "openai"
         ("ledger.lease_ttl_ms", "[ledger]\nlease_ttl_ms = 7777\n"),
         ("ledger.max_skew_ms", "[ledger]\nmax_skew_ms = 777\n"),
         ("auth.demo_token", "[auth]\ndemo_token = true\nallow_anonymous = true\n"),
+        ("admin.listen", "[admin]\nlisten = \"127.0.0.1:1\"\n"),
+        ("admin.enabled", "[admin]\nenabled = false\n"),
+        ("admin.roles", "[admin]\nroles = { viewer = [\"*\"] }\n"),
     ];
 
     fn config(extra: &str) -> Config {
