@@ -58,8 +58,7 @@ impl Caller {
 pub fn required_role(method: &Method, path: &str) -> Option<Role> {
     match path {
         "/admin/v1/healthz" | "/admin/v1/openapi.json" => None,
-        // Spend queries join here when they land (`/admin/v1/spend`).
-        "/admin/v1/audit" => Some(Role::Finance),
+        "/admin/v1/audit" | "/admin/v1/spend" | "/admin/v1/spend/budgets" => Some(Role::Finance),
         _ if method == Method::GET || method == Method::HEAD => Some(Role::Viewer),
         _ => Some(Role::Admin),
     }

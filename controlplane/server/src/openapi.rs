@@ -11,7 +11,9 @@ use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::openapi::{ContentBuilder, Ref, RefOr};
 use utoipa::{Modify, OpenApi};
 
-use crate::endpoints::{audit_log, budgets, health, policies, price_overrides, token_routes};
+use crate::endpoints::{
+    audit_log, budgets, health, policies, price_overrides, spend_queries, token_routes,
+};
 
 /// The document's derive: every handler and schema.
 #[derive(OpenApi)]
@@ -24,6 +26,7 @@ use crate::endpoints::{audit_log, budgets, health, policies, price_overrides, to
         price_overrides::list, price_overrides::create, price_overrides::get, price_overrides::replace, price_overrides::delete,
         token_routes::list, token_routes::create, token_routes::get, token_routes::revoke, token_routes::rotate,
         audit_log::list,
+        spend_queries::spend, spend_queries::budget_spend, spend_queries::identities,
     ),
     components(schemas(crate::problem::Problem, crate::problem::FieldError)),
     modifiers(&Common)

@@ -7,7 +7,9 @@ use std::sync::Arc;
 use axum::extract::DefaultBodyLimit;
 use axum::Router;
 
-use crate::endpoints::{audit_log, budgets, health, policies, price_overrides, token_routes};
+use crate::endpoints::{
+    audit_log, budgets, health, policies, price_overrides, spend_queries, token_routes,
+};
 use crate::problem::{ApiError, MAX_BODY_BYTES};
 use crate::App;
 
@@ -19,6 +21,7 @@ pub fn router(app: Arc<App>) -> Router {
         .merge(price_overrides::routes())
         .merge(token_routes::routes())
         .merge(audit_log::routes())
+        .merge(spend_queries::routes())
         .route_layer(axum::middleware::from_fn_with_state(
             Arc::clone(&app),
             crate::callers::guard,

@@ -87,6 +87,12 @@ enum Command {
         #[arg(long)]
         client_secret: Option<String>,
     },
+    /// The control plane on its own, for fleets: the same API as a gateway's `[admin]` listener, on the
+    /// store the gateways share; they apply its changes within their catalog poll (500 ms).
+    Controlplane {
+        #[command(subcommand)]
+        action: ControlplaneAction,
+    },
     /// Budgets in a running control plane (`--url`): list, get, set FIELD=VALUE, delete, live state.
     Budget {
         #[command(subcommand)]
@@ -120,6 +126,19 @@ enum Command {
         /// Print the ID token instead, for IdPs whose access tokens are opaque (Google).
         #[arg(long)]
         id_token: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum ControlplaneAction {
+    /// Serve the control plane until SIGTERM or SIGINT.
+    Serve {
+        /// The gateways' configuration file (its `[admin]`, `[auth]`, `[ledger]` and objects).
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Override `admin.listen`, e.g. `127.0.0.1:0`.
+        #[arg(long)]
+        listen: Option<String>,
     },
 }
 
@@ -310,6 +329,9 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Command::Controlplane {
+            action: ControlplaneAction::Serve { config, listen },
+        } => exit("tollgate controlplane", serve::controlplane(&config, listen)),
         Command::Budget { action } => exit("tollgate budget", object_command("budget", action)),
         Command::Policy { action } => exit("tollgate policy", object_command("policy", action)),
         Command::Apply {

@@ -234,6 +234,32 @@ pub fn serve(path: &Path, listen: Vec<String>, workers: Option<usize>) -> anyhow
         mock,
         applied: snap.version,
     };
+    // The control plane, on its own listener and thread: its writes wake the control thread at once.
+    let admin = if gateway.config().admin.enabled {
+        let hooks = Arc::new(GatewayHooks {
+            tx: tx.clone(),
+            path: path.to_owned(),
+            store: Arc::clone(&control.store),
+        });
+        let h = tollgate_controlplane::start(
+            tollgate_controlplane::Options {
+                admin: gateway.config().admin.clone(),
+                config_path: path.to_owned(),
+                auth: gateway.config().auth.clone(),
+            },
+            Arc::clone(&control.store),
+            hooks,
+        )
+        .context("starting the control plane ([admin])")?;
+        gateway.log_value(serde_json::json!({
+            "ts": tollgate_dataplane::obs::accesslog::now_rfc3339(),
+            "event": "admin_listening",
+            "addr": h.addr().to_string(),
+        }));
+        Some(h)
+    } else {
+        None
+    };
     let thread = {
         let gateway = Arc::clone(&gateway);
         std::thread::Builder::new()
@@ -253,6 +279,9 @@ pub fn serve(path: &Path, listen: Vec<String>, workers: Option<usize>) -> anyhow
         }
     }
     let _ = tx.send(Trigger::Stop);
+    if let Some(h) = admin {
+        h.shutdown();
+    }
     let mock = thread.join().ok().flatten();
     match Arc::try_unwrap(gateway) {
         Ok(g) => g.shutdown(),
@@ -261,6 +290,97 @@ pub fn serve(path: &Path, listen: Vec<String>, workers: Option<usize>) -> anyhow
     if let Some(m) = mock {
         m.shutdown();
     }
+    Ok(())
+}
+
+/// What the control plane asks of the gateway it runs in.
+pub struct GatewayHooks {
+    pub tx: crossbeam_channel::Sender<Trigger>,
+    pub path: PathBuf,
+    pub store: Arc<dyn Store>,
+}
+
+impl tollgate_controlplane::Hooks for GatewayHooks {
+    fn changed(&self, _version: u64) {
+        let _ = self.tx.send(Trigger::Catalog);
+    }
+
+    fn live_budgets(&self) -> Option<serde_json::Value> {
+        live_budgets(&self.path, self.store.as_ref())
+    }
+}
+
+/// Every budget's instances as the spend store and the journals have them now (what `tollgate spend`
+/// prints), keyed by budget name; `spent_usd` at the top when the budget has one instance (a shared one).
+pub fn live_budgets(path: &Path, store: &dyn Store) -> Option<serde_json::Value> {
+    let snap = catalog::read(store).ok()?;
+    let config = Validator::new(path).ok()?.config(&snap).ok()?;
+    let rows = tollgate_dataplane::spend::committer::report(&config).ok()?;
+    let mut out = serde_json::Map::new();
+    for b in config.budgets.budgets() {
+        let mine: Vec<_> = rows.iter().filter(|r| r.budget == *b.name).collect();
+        let mut v = serde_json::json!({
+            "instances": mine.iter().map(|r| serde_json::json!({
+                "instance": r.instance,
+                "window": r.window,
+                "spent_usd": r.spent_usd,
+                "limit_usd": r.limit_usd,
+                "remaining_usd": r.remaining_usd,
+                "resets_at": r.resets_at,
+                "not_yet_committed_usd": r.unreplayed_usd,
+            })).collect::<Vec<_>>(),
+        });
+        if let ([one], Some(o)) = (mine.as_slice(), v.as_object_mut()) {
+            o.insert("spent_usd".into(), one.spent_usd.clone().into());
+            o.insert("remaining_usd".into(), one.remaining_usd.clone().into());
+            o.insert("resets_at".into(), one.resets_at.clone().into());
+        }
+        out.insert(b.name.to_string(), v);
+    }
+    Some(serde_json::Value::Object(out))
+}
+
+/// `tollgate controlplane serve`: the control plane alone, on the store the gateways use; they apply its
+/// changes when they next read the catalog version.
+pub fn controlplane(path: &Path, listen: Option<String>) -> anyhow::Result<()> {
+    let file = Config::load(path).map_err(|e| anyhow::anyhow!("invalid configuration:\n{e}"))?;
+    let store = tollgate_dataplane::spend::committer::open_shared(&file.ledger)
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let mut admin = file.admin.clone();
+    if let Some(l) = listen {
+        admin.listen = l
+            .parse()
+            .with_context(|| format!("--listen {l:?} is not an IP:port address"))?;
+    }
+    let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT])
+        .context("installing signal handlers")?;
+    let (tx, _rx) = crossbeam_channel::unbounded::<Trigger>();
+    let hooks = Arc::new(GatewayHooks {
+        tx,
+        path: path.to_owned(),
+        store: Arc::clone(&store),
+    });
+    let h = tollgate_controlplane::start(
+        tollgate_controlplane::Options {
+            admin,
+            config_path: path.to_owned(),
+            auth: file.auth.clone(),
+        },
+        store,
+        hooks,
+    )
+    .context("starting the control plane")?;
+    println!(
+        "{}",
+        serde_json::json!({
+            "ts": tollgate_dataplane::obs::accesslog::now_rfc3339(),
+            "event": "listening",
+            "addr": h.addr().to_string(),
+            "what": "control plane",
+        })
+    );
+    let _ = signals.forever().next();
+    h.shutdown();
     Ok(())
 }
 

@@ -171,6 +171,25 @@ pub fn start_opened(
     Ok(started)
 }
 
+/// The configured store for a process that is not a gateway (`tollgate controlplane serve`): no ledger
+/// lock, no journals; SQLite lets several processes share one file, FoundationDB several clients.
+pub fn open_shared(cfg: &LedgerConfig) -> Result<std::sync::Arc<dyn Store>, String> {
+    if cfg.cluster_file.is_none() {
+        let path = cfg
+            .shared_file
+            .clone()
+            .unwrap_or_else(|| cfg.dir.join("ledger.sqlite"));
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent)
+                .map_err(|e| format!("{}: {e}", parent.display()))?;
+        }
+    }
+    let store = open_store(cfg, false)?;
+    ledger::check_schema(store.as_ref(), &RetryPolicy::default())
+        .map_err(|e| format!("the spend store: {e}"))?;
+    Ok(std::sync::Arc::from(store))
+}
+
 /// Takes the ledger directory's lock (one gateway per directory) and opens the configured store.
 pub fn open(cfg: &LedgerConfig) -> Result<Opened, String> {
     std::fs::create_dir_all(&cfg.dir)
@@ -187,6 +206,9 @@ pub fn open(cfg: &LedgerConfig) -> Result<Opened, String> {
         ));
     }
     let store = open_store(cfg, false)?;
+    // The schema first: the catalog may be written before the ledger thread starts.
+    ledger::check_schema(store.as_ref(), &RetryPolicy::default())
+        .map_err(|e| format!("the spend store in {}: {e}", cfg.dir.display()))?;
     Ok(Opened {
         store: std::sync::Arc::from(store),
         lock,

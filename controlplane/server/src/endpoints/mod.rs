@@ -10,4 +10,5 @@ pub mod objects;
 pub mod policies;
 pub mod price_overrides;
 pub mod shared;
+pub mod spend_queries;
 pub mod token_routes;
