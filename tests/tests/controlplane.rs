@@ -5,6 +5,8 @@
 //! the gateways apply within their poll; spend shows up in the spend query; a restart keeps every object
 //! and the audit log.
 
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // Test code: a failed step is a failed test.
+
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
@@ -89,13 +91,13 @@ fn tokens_and_budgets_made_through_the_api_are_enforced_and_survive_a_restart() 
     // No credential, a data-plane token, junk: 401, and the refusals are audited without the credential.
     let demo = std::fs::read_to_string(store.0.join("demo-token")).unwrap();
     let demo = demo.trim();
-    assert_eq!(admin(a, "GET", "/admin/v1/budgets", "", None, "").status, 401);
+    assert_eq!(
+        admin(a, "GET", "/admin/v1/budgets", "", None, "").status,
+        401
+    );
     let r = admin(a, "GET", "/admin/v1/budgets", demo, None, "");
     assert_eq!(r.status, 401, "{}", r.text());
-    assert_eq!(
-        r.header("content-type"),
-        Some("application/problem+json")
-    );
+    assert_eq!(r.header("content-type"), Some("application/problem+json"));
 
     // A CI token with its own budget and policy, in one call; the secret is shown once.
     let r = admin(
@@ -122,7 +124,12 @@ fn tokens_and_budgets_made_through_the_api_are_enforced_and_survive_a_restart() 
             "policy": {"allow_models": ["gpt-4o-mini"]}})),
         "Idempotency-Key: create-ci-bot\r\n",
     );
-    assert_eq!(again.header("idempotent-replayed"), Some("true"), "{}", again.text());
+    assert_eq!(
+        again.header("idempotent-replayed"),
+        Some("true"),
+        "{}",
+        again.text()
+    );
     assert!(!again.text().contains(&secret));
     let v = admin(a, "GET", "/admin/v1/healthz", "", None, "").json()["catalog_version"]
         .as_u64()
@@ -149,7 +156,14 @@ fn tokens_and_budgets_made_through_the_api_are_enforced_and_survive_a_restart() 
     let tag = etag(&cur);
     let mut spec = cur.json()["spec"].clone();
     spec["amount_usd"] = json!("0.000001");
-    let r = admin(a, "PUT", path, root, Some(&spec), &format!("If-Match: {tag}\r\n"));
+    let r = admin(
+        a,
+        "PUT",
+        path,
+        root,
+        Some(&spec),
+        &format!("If-Match: {tag}\r\n"),
+    );
     assert_eq!(r.status, 200, "{}", r.text());
     let v = r.json()["version"].as_u64().unwrap();
     applied(&g, v);
@@ -163,9 +177,28 @@ fn tokens_and_budgets_made_through_the_api_are_enforced_and_survive_a_restart() 
     one["amount_usd"] = json!("5");
     let mut two = one.clone();
     two["amount_usd"] = json!("7");
-    let first = admin(a, "PUT", path, root, Some(&one), &format!("If-Match: {tag}\r\n"));
-    let second = admin(a, "PUT", path, root, Some(&two), &format!("If-Match: {tag}\r\n"));
-    assert_eq!((first.status, second.status), (200, 412), "{}", second.text());
+    let first = admin(
+        a,
+        "PUT",
+        path,
+        root,
+        Some(&one),
+        &format!("If-Match: {tag}\r\n"),
+    );
+    let second = admin(
+        a,
+        "PUT",
+        path,
+        root,
+        Some(&two),
+        &format!("If-Match: {tag}\r\n"),
+    );
+    assert_eq!(
+        (first.status, second.status),
+        (200, 412),
+        "{}",
+        second.text()
+    );
     assert_eq!(
         admin(a, "GET", path, root, None, "").json()["spec"]["amount_usd"],
         "5"
@@ -176,7 +209,14 @@ fn tokens_and_budgets_made_through_the_api_are_enforced_and_survive_a_restart() 
     let mut bad = one.clone();
     bad["amount_usd"] = json!("five");
     let tag = etag(&admin(a, "GET", path, root, None, ""));
-    let r = admin(a, "PUT", path, root, Some(&bad), &format!("If-Match: {tag}\r\n"));
+    let r = admin(
+        a,
+        "PUT",
+        path,
+        root,
+        Some(&bad),
+        &format!("If-Match: {tag}\r\n"),
+    );
     assert_eq!(r.status, 422, "{}", r.text());
     assert!(r.text().contains("amount_usd"), "{}", r.text());
     // The file's own budget is the file's.
@@ -185,7 +225,9 @@ fn tokens_and_budgets_made_through_the_api_are_enforced_and_survive_a_restart() 
         "POST",
         "/admin/v1/budgets",
         root,
-        Some(&json!({"name": "token-ci-bot", "amount_usd": "1", "window": "day", "scope": "everyone"})),
+        Some(
+            &json!({"name": "token-ci-bot", "amount_usd": "1", "window": "day", "scope": "everyone"}),
+        ),
         "",
     );
     assert_eq!(r.status, 409, "{}", r.text());
@@ -216,13 +258,27 @@ fn tokens_and_budgets_made_through_the_api_are_enforced_and_survive_a_restart() 
         {
             break row;
         }
-        assert!(t.elapsed() < Duration::from_secs(10), "no spend row for ci-bot");
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "no spend row for ci-bot"
+        );
         std::thread::sleep(Duration::from_millis(100));
     };
     assert_eq!(row["dims"]["model"], "gpt-4o-mini");
     assert!(row["cost"]["pico"].as_i64().unwrap() > 0, "{row}");
-    let csv = admin(a, "GET", "/admin/v1/spend?group_by=model&format=csv", root, None, "");
-    assert!(csv.text().starts_with("start,model,cost_usd"), "{}", csv.text());
+    let csv = admin(
+        a,
+        "GET",
+        "/admin/v1/spend?group_by=model&format=csv",
+        root,
+        None,
+        "",
+    );
+    assert!(
+        csv.text().starts_with("start,model,cost_usd"),
+        "{}",
+        csv.text()
+    );
     let ids = admin(a, "GET", "/admin/v1/identities", root, None, "").json();
     assert!(
         ids["items"]
@@ -234,7 +290,14 @@ fn tokens_and_budgets_made_through_the_api_are_enforced_and_survive_a_restart() 
     );
 
     // Revoked: refused from the next catalog application on.
-    let r = admin(a, "POST", "/admin/v1/service-tokens/ci-bot/revoke", root, None, "");
+    let r = admin(
+        a,
+        "POST",
+        "/admin/v1/service-tokens/ci-bot/revoke",
+        root,
+        None,
+        "",
+    );
     assert_eq!(r.status, 200, "{}", r.text());
     let v = admin(a, "GET", "/admin/v1/healthz", "", None, "").json()["catalog_version"]
         .as_u64()
@@ -281,7 +344,9 @@ fn a_change_reaches_every_gateway_on_the_store_and_a_separate_control_plane_can_
             shared.display()
         )
     };
-    let nodes: Vec<Gateway> = (0..3).map(|n| gateway(&config(&m, &store.0, &ledger(n)))).collect();
+    let nodes: Vec<Gateway> = (0..3)
+        .map(|n| gateway(&config(&m, &store.0, &ledger(n))))
+        .collect();
     let a = admin_addr(&nodes[0]);
     let root = std::fs::read_to_string(store.0.join("admin-token")).unwrap();
     let root = root.trim();
@@ -309,7 +374,14 @@ fn a_change_reaches_every_gateway_on_the_store_and_a_separate_control_plane_can_
     let cur = admin(a, "GET", path, root, None, "");
     let mut spec = cur.json()["spec"].clone();
     spec["amount_usd"] = json!("0.000001");
-    let r = admin(a, "PUT", path, root, Some(&spec), &format!("If-Match: {}\r\n", etag(&cur)));
+    let r = admin(
+        a,
+        "PUT",
+        path,
+        root,
+        Some(&spec),
+        &format!("If-Match: {}\r\n", etag(&cur)),
+    );
     assert_eq!(r.status, 200, "{}", r.text());
     let v = r.json()["version"].as_u64().unwrap();
     for (n, g) in nodes.iter().enumerate() {
@@ -323,19 +395,35 @@ fn a_change_reaches_every_gateway_on_the_store_and_a_separate_control_plane_can_
     let cfg = nodes[0].config_path();
     let cp = Proc::start(
         &bin("tollgate"),
-        &["controlplane", "serve", "--config", cfg.to_str().unwrap(), "--listen", "127.0.0.1:0"],
+        &[
+            "controlplane",
+            "serve",
+            "--config",
+            cfg.to_str().unwrap(),
+            "--listen",
+            "127.0.0.1:0",
+        ],
         &[],
     );
     let cur = admin(cp.addr, "GET", path, root, None, "");
     assert_eq!(cur.status, 200, "{}", cur.text());
     let mut spec = cur.json()["spec"].clone();
     spec["amount_usd"] = json!("3");
-    let r = admin(cp.addr, "PUT", path, root, Some(&spec), &format!("If-Match: {}\r\n", etag(&cur)));
+    let r = admin(
+        cp.addr,
+        "PUT",
+        path,
+        root,
+        Some(&spec),
+        &format!("If-Match: {}\r\n", etag(&cur)),
+    );
     assert_eq!(r.status, 200, "{}", r.text());
     let v = r.json()["version"].as_u64().unwrap();
     for (n, g) in nodes.iter().enumerate() {
         let took = applied(g, v);
-        eprintln!("node {n}: change from the separate control plane applied {took:?} after the answer");
+        eprintln!(
+            "node {n}: change from the separate control plane applied {took:?} after the answer"
+        );
         assert_eq!(chat(g, &secret).status, 200, "node {n}");
     }
 }

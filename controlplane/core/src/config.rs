@@ -981,37 +981,38 @@ impl Config {
                 format!("{max_skew_ms} is outside 0..=3600000"),
             );
         }
-        let ledger = LedgerConfig {
-            fleet: FleetConfig {
-                node_id: raw.ledger.node_id,
-                nodes: fleet_nodes,
-                lease_ttl_ms: lease_ttl_ms.min(3_600_000) as i64,
-                max_skew_ms: max_skew_ms.min(3_600_000) as i64,
-            },
-            cluster_file: raw.ledger.cluster_file.map(|f| {
-                if f.is_relative() {
-                    base.join(f)
-                } else {
-                    f
-                }
-            }),
-            shared_file: raw.ledger.shared_file.map(|f| {
-                if f.is_relative() {
-                    base.join(f)
-                } else {
-                    f
-                }
-            }),
-            dir: match raw.ledger.dir {
-                Some(d) if d.is_relative() => base.join(d),
-                Some(d) => d,
-                None => store.dir.join("ledger"),
-            },
-            commit_interval: Duration::from_millis(commit_interval_ms),
-            fail_closed_after: Duration::from_millis(
-                raw.ledger.fail_closed_after_ms.unwrap_or(30_000),
-            ),
-        };
+        let ledger =
+            LedgerConfig {
+                fleet: FleetConfig {
+                    node_id: raw.ledger.node_id,
+                    nodes: fleet_nodes,
+                    lease_ttl_ms: lease_ttl_ms.min(3_600_000) as i64,
+                    max_skew_ms: max_skew_ms.min(3_600_000) as i64,
+                },
+                cluster_file: raw.ledger.cluster_file.map(|f| {
+                    if f.is_relative() {
+                        base.join(f)
+                    } else {
+                        f
+                    }
+                }),
+                shared_file: raw.ledger.shared_file.map(|f| {
+                    if f.is_relative() {
+                        base.join(f)
+                    } else {
+                        f
+                    }
+                }),
+                dir: match raw.ledger.dir {
+                    Some(d) if d.is_relative() => base.join(d),
+                    Some(d) => d,
+                    None => store.dir.join("ledger"),
+                },
+                commit_interval: Duration::from_millis(commit_interval_ms),
+                fail_closed_after: Duration::from_millis(
+                    raw.ledger.fail_closed_after_ms.unwrap_or(30_000),
+                ),
+            };
         let admin = admin_config(&mut is, raw.admin, base);
         match prices {
             Some(prices) if is.list.is_empty() => Ok(Config {

@@ -331,7 +331,10 @@ fn main() -> ExitCode {
         }
         Command::Controlplane {
             action: ControlplaneAction::Serve { config, listen },
-        } => exit("tollgate controlplane", serve::controlplane(&config, listen)),
+        } => exit(
+            "tollgate controlplane",
+            serve::controlplane(&config, listen),
+        ),
         Command::Budget { action } => exit("tollgate budget", object_command("budget", action)),
         Command::Policy { action } => exit("tollgate policy", object_command("policy", action)),
         Command::Apply {

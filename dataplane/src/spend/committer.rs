@@ -180,8 +180,7 @@ pub fn open_shared(cfg: &LedgerConfig) -> Result<std::sync::Arc<dyn Store>, Stri
             .clone()
             .unwrap_or_else(|| cfg.dir.join("ledger.sqlite"));
         if let Some(parent) = path.parent() {
-            std::fs::create_dir_all(parent)
-                .map_err(|e| format!("{}: {e}", parent.display()))?;
+            std::fs::create_dir_all(parent).map_err(|e| format!("{}: {e}", parent.display()))?;
         }
     }
     let store = open_store(cfg, false)?;

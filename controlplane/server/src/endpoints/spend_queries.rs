@@ -127,7 +127,10 @@ fn window(
         return Err(bad("from", "the window is over 400 days"));
     }
     if g == Granularity::Hour && span > 31 * 86_400 {
-        return Err(bad("granularity", "hourly rows cover at most 31 days; ask for day"));
+        return Err(bad(
+            "granularity",
+            "hourly rows cover at most 31 days; ask for day",
+        ));
     }
     Ok((from, to, g))
 }
@@ -218,7 +221,11 @@ fn csv(group_by: &[String], rows: &[serde_json::Value]) -> String {
             out.push(',');
             out.push_str(&csv_field(&s(&r["dims"][d])));
         }
-        out.push_str(&format!(",{},{}", s(&r["cost"]["usd"]), s(&r["cost"]["pico"])));
+        out.push_str(&format!(
+            ",{},{}",
+            s(&r["cost"]["usd"]),
+            s(&r["cost"]["pico"])
+        ));
         for m in MEASURES {
             out.push(',');
             if m == "list_cost" {
@@ -381,8 +388,14 @@ mod tests {
             .unwrap_err()
             .to_string()
             .starts_with("granularity:"));
-        assert!(dims(Some("model,colour")).unwrap_err().to_string().contains("colour"));
-        assert!(filters(Some("model")).unwrap_err().to_string().contains("DIM=VALUE"));
+        assert!(dims(Some("model,colour"))
+            .unwrap_err()
+            .to_string()
+            .contains("colour"));
+        assert!(filters(Some("model"))
+            .unwrap_err()
+            .to_string()
+            .contains("DIM=VALUE"));
         assert_eq!(dims(Some("model, attribute:env")).unwrap().len(), 2);
     }
 
