@@ -4,7 +4,7 @@
 //! query) into the same `application/problem+json` shape, so a client reads one error format.
 //!
 //! Owns: [`ApiError`], [`Problem`] (the wire shape, also the OpenAPI schema), [`from_catalog`] (the
-//! catalog's errors), [`parse_body`] (a JSON body read strictly, its serde error naming the field). Fails:
+//! catalog's errors), [`parse_json`] (a JSON body read strictly, its serde error naming the field). Fails:
 //! never (this is the failure path). Secrets: details are built from the server's own messages; a
 //! presented credential is never put in one. Cost: one small JSON body per error.
 

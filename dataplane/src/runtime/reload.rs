@@ -130,6 +130,7 @@ provider = "openai"
         ("ledger.dir", "[ledger]\ndir = \"/tmp/tg-other-ledger\"\n"),
         ("ledger.commit_interval_ms", "[ledger]\ncommit_interval_ms = 77\n"),
         ("ledger.fail_closed_after_ms", "[ledger]\nfail_closed_after_ms = 7777\n"),
+        ("ledger.shared_file", "[ledger]\nshared_file = \"/tmp/tg-fleet.sqlite\"\n"),
         ("ledger.node_id", "[ledger]\nnode_id = 7\n"),
         ("ledger.fleet_nodes", "[ledger]\nfleet_nodes = 7\n"),
         ("ledger.lease_ttl_ms", "[ledger]\nlease_ttl_ms = 7777\n"),

@@ -3,7 +3,7 @@
 //! defines.
 //!
 //! Owns: [`Kind`], [`Object`] (one versioned object), [`read`] (the whole catalog at one version),
-//! [`write`] (one transaction that checks each change's precondition, runs the one validator over the
+//! [`write()`] (one transaction that checks each change's precondition, runs the one validator over the
 //! file plus every object as they would be, writes the objects, raises the catalog version, appends the
 //! audit entry and keeps the idempotency answer), [`version`] (the key every gateway watches), and
 //! [`Role`]. [`effective`] builds a gateway's configuration from the file and the catalog; [`tokens`] holds
@@ -16,7 +16,7 @@
 //!
 //! Fails: [`CatalogError`], one variant per reason an API caller can act on (a precondition, a missing
 //! object, a name the file owns, a validation issue naming the field, the store). Store conflicts are
-//! retried by [`transact`](crate::store::transact). Cost: a write reads the whole catalog (tens of
+//! retried by [`transact`]. Cost: a write reads the whole catalog (tens of
 //! objects; one range read) and validates the whole configuration once: about a millisecond, control side
 //! only; the data plane never reads the catalog on a request.
 

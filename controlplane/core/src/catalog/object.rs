@@ -92,7 +92,7 @@ pub struct Object {
     /// Who last wrote it (`token:NAME`, `user:SUBJECT`, `cli`).
     pub updated_by: String,
     /// As the configuration file would write it (a `[[budgets]]` entry, say), or for a service token its
-    /// [`tokens::StoredToken`] (a hash, never the secret).
+    /// [`StoredToken`](super::tokens::StoredToken) (a hash, never the secret).
     pub spec: serde_json::Value,
 }
 

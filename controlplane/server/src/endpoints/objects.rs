@@ -1,5 +1,5 @@
 //! The versioned objects the catalog holds beside the file (policies, budgets, price overrides): one
-//! generic implementation of list, create, get, replace and delete, and [`object_routes!`], which gives a
+//! generic implementation of list, create, get, replace and delete, and `object_routes!`, which gives a
 //! resource file its five documented handlers.
 //!
 //! Owns: [`Spec`] (which raw configuration type a kind's body is, and where its name sits). Creates and
