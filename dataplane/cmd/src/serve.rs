@@ -204,6 +204,9 @@ pub fn serve(path: &Path, listen: Vec<String>, workers: Option<usize>) -> anyhow
     let opened = tollgate_dataplane::spend::committer::open(&file.ledger)
         .map_err(|e| anyhow::anyhow!("{e}"))?;
     let store = Arc::clone(&opened.store);
+    // The control thread reads the catalog through its own reader, so a poll never waits on a write lock.
+    let reader = tollgate_dataplane::spend::committer::open_reader(&file.ledger, &store)
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
     if file.auth.demo_token {
         demo_admin_token(store.as_ref(), &file.store.dir)?;
     }
@@ -229,7 +232,7 @@ pub fn serve(path: &Path, listen: Vec<String>, workers: Option<usize>) -> anyhow
         path: path.to_owned(),
         listen,
         workers,
-        store,
+        store: reader,
         opts,
         mock,
         applied: snap.version,
@@ -247,7 +250,7 @@ pub fn serve(path: &Path, listen: Vec<String>, workers: Option<usize>) -> anyhow
                 config_path: path.to_owned(),
                 auth: gateway.config().auth.clone(),
             },
-            Arc::clone(&control.store),
+            Arc::clone(&store),
             hooks,
         )
         .context("starting the control plane ([admin])")?;

@@ -189,6 +189,19 @@ pub fn open_shared(cfg: &LedgerConfig) -> Result<std::sync::Arc<dyn Store>, Stri
     Ok(std::sync::Arc::from(store))
 }
 
+/// A reader of the configured store that never waits on its writers: for SQLite a second, read-only
+/// connection (WAL readers take no lock, so a poll never holds up the ledger thread's commits nor waits
+/// behind another process's write lock); for FoundationDB `shared` itself.
+pub fn open_reader(
+    cfg: &LedgerConfig,
+    shared: &std::sync::Arc<dyn Store>,
+) -> Result<std::sync::Arc<dyn Store>, String> {
+    if cfg.cluster_file.is_some() {
+        return Ok(std::sync::Arc::clone(shared));
+    }
+    open_store(cfg, true).map(std::sync::Arc::from)
+}
+
 /// Takes the ledger directory's lock (one gateway per directory) and opens the configured store.
 pub fn open(cfg: &LedgerConfig) -> Result<Opened, String> {
     std::fs::create_dir_all(&cfg.dir)
