@@ -427,3 +427,164 @@ fn a_change_reaches_every_gateway_on_the_store_and_a_separate_control_plane_can_
         assert_eq!(chat(g, &secret).status, 200, "node {n}");
     }
 }
+
+/// People call the control plane with their IdP's token: groups map to a role; a verified person whose
+/// groups grant none gets 403; a forged or foreign token 401. The CLI works against it too.
+#[test]
+fn oidc_callers_get_the_role_their_groups_grant_and_the_cli_works_against_the_api() {
+    use tollgate_tests::idp::TestIdp;
+    let m = mock(&["--expect-key", MOCK_KEY]);
+    let idp = TestIdp::start();
+    let store = TempDir::new("cp-oidc-store");
+    let g = gateway(&config_for(
+        &format!("http://{}", m.addr),
+        "",
+        &format!(
+            r#"
+[store]
+dir = "{store}"
+
+[auth]
+demo_token = true
+key_wait_ms = 3000
+
+[[auth.issuers]]
+name = "testidp"
+issuer = "{iss}"
+audiences = ["tollgate"]
+
+[admin]
+listen = "127.0.0.1:0"
+roles = {{ admin = ["platform"], finance = ["finance"] }}
+"#,
+            store = store.0.display(),
+            iss = idp.issuer(),
+        ),
+    ));
+    let a = admin_addr(&g);
+    let now = jiff::Timestamp::now().as_second();
+    let person = |groups: &[&str]| {
+        idp.sign(
+            &json!({"iss": idp.issuer(), "aud": "tollgate", "sub": "u-fin", "email": "fin@example.com",
+                "groups": groups, "iat": now, "exp": now + 600}),
+            "rsa-a",
+        )
+    };
+    let finance = person(&["finance"]);
+    assert_eq!(
+        admin(a, "GET", "/admin/v1/spend", &finance, None, "").status,
+        200
+    );
+    let r = admin(
+        a,
+        "POST",
+        "/admin/v1/policies",
+        &finance,
+        Some(&json!({"name": "p", "default": true, "allow_models": ["gpt-*"]})),
+        "",
+    );
+    assert_eq!(r.status, 403, "{}", r.text());
+    let nobody = person(&["eng"]);
+    assert_eq!(
+        admin(a, "GET", "/admin/v1/budgets", &nobody, None, "").status,
+        403
+    );
+    // Signed by another key: not a credential at all.
+    let mut forged = finance.clone();
+    forged.pop();
+    forged.push(if finance.ends_with('A') { 'B' } else { 'A' });
+    assert_eq!(
+        admin(a, "GET", "/admin/v1/budgets", &forged, None, "").status,
+        401
+    );
+    let platform = person(&["platform"]);
+    let r = admin(
+        a,
+        "POST",
+        "/admin/v1/policies",
+        &platform,
+        Some(&json!({"name": "p", "default": true, "allow_models": ["gpt-*"]})),
+        "",
+    );
+    assert_eq!(r.status, 201, "{}", r.text());
+    // The audit log names the person, not their token.
+    let audit = admin(a, "GET", "/admin/v1/audit", &platform, None, "").text();
+    assert!(
+        audit.contains("user:u-fin") && !audit.contains(&platform),
+        "{audit}"
+    );
+
+    // The CLI against the same control plane, with the admin token: create, list, budget set, spend.
+    let root = std::fs::read_to_string(store.0.join("admin-token")).unwrap();
+    let url = format!("http://{a}");
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new(bin("tollgate"))
+            .args(args)
+            .env("TOLLGATE_ADMIN_TOKEN", root.trim())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let secret = run(&[
+        "service-token",
+        "create",
+        "--url",
+        &url,
+        "--name",
+        "cli-bot",
+        "--team",
+        "ops",
+        "--budget-usd",
+        "2",
+        "--allow-model",
+        "gpt-4o-mini",
+    ]);
+    let secret = secret.trim();
+    assert!(secret.starts_with("tg_"));
+    let listed = run(&["service-token", "list", "--url", &url]);
+    assert!(
+        listed.contains("cli-bot") && !listed.contains(secret),
+        "{listed}"
+    );
+    run(&[
+        "budget",
+        "set",
+        "token-cli-bot",
+        "amount_usd=3",
+        "--url",
+        &url,
+    ]);
+    let got = run(&["budget", "get", "token-cli-bot", "--url", &url]);
+    assert!(got.contains("\"amount_usd\": \"3\""), "{got}");
+    let budgets = run(&["budget", "list", "--url", &url]);
+    assert!(
+        budgets.contains("token-cli-bot") && budgets.contains("api"),
+        "{budgets}"
+    );
+    run(&["spend", "--url", &url, "--group-by", "model"]);
+    // A fragment applied: planned, then applied, then unchanged.
+    let frag = store.file(
+        "team.toml",
+        "[[budgets]]\nname = \"team-ops\"\namount_usd = \"10\"\nwindow = \"month\"\nscope = \"group\"\ngroup = \"ops\"\n",
+    );
+    let plan = run(&[
+        "apply",
+        "-f",
+        frag.to_str().unwrap(),
+        "--url",
+        &url,
+        "--dry-run",
+    ]);
+    assert!(plan.contains("+ budget team-ops"), "{plan}");
+    run(&["apply", "-f", frag.to_str().unwrap(), "--url", &url]);
+    let again = run(&["apply", "-f", frag.to_str().unwrap(), "--url", &url]);
+    assert!(
+        again.contains("0 to create, 0 to update, 0 to delete, 1 unchanged"),
+        "{again}"
+    );
+}

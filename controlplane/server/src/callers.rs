@@ -140,7 +140,13 @@ pub async fn authenticate(
     let keys = keys_for(app, idx, issuer, pk.kid.as_deref()).await?;
     let verified = jwt::verify(&presented, &pk, issuer, &keys)
         .map_err(|e| ApiError::Unauthorized(e.to_string()))?;
-    let role = role_for_groups(&app.roles, &verified.identity.groups).ok_or_else(not_admin)?;
+    // Verified, but no group of theirs grants a role: who they are is known, so 403, not 401.
+    let role = role_for_groups(&app.roles, &verified.identity.groups).ok_or_else(|| {
+        ApiError::Forbidden(format!(
+            "{} is signed in, but none of their groups is granted a role in [admin] roles",
+            verified.identity.subject
+        ))
+    })?;
     Ok(Caller {
         principal: format!("user:{}", verified.identity.subject),
         role,

@@ -55,14 +55,41 @@ enum Command {
     /// (read-only: safe while a gateway runs) and journal entries not yet in it.
     Spend {
         /// The gateway's configuration file (its budgets and `[ledger] dir`).
-        #[arg(long, short)]
-        config: PathBuf,
+        #[arg(long, short, required_unless_present = "url", conflicts_with = "url")]
+        config: Option<PathBuf>,
         /// Only this budget.
         #[arg(long)]
         budget: Option<String>,
         /// One JSON object per line.
         #[arg(long)]
         json: bool,
+        /// A running control plane instead: spend over a window, grouped (`--group-by`).
+        #[arg(long)]
+        url: Option<String>,
+        /// With --url: an admin token with the finance role (else `TOLLGATE_ADMIN_TOKEN`).
+        #[arg(
+            long,
+            env = "TOLLGATE_ADMIN_TOKEN",
+            hide_env_values = true,
+            requires = "url"
+        )]
+        token: Option<String>,
+        /// With --url: dimensions, comma-separated: identity, group, service_token, model, provider,
+        /// attribute:KEY.
+        #[arg(long, requires = "url")]
+        group_by: Option<String>,
+        /// With --url: RFC 3339 start (default: seven days ago).
+        #[arg(long, requires = "url")]
+        from: Option<String>,
+        /// With --url: RFC 3339 end (default: now).
+        #[arg(long, requires = "url")]
+        to: Option<String>,
+        /// With --url: hour or day.
+        #[arg(long, default_value = "day")]
+        granularity: String,
+        /// With --url: CSV on stdout.
+        #[arg(long, requires = "url")]
+        csv: bool,
     },
     /// Create, revoke or list service tokens (for CI/CD agents) in a token store directory.
     ServiceToken {
@@ -207,18 +234,42 @@ fn object_command(kind: &str, action: ObjectAction) -> anyhow::Result<()> {
     }
 }
 
-/// Where the token store is: given directly, or the `store.dir` of a gateway config.
+/// Where the tokens are: a token store directory, the `store.dir` of a gateway config, or a running
+/// control plane (`--url`, whose tokens live in the store the gateways share).
 #[derive(clap::Args)]
 struct StoreArg {
     /// The token store directory (created with mode 0700 if missing).
-    #[arg(long, required_unless_present = "config", conflicts_with = "config")]
+    #[arg(long, required_unless_present_any = ["config", "url"], conflicts_with_all = ["config", "url"])]
     store: Option<PathBuf>,
     /// A gateway config file: its `[store] dir` is used.
-    #[arg(long, short)]
+    #[arg(long, short, conflicts_with = "url")]
     config: Option<PathBuf>,
+    /// A running control plane, e.g. http://127.0.0.1:8081, instead of a local store.
+    #[arg(long)]
+    url: Option<String>,
+    /// With --url: an admin token (else `TOLLGATE_ADMIN_TOKEN`, else `tollgate login`'s access token).
+    #[arg(
+        long,
+        env = "TOLLGATE_ADMIN_TOKEN",
+        hide_env_values = true,
+        requires = "url"
+    )]
+    token: Option<String>,
 }
 
 impl StoreArg {
+    /// The control plane to call, when `--url` was given.
+    fn remote(&self) -> anyhow::Result<Option<admin::Client>> {
+        match &self.url {
+            None => Ok(None),
+            Some(url) => admin::Client::new(&admin::Target {
+                url: url.clone(),
+                token: self.token.clone(),
+            })
+            .map(Some),
+        }
+    }
+
     fn dir(self) -> anyhow::Result<PathBuf> {
         match (self.store, self.config) {
             (Some(d), _) => Ok(d),
@@ -253,6 +304,24 @@ enum ServiceTokenAction {
         /// `from = "token:KEY"` take their value from it, and the caller cannot override it.
         #[arg(long = "attribute", value_name = "KEY=VALUE")]
         attributes: Vec<String>,
+        /// With --url: a budget of its own, in USD (the budget `token-NAME`, scope service_token).
+        #[arg(long, requires = "url")]
+        budget_usd: Option<String>,
+        /// With --budget-usd: its window (day, week, month, or rolling like 1h).
+        #[arg(long, default_value = "day", requires = "budget_usd")]
+        budget_window: String,
+        /// With --url: the models it may use (repeatable; a policy `token-NAME`).
+        #[arg(long = "allow-model", requires = "url")]
+        allow_models: Vec<String>,
+    },
+    /// With --url: a new secret for a token; the old one keeps working for --overlap.
+    Rotate {
+        #[command(flatten)]
+        store: StoreArg,
+        name: String,
+        /// How long the old secret keeps working, e.g. 1h (default: it stops at once).
+        #[arg(long)]
+        overlap: Option<String>,
     },
     /// Revoke a token by name or id; the gateway refuses it from then on.
     Revoke {
@@ -276,10 +345,42 @@ fn main() -> ExitCode {
     match cli.command {
         Command::CheckConfig { file, fragment } => check_config(&file, fragment),
         Command::Spend {
+            url: Some(url),
+            token,
+            group_by,
+            from,
+            to,
+            granularity,
+            csv,
+            json,
+            budget,
+            ..
+        } => exit(
+            "tollgate spend",
+            admin::Client::new(&admin::Target { url, token }).and_then(|c| {
+                admin::spend(
+                    &c,
+                    &admin::SpendArgs {
+                        group_by,
+                        from,
+                        to,
+                        granularity,
+                        csv,
+                        json,
+                        budget,
+                    },
+                )
+            }),
+        ),
+        Command::Spend {
             config,
             budget,
             json,
-        } => match spend(&config, budget.as_deref(), json) {
+            ..
+        } => match config
+            .context("give --config FILE or --url URL")
+            .and_then(|c| spend(&c, budget.as_deref(), json))
+        {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("tollgate spend: {e:#}");
@@ -475,6 +576,23 @@ fn service_token(action: ServiceTokenAction) -> anyhow::Result<()> {
         )
     };
     match action {
+        ServiceTokenAction::Rotate {
+            store,
+            name,
+            overlap,
+        } => {
+            let c = store
+                .remote()?
+                .context("rotation needs a control plane: give --url")?;
+            let secret = admin::rotate_token(&c, &name, overlap.as_deref())?;
+            println!("{secret}");
+            eprintln!(
+                "rotated {name}; the new token above is shown once{}",
+                overlap.map_or(String::new(), |o| format!(
+                    ", the old one works for {o} more"
+                ))
+            );
+        }
         ServiceTokenAction::Create {
             store,
             name,
@@ -482,6 +600,9 @@ fn service_token(action: ServiceTokenAction) -> anyhow::Result<()> {
             expires_in,
             expires_at,
             attributes,
+            budget_usd,
+            budget_window,
+            allow_models,
         } => {
             let mut attrs = std::collections::BTreeMap::new();
             for a in &attributes {
@@ -491,6 +612,27 @@ fn service_token(action: ServiceTokenAction) -> anyhow::Result<()> {
                 if attrs.insert(k.to_owned(), v.to_owned()).is_some() {
                     anyhow::bail!("--attribute {k:?} is given more than once");
                 }
+            }
+            if let Some(c) = store.remote()? {
+                if expires_at.is_some() {
+                    anyhow::bail!("with --url, give the lifetime as --expires-in");
+                }
+                let budget = budget_usd.map(|usd| (usd, budget_window));
+                let secret = admin::create_token(
+                    &c,
+                    &name,
+                    &team,
+                    expires_in.as_deref(),
+                    &attrs,
+                    budget,
+                    &allow_models,
+                )?;
+                println!("{secret}");
+                eprintln!(
+                    "created service token {name} for team {team} through the control plane\n\
+                     the token above is shown once: store it now"
+                );
+                return Ok(());
             }
             let expires_at = match (expires_in, expires_at) {
                 (Some(spec), _) => Some(
@@ -515,6 +657,15 @@ fn service_token(action: ServiceTokenAction) -> anyhow::Result<()> {
                 token.team,
                 when(token.expires_at)
             );
+        }
+        ServiceTokenAction::Revoke { store, name_or_id } if store.url.is_some() => {
+            let c = store.remote()?.context("--url")?;
+            admin::revoke_token(&c, &name_or_id)?;
+            eprintln!("revoked {name_or_id}");
+        }
+        ServiceTokenAction::List { store, json } if store.url.is_some() => {
+            let c = store.remote()?.context("--url")?;
+            admin::list_tokens(&c, json)?;
         }
         ServiceTokenAction::Revoke { store, name_or_id } => {
             let token = TokenStore::open(&store.dir()?)?.revoke(&name_or_id)?;

@@ -144,26 +144,17 @@ fn demo_admin_token(store: &dyn Store, dir: &Path) -> anyhow::Result<()> {
     )
     .map_err(|e| anyhow::anyhow!("creating the demo admin token: {}", describe(&e)))?;
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    write_private(&path, format!("{}\n", secret.expose()).as_bytes())
-        .with_context(|| format!("saving {}", path.display()))?;
+    tollgate_dataplane::runtime::credentials::write_private(
+        &path,
+        format!("{}\n", secret.expose()).as_bytes(),
+    )
+    .with_context(|| format!("saving {}", path.display()))?;
     eprintln!(
         "tollgate: created the demo admin token {} (control plane, role admin); it is saved in {}",
         token.id,
         path.display()
     );
     Ok(())
-}
-
-fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(path)?;
-    f.write_all(bytes)
 }
 
 /// A catalog error as lines an operator can act on.

@@ -301,7 +301,8 @@ fn demo_token(config: &Config, logger: &Logger) -> Result<(), IdentityError> {
     Ok(())
 }
 
-fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+/// Writes `bytes` to `path`, readable by its owner only (mode 0600): where a secret is saved for its owner.
+pub fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
     let mut f = std::fs::OpenOptions::new()

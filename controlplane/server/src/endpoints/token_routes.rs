@@ -200,24 +200,57 @@ fn token_error(e: service_tokens::TokenStoreError, field: &str) -> ApiError {
     }
 }
 
-/// Lists the file's tokens, then the API's.
+/// Lists the file's tokens, then the API's, each in name order, a page at a time.
 #[utoipa::path(get, path = "/admin/v1/service-tokens", tag = "service-tokens",
-    responses((status = 200, description = "Every token, without secrets or hashes", body = TokenList)),
+    params(crate::endpoints::shared::PageQuery),
+    responses(
+        (status = 200, description = "One page of tokens, without secrets or hashes", body = TokenList),
+        (status = 400, description = "A bad limit or cursor", body = Problem, content_type = "application/problem+json")),
     security(("bearer" = [])))]
-pub async fn list(State(app): State<Arc<App>>) -> Result<Json<TokenList>, ApiError> {
-    let items = blocking(move || {
+pub async fn list(
+    State(app): State<Arc<App>>,
+    q: Result<
+        axum::extract::Query<crate::endpoints::shared::PageQuery>,
+        axum::extract::rejection::QueryRejection,
+    >,
+) -> Result<Json<TokenList>, ApiError> {
+    let q = crate::endpoints::shared::page_query(q)?;
+    let limit = q.limit()?;
+    let after = q
+        .cursor
+        .as_deref()
+        .map(crate::endpoints::shared::decode_cursor)
+        .transpose()?;
+    let mut items = blocking(move || {
         let now = Timestamp::now();
-        let mut items = file_tokens(&app, now);
+        let mut file = file_tokens(&app, now);
+        file.sort_by(|a, b| a.name.cmp(&b.name));
+        // A position that orders the file's tokens before the API's: `0:NAME`, `1:NAME`.
+        let mut items: Vec<(String, TokenView)> = file
+            .into_iter()
+            .map(|t| (format!("0:{}", t.name), t))
+            .collect();
         let snap = snapshot(&app)?;
         for o in snap.of(Kind::ServiceToken) {
-            items.push(view_of(o, now)?);
+            items.push((format!("1:{}", o.name), view_of(o, now)?));
         }
         Ok(items)
     })
     .await?;
+    if let Some(a) = &after {
+        items.retain(|(pos, _)| pos > a);
+    }
+    let next_cursor = (items.len() > limit)
+        .then(|| {
+            items
+                .get(limit - 1)
+                .map(|(p, _)| crate::endpoints::shared::encode_cursor(p))
+        })
+        .flatten();
+    items.truncate(limit);
     Ok(Json(TokenList {
-        items,
-        next_cursor: None,
+        items: items.into_iter().map(|(_, t)| t).collect(),
+        next_cursor,
     }))
 }
 
