@@ -410,6 +410,7 @@ impl Control {
     /// Re-reads the file and the catalog and applies them; on any error logs `reload_failed` with every
     /// issue and keeps the running configuration.
     fn reload(&mut self, gateway: &Gateway) {
+        let started = std::time::Instant::now();
         let file = self.path.display().to_string();
         let failed = |issues: Vec<serde_json::Value>| {
             gateway.log_value(serde_json::json!({
@@ -482,6 +483,8 @@ impl Control {
                 "event": "catalog_applied",
                 "version": snap.version,
                 "previous": self.applied,
+                // Reading the catalog, validating file plus catalog, building and publishing the snapshot.
+                "took_us": u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX),
             }));
         }
         self.applied = snap.version;
