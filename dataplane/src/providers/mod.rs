@@ -458,10 +458,13 @@ mod tests {
         }
         assert_eq!(Api::sniff(|_| false), Api::DEFAULT);
         assert_eq!(Api::for_path("/v1/embeddings"), None);
-        // A configured kind speaks the API of the same name.
+        // A configured kind speaks the API of the same name, and serves every API of its kind.
         for kind in [ProviderKind::OpenAi, ProviderKind::Anthropic] {
             assert_eq!(Api::of(kind).as_str(), kind.as_str());
+            assert_eq!(Api::of(kind).kind(), kind);
         }
+        assert_eq!(Api::OpenAiResponses.kind(), ProviderKind::OpenAi);
+        assert_eq!(Api::for_path("/v1/responses"), Some(Api::OpenAiResponses));
     }
 
     #[test]

@@ -1262,6 +1262,20 @@ mod tests {
     }
 
     #[test]
+    fn the_sheet_gives_context_windows_under_every_name() {
+        let book = PriceBook::builtin().unwrap();
+        assert_eq!(
+            book.context_window(ProviderKind::OpenAi, "gpt-4o"),
+            Some(128_000)
+        );
+        assert_eq!(
+            book.context_window(ProviderKind::OpenAi, "gpt-5-2025-08-07"),
+            Some(400_000)
+        );
+        assert_eq!(book.context_window(ProviderKind::OpenAi, "unknown"), None);
+    }
+
+    #[test]
     fn long_context_tier_applies_strictly_above_the_threshold_to_every_token() {
         let b = builtin();
         let q = b
