@@ -107,6 +107,7 @@ mod body;
 mod knobs;
 pub mod load;
 pub mod real;
+mod responses_api;
 mod server;
 mod wire;
 

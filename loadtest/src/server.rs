@@ -20,6 +20,7 @@ use tokio_rustls::TlsAcceptor;
 use crate::body::MockBody;
 use crate::knobs::{Knobs, Plan};
 use crate::real;
+use crate::responses_api;
 use crate::wire::{self, Events};
 use crate::{MockDefaults, MockError, TlsFiles};
 
@@ -320,6 +321,7 @@ async fn handle(
     let (provider, method) = match path {
         "/v1/chat/completions" => (Provider::OpenAi, Method::POST),
         "/v1/messages" => (Provider::Anthropic, Method::POST),
+        "/v1/responses" => (Provider::OpenAi, Method::POST),
         "/v1/models" => (Provider::OpenAi, Method::GET),
         _ => {
             let msg = format!("Unknown request URL: {} {path}.", parts.method);
@@ -350,6 +352,9 @@ async fn handle(
         return Ok(json(StatusCode::OK, MODELS.as_bytes().to_vec()));
     }
     let real_api = knobs.real_api.unwrap_or(state.defaults.real_api);
+    if path == "/v1/responses" {
+        return Ok(responses(&state, seq, real_api, &knobs, &body));
+    }
     let parsed = match (real_api, provider) {
         (false, _) => wire::parse_request(&body),
         (true, Provider::OpenAi) => real::parse_openai(&body),
@@ -400,6 +405,56 @@ async fn handle(
             wire::anthropic_stream(events, format!("msg_mock_{n}"), request.model, plan)
         }),
     })
+}
+
+/// `POST /v1/responses` (see [`responses_api`]): read as the real API reads it in both modes (the
+/// default mode refuses a duplicated `model`, `stream` or cap as it does for chat).
+fn responses(
+    state: &State,
+    seq: Option<u64>,
+    real_api: bool,
+    knobs: &Knobs,
+    body: &Bytes,
+) -> Response<MockBody> {
+    if !real_api {
+        if let Err(msg) = wire::parse_request(body) {
+            return error(Provider::OpenAi, StatusCode::BAD_REQUEST, &msg);
+        }
+    }
+    let request = match responses_api::parse(body) {
+        Ok(r) => r,
+        Err(msg) => return error(Provider::OpenAi, StatusCode::BAD_REQUEST, &msg),
+    };
+    let plan = Plan::new(
+        &state.defaults,
+        knobs,
+        body.len(),
+        request.max_output_tokens,
+    );
+    if let (true, Some(seq)) = (real_api, seq) {
+        state.bill(
+            seq,
+            Billed {
+                input_tokens: plan.input,
+                output_tokens: plan.total_output(),
+                choices: 1,
+            },
+        );
+    }
+    let n = state.next_id.fetch_add(1, Ordering::Relaxed);
+    let answer = responses_api::Answer {
+        id: format!("mock{n}"),
+        created: now_unix(),
+        stream: request.stream,
+        request,
+        plan,
+    };
+    if answer.stream {
+        stream(|events| responses_api::stream(events, answer))
+    } else {
+        let body = answer.body();
+        whole(body, &answer.plan)
+    }
 }
 
 /// A non-streamed JSON answer, or its truncated form for `x-mock-disconnect-after`.

@@ -173,7 +173,7 @@ impl Events {
     }
 
     /// Sends one frame; false when the client is gone.
-    async fn send(&self, frame: Vec<u8>) -> bool {
+    pub(crate) async fn send(&self, frame: Vec<u8>) -> bool {
         self.tx.send(Ok(Bytes::from(frame))).await.is_ok()
     }
 
@@ -202,13 +202,13 @@ impl Events {
 }
 
 /// What the token loop does between the opening and closing events.
-enum Flow {
+pub(crate) enum Flow {
     Continue,
     Stop,
 }
 
 /// Sends one event per output token, with delays, garbage and abort as planned.
-async fn token_events(
+pub(crate) async fn token_events(
     events: Events,
     plan: &Plan,
     garbage: &[u8],

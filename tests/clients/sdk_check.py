@@ -114,6 +114,68 @@ def check_openai_stream_cut_off(oa):
     return f"{words} content chunks, finish={finish}"
 
 
+RESPONSES_HEADERS = {"x-mock-input-tokens": str(INPUT_TOKENS), "x-mock-output-tokens": "7"}
+
+
+def check_openai_responses(oa):
+    raw = oa.responses.with_raw_response.create(
+        model="gpt-4o-mini", input="Say hello", max_output_tokens=64, extra_headers=RESPONSES_HEADERS
+    )
+    cost = raw.headers.get("x-tollgate-cost")
+    assert cost, "no x-tollgate-cost header"
+    r = raw.parse()
+    assert r.object == "response", f"object: {r.object!r}"
+    assert r.status == "completed", f"status: {r.status!r}"
+    assert r.output_text == expected(7), f"output_text: {r.output_text!r}"
+    assert r.usage is not None, "no usage"
+    assert r.usage.input_tokens == INPUT_TOKENS, f"input_tokens: {r.usage.input_tokens}"
+    assert r.usage.output_tokens == 7, f"output_tokens: {r.usage.output_tokens}"
+    assert r.usage.input_tokens_details.cached_tokens == 0, f"cached: {r.usage.input_tokens_details}"
+    assert r.usage.output_tokens_details.reasoning_tokens == 0, f"reasoning: {r.usage.output_tokens_details}"
+    return f"output_text={r.output_text!r} usage={r.usage.input_tokens}+{r.usage.output_tokens} cost={cost}"
+
+
+def check_openai_responses_stream(oa):
+    stream = oa.responses.create(
+        model="gpt-4o-mini",
+        input=[{"role": "user", "content": "Say hello"}],
+        instructions="Be brief.",
+        stream=True,
+        extra_headers=RESPONSES_HEADERS,
+    )
+    text, kinds, usage, seq = [], [], None, -1
+    with stream:
+        for event in stream:
+            kinds.append(event.type)
+            assert event.sequence_number == seq + 1, f"sequence_number {event.sequence_number} after {seq}"
+            seq = event.sequence_number
+            if event.type == "response.output_text.delta":
+                text.append(event.delta)
+            if event.type == "response.completed":
+                usage = event.response.usage
+    assert kinds[0] == "response.created", f"first event: {kinds[0]}"
+    assert kinds[-1] == "response.completed", f"last event: {kinds[-1]}"
+    assert "".join(text) == expected(7), f"text: {''.join(text)!r}"
+    assert usage is not None, "no usage in response.completed"
+    assert usage.input_tokens == INPUT_TOKENS and usage.output_tokens == 7, f"usage: {usage}"
+    # The SDK's accumulating helper reads the same stream into a final response.
+    with oa.responses.stream(model="gpt-4o-mini", input="Say hello", extra_headers=RESPONSES_HEADERS) as s:
+        final = s.get_final_response()
+    assert final.output_text == expected(7), f"final output_text: {final.output_text!r}"
+    assert final.usage.output_tokens == 7, f"final usage: {final.usage}"
+    return f"{len(kinds)} events, text={''.join(text)!r} usage={usage.input_tokens}+{usage.output_tokens}"
+
+
+def check_openai_responses_unbounded_tool(oa):
+    try:
+        oa.responses.create(model="gpt-4o-mini", input="search", tools=[{"type": "web_search"}])
+    except openai.BadRequestError as e:
+        assert e.code == "cost_unbounded", f"code: {e.code!r}"
+        assert "tools[0]" in str(e), f"message: {e}"
+        return f"BadRequestError code={e.code}"
+    raise AssertionError("a built-in tool was accepted")
+
+
 def check_anthropic_messages(an):
     m = an.messages.create(
         model="claude-3-5-haiku-latest", max_tokens=5, messages=MESSAGES, extra_headers=HEADERS
@@ -209,6 +271,9 @@ def main():
         ("openai chat.completions (counted input)", check_openai_chat_default_input_tokens, oa),
         ("openai chat.completions stream", check_openai_stream, oa),
         ("openai chat.completions stream cut off at its reservation", check_openai_stream_cut_off, oa),
+        ("openai responses", check_openai_responses, oa),
+        ("openai responses stream", check_openai_responses_stream, oa),
+        ("openai responses with a built-in tool", check_openai_responses_unbounded_tool, oa),
         ("anthropic messages", check_anthropic_messages, an),
         ("anthropic messages.stream", check_anthropic_stream, an),
         ("openai unknown model", check_openai_unknown_model, oa),

@@ -56,6 +56,12 @@ pub async fn admit(
         .resolve(id, ctx.head.headers())
         .map_err(Error::bad_request)?;
     let attributes = &ctx.attributes;
+    // Input the body only refers to (a previous response, a conversation) is at most the model's context
+    // window; a model without one in the price sheet is refused, budgets or not.
+    let stored = match routed.stored_input {
+        true => Some(stored_input_bound(snap, routed)?),
+        false => None,
+    };
     if budgets.is_empty() {
         return Ok(Admitted::Yes);
     }
@@ -89,9 +95,17 @@ pub async fn admit(
             set_max_tokens(routed, cap)?;
             cap
         }
+        // Sent with the cap it is reserved at, where the API's reasoning cannot be cut off by counting.
+        (None, None) if routed.api.enforces_default_cap() => {
+            set_max_tokens(routed, DEFAULT_OUTPUT_TOKENS)?;
+            DEFAULT_OUTPUT_TOKENS
+        }
         (None, None) => DEFAULT_OUTPUT_TOKENS,
     };
-    let input = input_token_bound(&routed.body);
+    let mut input = input_token_bound(&routed.body);
+    if let Some(window) = stored {
+        input = input.max(window);
+    }
     // Every choice can use the whole cap: `n` choices are `n` times the output.
     let choices = routed.choices.max(1);
     let amount = max_cost(&quote, input, output.saturating_mul(choices));
@@ -142,7 +156,7 @@ pub async fn admit(
         let affordable = u64::try_from(affordable)
             .unwrap_or(0)
             .min(output.saturating_sub(1));
-        if affordable >= 1 {
+        if affordable >= routed.api.min_cap() {
             set_max_tokens(routed, affordable)?;
             let amount = max_cost(&quote, input, affordable.saturating_mul(choices));
             match core.budgets.reserve(keys, amount).await {
@@ -163,6 +177,23 @@ pub async fn admit(
     Err(e)
 }
 
+/// The most input tokens a request that refers to stored input can be billed for: its model's context
+/// window from the price sheet; 400 `cost_unbounded` when the sheet gives none.
+fn stored_input_bound(snap: &Snapshot, routed: &Routed) -> Result<u64> {
+    let billed = routed
+        .upstream_model
+        .as_deref()
+        .unwrap_or(routed.model.as_str());
+    snap.config
+        .prices
+        .context_window(routed.provider.kind, billed)
+        .ok_or_else(|| {
+            Error::unbounded_cost(format!(
+                "`previous_response_id` / `conversation`: the request makes the provider read input it does not show, which Tollgate bounds by the model's context window, and the price sheet gives none for `{billed}`; send the whole input instead"
+            ))
+        })
+}
+
 /// The 429 for a budget that cannot cover the request.
 fn exceeded(r: &Refusal) -> Error {
     Error::budget_exceeded(format!(
@@ -178,7 +209,7 @@ fn exceeded(r: &Refusal) -> Error {
 /// Sets the request's output cap to `n`, as the provider will read it: every cap field the body has is
 /// rewritten in place (a `null` included), or the API's field is added.
 fn set_max_tokens(routed: &mut Routed, n: u64) -> Result<()> {
-    routed.body = routed.provider.api.set_cap(&routed.body, n)?;
+    routed.body = routed.api.set_cap(&routed.body, n)?;
     routed.max_tokens = Some(n);
     Ok(())
 }

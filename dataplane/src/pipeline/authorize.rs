@@ -37,7 +37,7 @@ pub fn authorize(state: &AuthState, id: &Identity, routed: &mut Routed) -> Resul
             None => {
                 // Every cap field the body has (a `null` included) now says `cap`, or the API's field is
                 // added: the provider applies exactly the cap the request is reserved at.
-                routed.body = routed.provider.api.set_cap(&routed.body, cap)?;
+                routed.body = routed.api.set_cap(&routed.body, cap)?;
                 routed.max_tokens = Some(cap);
                 Ok(())
             }

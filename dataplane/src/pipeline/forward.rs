@@ -214,7 +214,7 @@ async fn exchange(
 
     let sse = resp.is_event_stream();
     let mut tap = Tap::new(
-        provider.api,
+        ctx.api,
         sse,
         (200..300).contains(&resp.status),
         strip_usage && sse,
@@ -222,7 +222,7 @@ async fn exchange(
     if sse && (200..300).contains(&resp.status) {
         tap.cutoff = ctx
             .cutoff_tokens
-            .map(|cap| crate::spend::cutoff::StreamCutoff::new(provider.api, cap));
+            .map(|cap| crate::spend::cutoff::StreamCutoff::new(ctx.api, cap));
     }
     // A successful non-streamed answer is read whole before it is relayed (the client waits for all of it
     // anyway), so its cost can travel in the response head as `x-tollgate-cost`.

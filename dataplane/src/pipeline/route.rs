@@ -73,6 +73,10 @@ fn truncate(s: &str, n: usize) -> &str {
 /// The outcome of routing a chat request.
 #[derive(Debug)]
 pub struct Routed {
+    /// The API the client called (the provider's kind serves it): what reads and rewrites the body.
+    pub api: Api,
+    /// The request makes the provider read input its body does not show (see [`Api::view`]).
+    pub stored_input: bool,
     pub model: String,
     pub stream: bool,
     pub provider: Arc<ProviderRuntime>,
@@ -119,7 +123,10 @@ pub fn route(snap: &Snapshot, ep: Endpoint, body: &Bytes) -> Result<Routed> {
         .get(route.provider)
         .cloned()
         .ok_or_else(|| Error::internal("route points at a missing provider"))?;
-    if Some(provider.api) != ep.provider_api() {
+    // The API the client called; a provider of its kind serves it (an `openai` provider serves chat
+    // completions and responses).
+    let api = ep.api();
+    if provider.api.kind() != api.kind() {
         let right = provider.api.paths()[0];
         return Err(Error::bad_request(format!(
             "the model `{}` is served by provider {} ({} API); send it to {right}",
@@ -132,13 +139,13 @@ pub fn route(snap: &Snapshot, ep: Endpoint, body: &Bytes) -> Result<Routed> {
         Some(um) if um.as_str() != model.as_ref() => rename_model(body, &model, um)?,
         _ => body.clone(),
     };
-    let billing = provider.api.view(&view)?;
+    let billing = api.view(&view)?;
     // Some APIs stream usage only when asked (OpenAI's `stream_options.include_usage`): ask for it on the
     // client's behalf, and remember to hand the client exactly the stream it asked for.
     let stream = billing.stream;
     let mut strip_usage = false;
     if stream {
-        if let Some(b) = provider.api.request_stream_usage(
+        if let Some(b) = api.request_stream_usage(
             &upstream_body,
             billing.client_usage,
             view.get("stream_options").is_some(),
@@ -151,6 +158,8 @@ pub fn route(snap: &Snapshot, ep: Endpoint, body: &Bytes) -> Result<Routed> {
     let billed = route.upstream_model.as_deref().unwrap_or(&model);
     let canonical_model = snap.config.prices.canonical(provider.kind, billed).cloned();
     Ok(Routed {
+        api,
+        stored_input: billing.stored_input,
         canonical_model,
         strip_usage,
         max_tokens: billing.cap,

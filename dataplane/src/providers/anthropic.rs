@@ -87,6 +87,7 @@ pub fn view(body: &Body<'_>) -> Result<Billing> {
         choices: 1,
         stream: body.flag("stream")?,
         client_usage: false,
+        stored_input: false,
     })
 }
 

@@ -1,7 +1,8 @@
 //! What each provider API means on the wire: one home per API.
 //!
 //! Owns: [`Api`], the closed set of wire APIs the gateway speaks, one variant per API, and the dispatch to
-//! each API's file: [`openai`] (chat completions) and [`anthropic`] (messages). Each file holds everything
+//! each API's file: [`openai`] (chat completions), [`openai_responses`] (responses, served by `openai`
+//! providers; it shares chat's credential, headers, error shape and model list) and [`anthropic`] (messages). Each file holds everything
 //! its API means: the paths it serves, the upstream credential and version headers, the output-cap field,
 //! stream usage (asking for it, stripping it), usage extraction, the error body and its mid-stream event,
 //! the `/v1/models` shape, the final events of a cut-off stream, and where prompt and generated text live for
@@ -22,6 +23,7 @@ pub mod anthropic;
 pub mod json;
 pub mod meter;
 pub mod openai;
+pub mod openai_responses;
 pub mod request;
 
 pub use request::Billing;
@@ -42,11 +44,13 @@ pub enum Api {
     OpenAi,
     /// Anthropic messages (`POST /v1/messages`), see [`anthropic`].
     Anthropic,
+    /// OpenAI responses (`POST /v1/responses`), see [`openai_responses`]; served by `openai` providers.
+    OpenAiResponses,
 }
 
 impl Api {
     /// Every API, in the order paths and SDK headers are matched.
-    pub const ALL: [Api; 2] = [Api::OpenAi, Api::Anthropic];
+    pub const ALL: [Api; 3] = [Api::OpenAi, Api::Anthropic, Api::OpenAiResponses];
 
     /// The shape for a client that shows no sign of a particular API (no known path, no SDK header).
     pub const DEFAULT: Api = Api::OpenAi;
@@ -59,11 +63,38 @@ impl Api {
         }
     }
 
-    /// The name in logs (`api` field) and configuration (`kind`).
+    /// The name in logs (`api` field) and, for the API a provider kind speaks, configuration (`kind`).
     pub fn as_str(self) -> &'static str {
         match self {
             Api::OpenAi => "openai",
             Api::Anthropic => "anthropic",
+            Api::OpenAiResponses => "openai_responses",
+        }
+    }
+
+    /// The provider kind that serves this API (a provider of that kind serves every API whose kind it is).
+    pub fn kind(self) -> ProviderKind {
+        match self {
+            Api::OpenAi | Api::OpenAiResponses => ProviderKind::OpenAi,
+            Api::Anthropic => ProviderKind::Anthropic,
+        }
+    }
+
+    /// The smallest output cap the API accepts (a lowered cap below it would be refused by the provider).
+    pub fn min_cap(self) -> u64 {
+        match self {
+            Api::OpenAi | Api::Anthropic => 1,
+            Api::OpenAiResponses => openai_responses::MIN_CAP,
+        }
+    }
+
+    /// Whether a request with no cap of its own is sent with the cap it is reserved at (the gateway's
+    /// default), so the provider enforces it: for APIs whose models' hidden reasoning a stream cut-off
+    /// cannot count (Responses, the API of reasoning agents such as Codex).
+    pub fn enforces_default_cap(self) -> bool {
+        match self {
+            Api::OpenAi | Api::Anthropic => false,
+            Api::OpenAiResponses => true,
         }
     }
 
@@ -72,6 +103,7 @@ impl Api {
         match self {
             Api::OpenAi => openai::PATHS,
             Api::Anthropic => anthropic::PATHS,
+            Api::OpenAiResponses => openai_responses::PATHS,
         }
     }
 
@@ -83,7 +115,7 @@ impl Api {
     /// The request header this API's SDKs always send, if one tells it apart.
     pub fn sdk_header(self) -> Option<&'static str> {
         match self {
-            Api::OpenAi => None,
+            Api::OpenAi | Api::OpenAiResponses => None,
             Api::Anthropic => Some(anthropic::SDK_HEADER),
         }
     }
@@ -100,7 +132,7 @@ impl Api {
     /// Appends the upstream credential header line(s) carrying `key` (rendered once per snapshot).
     pub fn auth_lines(self, key: &str, out: &mut Vec<u8>) {
         match self {
-            Api::OpenAi => openai::auth_lines(key, out),
+            Api::OpenAi | Api::OpenAiResponses => openai::auth_lines(key, out),
             Api::Anthropic => anthropic::auth_lines(key, out),
         }
     }
@@ -108,7 +140,7 @@ impl Api {
     /// Headers sent upstream when the client sent none of that name (`name`, `value`), e.g. an API version.
     pub fn default_headers(self) -> &'static [(&'static str, &'static str)] {
         match self {
-            Api::OpenAi => openai::DEFAULT_HEADERS,
+            Api::OpenAi | Api::OpenAiResponses => openai::DEFAULT_HEADERS,
             Api::Anthropic => anthropic::DEFAULT_HEADERS,
         }
     }
@@ -119,6 +151,7 @@ impl Api {
         match self {
             Api::OpenAi => openai::view(body),
             Api::Anthropic => anthropic::view(body),
+            Api::OpenAiResponses => openai_responses::view(body),
         }
     }
 
@@ -136,6 +169,11 @@ impl Api {
                 &value,
                 &anthropic::max_tokens_member(n),
             ),
+            Api::OpenAiResponses => body.set_member(
+                openai_responses::CAP_FIELDS,
+                &value,
+                &openai_responses::max_tokens_member(n),
+            ),
         }
     }
 
@@ -144,6 +182,7 @@ impl Api {
         match self {
             Api::OpenAi => openai::max_tokens_member(n),
             Api::Anthropic => anthropic::max_tokens_member(n),
+            Api::OpenAiResponses => openai_responses::max_tokens_member(n),
         }
     }
 
@@ -159,7 +198,8 @@ impl Api {
     ) -> Result<Option<Bytes>> {
         match self {
             Api::OpenAi => openai::request_stream_usage(body, client_asked, has_options),
-            Api::Anthropic => Ok(None),
+            // Responses streams always end with the usage (`response.completed`).
+            Api::Anthropic | Api::OpenAiResponses => Ok(None),
         }
     }
 
@@ -168,14 +208,14 @@ impl Api {
     pub fn strip_stream_usage(self, run: Bytes) -> Option<Bytes> {
         match self {
             Api::OpenAi => openai::strip_stream_usage(run),
-            Api::Anthropic => Some(run),
+            Api::Anthropic | Api::OpenAiResponses => Some(run),
         }
     }
 
     /// The error `type` this API's SDK expects for `e`.
     pub fn error_type(self, e: &Error) -> &'static str {
         match self {
-            Api::OpenAi => openai::error_type(e),
+            Api::OpenAi | Api::OpenAiResponses => openai::error_type(e),
             Api::Anthropic => anthropic::error_type(e),
         }
     }
@@ -183,7 +223,7 @@ impl Api {
     /// The JSON error body in this API's shape.
     pub fn error_body(self, e: &Error) -> Vec<u8> {
         let v = match self {
-            Api::OpenAi => openai::error_json(e),
+            Api::OpenAi | Api::OpenAiResponses => openai::error_json(e),
             Api::Anthropic => anthropic::error_json(e),
         };
         serde_json::to_vec(&v)
@@ -196,13 +236,14 @@ impl Api {
         match self {
             Api::OpenAi => openai::stream_error_event(&body),
             Api::Anthropic => anthropic::stream_error_event(&body),
+            Api::OpenAiResponses => openai_responses::stream_error_event(e),
         }
     }
 
     /// `GET /v1/models` in this API's shape; `names` are (model, owning provider).
     pub fn models_body(self, names: &[(&str, &str)]) -> Vec<u8> {
         let v = match self {
-            Api::OpenAi => openai::models_list(names),
+            Api::OpenAi | Api::OpenAiResponses => openai::models_list(names),
             Api::Anthropic => anthropic::models_list(names),
         };
         serde_json::to_vec(&v).unwrap_or_default()
@@ -218,6 +259,7 @@ impl Api {
         match self {
             Api::OpenAi => openai::prompt_text(obj, out),
             Api::Anthropic => anthropic::prompt_text(obj, out),
+            Api::OpenAiResponses => openai_responses::prompt_text(obj, out),
         }
     }
 
@@ -227,6 +269,7 @@ impl Api {
         match self {
             Api::OpenAi => openai::generated_text(v, out),
             Api::Anthropic => anthropic::generated_text(v, out),
+            Api::OpenAiResponses => openai_responses::generated_text(v, out),
         }
     }
 }
@@ -248,6 +291,7 @@ impl fmt::Display for Api {
 pub enum Meter {
     OpenAi(openai::Meter),
     Anthropic(anthropic::Meter),
+    OpenAiResponses(openai_responses::Meter),
 }
 
 impl Meter {
@@ -255,6 +299,7 @@ impl Meter {
         match api {
             Api::OpenAi => Meter::OpenAi(openai::Meter::default()),
             Api::Anthropic => Meter::Anthropic(anthropic::Meter::default()),
+            Api::OpenAiResponses => Meter::OpenAiResponses(openai_responses::Meter::default()),
         }
     }
 
@@ -263,6 +308,7 @@ impl Meter {
         match self {
             Meter::OpenAi(m) => m.observe(json),
             Meter::Anthropic(m) => m.observe(json),
+            Meter::OpenAiResponses(m) => m.observe(json),
         }
     }
 
@@ -271,6 +317,7 @@ impl Meter {
         match self {
             Meter::OpenAi(m) => m.usage(),
             Meter::Anthropic(m) => m.usage(),
+            Meter::OpenAiResponses(m) => m.usage(),
         }
     }
 
@@ -279,6 +326,7 @@ impl Meter {
         match self {
             Meter::OpenAi(m) => m.partial(),
             Meter::Anthropic(m) => m.partial(),
+            Meter::OpenAiResponses(m) => m.partial(),
         }
     }
 }
@@ -289,6 +337,7 @@ impl Meter {
 pub enum StreamEnd {
     OpenAi(openai::StreamEnd),
     Anthropic(anthropic::StreamEnd),
+    OpenAiResponses(openai_responses::StreamEnd),
 }
 
 impl StreamEnd {
@@ -296,6 +345,9 @@ impl StreamEnd {
         match api {
             Api::OpenAi => StreamEnd::OpenAi(openai::StreamEnd::default()),
             Api::Anthropic => StreamEnd::Anthropic(anthropic::StreamEnd::default()),
+            Api::OpenAiResponses => {
+                StreamEnd::OpenAiResponses(openai_responses::StreamEnd::default())
+            }
         }
     }
 
@@ -304,6 +356,7 @@ impl StreamEnd {
         match self {
             StreamEnd::OpenAi(s) => s.track(run),
             StreamEnd::Anthropic(s) => s.track(run),
+            StreamEnd::OpenAiResponses(s) => s.track(run),
         }
     }
 
@@ -312,6 +365,7 @@ impl StreamEnd {
         match self {
             StreamEnd::OpenAi(s) => s.tail(),
             StreamEnd::Anthropic(s) => s.tail(output_tokens),
+            StreamEnd::OpenAiResponses(s) => s.tail(output_tokens),
         }
     }
 }
@@ -404,10 +458,13 @@ mod tests {
         }
         assert_eq!(Api::sniff(|_| false), Api::DEFAULT);
         assert_eq!(Api::for_path("/v1/embeddings"), None);
-        // A configured kind speaks the API of the same name.
+        // A configured kind speaks the API of the same name, and serves every API of its kind.
         for kind in [ProviderKind::OpenAi, ProviderKind::Anthropic] {
             assert_eq!(Api::of(kind).as_str(), kind.as_str());
+            assert_eq!(Api::of(kind).kind(), kind);
         }
+        assert_eq!(Api::OpenAiResponses.kind(), ProviderKind::OpenAi);
+        assert_eq!(Api::for_path("/v1/responses"), Some(Api::OpenAiResponses));
     }
 
     #[test]

@@ -43,6 +43,41 @@ const KEPT: &[&str] = &[
     "container",
 ];
 
+/// Top-level members the Responses API file reads ([`super::openai_responses::view`]), beside [`KEPT`]
+/// (its large members, `input` and `instructions`, are not kept: only their JSON type is, in [`Body::kind`]).
+const KEPT_RESPONSES: &[&str] = &[
+    "max_output_tokens",
+    "previous_response_id",
+    "conversation",
+    "background",
+    "prompt",
+    "truncation",
+];
+
+/// The JSON type of a top-level member's value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Null,
+    Bool,
+    Number,
+    String,
+    Array,
+    Object,
+}
+
+impl Kind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::Null => "null",
+            Kind::Bool => "a boolean",
+            Kind::Number => "a number",
+            Kind::String => "a string",
+            Kind::Array => "an array",
+            Kind::Object => "an object",
+        }
+    }
+}
+
 /// What a request will make the provider generate and bill, read from its body the way the API reads it
 /// ([`super::Api::view`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -55,6 +90,10 @@ pub struct Billing {
     pub stream: bool,
     /// The client asked for stream usage itself (OpenAI `stream_options.include_usage: true`).
     pub client_usage: bool,
+    /// The request makes the provider read input the body does not show (Responses
+    /// `previous_response_id`, `conversation`, `item_reference` items): its input is bounded by the
+    /// model's context window, not by the body's bytes.
+    pub stored_input: bool,
 }
 
 /// A top-level member as it appears in the body.
@@ -78,6 +117,8 @@ impl Member<'_> {
 pub struct Body<'a> {
     pub bytes: &'a [u8],
     members: Vec<(&'static str, Member<'a>)>,
+    /// Every top-level key, in order, with its value's JSON type.
+    top: Vec<(Cow<'a, str>, Kind)>,
 }
 
 impl<'a> Body<'a> {
@@ -91,7 +132,7 @@ impl<'a> Body<'a> {
         })?;
         let mut de = serde_json::Deserializer::from_str(text);
         let mut path = Path::default();
-        let members = Top {
+        let (members, top) = Top {
             base: text.as_ptr() as usize,
             path: &mut path,
         }
@@ -105,7 +146,21 @@ impl<'a> Body<'a> {
                 Error::invalid_body(format!("request body, at {at}: {e}"))
             }
         })?;
-        Ok(Body { bytes, members })
+        Ok(Body {
+            bytes,
+            members,
+            top,
+        })
+    }
+
+    /// Every top-level key, in the order written.
+    pub fn keys(&self) -> impl Iterator<Item = &str> {
+        self.top.iter().map(|(k, _)| k.as_ref())
+    }
+
+    /// The JSON type of a top-level member's value, if the body has the member.
+    pub fn kind(&self, name: &str) -> Option<Kind> {
+        self.top.iter().find(|(k, _)| k == name).map(|(_, t)| *t)
     }
 
     /// A kept top-level member, if the body has it.
@@ -271,15 +326,18 @@ struct Top<'p, 'de> {
     path: &'p mut Path<'de>,
 }
 
+/// What the top level yields: the kept members, and every key with its value's type.
+type TopValue<'de> = (Vec<(&'static str, Member<'de>)>, Vec<(Cow<'de, str>, Kind)>);
+
 impl<'de> DeserializeSeed<'de> for Top<'_, 'de> {
-    type Value = Vec<(&'static str, Member<'de>)>;
+    type Value = TopValue<'de>;
     fn deserialize<D: Deserializer<'de>>(self, d: D) -> std::result::Result<Self::Value, D::Error> {
         d.deserialize_map(self)
     }
 }
 
 impl<'de> Visitor<'de> for Top<'_, 'de> {
-    type Value = Vec<(&'static str, Member<'de>)>;
+    type Value = TopValue<'de>;
     fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("a JSON object")
     }
@@ -289,15 +347,17 @@ impl<'de> Visitor<'de> for Top<'_, 'de> {
     ) -> std::result::Result<Self::Value, A::Error> {
         let from = self.path.keys.len();
         let mut kept = Vec::new();
+        let mut top = Vec::new();
         while let Some(Key(k)) = map.next_key()? {
             self.path.segs.push(Seg::Key(k.clone()));
             self.path.add_key(from, k.clone())?;
-            if let Some(name) = KEPT.iter().find(|n| **n == k) {
+            let kind;
+            if let Some(name) = KEPT.iter().chain(KEPT_RESPONSES).find(|n| **n == k) {
                 let raw: &'de RawValue = map.next_value()?;
                 let text = raw.get();
                 // Kept values are checked like every other (nested duplicates, e.g. in `stream_options`).
                 let mut inner = serde_json::Deserializer::from_str(text);
-                Strict { path: self.path }
+                kind = Strict { path: self.path }
                     .deserialize(&mut inner)
                     .map_err(de::Error::custom)?;
                 let start = (text.as_ptr() as usize).wrapping_sub(self.base);
@@ -310,63 +370,64 @@ impl<'de> Visitor<'de> for Top<'_, 'de> {
                     },
                 ));
             } else {
-                map.next_value_seed(Strict { path: self.path })?;
+                kind = map.next_value_seed(Strict { path: self.path })?;
             }
+            top.push((k, kind));
             self.path.segs.pop();
         }
         self.path.keys.truncate(from);
-        Ok(kept)
+        Ok((kept, top))
     }
 }
 
-/// Any value below the top level: walked in full, refusing duplicate keys.
+/// Any value below the top level: walked in full, refusing duplicate keys; yields the value's type.
 struct Strict<'p, 'de> {
     path: &'p mut Path<'de>,
 }
 
 impl<'de> DeserializeSeed<'de> for Strict<'_, 'de> {
-    type Value = ();
-    fn deserialize<D: Deserializer<'de>>(self, d: D) -> std::result::Result<(), D::Error> {
+    type Value = Kind;
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> std::result::Result<Kind, D::Error> {
         d.deserialize_any(self)
     }
 }
 
 impl<'de> Visitor<'de> for Strict<'_, 'de> {
-    type Value = ();
+    type Value = Kind;
     fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("any JSON value")
     }
-    fn visit_bool<E>(self, _: bool) -> std::result::Result<(), E> {
-        Ok(())
+    fn visit_bool<E>(self, _: bool) -> std::result::Result<Kind, E> {
+        Ok(Kind::Bool)
     }
-    fn visit_i64<E>(self, _: i64) -> std::result::Result<(), E> {
-        Ok(())
+    fn visit_i64<E>(self, _: i64) -> std::result::Result<Kind, E> {
+        Ok(Kind::Number)
     }
-    fn visit_u64<E>(self, _: u64) -> std::result::Result<(), E> {
-        Ok(())
+    fn visit_u64<E>(self, _: u64) -> std::result::Result<Kind, E> {
+        Ok(Kind::Number)
     }
-    fn visit_f64<E>(self, _: f64) -> std::result::Result<(), E> {
-        Ok(())
+    fn visit_f64<E>(self, _: f64) -> std::result::Result<Kind, E> {
+        Ok(Kind::Number)
     }
-    fn visit_str<E>(self, _: &str) -> std::result::Result<(), E> {
-        Ok(())
+    fn visit_str<E>(self, _: &str) -> std::result::Result<Kind, E> {
+        Ok(Kind::String)
     }
-    fn visit_unit<E>(self) -> std::result::Result<(), E> {
-        Ok(())
+    fn visit_unit<E>(self) -> std::result::Result<Kind, E> {
+        Ok(Kind::Null)
     }
-    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> std::result::Result<(), A::Error> {
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> std::result::Result<Kind, A::Error> {
         let mut i = 0;
         loop {
             self.path.segs.push(Seg::Index(i));
             if seq.next_element_seed(Strict { path: self.path })?.is_none() {
                 self.path.segs.pop();
-                return Ok(());
+                return Ok(Kind::Array);
             }
             self.path.segs.pop();
             i += 1;
         }
     }
-    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> std::result::Result<(), A::Error> {
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> std::result::Result<Kind, A::Error> {
         let from = self.path.keys.len();
         while let Some(Key(k)) = map.next_key()? {
             self.path.segs.push(Seg::Key(k.clone()));
@@ -375,7 +436,7 @@ impl<'de> Visitor<'de> for Strict<'_, 'de> {
             self.path.segs.pop();
         }
         self.path.keys.truncate(from);
-        Ok(())
+        Ok(Kind::Object)
     }
 }
 

@@ -53,8 +53,11 @@ pub fn input_token_bound(body: &[u8]) -> u64 {
         }
     }
     // Each image part, inline or by URL, at the most an image can be billed: OpenAI parts have one
-    // `"image_url"` key, Anthropic parts are `"type": "image"`.
-    let images = key_count(body, b"\"image_url\"") + type_count(body, b"\"image\"");
+    // `"image_url"` key, Anthropic parts are `"type": "image"`, Responses parts `"type": "input_image"`
+    // (by `file_id`, or with an `"image_url"` too: those are counted twice, which errs toward reserving).
+    let images = key_count(body, b"\"image_url\"")
+        + type_count(body, b"\"image\"")
+        + type_count(body, b"\"input_image\"");
     bytes.saturating_add(images.saturating_mul(IMAGE_TOKENS))
 }
 

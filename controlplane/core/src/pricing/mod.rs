@@ -90,6 +90,10 @@ pub struct RawSheetEntry {
     pub cache_write_1h: Option<String>,
     pub output: Option<String>,
     pub long_context: Option<RawLongContext>,
+    /// The model's context window in tokens (input and output together): the most input one request can
+    /// make the provider bill, whatever the body shows (the data plane reserves it for input a request only
+    /// refers to, e.g. a Responses `previous_response_id`).
+    pub context_window: Option<u64>,
     /// Where the prices come from: page title and the date they were checked.
     pub source: Option<String>,
 }
@@ -228,6 +232,8 @@ pub struct SheetEntry {
     pub aliases: Vec<String>,
     pub effective_from: Date,
     pub price: ModelPrice,
+    /// The model's context window in tokens, when the sheet gives it.
+    pub context_window: Option<u64>,
     pub source: String,
 }
 
@@ -653,6 +659,13 @@ impl PriceSheet {
                 );
                 continue;
             }
+            if e.context_window == Some(0) {
+                is.push(
+                    at("context_window"),
+                    format!("{label}: must be a positive number of tokens"),
+                );
+                continue;
+            }
             raw_index.push(i);
             entries.push(SheetEntry {
                 provider,
@@ -660,6 +673,7 @@ impl PriceSheet {
                 aliases: e.aliases,
                 effective_from,
                 price,
+                context_window: e.context_window,
                 source,
             });
         }
@@ -873,6 +887,8 @@ struct History {
     /// The canonical name (the sheet entry's `model`); shared, so a request can keep it without copying.
     model: Arc<str>,
     entries: Vec<(Date, ModelPrice)>,
+    /// The largest context window any of its entries gives.
+    context_window: Option<u64>,
 }
 
 /// Overrides of one key (a provider, or a provider's model), sorted by `effective_from`.
@@ -921,6 +937,7 @@ impl PriceBook {
                     histories.push(History {
                         model: e.model.as_str().into(),
                         entries: Vec::new(),
+                        context_window: None,
                     });
                     names[p].insert(e.model.as_str().into(), histories.len() - 1);
                     histories.len() - 1
@@ -928,6 +945,7 @@ impl PriceBook {
             };
             if let Some(hist) = histories.get_mut(h) {
                 hist.entries.push((e.effective_from, e.price));
+                hist.context_window = hist.context_window.max(e.context_window);
             }
             for a in &e.aliases {
                 names[p].entry(a.as_str().into()).or_insert(h);
@@ -1006,6 +1024,15 @@ impl PriceBook {
             .get(model)
             .and_then(|&h| self.histories.get(h))
             .map(|h| &h.model)
+    }
+
+    /// The context window (tokens) of `provider`'s model `model` (a name or an alias), when the sheet gives
+    /// it: the most input one request to it can be billed for. One hash lookup.
+    pub fn context_window(&self, provider: ProviderKind, model: &str) -> Option<u64> {
+        self.names[provider_index(provider)]
+            .get(model)
+            .and_then(|&h| self.histories.get(h))
+            .and_then(|h| h.context_window)
     }
 
     /// The prices for a request to `provider`'s `model` on the UTC day `day`. Allocation-free except for
@@ -1232,6 +1259,20 @@ mod tests {
         // 15_750_000_000, so the total is 27_750_000_000.
         let u = Usage::from_anthropic(1_000, 3_000, None, None, 20_000, 500);
         assert_eq!(q.cost(&u).list, Money::from_pico(27_750_000_000));
+    }
+
+    #[test]
+    fn the_sheet_gives_context_windows_under_every_name() {
+        let book = PriceBook::builtin().unwrap();
+        assert_eq!(
+            book.context_window(ProviderKind::OpenAi, "gpt-4o"),
+            Some(128_000)
+        );
+        assert_eq!(
+            book.context_window(ProviderKind::OpenAi, "gpt-5-2025-08-07"),
+            Some(400_000)
+        );
+        assert_eq!(book.context_window(ProviderKind::OpenAi, "unknown"), None);
     }
 
     #[test]
