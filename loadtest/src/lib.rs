@@ -109,6 +109,7 @@ pub mod load;
 pub mod real;
 mod responses_api;
 mod server;
+mod tool_turns;
 mod wire;
 
 use std::net::SocketAddr;

@@ -72,6 +72,9 @@ pub(crate) fn parse(body: &[u8]) -> Result<ResponsesRequest, String> {
 /// The function call this turn makes: the request has function tools and its last input item is a user
 /// message (or the input is a string); `None` after a `function_call_output` or without function tools.
 fn tool_call(map: &Map<String, Value>) -> Option<(String, String)> {
+    if let Some(call) = scripted(map) {
+        return Some(call);
+    }
     let tool = map
         .get("tools")?
         .as_array()?
@@ -92,6 +95,36 @@ fn tool_call(map: &Map<String, Value>) -> Option<(String, String)> {
     }
     let name = tool.get("name").and_then(Value::as_str)?.to_owned();
     Some((name, arguments(tool.get("parameters"))))
+}
+
+/// A scripted call (`[[mock-tool NAME {JSON}]]`, see `tool_turns`) in the last input item, a user
+/// message, naming a function tool the request offers.
+fn scripted(map: &Map<String, Value>) -> Option<(String, String)> {
+    let text = match map.get("input")? {
+        Value::String(s) => s.clone(),
+        Value::Array(items) => {
+            let last = items.last()?;
+            if last.get("role").and_then(Value::as_str) != Some("user") {
+                return None;
+            }
+            match last.get("content")? {
+                Value::String(s) => s.clone(),
+                Value::Array(parts) => parts
+                    .iter()
+                    .filter_map(|p| p.get("text").and_then(Value::as_str))
+                    .collect::<Vec<_>>()
+                    .join("\n"),
+                _ => return None,
+            }
+        }
+        _ => return None,
+    };
+    let (name, args) = crate::tool_turns::directive(&text)?;
+    map.get("tools")?
+        .as_array()?
+        .iter()
+        .any(|t| t.get("name").and_then(Value::as_str) == Some(name.as_str()))
+        .then(|| (name, args.to_string()))
 }
 
 /// Arguments for a tool's JSON schema: every required property with a value of its type (a command line

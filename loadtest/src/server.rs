@@ -377,6 +377,21 @@ async fn handle(
         );
     }
     let n = state.next_id.fetch_add(1, Ordering::Relaxed);
+    // A scripted tool turn (`[[mock-tool NAME {JSON}]]` in the user's message): answer with the call.
+    if let (Provider::Anthropic, Some(call)) = (provider, crate::tool_turns::anthropic_call(&body))
+    {
+        let id = format!("msg_mock_{n}");
+        return Ok(if request.stream {
+            stream(|events| {
+                crate::tool_turns::anthropic_tool_stream(events, id, request.model, plan, call)
+            })
+        } else {
+            whole(
+                crate::tool_turns::anthropic_tool_message(&id, &request.model, &plan, &call),
+                &plan,
+            )
+        });
+    }
     Ok(match (provider, request.stream) {
         (Provider::OpenAi, false) => {
             let body = wire::openai_completion(

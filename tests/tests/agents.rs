@@ -79,13 +79,20 @@ fn codex_cli_and_claude_code_complete_a_task_through_the_quickstart_gateway() {
     std::fs::create_dir_all(&work).unwrap();
     let mut claude = Command::new(agents.join("claude"));
     quiet(&mut claude, &dir.0.join("claude-home"));
+    // The mock makes the tool call the prompt scripts (`[[mock-tool ...]]`), as a model would decide to.
+    let target = work.join("done.txt");
+    let task = format!(
+        "Create the file done.txt containing the word done, then say finished. [[mock-tool Write {}]]",
+        json!({"file_path": target, "content": "done"})
+    );
     claude
         .current_dir(&work)
         .env("ANTHROPIC_BASE_URL", &base)
         .env("ANTHROPIC_API_KEY", &token)
+        .stdin(std::process::Stdio::null())
         .args([
             "-p",
-            "Create the file done.txt containing the word done, then say finished.",
+            &task,
             "--model",
             "claude-haiku-4-5",
             "--allowedTools",
@@ -93,6 +100,14 @@ fn codex_cli_and_claude_code_complete_a_task_through_the_quickstart_gateway() {
         ]);
     let said = run(&mut claude, "claude -p");
     assert!(!said.trim().is_empty());
+    assert_eq!(
+        std::fs::read_to_string(&target)
+            .map(|s| s.trim().to_owned())
+            .ok()
+            .as_deref(),
+        Some("done"),
+        "Claude Code did not run the tool turn:\n{said}"
+    );
 
     // Codex CLI: a provider entry in its config.toml pointing at the gateway, the token in an env var.
     let codex_home = dir.0.join("codex-home");
@@ -100,7 +115,7 @@ fn codex_cli_and_claude_code_complete_a_task_through_the_quickstart_gateway() {
     std::fs::write(
         codex_home.join("config.toml"),
         format!(
-            "model = \"gpt-4o-mini\"\nmodel_provider = \"tollgate\"\n\n[model_providers.tollgate]\nname = \"Tollgate\"\nbase_url = \"{base}/v1\"\nenv_key = \"TOLLGATE_TOKEN\"\nwire_api = \"responses\"\n"
+            "model = \"gpt-4o-mini\"\nmodel_provider = \"tollgate\"\n# Built-in web search has no bound on its cost: the gateway refuses it (400 cost_unbounded).\nweb_search = \"disabled\"\n\n[model_providers.tollgate]\nname = \"Tollgate\"\nbase_url = \"{base}/v1\"\nenv_key = \"TOLLGATE_TOKEN\"\nwire_api = \"responses\"\n"
         ),
     )
     .unwrap();
@@ -112,14 +127,25 @@ fn codex_cli_and_claude_code_complete_a_task_through_the_quickstart_gateway() {
         .current_dir(&work)
         .env("CODEX_HOME", &codex_home)
         .env("TOLLGATE_TOKEN", &token)
+        .stdin(std::process::Stdio::null())
         .args([
             "exec",
             "--skip-git-repo-check",
-            "--full-auto",
-            "Create the file done.txt containing the word done, then say finished.",
+            "--sandbox",
+            "workspace-write",
+            "Create the file done.txt containing the word done, then say finished. \
+             [[mock-tool exec_command {\"cmd\":\"echo done > done.txt\"}]]",
         ]);
     let said = run(&mut codex, "codex exec");
     assert!(!said.trim().is_empty());
+    assert_eq!(
+        std::fs::read_to_string(work.join("done.txt"))
+            .map(|s| s.trim().to_owned())
+            .ok()
+            .as_deref(),
+        Some("done"),
+        "Codex did not run the tool turn:\n{said}"
+    );
 
     // Both agents' requests went through the gateway, identified as the demo token and priced.
     let log = g.output();
@@ -135,7 +161,11 @@ fn codex_cli_and_claude_code_complete_a_task_through_the_quickstart_gateway() {
             .collect();
         assert!(!mine.is_empty(), "no {api} request for {model} in:\n{log}");
         assert!(mine.iter().all(|r| r["subject"] == "demo"), "{mine:?}");
-        assert!(mine.iter().any(|r| r["cost_pusd"].as_i64().unwrap_or(0) > 0), "{mine:?}");
+        assert!(
+            mine.iter()
+                .any(|r| r["cost_pusd"].as_i64().unwrap_or(0) > 0),
+            "{mine:?}"
+        );
     }
 
     // Their spend appears in `tollgate spend` (the demo budget) and, by model, in the control plane.
@@ -143,7 +173,12 @@ fn codex_cli_and_claude_code_complete_a_task_through_the_quickstart_gateway() {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     loop {
         let out = run(
-            Command::new(bin("tollgate")).args(["spend", "--json", "--config", cfg.to_str().unwrap()]),
+            Command::new(bin("tollgate")).args([
+                "spend",
+                "--json",
+                "--config",
+                cfg.to_str().unwrap(),
+            ]),
             "tollgate spend",
         );
         let demo = out

@@ -76,12 +76,33 @@ const MEMBERS: &[(&str, &[Kind])] = &[
     ("conversation", &[Kind::String, Kind::Object]),
     ("background", &[Kind::Bool]),
     ("prompt", &[Kind::Object]),
+    // Request metadata clients attach (Codex CLI sends its turn's ids here); it does not change the cost.
+    ("client_metadata", &[Kind::Object]),
 ];
 
 #[derive(Deserialize)]
 struct Tool<'a> {
     #[serde(rename = "type", borrow)]
     kind: Option<std::borrow::Cow<'a, str>>,
+    /// A `namespace` tool groups other tools (Codex CLI sends its sub-agent functions so); each is checked.
+    #[serde(default, borrow)]
+    tools: Vec<Tool<'a>>,
+}
+
+/// The first tool in `list` (nested namespaces included) the client does not run itself: its path and type.
+fn provider_run<'t>(list: &'t [Tool<'t>], at: &str) -> Option<(String, &'t str)> {
+    for (i, t) in list.iter().enumerate() {
+        let kind = t.kind.as_deref().unwrap_or("");
+        let here = format!("{at}[{i}]");
+        if kind == "namespace" {
+            if let Some(found) = provider_run(&t.tools, &format!("{here}.tools")) {
+                return Some(found);
+            }
+        } else if !CLIENT_TOOLS.contains(&kind) {
+            return Some((here, kind));
+        }
+    }
+    None
 }
 
 /// What a Responses request makes the provider generate and bill.
@@ -128,17 +149,14 @@ pub fn view(body: &Body<'_>) -> Result<Billing> {
     if let Some(tools) = body.get("tools").filter(|m| !m.is_null()) {
         let list: Vec<Tool<'_>> = serde_json::from_str(tools.raw)
             .map_err(|_| Error::invalid_body("`tools` must be an array of tool objects"))?;
-        for (i, t) in list.iter().enumerate() {
-            let kind = t.kind.as_deref().unwrap_or("");
-            if !CLIENT_TOOLS.contains(&kind) {
-                return unbounded(
-                    &format!("tools[{i}]"),
-                    &format!(
-                        "the built-in tool `{}` is run and billed per use by the provider",
-                        truncate(kind, 64)
-                    ),
-                );
-            }
+        if let Some((at, kind)) = provider_run(&list, "tools") {
+            return unbounded(
+                &at,
+                &format!(
+                    "the built-in tool `{}` is run and billed per use by the provider",
+                    truncate(kind, 64)
+                ),
+            );
         }
     }
     if body.flag("background")? {
@@ -459,6 +477,21 @@ mod tests {
         let b =
             view_of(r#"{"model":"m","input":[{"type":"item_reference","id":"msg_1"}]}"#).unwrap();
         assert!(b.stored_input);
+    }
+
+    /// What Codex CLI 0.171 sends besides the documented members: `client_metadata`, and a `namespace`
+    /// tool of functions (its sub-agents). A namespace hiding a built-in tool is still refused, by path.
+    #[test]
+    fn codex_metadata_and_namespaces_of_functions_are_read_and_a_hidden_builtin_is_not() {
+        let ok = view_of(
+            r#"{"model":"gpt-5","input":"hi","client_metadata":{"x-codex-turn-metadata":"{}"},"tools":[{"type":"namespace","name":"multi_agent_v1","description":"d","tools":[{"type":"function","name":"close_agent","parameters":{}}]}]}"#,
+        );
+        assert!(ok.is_ok(), "{ok:?}");
+        let hidden = view_of(
+            r#"{"model":"gpt-5","input":"hi","tools":[{"type":"namespace","name":"n","tools":[{"type":"function","name":"f"},{"type":"web_search"}]}]}"#,
+        )
+        .unwrap_err();
+        assert!(hidden.to_string().contains("tools[0].tools[1]"), "{hidden}");
     }
 
     #[test]
