@@ -25,8 +25,15 @@ use super::request::{Billing, Body};
 use crate::error::{Error, Result};
 use crate::net::sse::split_events;
 
-/// The paths this API is served on; the first is the one named in errors.
-pub const PATHS: &[&str] = &["/v1/messages"];
+/// The paths this API is served on; the first is the one named in errors and forwarded upstream.
+pub const PATHS: &[&str] = &["/v1/messages", "/messages"];
+
+/// The token-counting endpoint's paths (free: identified and authorized, never priced nor budgeted); the
+/// first is forwarded upstream.
+pub const COUNT_TOKENS_PATHS: &[&str] = &["/v1/messages/count_tokens", "/messages/count_tokens"];
+
+/// The smallest `thinking.budget_tokens` the API accepts.
+pub const MIN_THINKING_BUDGET: u64 = 1024;
 
 /// The request header this API's SDKs always send.
 pub const SDK_HEADER: &str = "anthropic-version";
@@ -87,7 +94,52 @@ pub fn view(body: &Body<'_>) -> Result<Billing> {
         choices: 1,
         stream: body.flag("stream")?,
         client_usage: false,
+        input_tokens: None,
     })
+}
+
+/// What a token-counting request bills: nothing. It takes a messages body without `max_tokens` (the API
+/// refuses one: it generates nothing), so nothing is read but what the route phase reads (`model`); the
+/// provider answers anything else it refuses in its own shape. The cap is 0 tokens: no policy cap is ever
+/// written into it.
+pub fn count_tokens_view(_body: &Body<'_>) -> Result<Billing> {
+    Ok(Billing {
+        cap: Some(0),
+        choices: 1,
+        stream: false,
+        client_usage: false,
+        input_tokens: Some(0),
+    })
+}
+
+/// When the output cap is lowered to `cap` and the request thinks (`thinking.type: "enabled"`) with a
+/// `budget_tokens` the cap no longer leaves room for, the `thinking` member rewritten with the budget just
+/// below the cap (the API requires `budget_tokens < max_tokens`); `None` when nothing needs changing.
+/// Fails (400) when the fitted budget would be below the API's minimum of [`MIN_THINKING_BUDGET`].
+pub fn fit_thinking(body: &Body<'_>, cap: u64) -> Result<Option<String>> {
+    let Some(m) = body.get("thinking").filter(|m| !m.is_null()) else {
+        return Ok(None);
+    };
+    let Ok(mut v) = serde_json::from_str::<serde_json::Value>(m.raw) else {
+        return Ok(None);
+    };
+    if v.get("type").and_then(|t| t.as_str()) != Some("enabled") {
+        return Ok(None);
+    }
+    let Some(budget) = v.get("budget_tokens").and_then(|b| b.as_u64()) else {
+        return Ok(None);
+    };
+    if budget < cap {
+        return Ok(None);
+    }
+    let fitted = cap.saturating_sub(1);
+    if fitted < MIN_THINKING_BUDGET {
+        return Err(Error::bad_request(format!(
+            "`max_tokens` is lowered to {cap}, which leaves no room for `thinking.budget_tokens` ({budget}): it must stay below `max_tokens` and be at least {MIN_THINKING_BUDGET}; ask for less thinking or turn it off"
+        )));
+    }
+    v["budget_tokens"] = serde_json::Value::from(fitted);
+    Ok(Some(v.to_string()))
 }
 
 /// The output cap as a member to splice into the body (Anthropic requires `max_tokens` anyway).

@@ -1,7 +1,9 @@
 //! What each provider API means on the wire: one home per API.
 //!
 //! Owns: [`Api`], the closed set of wire APIs the gateway speaks, one variant per API, and the dispatch to
-//! each API's file: [`openai`] (chat completions) and [`anthropic`] (messages). Each file holds everything
+//! each API's file: [`openai`] (chat completions), [`anthropic`] (messages, and its free token counting) and
+//! [`embeddings`] (OpenAI embeddings, served by OpenAI-kind providers: its credential, errors and model
+//! list are OpenAI's, see [`Api::family`]). Each file holds everything
 //! its API means: the paths it serves, the upstream credential and version headers, the output-cap field,
 //! stream usage (asking for it, stripping it), usage extraction, the error body and its mid-stream event,
 //! the `/v1/models` shape, the final events of a cut-off stream, and where prompt and generated text live for
@@ -19,6 +21,7 @@
 //! Cost: a `match` per call; what each API function costs is documented in its file.
 
 pub mod anthropic;
+pub mod embeddings;
 pub mod json;
 pub mod meter;
 pub mod openai;
@@ -42,11 +45,13 @@ pub enum Api {
     OpenAi,
     /// Anthropic messages (`POST /v1/messages`), see [`anthropic`].
     Anthropic,
+    /// OpenAI embeddings (`POST /v1/embeddings`), see [`embeddings`]; served by OpenAI-kind providers.
+    Embeddings,
 }
 
 impl Api {
     /// Every API, in the order paths and SDK headers are matched.
-    pub const ALL: [Api; 2] = [Api::OpenAi, Api::Anthropic];
+    pub const ALL: [Api; 3] = [Api::OpenAi, Api::Anthropic, Api::Embeddings];
 
     /// The shape for a client that shows no sign of a particular API (no known path, no SDK header).
     pub const DEFAULT: Api = Api::OpenAi;
@@ -59,11 +64,21 @@ impl Api {
         }
     }
 
-    /// The name in logs (`api` field) and configuration (`kind`).
+    /// The name in logs (`api` field); for a provider's own API, its configuration `kind`.
     pub fn as_str(self) -> &'static str {
         match self {
             Api::OpenAi => "openai",
             Api::Anthropic => "anthropic",
+            Api::Embeddings => "embeddings",
+        }
+    }
+
+    /// The API of the providers that serve this one ([`Api::of`] their kind): its credential header, default
+    /// headers, error shape and model list. An API is its own family, except embeddings (OpenAI's).
+    pub fn family(self) -> Api {
+        match self {
+            Api::OpenAi | Api::Embeddings => Api::OpenAi,
+            Api::Anthropic => Api::Anthropic,
         }
     }
 
@@ -72,6 +87,7 @@ impl Api {
         match self {
             Api::OpenAi => openai::PATHS,
             Api::Anthropic => anthropic::PATHS,
+            Api::Embeddings => embeddings::PATHS,
         }
     }
 
@@ -83,7 +99,7 @@ impl Api {
     /// The request header this API's SDKs always send, if one tells it apart.
     pub fn sdk_header(self) -> Option<&'static str> {
         match self {
-            Api::OpenAi => None,
+            Api::OpenAi | Api::Embeddings => None,
             Api::Anthropic => Some(anthropic::SDK_HEADER),
         }
     }
@@ -100,7 +116,7 @@ impl Api {
     /// Appends the upstream credential header line(s) carrying `key` (rendered once per snapshot).
     pub fn auth_lines(self, key: &str, out: &mut Vec<u8>) {
         match self {
-            Api::OpenAi => openai::auth_lines(key, out),
+            Api::OpenAi | Api::Embeddings => openai::auth_lines(key, out),
             Api::Anthropic => anthropic::auth_lines(key, out),
         }
     }
@@ -108,7 +124,7 @@ impl Api {
     /// Headers sent upstream when the client sent none of that name (`name`, `value`), e.g. an API version.
     pub fn default_headers(self) -> &'static [(&'static str, &'static str)] {
         match self {
-            Api::OpenAi => openai::DEFAULT_HEADERS,
+            Api::OpenAi | Api::Embeddings => openai::DEFAULT_HEADERS,
             Api::Anthropic => anthropic::DEFAULT_HEADERS,
         }
     }
@@ -119,23 +135,34 @@ impl Api {
         match self {
             Api::OpenAi => openai::view(body),
             Api::Anthropic => anthropic::view(body),
+            Api::Embeddings => embeddings::view(body),
         }
     }
 
     /// The body with its output cap set to `n` as the provider reads it: every cap field the body has is
-    /// rewritten in place (a `null` included), or the API's field is added when it has none.
+    /// rewritten in place (a `null` included), or the API's field is added when it has none. Anthropic's
+    /// extended thinking is fitted below the new cap ([`anthropic::fit_thinking`]; 400 when it cannot be).
+    /// Embeddings have no output to cap: the body is returned as it is.
     pub fn set_cap(self, body: &Bytes, n: u64) -> Result<Bytes> {
-        let body = request::Body::parse(body)?;
+        let parsed = request::Body::parse(body)?;
         let value = n.to_string();
         match self {
             Api::OpenAi => {
-                body.set_member(openai::CAP_FIELDS, &value, &openai::max_tokens_member(n))
+                parsed.set_member(openai::CAP_FIELDS, &value, &openai::max_tokens_member(n))
             }
-            Api::Anthropic => body.set_member(
-                anthropic::CAP_FIELDS,
-                &value,
-                &anthropic::max_tokens_member(n),
-            ),
+            Api::Anthropic => {
+                let thinking = anthropic::fit_thinking(&parsed, n)?;
+                let out = parsed.set_member(
+                    anthropic::CAP_FIELDS,
+                    &value,
+                    &anthropic::max_tokens_member(n),
+                )?;
+                match thinking {
+                    None => Ok(out),
+                    Some(t) => request::Body::parse(&out)?.set_member(&["thinking"], &t, ""),
+                }
+            }
+            Api::Embeddings => Ok(body.clone()),
         }
     }
 
@@ -144,6 +171,7 @@ impl Api {
         match self {
             Api::OpenAi => openai::max_tokens_member(n),
             Api::Anthropic => anthropic::max_tokens_member(n),
+            Api::Embeddings => String::new(),
         }
     }
 
@@ -159,7 +187,7 @@ impl Api {
     ) -> Result<Option<Bytes>> {
         match self {
             Api::OpenAi => openai::request_stream_usage(body, client_asked, has_options),
-            Api::Anthropic => Ok(None),
+            Api::Anthropic | Api::Embeddings => Ok(None),
         }
     }
 
@@ -168,14 +196,14 @@ impl Api {
     pub fn strip_stream_usage(self, run: Bytes) -> Option<Bytes> {
         match self {
             Api::OpenAi => openai::strip_stream_usage(run),
-            Api::Anthropic => Some(run),
+            Api::Anthropic | Api::Embeddings => Some(run),
         }
     }
 
     /// The error `type` this API's SDK expects for `e`.
     pub fn error_type(self, e: &Error) -> &'static str {
         match self {
-            Api::OpenAi => openai::error_type(e),
+            Api::OpenAi | Api::Embeddings => openai::error_type(e),
             Api::Anthropic => anthropic::error_type(e),
         }
     }
@@ -183,7 +211,7 @@ impl Api {
     /// The JSON error body in this API's shape.
     pub fn error_body(self, e: &Error) -> Vec<u8> {
         let v = match self {
-            Api::OpenAi => openai::error_json(e),
+            Api::OpenAi | Api::Embeddings => openai::error_json(e),
             Api::Anthropic => anthropic::error_json(e),
         };
         serde_json::to_vec(&v)
@@ -194,7 +222,7 @@ impl Api {
     pub fn stream_error_event(self, e: &Error) -> Vec<u8> {
         let body = String::from_utf8(self.error_body(e)).unwrap_or_default();
         match self {
-            Api::OpenAi => openai::stream_error_event(&body),
+            Api::OpenAi | Api::Embeddings => openai::stream_error_event(&body),
             Api::Anthropic => anthropic::stream_error_event(&body),
         }
     }
@@ -202,7 +230,7 @@ impl Api {
     /// `GET /v1/models` in this API's shape; `names` are (model, owning provider).
     pub fn models_body(self, names: &[(&str, &str)]) -> Vec<u8> {
         let v = match self {
-            Api::OpenAi => openai::models_list(names),
+            Api::OpenAi | Api::Embeddings => openai::models_list(names),
             Api::Anthropic => anthropic::models_list(names),
         };
         serde_json::to_vec(&v).unwrap_or_default()
@@ -218,6 +246,7 @@ impl Api {
         match self {
             Api::OpenAi => openai::prompt_text(obj, out),
             Api::Anthropic => anthropic::prompt_text(obj, out),
+            Api::Embeddings => embeddings::prompt_text(obj, out),
         }
     }
 
@@ -227,6 +256,7 @@ impl Api {
         match self {
             Api::OpenAi => openai::generated_text(v, out),
             Api::Anthropic => anthropic::generated_text(v, out),
+            Api::Embeddings => embeddings::generated_text(v, out),
         }
     }
 }
@@ -248,6 +278,7 @@ impl fmt::Display for Api {
 pub enum Meter {
     OpenAi(openai::Meter),
     Anthropic(anthropic::Meter),
+    Embeddings(embeddings::Meter),
 }
 
 impl Meter {
@@ -255,6 +286,7 @@ impl Meter {
         match api {
             Api::OpenAi => Meter::OpenAi(openai::Meter::default()),
             Api::Anthropic => Meter::Anthropic(anthropic::Meter::default()),
+            Api::Embeddings => Meter::Embeddings(embeddings::Meter::default()),
         }
     }
 
@@ -263,6 +295,7 @@ impl Meter {
         match self {
             Meter::OpenAi(m) => m.observe(json),
             Meter::Anthropic(m) => m.observe(json),
+            Meter::Embeddings(m) => m.observe(json),
         }
     }
 
@@ -271,6 +304,7 @@ impl Meter {
         match self {
             Meter::OpenAi(m) => m.usage(),
             Meter::Anthropic(m) => m.usage(),
+            Meter::Embeddings(m) => m.usage(),
         }
     }
 
@@ -279,6 +313,7 @@ impl Meter {
         match self {
             Meter::OpenAi(m) => m.partial(),
             Meter::Anthropic(m) => m.partial(),
+            Meter::Embeddings(m) => m.partial(),
         }
     }
 }
@@ -289,6 +324,7 @@ impl Meter {
 pub enum StreamEnd {
     OpenAi(openai::StreamEnd),
     Anthropic(anthropic::StreamEnd),
+    Embeddings(embeddings::StreamEnd),
 }
 
 impl StreamEnd {
@@ -296,6 +332,7 @@ impl StreamEnd {
         match api {
             Api::OpenAi => StreamEnd::OpenAi(openai::StreamEnd::default()),
             Api::Anthropic => StreamEnd::Anthropic(anthropic::StreamEnd::default()),
+            Api::Embeddings => StreamEnd::Embeddings(embeddings::StreamEnd),
         }
     }
 
@@ -304,6 +341,7 @@ impl StreamEnd {
         match self {
             StreamEnd::OpenAi(s) => s.track(run),
             StreamEnd::Anthropic(s) => s.track(run),
+            StreamEnd::Embeddings(s) => s.track(run),
         }
     }
 
@@ -312,6 +350,7 @@ impl StreamEnd {
         match self {
             StreamEnd::OpenAi(s) => s.tail(),
             StreamEnd::Anthropic(s) => s.tail(output_tokens),
+            StreamEnd::Embeddings(s) => s.tail(),
         }
     }
 }
@@ -403,10 +442,21 @@ mod tests {
             }
         }
         assert_eq!(Api::sniff(|_| false), Api::DEFAULT);
-        assert_eq!(Api::for_path("/v1/embeddings"), None);
+        assert_eq!(Api::for_path("/v1/embeddings"), Some(Api::Embeddings));
+        assert_eq!(Api::for_path("/v1/responses"), None);
+        // Every path without `/v1` is its `/v1` path's alias.
+        for api in Api::ALL {
+            for p in api.paths() {
+                assert_eq!(Api::for_path(p), Some(api));
+            }
+            assert_eq!(api.paths()[1..], [api.paths()[0].trim_start_matches("/v1")]);
+            // Every API is served by a provider kind's API.
+            assert_eq!(api.family().family(), api.family());
+        }
         // A configured kind speaks the API of the same name.
         for kind in [ProviderKind::OpenAi, ProviderKind::Anthropic] {
             assert_eq!(Api::of(kind).as_str(), kind.as_str());
+            assert_eq!(Api::of(kind).family(), Api::of(kind));
         }
     }
 

@@ -136,6 +136,7 @@ pub fn view(body: &Body<'_>) -> Result<Billing> {
         choices,
         stream,
         client_usage,
+        input_tokens: None,
     })
 }
 

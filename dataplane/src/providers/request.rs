@@ -41,6 +41,9 @@ const KEPT: &[&str] = &[
     "thinking",
     "mcp_servers",
     "container",
+    "input",
+    "dimensions",
+    "encoding_format",
 ];
 
 /// What a request will make the provider generate and bill, read from its body the way the API reads it
@@ -55,6 +58,9 @@ pub struct Billing {
     pub stream: bool,
     /// The client asked for stream usage itself (OpenAI `stream_options.include_usage: true`).
     pub client_usage: bool,
+    /// The API's own bound on the input tokens, tighter than the body's bytes (embeddings count token ids
+    /// exactly); `None`: the byte bound ([`crate::spend::max_cost::input_token_bound`]).
+    pub input_tokens: Option<u64>,
 }
 
 /// A top-level member as it appears in the body.
