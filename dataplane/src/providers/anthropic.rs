@@ -349,3 +349,38 @@ impl StreamEnd {
 fn block_index(event: &[u8]) -> Option<u64> {
     super::json::data_json(event)?.get("index")?.as_u64()
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn fit(body: &str, cap: u64) -> Result<Option<String>> {
+        fit_thinking(&Body::parse(body.as_bytes()).unwrap(), cap)
+    }
+
+    #[test]
+    fn thinking_is_fitted_below_a_lowered_cap_or_refused_when_it_cannot_be() {
+        let b = r#"{"max_tokens":32000,"thinking":{"type":"enabled","budget_tokens":31999}}"#;
+        let t: serde_json::Value = serde_json::from_str(&fit(b, 4096).unwrap().unwrap()).unwrap();
+        assert_eq!(
+            t,
+            serde_json::json!({"type": "enabled", "budget_tokens": 4095})
+        );
+        // Room enough, no thinking, another type: nothing to change.
+        assert_eq!(fit(b, 32000).unwrap(), None);
+        assert_eq!(fit(r#"{"max_tokens":9}"#, 5).unwrap(), None);
+        assert_eq!(fit(r#"{"thinking":{"type":"disabled"}}"#, 5).unwrap(), None);
+        let e = fit(b, 1024).unwrap_err();
+        assert_eq!(e.status(), 400);
+        assert!(
+            e.message.contains("thinking.budget_tokens"),
+            "{}",
+            e.message
+        );
+        assert_eq!(
+            fit(b, 1025).unwrap().unwrap(),
+            r#"{"budget_tokens":1024,"type":"enabled"}"#
+        );
+    }
+}

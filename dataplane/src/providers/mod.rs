@@ -421,6 +421,30 @@ mod tests {
     }
 
     #[test]
+    fn a_lowered_anthropic_cap_fits_thinking_below_it() {
+        let b = r#"{"max_tokens":32000,"thinking":{"type":"enabled","budget_tokens":31999}}"#;
+        let out = Api::Anthropic
+            .set_cap(&Bytes::from_static(b.as_bytes()), 4096)
+            .unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(
+            (
+                v["max_tokens"].as_u64(),
+                v["thinking"]["budget_tokens"].as_u64()
+            ),
+            (Some(4096), Some(4095))
+        );
+        request::Body::parse(&out).unwrap();
+        let e = Api::Anthropic
+            .set_cap(&Bytes::from_static(b.as_bytes()), 1000)
+            .unwrap_err();
+        assert_eq!(e.status(), 400);
+        // Embeddings have no output cap: the body is untouched.
+        let emb = Bytes::from_static(br#"{"model":"m","input":"x"}"#);
+        assert_eq!(Api::Embeddings.set_cap(&emb, 5).unwrap(), emb);
+    }
+
+    #[test]
     fn shapes_match_the_providers() {
         let e = Error::unknown_model("model \"x\" is not routed");
         let v: serde_json::Value = serde_json::from_slice(&Api::OpenAi.error_body(&e)).unwrap();
