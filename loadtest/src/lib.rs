@@ -12,6 +12,9 @@
 //! * `POST /v1/chat/completions`: OpenAI; `stream`, `stream_options.include_usage`,
 //!   `max_tokens` and `max_completion_tokens` are honoured.
 //! * `POST /v1/messages`: Anthropic; `stream` and `max_tokens` are honoured.
+//! * `POST /v1/embeddings`: OpenAI embeddings (`input` in every shape, `dimensions`,
+//!   `encoding_format` float or base64), billed per input token.
+//! * `POST /v1/messages/count_tokens`: Anthropic token counting, `{"input_tokens": N}`.
 //! * `GET /v1/models`: a small OpenAI-style model list.
 //! * `GET /healthz`: `200 ok`.
 //! * `GET /_mock/requests`: the last 64 requests received (every path except
@@ -110,6 +113,7 @@ pub mod real;
 mod responses_api;
 mod server;
 mod tool_turns;
+mod vectors;
 mod wire;
 
 use std::net::SocketAddr;

@@ -320,8 +320,8 @@ async fn handle(
         .then(|| state.record(&parts, &body));
     let (provider, method) = match path {
         "/v1/chat/completions" => (Provider::OpenAi, Method::POST),
-        "/v1/messages" => (Provider::Anthropic, Method::POST),
-        "/v1/responses" => (Provider::OpenAi, Method::POST),
+        "/v1/messages" | "/v1/messages/count_tokens" => (Provider::Anthropic, Method::POST),
+        "/v1/responses" | "/v1/embeddings" => (Provider::OpenAi, Method::POST),
         "/v1/models" => (Provider::OpenAi, Method::GET),
         _ => {
             let msg = format!("Unknown request URL: {} {path}.", parts.method);
@@ -354,6 +354,30 @@ async fn handle(
     let real_api = knobs.real_api.unwrap_or(state.defaults.real_api);
     if path == "/v1/responses" {
         return Ok(responses(&state, seq, real_api, &knobs, &body));
+    }
+    if path == "/v1/embeddings" {
+        return Ok(match crate::vectors::embeddings(&body, &knobs) {
+            Ok((answer, input_tokens)) => {
+                if let (true, Some(seq)) = (real_api, seq) {
+                    state.bill(
+                        seq,
+                        Billed {
+                            input_tokens,
+                            output_tokens: 0,
+                            choices: 1,
+                        },
+                    );
+                }
+                json(StatusCode::OK, answer)
+            }
+            Err(msg) => error(provider, StatusCode::BAD_REQUEST, &msg),
+        });
+    }
+    if path == "/v1/messages/count_tokens" {
+        return Ok(match crate::vectors::count_tokens(&body, &knobs) {
+            Ok(answer) => json(StatusCode::OK, answer),
+            Err(msg) => error(provider, StatusCode::BAD_REQUEST, &msg),
+        });
     }
     let parsed = match (real_api, provider) {
         (false, _) => wire::parse_request(&body),

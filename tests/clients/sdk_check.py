@@ -6,7 +6,8 @@ Usage: sdk_check.py http://127.0.0.1:PORT API_KEY
 API_KEY is a credential the gateway accepts (a service token or a JWT); the SDKs send it where they always
 send their key (`Authorization: Bearer` for OpenAI, `x-api-key` for Anthropic).
 
-The gateway must route `gpt-*` to an OpenAI-kind provider and `claude-*` to an Anthropic-kind provider, both
+The gateway must route `gpt-*` and `text-embedding-*` to an OpenAI-kind provider and `claude-*` to an
+Anthropic-kind provider, both
 being `tollgate-mock`, whose output is deterministic: token i is the i-th word of MOCK_WORDS plus a space, the
 output token count is min(16, max_tokens), and the input token count is taken from `x-mock-input-tokens`
 when sent (the gateway forwards it). A budget with `stream_cutoff = true` must apply to every request (the
@@ -207,6 +208,40 @@ def check_anthropic_stream(an):
     )
 
 
+def check_openai_embeddings(oa):
+    # The SDK asks for base64 by default and decodes it into floats.
+    r = oa.embeddings.create(
+        model="text-embedding-3-small", input=["Say hello", "again"], dimensions=8, extra_headers=HEADERS
+    )
+    assert len(r.data) == 2, f"data: {r.data!r}"
+    assert all(len(d.embedding) == 8 for d in r.data), f"dimensions: {[len(d.embedding) for d in r.data]}"
+    assert r.usage.prompt_tokens == INPUT_TOKENS, f"prompt_tokens: {r.usage.prompt_tokens}"
+    f = oa.embeddings.create(model="text-embedding-3-small", input=[[1, 2, 3]], encoding_format="float")
+    assert len(f.data[0].embedding) == 1536, f"default dimensions: {len(f.data[0].embedding)}"
+    return f"{len(r.data)} vectors of {len(r.data[0].embedding)}, usage={r.usage.prompt_tokens}"
+
+
+def check_openai_models(oa):
+    ids = [m.id for m in oa.models.list()]
+    assert "gpt-4o-mini" in ids and "fast" in ids, f"ids: {ids!r}"
+    assert any(i.startswith("claude-") for i in ids), f"ids: {ids!r}"
+    return f"{len(ids)} models"
+
+
+def check_anthropic_count_tokens(an):
+    r = an.messages.count_tokens(model="claude-sonnet-4-5", messages=MESSAGES, extra_headers=HEADERS)
+    assert r.input_tokens == INPUT_TOKENS, f"input_tokens: {r.input_tokens}"
+    return f"input_tokens={r.input_tokens}"
+
+
+def check_anthropic_models(an):
+    page = an.models.list()
+    ids = [m.id for m in page.data]
+    assert "claude-sonnet-4-5" in ids, f"ids: {ids!r}"
+    assert page.has_more is False, f"has_more: {page.has_more!r}"
+    return f"{len(ids)} models, first={page.first_id} last={page.last_id}"
+
+
 def check_openai_unknown_model(oa):
     try:
         oa.chat.completions.create(model="no-such-model", messages=MESSAGES, max_tokens=5)
@@ -276,6 +311,10 @@ def main():
         ("openai responses with a built-in tool", check_openai_responses_unbounded_tool, oa),
         ("anthropic messages", check_anthropic_messages, an),
         ("anthropic messages.stream", check_anthropic_stream, an),
+        ("openai embeddings", check_openai_embeddings, oa),
+        ("openai models.list", check_openai_models, oa),
+        ("anthropic messages.count_tokens", check_anthropic_count_tokens, an),
+        ("anthropic models.list", check_anthropic_models, an),
         ("openai unknown model", check_openai_unknown_model, oa),
         ("openai unknown model (stream)", check_openai_unknown_model_stream, oa),
         ("anthropic unknown model", check_anthropic_unknown_model, an),

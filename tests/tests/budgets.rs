@@ -183,7 +183,9 @@ on_insufficient = "lower_max_tokens"
     assert_eq!(r.status, 200, "{}", r.text());
     let lowered: u64 = r
         .header("x-tollgate-max-tokens-lowered")
+        .and_then(|h| h.split_once("->"))
         .unwrap()
+        .1
         .parse()
         .unwrap();
     let expect = ((40_000_000 - body.len() as i128 * IN) / OUT) as u64;

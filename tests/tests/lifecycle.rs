@@ -143,6 +143,58 @@ fn quickstart_runs_offline_on_the_bundled_mock() {
     );
     assert_eq!(r.status, 403, "{}", r.text());
     assert!(r.text().contains("`demo`"), "{}", r.text());
+    // The model list tells the truth: the exact routes and the priced models the glob routes serve, that
+    // the demo policy allows (gpt-4o-mini, fast, claude-*), in both APIs' shapes; nothing it denies.
+    let book = tollgate_core::pricing::PriceBook::builtin().unwrap();
+    let mut want: Vec<String> = ["fast", "gpt-4o-mini"].map(String::from).to_vec();
+    want.extend(
+        book.models(tollgate_core::ProviderKind::Anthropic)
+            .into_iter()
+            .map(|m| m.to_string()),
+    );
+    want.sort();
+    for (headers, shape) in [
+        (format!("Authorization: Bearer {token}\r\n"), "openai"),
+        (
+            format!("x-api-key: {token}\r\nanthropic-version: 2023-06-01\r\n"),
+            "anthropic",
+        ),
+    ] {
+        let r = request(
+            g.addr,
+            format!("GET /v1/models HTTP/1.1\r\nHost: t\r\n{headers}\r\n").as_bytes(),
+        );
+        assert_eq!(r.status, 200, "{}", r.text());
+        let v = r.json();
+        let mut ids: Vec<String> = v["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| m["id"].as_str().unwrap().to_owned())
+            .collect();
+        ids.sort();
+        assert_eq!(ids, want, "{shape}");
+        assert_eq!(v["has_more"].is_boolean(), shape == "anthropic", "{v}");
+        // Every model listed is one the caller can use.
+        for id in ids.iter().filter(|m| m.starts_with("claude-")).take(3) {
+            let body = format!(r#"{{"model":"{id}","max_tokens":4,"messages":[]}}"#);
+            let r = post(g.addr, "/v1/messages", &body, &headers);
+            assert_eq!(r.status, 200, "{id}: {}", r.text());
+        }
+    }
+    // Claude Code asks for 32,000 output tokens (thinking within them); the demo policy caps at 4,096 and
+    // lowers the request instead of refusing it, thinking budget included.
+    let r = post(
+        g.addr,
+        "/v1/messages",
+        r#"{"model":"claude-sonnet-4-5","max_tokens":32000,"thinking":{"type":"enabled","budget_tokens":31999},"messages":[{"role":"user","content":"hi"}]}"#,
+        &format!("x-api-key: {token}\r\nanthropic-version: 2023-06-01\r\n"),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(
+        r.header("x-tollgate-max-tokens-lowered"),
+        Some("32000->4096")
+    );
     // The CLI finds the store through the same config; revoking the demo token applies within a second.
     let cli = |args: &[&str]| {
         std::process::Command::new(bin("tollgate"))

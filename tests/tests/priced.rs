@@ -261,7 +261,9 @@ on_insufficient = "lower_max_tokens"
     expect_status(&r, 200);
     let lowered: u64 = r
         .header("x-tollgate-max-tokens-lowered")
+        .and_then(|h| h.split_once("->"))
         .unwrap()
+        .1
         .parse()
         .unwrap();
     let expect = ((40_000_000 - body.len() as i64 * 150_000) / (2 * 600_000)) as u64;

@@ -236,7 +236,10 @@ fn local_endpoints_and_api_shaped_errors() {
         .as_str()
         .unwrap()
         .contains("/v1/messages"));
+    // Embeddings are an endpoint now (tests/tests/endpoints.rs); a path no API serves is still a 404.
     let r = post(g.addr, "/v1/embeddings", "{}", "");
+    assert_eq!(r.status, 400);
+    let r = post(g.addr, "/v1/audio/speech", "{}", "");
     assert_eq!(r.status, 404);
     let r = request(
         g.addr,

@@ -35,7 +35,7 @@ fn official_sdks_through_the_gateway() {
     let g = gateway(&config_for(
         &format!("http://{}", m.addr),
         "",
-        "[[budgets]]\nname = \"sdk\"\namount_usd = \"100\"\nwindow = \"day\"\nscope = \"everyone\"\nstream_cutoff = true\n",
+        "[[routes]]\nmodel = \"text-embedding-*\"\nprovider = \"openai\"\n\n[[budgets]]\nname = \"sdk\"\namount_usd = \"100\"\nwindow = \"day\"\nscope = \"everyone\"\nstream_cutoff = true\n",
     ));
     let base = g.url("");
     let out = Command::new(&python)

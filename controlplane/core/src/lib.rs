@@ -33,7 +33,9 @@ mod sim;
 pub mod store;
 pub mod tls;
 
-pub use auth::identity::{Decision, Identity, IdentityKind, PolicyRequest, PolicySet};
+pub use auth::identity::{
+    Cap, Decision, Identity, IdentityKind, OnMaxTokens, PolicyRequest, PolicySet,
+};
 pub use config::{Config, ConfigError, ConfigIssue};
 pub use domain::{ApiKey, ProviderKind};
 pub use pricing::money::{DecimalError, Money, Percent, TokenPrice};

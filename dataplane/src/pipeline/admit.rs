@@ -92,17 +92,19 @@ pub async fn admit(
     let output = match (routed.max_tokens, routed.default_max_tokens) {
         (Some(m), _) => m,
         (None, Some(cap)) => {
-            set_max_tokens(routed, cap)?;
+            routed.set_max_tokens(cap)?;
             cap
         }
         // Sent with the cap it is reserved at, where the API's reasoning cannot be cut off by counting.
         (None, None) if routed.api.enforces_default_cap() => {
-            set_max_tokens(routed, DEFAULT_OUTPUT_TOKENS)?;
+            routed.set_max_tokens(DEFAULT_OUTPUT_TOKENS)?;
             DEFAULT_OUTPUT_TOKENS
         }
         (None, None) => DEFAULT_OUTPUT_TOKENS,
     };
-    let mut input = input_token_bound(&routed.body);
+    let mut input = routed
+        .input_tokens
+        .unwrap_or_else(|| input_token_bound(&routed.body));
     if let Some(window) = stored {
         input = input.max(window);
     }
@@ -157,14 +159,16 @@ pub async fn admit(
             .unwrap_or(0)
             .min(output.saturating_sub(1));
         if affordable >= routed.api.min_cap() {
-            set_max_tokens(routed, affordable)?;
+            routed.set_max_tokens(affordable)?;
             let amount = max_cost(&quote, input, affordable.saturating_mul(choices));
             match core.budgets.reserve(keys, amount).await {
                 Ok(Ok(r)) => {
                     ctx.reserved = Some(r.amount);
                     ctx.budget_asks = Some(r.asks);
                     ctx.reservation = Some(r);
-                    ctx.max_tokens_lowered = Some(affordable);
+                    // What the client asked for, before a policy lowered it too.
+                    let asked = ctx.max_tokens_lowered.map_or(output, |(asked, _)| asked);
+                    ctx.max_tokens_lowered = Some((asked, affordable));
                     return Ok(Admitted::Yes);
                 }
                 Ok(Err(again)) => return Err(exceeded(&again)),
@@ -206,18 +210,10 @@ fn exceeded(r: &Refusal) -> Error {
     ))
 }
 
-/// Sets the request's output cap to `n`, as the provider will read it: every cap field the body has is
-/// rewritten in place (a `null` included), or the API's field is added.
-fn set_max_tokens(routed: &mut Routed, n: u64) -> Result<()> {
-    routed.body = routed.api.set_cap(&routed.body, n)?;
-    routed.max_tokens = Some(n);
-    Ok(())
-}
-
 /// Response header lines about budgets: the tightest budget's name, limit, remaining amount (USD) and reset
 /// time (RFC 3339) after this request's reservation, or the refusing budget's on a 429 (with
-/// `retry-after` in seconds); plus what the admit phase changed (`x-tollgate-max-tokens-lowered`,
-/// `x-tollgate-downgraded-from`).
+/// `retry-after` in seconds); plus what the authorize and admit phases changed
+/// (`x-tollgate-max-tokens-lowered: ASKED->CAP`, `x-tollgate-downgraded-from`).
 pub fn header_lines(ctx: &RequestCtx) -> Vec<u8> {
     let mut out = Vec::new();
     let mut line = |name: &str, value: &str| {
@@ -245,8 +241,8 @@ pub fn header_lines(ctx: &RequestCtx) -> Vec<u8> {
         let wait = r.resets_at.as_second() - jiff::Timestamp::now().as_second();
         line("retry-after", &wait.max(1).to_string());
     }
-    if let Some(n) = ctx.max_tokens_lowered {
-        line("x-tollgate-max-tokens-lowered", &n.to_string());
+    if let Some((asked, n)) = ctx.max_tokens_lowered {
+        line("x-tollgate-max-tokens-lowered", &format!("{asked}->{n}"));
     }
     if let Some(m) = &ctx.downgraded_from {
         line("x-tollgate-downgraded-from", m);

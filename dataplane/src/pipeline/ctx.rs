@@ -183,8 +183,9 @@ pub struct RequestCtx {
     pub refusal: Option<tollgate_core::budget::owner::Refusal>,
     /// The model the client asked for, when a budget downgraded the request to another.
     pub downgraded_from: Option<String>,
-    /// The output cap the admit phase lowered the request to, to fit a budget.
-    pub max_tokens_lowered: Option<u64>,
+    /// The output cap the request asked for and the one it was lowered to (its policy's cap, in the
+    /// authorize phase; what a budget's remaining amount pays for, in the admit phase).
+    pub max_tokens_lowered: Option<(u64, u64)>,
     /// For a request that had budgets applied: whether this core owns its caller's budgets.
     pub owner_local: Option<bool>,
     /// Output tokens after which a stream is cut off (a budget with `stream_cutoff` applied): the output
@@ -202,28 +203,49 @@ pub struct RequestCtx {
 /// What the client asked for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Endpoint {
-    /// The chat endpoint of a provider API (`/v1/chat/completions`, `/v1/messages`: [`Api::paths`]).
+    /// A billed endpoint of a wire API (`/v1/chat/completions`, `/v1/messages`, `/v1/embeddings`:
+    /// [`Api::paths`]).
     Chat(Api),
+    /// Anthropic's token counting (`/v1/messages/count_tokens`): identified, routed and authorized like
+    /// messages, forwarded, never priced nor budgeted (the provider does not bill it).
+    CountTokens,
     Models,
     Healthz,
     Readyz,
 }
 
 impl Endpoint {
-    /// The API whose error shape the client gets: its chat endpoint's, or the default.
+    /// The API whose error shape the client gets: its endpoint's, or the default.
     pub fn api(self) -> Api {
         match self {
             Endpoint::Chat(api) => api,
+            Endpoint::CountTokens => Api::Anthropic,
             _ => Api::DEFAULT,
         }
     }
 
-    /// The API a provider must speak to serve this endpoint.
+    /// The API a provider must speak ([`Api::of`] its kind) to serve this endpoint.
     pub fn provider_api(self) -> Option<Api> {
         match self {
-            Endpoint::Chat(api) => Some(api),
+            Endpoint::Chat(api) => Some(api.family()),
+            Endpoint::CountTokens => Some(Api::Anthropic),
             _ => None,
         }
+    }
+
+    /// The path the request is forwarded to (after the provider's base path): the endpoint's `/v1` path,
+    /// whichever of its paths the client called.
+    pub fn upstream_path(self) -> &'static str {
+        match self {
+            Endpoint::Chat(api) => api.paths()[0],
+            Endpoint::CountTokens => crate::providers::anthropic::COUNT_TOKENS_PATHS[0],
+            Endpoint::Models | Endpoint::Healthz | Endpoint::Readyz => "/",
+        }
+    }
+
+    /// Whether the provider bills it: priced and reserved on the budgets before forwarding, settled after.
+    pub fn billed(self) -> bool {
+        !matches!(self, Endpoint::CountTokens)
     }
 }
 

@@ -98,7 +98,12 @@ fn build_request_head(ctx: &RequestCtx, p: &ProviderRuntime, body_len: usize) ->
     let mut h = Vec::with_capacity(512 + ctx.head.raw.len());
     h.extend_from_slice(b"POST ");
     h.extend_from_slice(p.base.path_prefix.as_bytes());
-    h.extend_from_slice(ctx.head.path().as_bytes());
+    // The endpoint's `/v1` path, also when the client called its alias without `/v1`.
+    let path = match ctx.endpoint {
+        Some(ep) => ep.upstream_path(),
+        None => ctx.head.path(),
+    };
+    h.extend_from_slice(path.as_bytes());
     h.extend_from_slice(b" HTTP/1.1\r\n");
     h.extend_from_slice(&p.host_line);
     h.extend_from_slice(p.auth_lines());
@@ -213,6 +218,7 @@ async fn exchange(
     ctx.status = resp.status;
 
     let sse = resp.is_event_stream();
+    // The endpoint's API reads the response (embeddings are served by an OpenAI provider).
     let mut tap = Tap::new(
         ctx.api,
         sse,

@@ -78,8 +78,9 @@ pub fn access(core: &Core, ctx: &RequestCtx) {
         if let Some(m) = &ctx.downgraded_from {
             field_str(out, "downgraded_from", m);
         }
-        if let Some(n) = ctx.max_tokens_lowered {
+        if let Some((asked, n)) = ctx.max_tokens_lowered {
             field_num(out, "max_tokens_lowered", n);
+            field_num(out, "max_tokens_asked", asked);
         }
         if let Some(r) = &ctx.refusal {
             field_str(out, "budget_refused", &r.label);

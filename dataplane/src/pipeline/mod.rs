@@ -13,7 +13,8 @@
 //! 9. [`log`]: one JSON access-log line per request, through the core's buffer.
 //!
 //! The context every phase works on ([`Core`], [`RequestCtx`]) lives in [`ctx`]; this file only runs the
-//! phases in order (and answers the few local endpoints: `/healthz`, `/readyz`, `/v1/models`). Fails: every error before the response head is rendered in the client's API shape with
+//! phases in order (and answers the few local endpoints: `/healthz`, `/readyz`, `/v1/models`). Anthropic's
+//! token counting, which the provider does not bill, skips phases 5 and 6. Fails: every error before the response head is rendered in the client's API shape with
 //! the status from [`Error::status`]; after the head, failures end the stream cleanly (see [`forward`]).
 
 pub mod account;
@@ -197,7 +198,7 @@ async fn handle(core: &Core, ctx: &mut RequestCtx, io: &mut ClientIo) {
             ctx.identity = Some(id);
             return local(ctx, io, 200, body, head_only).await;
         }
-        Endpoint::Chat(_) => {}
+        Endpoint::Chat(_) | Endpoint::CountTokens => {}
     }
     // 2. identify
     match identify::identify(core, ctx).await {
@@ -229,9 +230,16 @@ async fn handle(core: &Core, ctx: &mut RequestCtx, io: &mut ClientIo) {
         // 4. authorize
         if let Some(id) = &ctx.identity {
             let auth = core.auth.state.load();
-            if let Err(e) = authorize::authorize(&auth, id, &mut routed) {
-                return fail(ctx, io, e).await;
+            match authorize::authorize(&auth, id, &mut routed) {
+                Ok(lowered) => {
+                    ctx.max_tokens_lowered = lowered.zip(routed.max_tokens);
+                }
+                Err(e) => return fail(ctx, io, e).await,
             }
+        }
+        // Token counting is free: nothing to price or reserve.
+        if !ep.billed() {
+            break routed;
         }
         // 5. price
         match price::price(&snap, &routed) {

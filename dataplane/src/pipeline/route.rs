@@ -7,8 +7,10 @@
 //! model's canonical price-sheet name (one hash lookup in the snapshot's price book, a shared string),
 //! which the authorize and admit phases match policies and budget model filters against.
 //!
-//! Which paths are chat endpoints, and what each API needs added to the body, is the API's own
-//! ([`crate::providers::Api`]).
+//! Which paths are API endpoints, and what each API needs added to the body, is the API's own
+//! ([`crate::providers::Api`]). Every API path is also served without its `/v1` prefix, as an alias
+//! forwarded upstream to the `/v1` path (see `docs/providers.md`); `/v1/messages/count_tokens` is Anthropic's
+//! free token counting ([`Endpoint::CountTokens`]).
 //!
 //! Fails: bad JSON or a missing `model` is 400, an unrouted model 404, a model whose provider speaks
 //! another API 400 naming the endpoint to call. Cost: one validating pass over the body (~1 GB/s).
@@ -30,6 +32,9 @@ pub fn endpoint(head: &RequestHead) -> std::result::Result<Endpoint, (Error, Api
     let path = head.path();
     let (ep, allowed) = match path {
         "/v1/models" | "/models" => (Endpoint::Models, Method::Get),
+        p if crate::providers::anthropic::COUNT_TOKENS_PATHS.contains(&p) => {
+            (Endpoint::CountTokens, Method::Post)
+        }
         "/healthz" => (Endpoint::Healthz, Method::Get),
         "/readyz" => (Endpoint::Readyz, Method::Get),
         other => {
@@ -97,9 +102,22 @@ pub struct Routed {
     pub choices: u64,
     /// The route's `default_max_tokens`.
     pub default_max_tokens: Option<u64>,
+    /// The API's own bound on the input tokens (embeddings), else `None`: the body's byte bound.
+    pub input_tokens: Option<u64>,
 }
 
-/// Routes a chat request by the `model` in its body.
+impl Routed {
+    /// Sets the request's output cap to `n`, as the provider will read it: every cap field the body has is
+    /// rewritten in place (a `null` included), or the API's field is added ([`Api::set_cap`]). The one way
+    /// a phase lowers or sets a cap (a policy's, a route's default, a budget's).
+    pub fn set_max_tokens(&mut self, n: u64) -> Result<()> {
+        self.body = self.api.set_cap(&self.body, n)?;
+        self.max_tokens = Some(n);
+        Ok(())
+    }
+}
+
+/// Routes a request to an API endpoint by the `model` in its body.
 pub fn route(snap: &Snapshot, ep: Endpoint, body: &Bytes) -> Result<Routed> {
     if body.is_empty() {
         return Err(Error::invalid_body(
@@ -123,10 +141,10 @@ pub fn route(snap: &Snapshot, ep: Endpoint, body: &Bytes) -> Result<Routed> {
         .get(route.provider)
         .cloned()
         .ok_or_else(|| Error::internal("route points at a missing provider"))?;
-    // The API the client called; a provider of its kind serves it (an `openai` provider serves chat
-    // completions and responses).
+    // The API the client called; a provider serves it when it speaks the API's family (an `openai`
+    // provider serves chat completions, responses and embeddings).
     let api = ep.api();
-    if provider.api.kind() != api.kind() {
+    if Some(provider.api) != ep.provider_api() {
         let right = provider.api.paths()[0];
         return Err(Error::bad_request(format!(
             "the model `{}` is served by provider {} ({} API); send it to {right}",
@@ -139,7 +157,10 @@ pub fn route(snap: &Snapshot, ep: Endpoint, body: &Bytes) -> Result<Routed> {
         Some(um) if um.as_str() != model.as_ref() => rename_model(body, &model, um)?,
         _ => body.clone(),
     };
-    let billing = api.view(&view)?;
+    let billing = match ep {
+        Endpoint::CountTokens => crate::providers::anthropic::count_tokens_view(&view)?,
+        _ => api.view(&view)?,
+    };
     // Some APIs stream usage only when asked (OpenAI's `stream_options.include_usage`): ask for it on the
     // client's behalf, and remember to hand the client exactly the stream it asked for.
     let stream = billing.stream;
@@ -165,6 +186,7 @@ pub fn route(snap: &Snapshot, ep: Endpoint, body: &Bytes) -> Result<Routed> {
         max_tokens: billing.cap,
         choices: billing.choices,
         default_max_tokens: route.default_max_tokens,
+        input_tokens: billing.input_tokens,
         model: model.into_owned(),
         stream,
         provider,
@@ -220,42 +242,58 @@ pub fn with_model(body: &Bytes, model: &str) -> Result<Bytes> {
 
 pub use crate::providers::insert_member;
 
-/// `GET /v1/models`: the exactly-named routes, in the OpenAI shape or, for Anthropic SDK callers, Anthropic's.
-/// `allowed` filters it to what the caller's policies permit, asked with the same names (requested,
-/// upstream, canonical) the authorize phase uses, so the list and the decision agree.
+/// `GET /v1/models`: the concrete models the caller may use, in the OpenAI shape or, for Anthropic SDK
+/// callers, Anthropic's: every exactly-named route, then, for each glob route, the models of its provider's
+/// price sheet that the route serves (the glob matches them, no earlier route takes them, and they have a
+/// price today), each once. `allowed` filters it to what the caller's policies permit, asked with the same
+/// names (requested, upstream, canonical) the authorize phase uses, so the list and the decision agree.
 pub fn models_body(
     snap: &Snapshot,
     shape: Api,
     allowed: &dyn Fn(&tollgate_core::PolicyRequest<'_>) -> bool,
 ) -> Vec<u8> {
-    let names: Vec<(&str, &str)> = snap
-        .config
-        .routes
-        .iter()
-        .filter(|r| !r.pattern.is_glob())
-        .filter(|r| {
-            let provider = snap.providers.get(r.provider);
-            let model = r.pattern.as_str();
-            let canonical = provider.and_then(|p| {
-                let billed = r.upstream_model.as_deref().unwrap_or(model);
-                snap.config.prices.canonical(p.kind, billed)
-            });
+    let config = &snap.config;
+    let now = jiff::Timestamp::now();
+    // (model, provider, upstream model, the provider's kind)
+    let mut candidates: Vec<(&str, &ProviderRuntime, Option<&str>)> = Vec::new();
+    for r in config.routes.iter().filter(|r| !r.pattern.is_glob()) {
+        if let Some(p) = snap.providers.get(r.provider) {
+            candidates.push((r.pattern.as_str(), p, r.upstream_model.as_deref()));
+        }
+    }
+    for r in config.routes.iter().filter(|r| r.pattern.is_glob()) {
+        let Some(p) = snap.providers.get(r.provider) else {
+            continue;
+        };
+        for m in config.prices.models(p.kind) {
+            let served_here = r.pattern.matches(m)
+                && config
+                    .route_for(m)
+                    .is_some_and(|first| std::ptr::eq(first, r));
+            let billed = r.upstream_model.as_deref().unwrap_or(m);
+            if served_here
+                && config
+                    .prices
+                    .price_at_timestamp(p.kind, billed, now)
+                    .is_ok()
+                && !candidates.iter().any(|(n, _, _)| *n == &**m)
+            {
+                candidates.push((m, p, r.upstream_model.as_deref()));
+            }
+        }
+    }
+    let names: Vec<(&str, &str)> = candidates
+        .into_iter()
+        .filter(|(model, p, upstream)| {
+            let billed = upstream.unwrap_or(model);
             allowed(&tollgate_core::PolicyRequest {
                 model,
-                upstream_model: r.upstream_model.as_deref(),
-                canonical_model: canonical.map(|c| &**c),
-                provider: provider.map(|p| p.name.as_str()).unwrap_or(""),
+                upstream_model: *upstream,
+                canonical_model: config.prices.canonical(p.kind, billed).map(|c| &**c),
+                provider: p.name.as_str(),
             })
         })
-        .map(|r| {
-            (
-                r.pattern.as_str(),
-                snap.providers
-                    .get(r.provider)
-                    .map(|p| p.name.as_str())
-                    .unwrap_or(""),
-            )
-        })
+        .map(|(model, p, _)| (model, p.name.as_str()))
         .collect();
     shape.models_body(&names)
 }

@@ -25,8 +25,15 @@ use super::request::{Billing, Body};
 use crate::error::{Error, Result};
 use crate::net::sse::split_events;
 
-/// The paths this API is served on; the first is the one named in errors.
-pub const PATHS: &[&str] = &["/v1/messages"];
+/// The paths this API is served on; the first is the one named in errors and forwarded upstream.
+pub const PATHS: &[&str] = &["/v1/messages", "/messages"];
+
+/// The token-counting endpoint's paths (free: identified and authorized, never priced nor budgeted); the
+/// first is forwarded upstream.
+pub const COUNT_TOKENS_PATHS: &[&str] = &["/v1/messages/count_tokens", "/messages/count_tokens"];
+
+/// The smallest `thinking.budget_tokens` the API accepts.
+pub const MIN_THINKING_BUDGET: u64 = 1024;
 
 /// The request header this API's SDKs always send.
 pub const SDK_HEADER: &str = "anthropic-version";
@@ -88,7 +95,53 @@ pub fn view(body: &Body<'_>) -> Result<Billing> {
         stream: body.flag("stream")?,
         client_usage: false,
         stored_input: false,
+        input_tokens: None,
     })
+}
+
+/// What a token-counting request bills: nothing. It takes a messages body without `max_tokens` (the API
+/// refuses one: it generates nothing), so nothing is read but what the route phase reads (`model`); the
+/// provider answers anything else it refuses in its own shape. The cap is 0 tokens: no policy cap is ever
+/// written into it.
+pub fn count_tokens_view(_body: &Body<'_>) -> Result<Billing> {
+    Ok(Billing {
+        cap: Some(0),
+        choices: 1,
+        stream: false,
+        client_usage: false,
+        input_tokens: Some(0),
+        stored_input: false,
+    })
+}
+
+/// When the output cap is lowered to `cap` and the request thinks (`thinking.type: "enabled"`) with a
+/// `budget_tokens` the cap no longer leaves room for, the `thinking` member rewritten with the budget just
+/// below the cap (the API requires `budget_tokens < max_tokens`); `None` when nothing needs changing.
+/// Fails (400) when the fitted budget would be below the API's minimum of [`MIN_THINKING_BUDGET`].
+pub fn fit_thinking(body: &Body<'_>, cap: u64) -> Result<Option<String>> {
+    let Some(m) = body.get("thinking").filter(|m| !m.is_null()) else {
+        return Ok(None);
+    };
+    let Ok(mut v) = serde_json::from_str::<serde_json::Value>(m.raw) else {
+        return Ok(None);
+    };
+    if v.get("type").and_then(|t| t.as_str()) != Some("enabled") {
+        return Ok(None);
+    }
+    let Some(budget) = v.get("budget_tokens").and_then(|b| b.as_u64()) else {
+        return Ok(None);
+    };
+    if budget < cap {
+        return Ok(None);
+    }
+    let fitted = cap.saturating_sub(1);
+    if fitted < MIN_THINKING_BUDGET {
+        return Err(Error::bad_request(format!(
+            "`max_tokens` is lowered to {cap}, which leaves no room for `thinking.budget_tokens` ({budget}): it must stay below `max_tokens` and be at least {MIN_THINKING_BUDGET}; ask for less thinking or turn it off"
+        )));
+    }
+    v["budget_tokens"] = serde_json::Value::from(fitted);
+    Ok(Some(v.to_string()))
 }
 
 /// The output cap as a member to splice into the body (Anthropic requires `max_tokens` anyway).
@@ -297,4 +350,39 @@ impl StreamEnd {
 /// An event's `"index"`.
 fn block_index(event: &[u8]) -> Option<u64> {
     super::json::data_json(event)?.get("index")?.as_u64()
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn fit(body: &str, cap: u64) -> Result<Option<String>> {
+        fit_thinking(&Body::parse(body.as_bytes()).unwrap(), cap)
+    }
+
+    #[test]
+    fn thinking_is_fitted_below_a_lowered_cap_or_refused_when_it_cannot_be() {
+        let b = r#"{"max_tokens":32000,"thinking":{"type":"enabled","budget_tokens":31999}}"#;
+        let t: serde_json::Value = serde_json::from_str(&fit(b, 4096).unwrap().unwrap()).unwrap();
+        assert_eq!(
+            t,
+            serde_json::json!({"type": "enabled", "budget_tokens": 4095})
+        );
+        // Room enough, no thinking, another type: nothing to change.
+        assert_eq!(fit(b, 32000).unwrap(), None);
+        assert_eq!(fit(r#"{"max_tokens":9}"#, 5).unwrap(), None);
+        assert_eq!(fit(r#"{"thinking":{"type":"disabled"}}"#, 5).unwrap(), None);
+        let e = fit(b, 1024).unwrap_err();
+        assert_eq!(e.status(), 400);
+        assert!(
+            e.message.contains("thinking.budget_tokens"),
+            "{}",
+            e.message
+        );
+        assert_eq!(
+            fit(b, 1025).unwrap().unwrap(),
+            r#"{"budget_tokens":1024,"type":"enabled"}"#
+        );
+    }
 }

@@ -2,7 +2,9 @@
 //!
 //! Owns: [`Api`], the closed set of wire APIs the gateway speaks, one variant per API, and the dispatch to
 //! each API's file: [`openai`] (chat completions), [`openai_responses`] (responses, served by `openai`
-//! providers; it shares chat's credential, headers, error shape and model list) and [`anthropic`] (messages). Each file holds everything
+//! providers; it shares chat's credential, headers, error shape and model list), [`anthropic`] (messages,
+//! and its free token counting) and [`embeddings`] (OpenAI embeddings, served by OpenAI-kind providers: its
+//! credential, errors and model list are OpenAI's, see [`Api::family`]). Each file holds everything
 //! its API means: the paths it serves, the upstream credential and version headers, the output-cap field,
 //! stream usage (asking for it, stripping it), usage extraction, the error body and its mid-stream event,
 //! the `/v1/models` shape, the final events of a cut-off stream, and where prompt and generated text live for
@@ -20,6 +22,7 @@
 //! Cost: a `match` per call; what each API function costs is documented in its file.
 
 pub mod anthropic;
+pub mod embeddings;
 pub mod json;
 pub mod meter;
 pub mod openai;
@@ -46,11 +49,18 @@ pub enum Api {
     Anthropic,
     /// OpenAI responses (`POST /v1/responses`), see [`openai_responses`]; served by `openai` providers.
     OpenAiResponses,
+    /// OpenAI embeddings (`POST /v1/embeddings`), see [`embeddings`]; served by OpenAI-kind providers.
+    Embeddings,
 }
 
 impl Api {
     /// Every API, in the order paths and SDK headers are matched.
-    pub const ALL: [Api; 3] = [Api::OpenAi, Api::Anthropic, Api::OpenAiResponses];
+    pub const ALL: [Api; 4] = [
+        Api::OpenAi,
+        Api::Anthropic,
+        Api::OpenAiResponses,
+        Api::Embeddings,
+    ];
 
     /// The shape for a client that shows no sign of a particular API (no known path, no SDK header).
     pub const DEFAULT: Api = Api::OpenAi;
@@ -63,19 +73,20 @@ impl Api {
         }
     }
 
-    /// The name in logs (`api` field) and, for the API a provider kind speaks, configuration (`kind`).
+    /// The name in logs (`api` field); for a provider's own API, its configuration `kind`.
     pub fn as_str(self) -> &'static str {
         match self {
             Api::OpenAi => "openai",
             Api::Anthropic => "anthropic",
             Api::OpenAiResponses => "openai_responses",
+            Api::Embeddings => "embeddings",
         }
     }
 
     /// The provider kind that serves this API (a provider of that kind serves every API whose kind it is).
     pub fn kind(self) -> ProviderKind {
         match self {
-            Api::OpenAi | Api::OpenAiResponses => ProviderKind::OpenAi,
+            Api::OpenAi | Api::OpenAiResponses | Api::Embeddings => ProviderKind::OpenAi,
             Api::Anthropic => ProviderKind::Anthropic,
         }
     }
@@ -83,7 +94,7 @@ impl Api {
     /// The smallest output cap the API accepts (a lowered cap below it would be refused by the provider).
     pub fn min_cap(self) -> u64 {
         match self {
-            Api::OpenAi | Api::Anthropic => 1,
+            Api::OpenAi | Api::Anthropic | Api::Embeddings => 1,
             Api::OpenAiResponses => openai_responses::MIN_CAP,
         }
     }
@@ -93,8 +104,18 @@ impl Api {
     /// cannot count (Responses, the API of reasoning agents such as Codex).
     pub fn enforces_default_cap(self) -> bool {
         match self {
-            Api::OpenAi | Api::Anthropic => false,
+            Api::OpenAi | Api::Anthropic | Api::Embeddings => false,
             Api::OpenAiResponses => true,
+        }
+    }
+
+    /// The API of the providers that serve this one ([`Api::of`] their kind): its credential header, default
+    /// headers, error shape and model list. An API is its own family, except responses and embeddings
+    /// (OpenAI's).
+    pub fn family(self) -> Api {
+        match self {
+            Api::OpenAi | Api::OpenAiResponses | Api::Embeddings => Api::OpenAi,
+            Api::Anthropic => Api::Anthropic,
         }
     }
 
@@ -104,6 +125,7 @@ impl Api {
             Api::OpenAi => openai::PATHS,
             Api::Anthropic => anthropic::PATHS,
             Api::OpenAiResponses => openai_responses::PATHS,
+            Api::Embeddings => embeddings::PATHS,
         }
     }
 
@@ -115,7 +137,7 @@ impl Api {
     /// The request header this API's SDKs always send, if one tells it apart.
     pub fn sdk_header(self) -> Option<&'static str> {
         match self {
-            Api::OpenAi | Api::OpenAiResponses => None,
+            Api::OpenAi | Api::OpenAiResponses | Api::Embeddings => None,
             Api::Anthropic => Some(anthropic::SDK_HEADER),
         }
     }
@@ -132,7 +154,7 @@ impl Api {
     /// Appends the upstream credential header line(s) carrying `key` (rendered once per snapshot).
     pub fn auth_lines(self, key: &str, out: &mut Vec<u8>) {
         match self {
-            Api::OpenAi | Api::OpenAiResponses => openai::auth_lines(key, out),
+            Api::OpenAi | Api::OpenAiResponses | Api::Embeddings => openai::auth_lines(key, out),
             Api::Anthropic => anthropic::auth_lines(key, out),
         }
     }
@@ -140,7 +162,7 @@ impl Api {
     /// Headers sent upstream when the client sent none of that name (`name`, `value`), e.g. an API version.
     pub fn default_headers(self) -> &'static [(&'static str, &'static str)] {
         match self {
-            Api::OpenAi | Api::OpenAiResponses => openai::DEFAULT_HEADERS,
+            Api::OpenAi | Api::OpenAiResponses | Api::Embeddings => openai::DEFAULT_HEADERS,
             Api::Anthropic => anthropic::DEFAULT_HEADERS,
         }
     }
@@ -152,28 +174,39 @@ impl Api {
             Api::OpenAi => openai::view(body),
             Api::Anthropic => anthropic::view(body),
             Api::OpenAiResponses => openai_responses::view(body),
+            Api::Embeddings => embeddings::view(body),
         }
     }
 
     /// The body with its output cap set to `n` as the provider reads it: every cap field the body has is
-    /// rewritten in place (a `null` included), or the API's field is added when it has none.
+    /// rewritten in place (a `null` included), or the API's field is added when it has none. Anthropic's
+    /// extended thinking is fitted below the new cap ([`anthropic::fit_thinking`]; 400 when it cannot be).
+    /// Embeddings have no output to cap: the body is returned as it is.
     pub fn set_cap(self, body: &Bytes, n: u64) -> Result<Bytes> {
-        let body = request::Body::parse(body)?;
+        let parsed = request::Body::parse(body)?;
         let value = n.to_string();
         match self {
             Api::OpenAi => {
-                body.set_member(openai::CAP_FIELDS, &value, &openai::max_tokens_member(n))
+                parsed.set_member(openai::CAP_FIELDS, &value, &openai::max_tokens_member(n))
             }
-            Api::Anthropic => body.set_member(
-                anthropic::CAP_FIELDS,
-                &value,
-                &anthropic::max_tokens_member(n),
-            ),
-            Api::OpenAiResponses => body.set_member(
+            Api::Anthropic => {
+                let thinking = anthropic::fit_thinking(&parsed, n)?;
+                let out = parsed.set_member(
+                    anthropic::CAP_FIELDS,
+                    &value,
+                    &anthropic::max_tokens_member(n),
+                )?;
+                match thinking {
+                    None => Ok(out),
+                    Some(t) => request::Body::parse(&out)?.set_member(&["thinking"], &t, ""),
+                }
+            }
+            Api::OpenAiResponses => parsed.set_member(
                 openai_responses::CAP_FIELDS,
                 &value,
                 &openai_responses::max_tokens_member(n),
             ),
+            Api::Embeddings => Ok(body.clone()),
         }
     }
 
@@ -183,6 +216,7 @@ impl Api {
             Api::OpenAi => openai::max_tokens_member(n),
             Api::Anthropic => anthropic::max_tokens_member(n),
             Api::OpenAiResponses => openai_responses::max_tokens_member(n),
+            Api::Embeddings => String::new(),
         }
     }
 
@@ -199,7 +233,7 @@ impl Api {
         match self {
             Api::OpenAi => openai::request_stream_usage(body, client_asked, has_options),
             // Responses streams always end with the usage (`response.completed`).
-            Api::Anthropic | Api::OpenAiResponses => Ok(None),
+            Api::Anthropic | Api::OpenAiResponses | Api::Embeddings => Ok(None),
         }
     }
 
@@ -208,14 +242,14 @@ impl Api {
     pub fn strip_stream_usage(self, run: Bytes) -> Option<Bytes> {
         match self {
             Api::OpenAi => openai::strip_stream_usage(run),
-            Api::Anthropic | Api::OpenAiResponses => Some(run),
+            Api::Anthropic | Api::OpenAiResponses | Api::Embeddings => Some(run),
         }
     }
 
     /// The error `type` this API's SDK expects for `e`.
     pub fn error_type(self, e: &Error) -> &'static str {
         match self {
-            Api::OpenAi | Api::OpenAiResponses => openai::error_type(e),
+            Api::OpenAi | Api::OpenAiResponses | Api::Embeddings => openai::error_type(e),
             Api::Anthropic => anthropic::error_type(e),
         }
     }
@@ -223,7 +257,7 @@ impl Api {
     /// The JSON error body in this API's shape.
     pub fn error_body(self, e: &Error) -> Vec<u8> {
         let v = match self {
-            Api::OpenAi | Api::OpenAiResponses => openai::error_json(e),
+            Api::OpenAi | Api::OpenAiResponses | Api::Embeddings => openai::error_json(e),
             Api::Anthropic => anthropic::error_json(e),
         };
         serde_json::to_vec(&v)
@@ -234,7 +268,7 @@ impl Api {
     pub fn stream_error_event(self, e: &Error) -> Vec<u8> {
         let body = String::from_utf8(self.error_body(e)).unwrap_or_default();
         match self {
-            Api::OpenAi => openai::stream_error_event(&body),
+            Api::OpenAi | Api::Embeddings => openai::stream_error_event(&body),
             Api::Anthropic => anthropic::stream_error_event(&body),
             Api::OpenAiResponses => openai_responses::stream_error_event(e),
         }
@@ -243,7 +277,7 @@ impl Api {
     /// `GET /v1/models` in this API's shape; `names` are (model, owning provider).
     pub fn models_body(self, names: &[(&str, &str)]) -> Vec<u8> {
         let v = match self {
-            Api::OpenAi | Api::OpenAiResponses => openai::models_list(names),
+            Api::OpenAi | Api::OpenAiResponses | Api::Embeddings => openai::models_list(names),
             Api::Anthropic => anthropic::models_list(names),
         };
         serde_json::to_vec(&v).unwrap_or_default()
@@ -260,6 +294,7 @@ impl Api {
             Api::OpenAi => openai::prompt_text(obj, out),
             Api::Anthropic => anthropic::prompt_text(obj, out),
             Api::OpenAiResponses => openai_responses::prompt_text(obj, out),
+            Api::Embeddings => embeddings::prompt_text(obj, out),
         }
     }
 
@@ -270,6 +305,7 @@ impl Api {
             Api::OpenAi => openai::generated_text(v, out),
             Api::Anthropic => anthropic::generated_text(v, out),
             Api::OpenAiResponses => openai_responses::generated_text(v, out),
+            Api::Embeddings => embeddings::generated_text(v, out),
         }
     }
 }
@@ -292,6 +328,7 @@ pub enum Meter {
     OpenAi(openai::Meter),
     Anthropic(anthropic::Meter),
     OpenAiResponses(openai_responses::Meter),
+    Embeddings(embeddings::Meter),
 }
 
 impl Meter {
@@ -300,6 +337,7 @@ impl Meter {
             Api::OpenAi => Meter::OpenAi(openai::Meter::default()),
             Api::Anthropic => Meter::Anthropic(anthropic::Meter::default()),
             Api::OpenAiResponses => Meter::OpenAiResponses(openai_responses::Meter::default()),
+            Api::Embeddings => Meter::Embeddings(embeddings::Meter::default()),
         }
     }
 
@@ -309,6 +347,7 @@ impl Meter {
             Meter::OpenAi(m) => m.observe(json),
             Meter::Anthropic(m) => m.observe(json),
             Meter::OpenAiResponses(m) => m.observe(json),
+            Meter::Embeddings(m) => m.observe(json),
         }
     }
 
@@ -318,6 +357,7 @@ impl Meter {
             Meter::OpenAi(m) => m.usage(),
             Meter::Anthropic(m) => m.usage(),
             Meter::OpenAiResponses(m) => m.usage(),
+            Meter::Embeddings(m) => m.usage(),
         }
     }
 
@@ -327,6 +367,7 @@ impl Meter {
             Meter::OpenAi(m) => m.partial(),
             Meter::Anthropic(m) => m.partial(),
             Meter::OpenAiResponses(m) => m.partial(),
+            Meter::Embeddings(m) => m.partial(),
         }
     }
 }
@@ -338,6 +379,7 @@ pub enum StreamEnd {
     OpenAi(openai::StreamEnd),
     Anthropic(anthropic::StreamEnd),
     OpenAiResponses(openai_responses::StreamEnd),
+    Embeddings(embeddings::StreamEnd),
 }
 
 impl StreamEnd {
@@ -348,6 +390,7 @@ impl StreamEnd {
             Api::OpenAiResponses => {
                 StreamEnd::OpenAiResponses(openai_responses::StreamEnd::default())
             }
+            Api::Embeddings => StreamEnd::Embeddings(embeddings::StreamEnd),
         }
     }
 
@@ -357,6 +400,7 @@ impl StreamEnd {
             StreamEnd::OpenAi(s) => s.track(run),
             StreamEnd::Anthropic(s) => s.track(run),
             StreamEnd::OpenAiResponses(s) => s.track(run),
+            StreamEnd::Embeddings(s) => s.track(run),
         }
     }
 
@@ -366,6 +410,7 @@ impl StreamEnd {
             StreamEnd::OpenAi(s) => s.tail(),
             StreamEnd::Anthropic(s) => s.tail(output_tokens),
             StreamEnd::OpenAiResponses(s) => s.tail(output_tokens),
+            StreamEnd::Embeddings(s) => s.tail(),
         }
     }
 }
@@ -436,6 +481,30 @@ mod tests {
     }
 
     #[test]
+    fn a_lowered_anthropic_cap_fits_thinking_below_it() {
+        let b = r#"{"max_tokens":32000,"thinking":{"type":"enabled","budget_tokens":31999}}"#;
+        let out = Api::Anthropic
+            .set_cap(&Bytes::from_static(b.as_bytes()), 4096)
+            .unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(
+            (
+                v["max_tokens"].as_u64(),
+                v["thinking"]["budget_tokens"].as_u64()
+            ),
+            (Some(4096), Some(4095))
+        );
+        request::Body::parse(&out).unwrap();
+        let e = Api::Anthropic
+            .set_cap(&Bytes::from_static(b.as_bytes()), 1000)
+            .unwrap_err();
+        assert_eq!(e.status(), 400);
+        // Embeddings have no output cap: the body is untouched.
+        let emb = Bytes::from_static(br#"{"model":"m","input":"x"}"#);
+        assert_eq!(Api::Embeddings.set_cap(&emb, 5).unwrap(), emb);
+    }
+
+    #[test]
     fn shapes_match_the_providers() {
         let e = Error::unknown_model("model \"x\" is not routed");
         let v: serde_json::Value = serde_json::from_slice(&Api::OpenAi.error_body(&e)).unwrap();
@@ -457,10 +526,22 @@ mod tests {
             }
         }
         assert_eq!(Api::sniff(|_| false), Api::DEFAULT);
-        assert_eq!(Api::for_path("/v1/embeddings"), None);
+        assert_eq!(Api::for_path("/v1/embeddings"), Some(Api::Embeddings));
+        assert_eq!(Api::for_path("/v1/responses"), Some(Api::OpenAiResponses));
+        // Every path without `/v1` is its `/v1` path's alias.
+        for api in Api::ALL {
+            for p in api.paths() {
+                assert_eq!(Api::for_path(p), Some(api));
+            }
+            assert_eq!(api.paths()[1..], [api.paths()[0].trim_start_matches("/v1")]);
+            // Every API is served by a provider kind's API.
+            assert_eq!(api.family().family(), api.family());
+            assert_eq!(Api::of(api.kind()), api.family());
+        }
         // A configured kind speaks the API of the same name, and serves every API of its kind.
         for kind in [ProviderKind::OpenAi, ProviderKind::Anthropic] {
             assert_eq!(Api::of(kind).as_str(), kind.as_str());
+            assert_eq!(Api::of(kind).family(), Api::of(kind));
             assert_eq!(Api::of(kind).kind(), kind);
         }
         assert_eq!(Api::OpenAiResponses.kind(), ProviderKind::OpenAi);

@@ -137,6 +137,7 @@ pub fn view(body: &Body<'_>) -> Result<Billing> {
         stream,
         client_usage,
         stored_input: false,
+        input_tokens: None,
     })
 }
 

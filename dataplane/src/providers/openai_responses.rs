@@ -213,6 +213,7 @@ pub fn view(body: &Body<'_>) -> Result<Billing> {
         stream: body.flag("stream")?,
         client_usage: false,
         stored_input,
+        input_tokens: None,
     })
 }
 

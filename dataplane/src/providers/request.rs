@@ -41,6 +41,9 @@ const KEPT: &[&str] = &[
     "thinking",
     "mcp_servers",
     "container",
+    "input",
+    "dimensions",
+    "encoding_format",
 ];
 
 /// Top-level members the Responses API file reads ([`super::openai_responses::view`]), beside [`KEPT`]
@@ -94,6 +97,9 @@ pub struct Billing {
     /// `previous_response_id`, `conversation`, `item_reference` items): its input is bounded by the
     /// model's context window, not by the body's bytes.
     pub stored_input: bool,
+    /// The API's own bound on the input tokens, tighter than the body's bytes (embeddings count token ids
+    /// exactly); `None`: the byte bound ([`crate::spend::max_cost::input_token_bound`]).
+    pub input_tokens: Option<u64>,
 }
 
 /// A top-level member as it appears in the body.

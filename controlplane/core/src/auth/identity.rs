@@ -14,7 +14,9 @@
 //!    applicable policy has an allow list, the request is denied (an allow list means "only these");
 //!    when none has, the request is allowed.
 //! 4. The `max_tokens` cap comes from the most specific level that sets one; between several groups, the
-//!    largest cap wins (group grants add up, as allows do).
+//!    largest cap wins (group grants add up, as allows do). What a request asking for more gets is the
+//!    capping policy's `on_max_tokens`: `"lower"` (the default: the request is lowered to the cap) or
+//!    `"refuse"` (403).
 //!
 //! So a user's own allow beats their group's deny ("user beats group"), and a deny beats an allow of the
 //! same level ("deny beats allow").
@@ -123,6 +125,37 @@ pub struct RawPolicy {
     pub deny_providers: Vec<String>,
     /// The largest `max_tokens` (or `max_completion_tokens`) a request may ask for.
     pub max_tokens: Option<u64>,
+    /// What a request asking for more than `max_tokens` gets: `"lower"` (the default) lowers it to the cap,
+    /// `"refuse"` refuses it (403).
+    pub on_max_tokens: Option<String>,
+}
+
+/// What a request asking for more output than its policy's `max_tokens` gets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum OnMaxTokens {
+    /// Lowered to the cap (the body rewritten so the provider enforces it; reserved and billed at it).
+    #[default]
+    Lower,
+    /// Refused with 403 naming the policy.
+    Refuse,
+}
+
+impl OnMaxTokens {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OnMaxTokens::Lower => "lower",
+            OnMaxTokens::Refuse => "refuse",
+        }
+    }
+}
+
+/// The effective output cap of a request: how many tokens, which policy sets it, and what a request asking
+/// for more gets.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Cap {
+    pub tokens: u64,
+    pub policy: Arc<str>,
+    pub on_over: OnMaxTokens,
 }
 
 /// Whom a policy applies to.
@@ -144,6 +177,7 @@ pub struct Policy {
     allow_providers: Vec<glob::Pattern>,
     deny_providers: Vec<glob::Pattern>,
     pub max_tokens: Option<u64>,
+    pub on_max_tokens: OnMaxTokens,
 }
 
 impl Policy {
@@ -240,8 +274,8 @@ impl<'a> PolicyRequest<'a> {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Decision {
     Allow {
-        /// The effective cap on `max_tokens`, and the policy it comes from.
-        max_tokens: Option<(u64, Arc<str>)>,
+        /// The effective cap on `max_tokens`, the policy it comes from and what asking for more gets.
+        max_tokens: Option<Cap>,
     },
     Deny {
         policy: Arc<str>,
@@ -311,9 +345,27 @@ impl PolicySet {
                 name: Arc::from(p.name.as_str()),
                 subject,
                 max_tokens: p.max_tokens,
+                on_max_tokens: match p.on_max_tokens.as_deref() {
+                    None | Some("lower") => OnMaxTokens::Lower,
+                    Some("refuse") => OnMaxTokens::Refuse,
+                    Some(other) => {
+                        issues.push((
+                            at("on_max_tokens"),
+                            format!("{other:?} is not one of \"lower\", \"refuse\""),
+                        ));
+                        OnMaxTokens::Lower
+                    }
+                },
             };
             if policy.max_tokens == Some(0) {
                 issues.push((at("max_tokens"), "must be at least 1".to_owned()));
+            }
+            if p.on_max_tokens.is_some() && policy.max_tokens.is_none() {
+                issues.push((
+                    at("on_max_tokens"),
+                    "only means something with max_tokens, which this policy does not set"
+                        .to_owned(),
+                ));
             }
             policies.push(policy);
         }
@@ -335,7 +387,7 @@ impl PolicySet {
     /// Decides whether `id` may make request `r` (see the module docs for the precedence).
     pub fn decide(&self, id: &Identity, r: &PolicyRequest<'_>) -> Decision {
         let mut restricting: Option<&Policy> = None;
-        let mut cap: Option<(u64, Arc<str>)> = None;
+        let mut cap: Option<Cap> = None;
         let mut decided = false;
         for level in LEVELS {
             let here: Vec<&Policy> = self
@@ -349,8 +401,14 @@ impl PolicySet {
             if cap.is_none() {
                 cap = here
                     .iter()
-                    .filter_map(|p| p.max_tokens.map(|m| (m, Arc::clone(&p.name))))
-                    .max_by_key(|(m, _)| *m);
+                    .filter_map(|p| {
+                        p.max_tokens.map(|tokens| Cap {
+                            tokens,
+                            policy: Arc::clone(&p.name),
+                            on_over: p.on_max_tokens,
+                        })
+                    })
+                    .max_by_key(|c| c.tokens);
             }
             if decided {
                 continue;
@@ -446,6 +504,14 @@ mod tests {
         }
     }
 
+    fn cap(tokens: u64, policy: &str) -> Cap {
+        Cap {
+            tokens,
+            policy: Arc::from(policy),
+            on_over: OnMaxTokens::Lower,
+        }
+    }
+
     fn denied_by(d: &Decision) -> Option<&str> {
         match d {
             Decision::Deny { policy, .. } => Some(policy),
@@ -488,6 +554,7 @@ mod tests {
         service_token = "ci-bot"
         allow_providers = ["anthropic"]
         max_tokens = 200
+        on_max_tokens = "lower"
     "#;
 
     #[test]
@@ -497,7 +564,7 @@ mod tests {
         assert_eq!(
             p.decide(&nobody, &req("gpt-4o-mini")),
             Decision::Allow {
-                max_tokens: Some((1000, Arc::from("everyone")))
+                max_tokens: Some(cap(1000, "everyone"))
             }
         );
         let d = p.decide(&nobody, &req("gpt-4o"));
@@ -512,7 +579,7 @@ mod tests {
         assert_eq!(
             p.decide(&dev, &req("gpt-4o")),
             Decision::Allow {
-                max_tokens: Some((8000, Arc::from("ml")))
+                max_tokens: Some(cap(8000, "ml"))
             }
         );
     }
@@ -543,7 +610,7 @@ mod tests {
         assert_eq!(
             d,
             Decision::Allow {
-                max_tokens: Some((32000, Arc::from("research")))
+                max_tokens: Some(cap(32000, "research"))
             }
         );
         let d = p.decide(
@@ -558,7 +625,7 @@ mod tests {
         assert_eq!(
             d,
             Decision::Allow {
-                max_tokens: Some((200, Arc::from("ci")))
+                max_tokens: Some(cap(200, "ci"))
             }
         );
     }
@@ -672,5 +739,54 @@ mod tests {
         assert!(fields.contains(&"policies[1].name"), "{e:?}");
         assert!(fields.contains(&"policies[1].allow_models[0]"), "{e:?}");
         assert!(fields.contains(&"policies[1].max_tokens"), "{e:?}");
+        let raw = vec![
+            RawPolicy {
+                name: "a".into(),
+                default: Some(true),
+                max_tokens: Some(10),
+                on_max_tokens: Some("truncate".into()),
+                ..RawPolicy::default()
+            },
+            RawPolicy {
+                name: "b".into(),
+                group: Some("g".into()),
+                on_max_tokens: Some("refuse".into()),
+                ..RawPolicy::default()
+            },
+        ];
+        let e = PolicySet::from_raw(raw).unwrap_err();
+        assert!(
+            e.iter()
+                .any(|(f, r)| f == "policies[0].on_max_tokens" && r.contains("truncate")),
+            "{e:?}"
+        );
+        assert!(
+            e.iter().any(|(f, _)| f == "policies[1].on_max_tokens"),
+            "{e:?}"
+        );
+    }
+
+    #[test]
+    fn the_capping_policy_says_whether_a_larger_request_is_lowered_or_refused() {
+        let p = set(r#"
+            [[policies]]
+            name = "everyone"
+            default = true
+            max_tokens = 4096
+
+            [[policies]]
+            name = "strict"
+            group = "strict"
+            max_tokens = 1000
+            on_max_tokens = "refuse"
+        "#);
+        let over = |id: &Identity| match p.decide(id, &req("gpt-4o")) {
+            Decision::Allow {
+                max_tokens: Some(c),
+            } => (c.tokens, c.on_over),
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(over(&user("carol", &[])), (4096, OnMaxTokens::Lower));
+        assert_eq!(over(&user("dan", &["strict"])), (1000, OnMaxTokens::Refuse));
     }
 }

@@ -1035,6 +1035,23 @@ impl PriceBook {
             .and_then(|h| h.context_window)
     }
 
+    /// The canonical names of `provider`'s models in the sheet (every entry's `model`, not its aliases),
+    /// sorted: what a glob route can serve, for `GET /v1/models`. Allocates the list; not on the hot path.
+    pub fn models(&self, provider: ProviderKind) -> Vec<&Arc<str>> {
+        let mut out: Vec<&Arc<str>> = self.names[provider_index(provider)]
+            .iter()
+            .filter_map(|(name, &h)| {
+                self.histories
+                    .get(h)
+                    .filter(|h| *h.model == **name)
+                    .map(|h| &h.model)
+            })
+            .collect();
+        out.sort_unstable();
+        out.dedup();
+        out
+    }
+
     /// The prices for a request to `provider`'s `model` on the UTC day `day`. Allocation-free except for
     /// the error.
     pub fn price_at(
@@ -1210,6 +1227,12 @@ mod tests {
         assert_eq!(c(OAI, "gpt-4o-2024-05-13"), None);
         assert_eq!(c(ANT, "gpt-4o"), None);
         assert_eq!(c(OAI, "no-such-model"), None);
+        // The model list holds canonical names only, each once, per provider.
+        let oai: Vec<&str> = b.models(OAI).into_iter().map(|m| &**m).collect();
+        assert!(oai.contains(&"gpt-4o") && oai.contains(&"text-embedding-3-small"));
+        assert!(!oai.contains(&"gpt-4o-2024-08-06"));
+        assert!(oai.windows(2).all(|w| w[0] < w[1]), "{oai:?}");
+        assert!(b.models(ANT).iter().all(|m| m.starts_with("claude-")));
     }
 
     #[test]
