@@ -452,11 +452,19 @@ fn paths_without_v1_are_aliases_forwarded_to_the_v1_path() {
     let (a, b) = (list("/models"), list("/v1/models"));
     assert_eq!((a.status, b.status), (200, 200));
     assert_eq!(a.json(), b.json());
-    // Nothing else is an endpoint: not `/responses` (not served by this gateway), nor another version.
+    // `/responses` is `/v1/responses`, forwarded upstream to the `/v1` path.
+    clear_requests(&m);
+    let r = post(
+        g.addr,
+        "/responses",
+        r#"{"model":"gpt-4o-mini","input":"x"}"#,
+        &bearer(&token),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(mock_requests(&m)[0]["path"], "/v1/responses");
+    // Nothing else is an endpoint: not another version, not a doubled prefix.
     clear_requests(&m);
     for path in [
-        "/responses",
-        "/v1/responses",
         "/v2/chat/completions",
         "/v1/v1/messages",
     ] {
