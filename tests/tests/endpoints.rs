@@ -464,10 +464,7 @@ fn paths_without_v1_are_aliases_forwarded_to_the_v1_path() {
     assert_eq!(mock_requests(&m)[0]["path"], "/v1/responses");
     // Nothing else is an endpoint: not another version, not a doubled prefix.
     clear_requests(&m);
-    for path in [
-        "/v2/chat/completions",
-        "/v1/v1/messages",
-    ] {
+    for path in ["/v2/chat/completions", "/v1/v1/messages"] {
         let r = post(
             g.addr,
             path,
