@@ -9,6 +9,10 @@
 //!   accumulating a `String` and splitting it into owned events.
 //! - `stream_cutoff`: what a budget's stream cut-off costs per event: nothing while the stream's bytes stay
 //!   under the reserved output tokens, then a parse and two tokenizer passes per event once counting.
+//! - `metrics_record`: what `/metrics` adds to every request on its core (`obs::metrics::CoreMetrics::record`
+//!   of a streamed, settled request: requests, tokens, cost and five histograms) beside the same request's
+//!   access-log line (`serde_json` of a comparable object, a baseline the core already pays) and a bare
+//!   shared-atomic counter bump (the floor of any counting).
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
@@ -280,8 +284,63 @@ fn stream_cutoff(c: &mut Criterion) {
     g.finish();
 }
 
+fn metrics_record(c: &mut Criterion) {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::time::Duration;
+    use tollgate_dataplane::obs::metrics::{CoreMetrics, Sample};
+    let mut g = c.benchmark_group("metrics_record");
+    let core = CoreMetrics::new(Default::default());
+    let models = [
+        "gpt-4o-mini",
+        "gpt-4o",
+        "claude-haiku-4-5",
+        "claude-sonnet-4-5",
+    ];
+    let mut i = 0usize;
+    g.bench_function("tollgate_core_local", |b| {
+        b.iter(|| {
+            i = i.wrapping_add(1);
+            core.record(black_box(&Sample {
+                api: "openai",
+                provider: Some("openai"),
+                model: Some(models[i % models.len()]),
+                group: Some("eng"),
+                outcome: "complete",
+                status: 200,
+                stream: true,
+                total: Duration::from_micros(1_200_000 + i as u64 % 1000),
+                added: Some(Duration::from_micros(60)),
+                ttfb: Some(Duration::from_millis(180)),
+                tokens: Some([600, 16, 400, 0, 5]),
+                cost: Some((129_600_000, 129_600_000)),
+                budget_asks: 0,
+            }));
+        })
+    });
+    g.bench_function("baseline_access_log_line", |b| {
+        b.iter(|| {
+            i = i.wrapping_add(1);
+            black_box(
+                serde_json::to_vec(&serde_json::json!({
+                    "event": "request", "api": "openai", "provider": "openai",
+                    "model": models[i % models.len()], "status": 200, "outcome": "complete",
+                    "total_us": 1_200_000 + i % 1000, "upstream_ttfb_us": 180_000,
+                    "input_tokens": 600, "output_tokens": 16, "cost_pusd": 129_600_000u64,
+                }))
+                .unwrap(),
+            )
+        })
+    });
+    let shared = AtomicU64::new(0);
+    g.bench_function("floor_one_shared_atomic", |b| {
+        b.iter(|| black_box(shared.fetch_add(1, Ordering::Relaxed)))
+    });
+    g.finish();
+}
+
 criterion_group!(
     benches,
+    metrics_record,
     head_parse,
     model_probe,
     sse_framing,

@@ -44,6 +44,8 @@ pub struct Gateway {
     resolver: Option<std::thread::JoinHandle<()>>,
     identity: Option<std::thread::JoinHandle<()>>,
     webhook_thread: Option<std::thread::JoinHandle<obs::webhook::WebhookTotals>>,
+    /// Webhooks dropped because their queue was full (`/metrics`).
+    webhooks_dropped: Arc<std::sync::atomic::AtomicU64>,
     ledger: Option<spend::committer::LedgerHandle>,
     logger: Option<obs::accesslog::Logger>,
     log_writer: Option<std::thread::JoinHandle<()>>,
@@ -222,6 +224,7 @@ impl Gateway {
         // Alert webhooks go out from their own thread (idle on its queue until a budget with a webhook
         // alerts; always there, so a reload can add webhooks).
         let (webhooks, webhook_thread) = obs::webhook::Webhooks::start(logger.clone())?;
+        let webhooks_dropped = webhooks.dropped_counter();
         // Spend: the store, earlier runs' journals replayed, and the history the budgets start from.
         let ledger = match store {
             StoreChoice::Configured => spend::committer::start(&config.ledger, &logger),
@@ -272,6 +275,7 @@ impl Gateway {
             resolver: Some(resolver),
             identity: Some(identity),
             webhook_thread: Some(webhook_thread),
+            webhooks_dropped,
             ledger: Some(ledger.handle),
             logger: Some(logger),
             log_writer: Some(log_writer),
@@ -376,6 +380,35 @@ impl Gateway {
     pub fn log_value(&self, v: serde_json::Value) {
         if let Some(l) = &self.logger {
             l.value(v);
+        }
+    }
+
+    /// The data plane's metrics as of now: every core's last published counts merged, the ledger thread's
+    /// numbers and the drop counts (see [`obs::exposition`]). Off the cores; never waits on one.
+    pub fn metrics(&self) -> obs::exposition::GatewayMetrics {
+        use std::sync::atomic::Ordering::Relaxed;
+        let ledger = self.ledger.as_ref().map(|l| {
+            let h = &l.health;
+            let m = &h.metrics;
+            obs::exposition::LedgerView {
+                commits: h.commits.load(Relaxed),
+                settlements: m.settlements.load(Relaxed),
+                failures: m.failures.load(Relaxed),
+                recovered: m.recovered.load(Relaxed),
+                pending_entries: m.pending_entries.load(Relaxed),
+                store_failing: h.failing(),
+                commit_us: m.commit_us.iter().map(|c| c.load(Relaxed)).collect(),
+                commit_us_sum: m.commit_us_sum.load(Relaxed),
+                batch: m.batch.iter().map(|c| c.load(Relaxed)).collect(),
+                batch_sum: m.batch_sum.load(Relaxed),
+            }
+        });
+        obs::exposition::GatewayMetrics {
+            merged: obs::metrics::merge_slots(&self.server.metrics),
+            workers: self.workers,
+            ledger,
+            access_log_dropped: self.logger.as_ref().map_or(0, |l| l.dropped_total()),
+            webhooks_dropped: self.webhooks_dropped.load(Relaxed),
         }
     }
 

@@ -75,6 +75,8 @@ pub struct RawAdmin {
     /// OIDC groups (as `[auth]` issuers map them) granting each role; `"*"` is any verified identity.
     #[serde(default)]
     pub roles: RawAdminRoles,
+    /// A bearer token `GET /metrics` must present; none: `/metrics` is open like `/admin/v1/healthz`.
+    pub metrics_token: Option<String>,
 }
 
 /// `[admin] roles` as written: one list of groups per role.
@@ -97,6 +99,8 @@ pub struct AdminConfig {
     /// `Some` serves HTTPS with this certificate and key (resolved against the config file's directory).
     pub tls: Option<AdminTls>,
     pub roles: AdminRoles,
+    /// The bearer token `GET /metrics` requires, if any.
+    pub metrics_token: Option<MetricsToken>,
 }
 
 impl Default for AdminConfig {
@@ -106,7 +110,18 @@ impl Default for AdminConfig {
             enabled: true,
             tls: None,
             roles: AdminRoles::default(),
+            metrics_token: None,
         }
+    }
+}
+
+/// `[admin] metrics_token`: a shared secret for Prometheus's scrape (its Debug never shows it).
+#[derive(Clone, PartialEq, Eq)]
+pub struct MetricsToken(pub String);
+
+impl std::fmt::Debug for MetricsToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("MetricsToken(..)")
     }
 }
 
@@ -1099,6 +1114,15 @@ fn admin_config(is: &mut Issues<'_>, raw: RawAdmin, base: &Path) -> AdminConfig 
                 );
             }
         }
+    }
+    if let Some(t) = raw.metrics_token {
+        if t.len() < 16 || t.len() > 256 || !t.bytes().all(|b| b.is_ascii_graphic()) {
+            is.push(
+                "admin.metrics_token",
+                "must be 16-256 printable ASCII characters without spaces",
+            );
+        }
+        c.metrics_token = Some(MetricsToken(t));
     }
     c.roles = AdminRoles {
         admin: raw.roles.admin,

@@ -57,7 +57,7 @@ impl Caller {
 /// The role a call needs: `None` for the public endpoints (health, the OpenAPI document).
 pub fn required_role(method: &Method, path: &str) -> Option<Role> {
     match path {
-        "/admin/v1/healthz" | "/admin/v1/openapi.json" => None,
+        "/admin/v1/healthz" | "/admin/v1/openapi.json" | "/metrics" => None,
         "/admin/v1/audit" | "/admin/v1/spend" | "/admin/v1/spend/budgets" => Some(Role::Finance),
         _ if method == Method::GET || method == Method::HEAD => Some(Role::Viewer),
         _ => Some(Role::Admin),

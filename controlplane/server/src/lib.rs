@@ -53,6 +53,11 @@ pub trait Hooks: Send + Sync {
     fn live_budgets(&self) -> Option<serde_json::Value> {
         None
     }
+    /// The process's metrics page for `GET /metrics`: Prometheus text format 0.0.4, or OpenMetrics 1.0
+    /// when `openmetrics`; `None` (the default) answers 404. Called on tokio's blocking pool.
+    fn metrics(&self, _openmetrics: bool) -> Option<String> {
+        None
+    }
 }
 
 /// Hooks that do nothing (tests, tools).
@@ -85,6 +90,8 @@ pub struct App {
     pub(crate) auth: AuthConfig,
     pub(crate) roles: tollgate_core::config::AdminRoles,
     pub(crate) keys: callers::KeyCache,
+    /// `[admin] metrics_token`: what `GET /metrics` requires, if anything.
+    pub(crate) metrics_token: Option<tollgate_core::config::MetricsToken>,
 }
 
 impl std::fmt::Debug for App {
@@ -155,6 +162,7 @@ pub fn start(
         auth: opts.auth,
         roles: opts.admin.roles,
         keys: callers::KeyCache::default(),
+        metrics_token: opts.admin.metrics_token,
     });
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel();
     let thread = std::thread::Builder::new()

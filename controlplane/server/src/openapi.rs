@@ -12,7 +12,7 @@ use utoipa::openapi::{ContentBuilder, Ref, RefOr};
 use utoipa::{Modify, OpenApi};
 
 use crate::endpoints::{
-    audit_log, budgets, health, policies, price_overrides, spend_queries, token_routes,
+    audit_log, budgets, health, policies, price_overrides, scrape, spend_queries, token_routes,
 };
 
 /// The document's derive: every handler and schema.
@@ -20,7 +20,7 @@ use crate::endpoints::{
 #[openapi(
     info(title = "Tollgate admin API", description = "The control plane's REST API: policies, budgets, price overrides and service tokens beside the configuration file, and the audit log. Errors are RFC 9457 problem details."),
     paths(
-        health::healthz, serve,
+        health::healthz, serve, scrape::metrics,
         policies::list, policies::create, policies::get, policies::replace, policies::delete,
         budgets::list, budgets::create, budgets::get, budgets::replace, budgets::delete, budgets::state,
         price_overrides::list, price_overrides::create, price_overrides::get, price_overrides::replace, price_overrides::delete,
@@ -83,7 +83,9 @@ impl Modify for Common {
             ),
         );
         for (path, item) in openapi.paths.paths.iter_mut() {
-            let protected = path != "/admin/v1/healthz" && path != "/admin/v1/openapi.json";
+            let protected = path != "/admin/v1/healthz"
+                && path != "/admin/v1/openapi.json"
+                && path != "/metrics";
             if let Some(op) = item.get.as_mut() {
                 add_common(op, protected, false);
             }

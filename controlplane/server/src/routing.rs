@@ -8,7 +8,7 @@ use axum::extract::DefaultBodyLimit;
 use axum::Router;
 
 use crate::endpoints::{
-    audit_log, budgets, health, policies, price_overrides, spend_queries, token_routes,
+    audit_log, budgets, health, policies, price_overrides, scrape, spend_queries, token_routes,
 };
 use crate::problem::{ApiError, MAX_BODY_BYTES};
 use crate::App;
@@ -28,6 +28,7 @@ pub fn router(app: Arc<App>) -> Router {
         ));
     Router::new()
         .merge(health::routes())
+        .merge(scrape::routes())
         .route(
             "/admin/v1/openapi.json",
             axum::routing::get(crate::openapi::serve),

@@ -15,6 +15,7 @@ use clap::{Parser, Subcommand};
 use tollgate_core::Config;
 
 mod admin;
+mod metrics_page;
 mod serve;
 
 #[derive(Parser)]

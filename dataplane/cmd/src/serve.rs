@@ -234,6 +234,7 @@ pub fn serve(path: &Path, listen: Vec<String>, workers: Option<usize>) -> anyhow
             tx: tx.clone(),
             path: path.to_owned(),
             store: Arc::clone(&control.store),
+            gateway: Some(Arc::clone(&gateway)),
         });
         let h = tollgate_controlplane::start(
             tollgate_controlplane::Options {
@@ -292,6 +293,8 @@ pub struct GatewayHooks {
     pub tx: crossbeam_channel::Sender<Trigger>,
     pub path: PathBuf,
     pub store: Arc<dyn Store>,
+    /// The gateway whose data plane `/metrics` reads; `None` for the control plane alone.
+    pub gateway: Option<Arc<Gateway>>,
 }
 
 impl tollgate_controlplane::Hooks for GatewayHooks {
@@ -301,6 +304,15 @@ impl tollgate_controlplane::Hooks for GatewayHooks {
 
     fn live_budgets(&self) -> Option<serde_json::Value> {
         live_budgets(&self.path, self.store.as_ref())
+    }
+
+    fn metrics(&self, openmetrics: bool) -> Option<String> {
+        crate::metrics_page::render(
+            &self.path,
+            self.store.as_ref(),
+            self.gateway.as_deref(),
+            openmetrics,
+        )
     }
 }
 
@@ -353,6 +365,7 @@ pub fn controlplane(path: &Path, listen: Option<String>) -> anyhow::Result<()> {
         tx,
         path: path.to_owned(),
         store: Arc::clone(&store),
+        gateway: None,
     });
     let h = tollgate_controlplane::start(
         tollgate_controlplane::Options {

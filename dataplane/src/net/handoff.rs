@@ -66,6 +66,17 @@ pub fn bump(c: &Cell<u64>) {
 }
 
 impl Counters {
+    /// owner_local, owner_remote, handed_off, adopted, failed: what `/metrics` exposes.
+    pub fn snapshot(&self) -> [u64; 5] {
+        [
+            self.owner_local.get(),
+            self.owner_remote.get(),
+            self.handed_off.get(),
+            self.adopted.get(),
+            self.failed.get(),
+        ]
+    }
+
     fn total(&self) -> u64 {
         [
             &self.owner_local,

@@ -21,6 +21,8 @@ use crossbeam_channel::{bounded, Receiver, Sender, TrySendError};
 pub struct Logger {
     tx: Sender<Vec<u8>>,
     dropped: Arc<AtomicU64>,
+    /// Every batch ever dropped (never reset): `/metrics`' `tollgate_access_log_dropped_batches_total`.
+    dropped_total: Arc<AtomicU64>,
     /// Set by [`Logger::close`]: the writer drains what is queued and exits even if some clone is still alive
     /// (a task a runtime never dropped, e.g. an idle keep-alive connection's, holds one).
     stop: Arc<std::sync::atomic::AtomicBool>,
@@ -42,6 +44,7 @@ impl Logger {
             Logger {
                 tx,
                 dropped: Arc::new(AtomicU64::new(0)),
+                dropped_total: Arc::new(AtomicU64::new(0)),
                 stop,
             },
             handle,
@@ -53,6 +56,11 @@ impl Logger {
         self.stop.store(true, Ordering::Release);
         // Wake it if it is waiting (an empty batch writes nothing).
         let _ = self.tx.try_send(Vec::new());
+    }
+
+    /// Batches of log lines dropped since start because the writer fell behind.
+    pub fn dropped_total(&self) -> u64 {
+        self.dropped_total.load(Ordering::Relaxed)
     }
 
     /// Writes one event line: `{"ts":..,"event":name, k: v, ...}`. For start-up and background events.
@@ -85,6 +93,7 @@ impl Logger {
             Ok(()) => {}
             Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {
                 self.dropped.fetch_add(1 + dropped, Ordering::Relaxed);
+                self.dropped_total.fetch_add(1, Ordering::Relaxed);
             }
         }
     }

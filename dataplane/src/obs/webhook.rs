@@ -89,6 +89,8 @@ pub struct WebhookTotals {
 pub struct WebhookSender {
     tx: Sender<Webhook>,
     dropped: Arc<AtomicU64>,
+    /// Every webhook ever dropped (never reset), for `/metrics`.
+    dropped_total: Arc<AtomicU64>,
 }
 
 impl WebhookSender {
@@ -99,10 +101,17 @@ impl WebhookSender {
             Ok(()) => Ok(()),
             Err(TrySendError::Full(_)) => {
                 self.dropped.fetch_add(1, Ordering::Relaxed);
+                self.dropped_total.fetch_add(1, Ordering::Relaxed);
                 Err(WebhookError::Full)
             }
             Err(TrySendError::Disconnected(_)) => Err(WebhookError::Stopped),
         }
+    }
+
+    /// The count of webhooks dropped since start because the queue was full (shared, never reset; holding
+    /// it does not keep the webhook thread alive, unlike holding a sender).
+    pub fn dropped_counter(&self) -> Arc<AtomicU64> {
+        Arc::clone(&self.dropped_total)
     }
 }
 
@@ -141,7 +150,14 @@ impl Webhooks {
         let handle = std::thread::Builder::new()
             .name("tollgate-webhook".into())
             .spawn(move || worker.run())?;
-        Ok((WebhookSender { tx, dropped }, handle))
+        Ok((
+            WebhookSender {
+                tx,
+                dropped,
+                dropped_total: Arc::new(AtomicU64::new(0)),
+            },
+            handle,
+        ))
     }
 }
 

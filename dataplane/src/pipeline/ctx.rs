@@ -45,6 +45,8 @@ pub struct Core {
     pub in_flight: Cell<usize>,
     /// Connection handoffs and where budgeted requests were served (see [`crate::net::handoff`]).
     pub handoff: crate::net::handoff::Counters,
+    /// This core's request metrics (core-local; published every tick, see [`crate::obs::metrics`]).
+    pub metrics: crate::obs::metrics::CoreMetrics,
     requests: Cell<u64>,
     id_prefix: String,
 }
@@ -94,6 +96,8 @@ impl Core {
             budgets,
             in_flight: Cell::new(0),
             handoff: Default::default(),
+            // Publishes into a slot of its own until the server gives it the one the scrape reads.
+            metrics: crate::obs::metrics::CoreMetrics::new(Default::default()),
             requests: Cell::new(0),
             id_prefix: format!("{process_seed:08x}{:02x}", id & 0xff),
         }
@@ -198,6 +202,8 @@ pub struct RequestCtx {
     pub attributes: Vec<(String, String)>,
     /// Cross-core messages the admission waited for (see [`crate::spend::reservation::Reservation::asks`]).
     pub budget_asks: Option<u32>,
+    /// From `start` to the upstream request being sent: the gateway's own time before the provider.
+    pub upstream_sent: Option<Duration>,
 }
 
 /// What the client asked for.

@@ -215,6 +215,7 @@ async fn exchange(
         }
     };
     ctx.upstream_ttfb = Some(quanta::Instant::now().duration_since(sent_at));
+    ctx.upstream_sent = Some(sent_at.duration_since(ctx.start));
     ctx.status = resp.status;
 
     let sse = resp.is_event_stream();

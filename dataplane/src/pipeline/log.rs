@@ -159,3 +159,37 @@ pub fn parse_failure(core: &Core, e: &Error) {
         out.push(b'}');
     });
 }
+
+/// Adds the request to the core's metrics (core-local counters; see [`crate::obs::metrics`]), beside its
+/// access-log line and whether or not the access log is on.
+pub fn count(core: &Core, ctx: &RequestCtx) {
+    let settled = ctx.account.as_ref();
+    core.metrics.record(&crate::obs::metrics::Sample {
+        api: ctx.api.as_str(),
+        provider: ctx.provider.as_deref().map(|p| &*p.label),
+        model: ctx.billed_model.as_deref(),
+        group: ctx
+            .identity
+            .as_ref()
+            .and_then(|i| i.groups.first())
+            .map(|g| &**g),
+        outcome: ctx.outcome.as_str(),
+        status: ctx.status,
+        stream: ctx.stream,
+        total: quanta::Instant::now().duration_since(ctx.start),
+        added: ctx.upstream_sent,
+        ttfb: ctx.upstream_ttfb,
+        tokens: settled.map(|a| {
+            let u = &a.usage;
+            [
+                u.input_tokens,
+                u.output_tokens,
+                u.cached_input_tokens,
+                u.cache_write_5m_tokens + u.cache_write_1h_tokens,
+                u.reasoning_tokens,
+            ]
+        }),
+        cost: settled.map(|a| (a.cost.list.pico(), a.cost.effective.pico())),
+        budget_asks: ctx.budget_asks.unwrap_or(0),
+    });
+}

@@ -57,6 +57,12 @@ pub async fn run_one(core: &Core, io: &mut ClientIo) -> bool {
             )
             .await;
             log::parse_failure(core, &e);
+            core.metrics.record(&crate::obs::metrics::Sample {
+                api: crate::obs::metrics::NONE,
+                outcome: Outcome::Rejected.as_str(),
+                status: e.status(),
+                ..Default::default()
+            });
             return false;
         }
     };
@@ -95,11 +101,13 @@ pub async fn run_one(core: &Core, io: &mut ClientIo) -> bool {
         billed_model: None,
         attributes: Vec::new(),
         cutoff_tokens: None,
+        upstream_sent: None,
     };
     handle(core, &mut ctx, io).await;
     note_owner(core, &mut ctx, io);
     // 9. log
     log::access(core, &ctx);
+    log::count(core, &ctx);
     core.in_flight.set(core.in_flight.get().saturating_sub(1));
     ctx.keep_alive && !core.shutting_down()
 }

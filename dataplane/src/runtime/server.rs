@@ -47,6 +47,8 @@ pub struct Workers {
     handles: Vec<std::thread::JoinHandle<()>>,
     /// Posts to every core's budget inbox: how a reload reaches the ledger shards.
     postman: Option<crate::runtime::mailbox::Postman<crate::runtime::inbox::Msg>>,
+    /// Where each core publishes its metrics (read at scrape time: [`crate::obs::metrics::merge_slots`]).
+    pub metrics: Vec<crate::obs::metrics::Slot>,
 }
 
 impl Workers {
@@ -58,6 +60,7 @@ impl Workers {
             pinned: false,
             handles: Vec::new(),
             postman: None,
+            metrics: Vec::new(),
         }
     }
 
@@ -188,7 +191,9 @@ pub fn start(
             .map_err(|e| std::io::Error::other(format!("the ledger thread is gone: {e}")))?;
     }
     let mut handles = Vec::with_capacity(count);
+    let slots: Vec<crate::obs::metrics::Slot> = (0..count).map(|_| Default::default()).collect();
     for (i, (ls, inbox)) in listeners.into_iter().zip(inboxes).enumerate() {
+        let slot = Arc::clone(&slots[i]);
         let postman = postman.clone();
         let webhooks = webhooks.clone();
         let spend = spend.clone();
@@ -233,7 +238,7 @@ pub fn start(
                 }
                 budgets.preload(&budget_set, &spend.history);
                 let budgets = Rc::new(budgets);
-                let core = Rc::new(Core::new(
+                let mut core = Core::new(
                     i,
                     crate::pipeline::Shared {
                         snapshot,
@@ -245,7 +250,9 @@ pub fn start(
                     upstream,
                     budgets,
                     seed,
-                ));
+                );
+                core.metrics = crate::obs::metrics::CoreMetrics::new(slot);
+                let core = Rc::new(core);
                 let res = if driver == "io_uring" {
                     monoio::RuntimeBuilder::<monoio::IoUringDriver>::new()
                         .with_entries(1024)
@@ -275,6 +282,7 @@ pub fn start(
         pinned: !cores.is_empty(),
         handles,
         postman: Some(postman),
+        metrics: slots,
     })
 }
 
@@ -356,6 +364,7 @@ async fn worker_main(
         monoio::time::sleep(Duration::from_millis(50)).await;
         core.log.flush();
         core.budgets.tick();
+        core.metrics.publish(core.handoff.snapshot(), false);
         ticks += 1;
         if ticks.is_multiple_of(20) {
             core.pool.sweep();
@@ -373,6 +382,7 @@ async fn worker_main(
         monoio::time::sleep(Duration::from_millis(10)).await;
     }
     core.handoff.log(core.log.logger(), core.id, true);
+    core.metrics.publish(core.handoff.snapshot(), true);
     core.log.flush();
 }
 

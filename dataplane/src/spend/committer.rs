@@ -75,9 +75,57 @@ pub struct Health {
     /// Unix milliseconds since which commits have been failing; 0 while they succeed.
     failing_since_ms: AtomicI64,
     pub commits: AtomicU64,
+    /// The ledger thread's numbers for `/metrics` (on the heap, apart from what the cores read).
+    pub metrics: Box<LedgerMetrics>,
+}
+
+/// Commit-time buckets (microseconds) of `tollgate_ledger_commit_seconds`.
+pub const COMMIT_US: [u64; 10] = [
+    500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 1_000_000,
+];
+/// Entries-per-commit buckets of `tollgate_ledger_commit_entries`.
+pub const BATCH_ENTRIES: [u64; 9] = [1, 4, 16, 64, 256, 1_024, 4_096, 16_384, 65_536];
+
+/// What the ledger thread counts for `/metrics`: written by that thread only, read by the scrape.
+#[derive(Debug, Default)]
+pub struct LedgerMetrics {
+    /// Settlements received from the cores (and recovered from journals).
+    pub settlements: AtomicU64,
+    /// Commits that failed (each retried on the next interval).
+    pub failures: AtomicU64,
+    /// Settlements recovered from earlier runs' journals.
+    pub recovered: AtomicU64,
+    /// Spend entries waiting for the next commit (the journal's lead over the store).
+    pub pending_entries: AtomicU64,
+    /// Per [`COMMIT_US`] bucket, then `+Inf`; with the sum in microseconds.
+    pub commit_us: [AtomicU64; 11],
+    pub commit_us_sum: AtomicU64,
+    /// Per [`BATCH_ENTRIES`] bucket, then `+Inf`; with the sum of entries.
+    pub batch: [AtomicU64; 10],
+    pub batch_sum: AtomicU64,
+}
+
+impl LedgerMetrics {
+    fn committed(&self, us: u64, entries: u64) {
+        let i = COMMIT_US.partition_point(|&b| b < us);
+        if let Some(c) = self.commit_us.get(i) {
+            c.fetch_add(1, Ordering::Relaxed);
+        }
+        self.commit_us_sum.fetch_add(us, Ordering::Relaxed);
+        let i = BATCH_ENTRIES.partition_point(|&b| b < entries);
+        if let Some(c) = self.batch.get(i) {
+            c.fetch_add(1, Ordering::Relaxed);
+        }
+        self.batch_sum.fetch_add(entries, Ordering::Relaxed);
+    }
 }
 
 impl Health {
+    /// Whether the store's last commit failed (it is failing now).
+    pub fn failing(&self) -> bool {
+        self.failing_since_ms.load(Ordering::Relaxed) != 0
+    }
+
     /// Whether the store has been failing for longer than `after`.
     pub fn failing_longer_than(&self, after: Duration) -> bool {
         let since = self.failing_since_ms.load(Ordering::Relaxed);
@@ -690,6 +738,10 @@ impl Worker {
         if r.seq > last {
             self.seen.insert(std::sync::Arc::clone(&r.source), r.seq);
             self.stats.settlements += 1;
+            self.health
+                .metrics
+                .settlements
+                .fetch_add(1, Ordering::Relaxed);
             add_record(&mut self.pending, &r);
         }
     }
@@ -702,6 +754,9 @@ impl Worker {
                 if (from..to).contains(&r.seq) {
                     self.stats.recovered += 1;
                     self.stats.settlements += 1;
+                    let m = &self.health.metrics;
+                    m.recovered.fetch_add(1, Ordering::Relaxed);
+                    m.settlements.fetch_add(1, Ordering::Relaxed);
                     add_record(&mut self.pending, &r);
                 }
             }
@@ -740,6 +795,7 @@ impl Worker {
                 self.stats.max_entries = self.stats.max_entries.max(entries);
                 self.stats.commit_us_total += us;
                 self.stats.commit_us_max = self.stats.commit_us_max.max(us);
+                self.health.metrics.committed(us, entries);
                 for (s, q) in &batch.upto {
                     let c = self.committed.entry(s.clone()).or_insert(0);
                     *c = (*c).max(*q);
@@ -752,6 +808,7 @@ impl Worker {
             }
             Err(e) => {
                 self.stats.failures += 1;
+                self.health.metrics.failures.fetch_add(1, Ordering::Relaxed);
                 let now = Timestamp::now().as_millisecond();
                 if self
                     .health
@@ -766,6 +823,11 @@ impl Worker {
                 }
             }
         }
+        let behind = self.pending.spend.len() + self.inflight.as_ref().map_or(0, |b| b.spend.len());
+        self.health
+            .metrics
+            .pending_entries
+            .store(behind as u64, Ordering::Relaxed);
     }
 
     /// Spend settled on this node and not yet committed, on `w`: the pending and in-flight batches.
@@ -985,6 +1047,9 @@ pub struct SpendRow {
     /// at their reservation (the most they could cost) because the provider may bill them. Includes a
     /// crashed run's open reservations not yet replayed (when no gateway is running).
     pub crash_estimated_usd: String,
+    /// A shared instance (one for everyone in its scope), not a per-member one.
+    #[serde(skip)]
+    pub shared: bool,
 }
 
 /// Current spend per budget instance, from the store (read-only, while a gateway may be writing) plus
@@ -1099,6 +1164,7 @@ pub fn report(config: &tollgate_core::Config) -> Result<Vec<SpendRow>, String> {
                 )
                 .usd(),
                 crash_estimated_usd: estimated.status(k, now).spent.usd(),
+                shared: k.member.is_none(),
             }
         })
         .collect())

@@ -9,6 +9,7 @@ pub mod health;
 pub mod objects;
 pub mod policies;
 pub mod price_overrides;
+pub mod scrape;
 pub mod shared;
 pub mod spend_queries;
 pub mod token_routes;
