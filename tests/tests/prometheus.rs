@@ -12,6 +12,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // Test code: a failed step is a failed test.
 
 use std::net::SocketAddr;
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use serde_json::json;
@@ -77,14 +78,22 @@ fn prometheus_sees_every_request_and_the_teams_spend_to_the_pico_dollar() {
     let cfg = dir.file(
         "prometheus.yml",
         &format!(
-            "global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: tollgate\n    metrics_path: /metrics\n    static_configs:\n      - targets: ['{admin}']\n"
+            "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nrule_files:\n  - {rules}\nscrape_configs:\n  - job_name: tollgate\n    metrics_path: /metrics\n    static_configs:\n      - targets: ['{admin}']\n",
+            rules = Path::new(env!("CARGO_MANIFEST_DIR"))
+                .parent()
+                .unwrap()
+                .join("docs/grafana/tollgate-alerts.yml")
+                .display()
         ),
     );
     let port = free_port();
     let prom_addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
     let prom = std::process::Command::new(&prom_bin)
         .arg(format!("--config.file={}", cfg.display()))
-        .arg(format!("--storage.tsdb.path={}", dir.0.join("data").display()))
+        .arg(format!(
+            "--storage.tsdb.path={}",
+            dir.0.join("data").display()
+        ))
         .arg(format!("--web.listen-address={prom_addr}"))
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
@@ -107,7 +116,9 @@ fn prometheus_sees_every_request_and_the_teams_spend_to_the_pico_dollar() {
         let r = post(
             g.addr,
             "/v1/chat/completions",
-            &format!(r#"{{"model":"gpt-4o-mini","max_tokens":16{stream},"messages":[{{"role":"user","content":"hi {i}"}}]}}"#),
+            &format!(
+                r#"{{"model":"gpt-4o-mini","max_tokens":16{stream},"messages":[{{"role":"user","content":"hi {i}"}}]}}"#
+            ),
             &format!("Authorization: Bearer {token}\r\n"),
         );
         assert_eq!(r.status, 200, "{}", r.text());
@@ -115,7 +126,9 @@ fn prometheus_sees_every_request_and_the_teams_spend_to_the_pico_dollar() {
         let r = post(
             g.addr,
             "/v1/messages",
-            &format!(r#"{{"model":"claude-haiku-4-5","max_tokens":16{stream},"messages":[{{"role":"user","content":"hi {i}"}}]}}"#),
+            &format!(
+                r#"{{"model":"claude-haiku-4-5","max_tokens":16{stream},"messages":[{{"role":"user","content":"hi {i}"}}]}}"#
+            ),
             &format!("x-api-key: {token}\r\n"),
         );
         assert_eq!(r.status, 200, "{}", r.text());
@@ -123,7 +136,15 @@ fn prometheus_sees_every_request_and_the_teams_spend_to_the_pico_dollar() {
     }
 
     // What the access log says, and what `tollgate spend` says the team spent.
-    let logged = g.count_json(&[("event", json!("request"))]);
+    // The log writer is a thread of its own: wait for every line.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let logged = loop {
+        let n = g.count_json(&[("event", json!("request"))]);
+        if n >= sent || Instant::now() > deadline {
+            break n;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
     assert_eq!(logged, sent);
     let deadline = Instant::now() + Duration::from_secs(20);
     let team_pico = loop {
@@ -133,10 +154,17 @@ fn prometheus_sees_every_request_and_the_teams_spend_to_the_pico_dollar() {
             .and_then(|r| r["spent_usd"].as_str())
             .map(pico)
             .unwrap_or(0);
-        if spent > 0 && row.as_ref().is_some_and(|r| r["unreplayed_usd"].as_str().is_none_or(|u| pico(u) == 0)) {
+        if spent > 0
+            && row
+                .as_ref()
+                .is_some_and(|r| r["unreplayed_usd"].as_str().is_none_or(|u| pico(u) == 0))
+        {
             break spent;
         }
-        assert!(Instant::now() < deadline, "the team's spend never reached the store: {row:?}");
+        assert!(
+            Instant::now() < deadline,
+            "the team's spend never reached the store: {row:?}"
+        );
         std::thread::sleep(Duration::from_millis(200));
     };
 
@@ -161,4 +189,33 @@ fn prometheus_sees_every_request_and_the_teams_spend_to_the_pico_dollar() {
     }
     // Scrapes succeeded throughout (`up` is 1).
     assert_eq!(query(prom_addr, "up{job=\"tollgate\"}"), Some(1.0));
+    // The shipped alert rules load and evaluate against these metrics without errors.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let r = request(
+            prom_addr,
+            b"GET /api/v1/rules HTTP/1.1\r\nHost: p\r\nConnection: close\r\n\r\n",
+        );
+        let rules: Vec<serde_json::Value> = r.json()["data"]["groups"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .flat_map(|g| g["rules"].as_array().cloned().unwrap_or_default())
+            .collect();
+        assert!(!rules.is_empty(), "no rules loaded: {}", r.text());
+        if rules.iter().all(|x| x["health"] == "ok") {
+            break;
+        }
+        assert!(
+            rules.iter().all(|x| x["health"] != "err"),
+            "a rule failed: {}",
+            r.text()
+        );
+        assert!(
+            Instant::now() < deadline,
+            "rules never evaluated: {}",
+            r.text()
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
 }
