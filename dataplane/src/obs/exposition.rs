@@ -3,7 +3,7 @@
 //! through `prometheus-client` as a [`Collector`] (Prometheus text or OpenMetrics: the registry's encoder
 //! decides, never this file). Every name and label is listed in `docs/observability.md`.
 //!
-//! Owns: the metric names, help texts and label names of the data plane, and [`Family`], a small helper
+//! Owns: the metric names, help texts and label names of the data plane, and `Family`, a small helper
 //! that writes one family of constant samples. Fails: only if writing into a `String` fails (never).
 //! Cost: at scrape time only, off the cores: a merge of every core's published counts and one pass over
 //! the series (a few hundred microseconds for hundreds of series).
