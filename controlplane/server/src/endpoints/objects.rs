@@ -25,8 +25,8 @@ use tollgate_core::catalog::{Change, Kind, Object, Precondition, Written};
 use tollgate_core::pricing::RawOverride;
 
 use super::shared::{
-    blocking, decode_cursor, encode_cursor, etag, idempotency, if_match, page_query, path_name,
-    replayed, snapshot, valid_name, validator, write, ObjectPage, ObjectView, PageQuery,
+    blocking, encode_cursor, etag, idempotency, if_match, page, path_name, replayed, snapshot,
+    valid_name, validator, write, ObjectPage, ObjectView, PageQuery,
 };
 use crate::callers::Caller;
 use crate::problem::{parse_json, read_body, ApiError, FieldError};
@@ -120,9 +120,7 @@ pub async fn list<S: Spec>(
     State(app): State<Arc<App>>,
     q: Result<Query<PageQuery>, QueryRejection>,
 ) -> Result<Json<ObjectPage>, ApiError> {
-    let q = page_query(q)?;
-    let limit = q.limit()?;
-    let after = q.cursor.as_deref().map(decode_cursor).transpose()?;
+    let (limit, after) = page(q)?;
     let page = blocking(move || {
         let v = validator(&app)?;
         let snap = snapshot(&app)?;

@@ -200,6 +200,17 @@ impl PageQuery {
     }
 }
 
+/// A listing's page size and the position it starts after (the decoded cursor), or a problem naming the
+/// bad parameter: what every paginated list reads first.
+pub fn page(
+    q: Result<axum::extract::Query<PageQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<(usize, Option<String>), ApiError> {
+    let q = page_query(q)?;
+    let limit = q.limit()?;
+    let after = q.cursor.as_deref().map(decode_cursor).transpose()?;
+    Ok((limit, after))
+}
+
 /// The query of a listing, or a problem naming what is wrong with it.
 pub fn page_query(
     q: Result<axum::extract::Query<PageQuery>, axum::extract::rejection::QueryRejection>,

@@ -335,13 +335,7 @@ pub async fn identities(
     State(app): State<Arc<App>>,
     q: Result<Query<crate::endpoints::shared::PageQuery>, QueryRejection>,
 ) -> Result<Json<IdentityPage>, ApiError> {
-    let q = crate::endpoints::shared::page_query(q)?;
-    let limit = q.limit()?;
-    let after = q
-        .cursor
-        .as_deref()
-        .map(crate::endpoints::shared::decode_cursor)
-        .transpose()?;
+    let (limit, after) = crate::endpoints::shared::page(q)?;
     let seen = blocking(move || {
         consumption::seen(app.store.as_ref(), after.as_deref(), limit + 1)
             .map_err(|e| ApiError::StoreUnavailable(e.to_string()))

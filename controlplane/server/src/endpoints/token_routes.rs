@@ -214,13 +214,7 @@ pub async fn list(
         axum::extract::rejection::QueryRejection,
     >,
 ) -> Result<Json<TokenList>, ApiError> {
-    let q = crate::endpoints::shared::page_query(q)?;
-    let limit = q.limit()?;
-    let after = q
-        .cursor
-        .as_deref()
-        .map(crate::endpoints::shared::decode_cursor)
-        .transpose()?;
+    let (limit, after) = crate::endpoints::shared::page(q)?;
     let mut items = blocking(move || {
         let now = Timestamp::now();
         let mut file = file_tokens(&app, now);
