@@ -149,6 +149,44 @@ fn tokens_and_budgets_made_through_the_api_are_enforced_and_survive_a_restart() 
     );
     assert_eq!(r.status, 403, "{}", r.text());
 
+    // A policy attached at creation carries every policy field, `on_max_tokens` included; a bad value is
+    // refused naming the field.
+    let r = admin(
+        a,
+        "POST",
+        "/admin/v1/service-tokens",
+        root,
+        Some(&json!({"name": "strict-bot", "team": "platform",
+            "policy": {"allow_models": ["gpt-4o-mini"], "max_tokens": 100, "on_max_tokens": "sometimes"}})),
+        "",
+    );
+    assert_eq!(r.status, 422, "{}", r.text());
+    assert!(r.text().contains("on_max_tokens"), "{}", r.text());
+    let r = admin(
+        a,
+        "POST",
+        "/admin/v1/service-tokens",
+        root,
+        Some(&json!({"name": "strict-bot", "team": "platform",
+            "policy": {"allow_models": ["gpt-4o-mini"], "max_tokens": 100, "on_max_tokens": "refuse"}})),
+        "",
+    );
+    assert_eq!(r.status, 201, "{}", r.text());
+    let strict = r.json()["secret"].as_str().unwrap().to_owned();
+    let v = admin(a, "GET", "/admin/v1/healthz", "", None, "").json()["catalog_version"]
+        .as_u64()
+        .unwrap();
+    applied(&g, v);
+    let big =
+        r#"{"model":"gpt-4o-mini","max_tokens":200,"messages":[{"role":"user","content":"hi"}]}"#;
+    let r = post(
+        g.addr,
+        "/v1/chat/completions",
+        big,
+        &format!("Authorization: Bearer {strict}\r\n"),
+    );
+    assert_eq!(r.status, 403, "{}", r.text());
+
     // Lower the budget below one request's reservation: the next request is refused.
     let path = "/admin/v1/budgets/token-ci-bot";
     let cur = admin(a, "GET", path, root, None, "");

@@ -75,7 +75,8 @@ pub struct TokenBudget {
     pub providers: Option<Vec<String>>,
 }
 
-/// A policy attached to a new token (becomes the policy `token-NAME`).
+/// A policy attached to a new token (becomes the policy `token-NAME`): `[[policies]]`' fields less the
+/// subject (the token is the subject); validated as the policy it becomes.
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct TokenPolicy {
@@ -88,6 +89,8 @@ pub struct TokenPolicy {
     #[serde(default)]
     pub deny_providers: Vec<String>,
     pub max_tokens: Option<u64>,
+    /// `lower` (the default) or `refuse`: what a request above `max_tokens` gets.
+    pub on_max_tokens: Option<String>,
 }
 
 /// `POST /admin/v1/service-tokens`.
@@ -384,6 +387,7 @@ pub async fn create(
             allow_providers: p.allow_providers,
             deny_providers: p.deny_providers,
             max_tokens: p.max_tokens,
+            on_max_tokens: p.on_max_tokens,
             ..RawPolicy::default()
         };
         changes.push(Change {
