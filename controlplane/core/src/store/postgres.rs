@@ -8,10 +8,15 @@
 //! and the runtime that drives them), the table, the TLS connector, and the mapping of PostgreSQL's errors
 //! to [`StoreError`].
 //!
-//! Table: `tollgate_kv (k bytea PRIMARY KEY, v bytea NOT NULL)` in the connection's schema (the first one
-//! of its `search_path`), created by [`PgStore::open`] when it is missing (an operator may create it
-//! beforehand and grant only `SELECT, INSERT, UPDATE, DELETE`). `bytea` compares bytewise (memcmp, then
-//! length), which is FoundationDB's key order, whatever the database's collation.
+//! Table: `tollgate_kv (k bytea PRIMARY KEY, v bytea, n numeric)` ([`CREATE_TABLE`]) in the connection's
+//! schema (the first one of its `search_path`), created by [`PgStore::open`] when it is missing (an
+//! operator may create it beforehand and grant only `SELECT, INSERT, UPDATE, DELETE`). `bytea` compares
+//! bytewise (memcmp, then length), which is FoundationDB's key order, whatever the database's collation.
+//! A key written by `set` keeps its bytes in `v`; a counter written by `add` keeps its value in `n`, a
+//! signed 128-bit integer as `numeric`, read back as the 16-byte little-endian encoding the trait
+//! promises: adding to a `numeric` costs the server far less than decoding and re-encoding 16 bytes in
+//! SQL (measured: 36 against 130 us a statement, round trip included), and an operator reads spend in
+//! SQL as plain numbers.
 //!
 //! Threads: none of its own. The store owns a current-thread tokio runtime; each operation runs on the
 //! calling thread inside `Runtime::block_on`, which also drives the connections' background tasks (several
@@ -26,8 +31,8 @@
 //!   a read that a later commit overwrote does not make the reader conflict if it can be ordered first
 //!   (FoundationDB's optimistic check would refuse it). Cycles (write skew, two nodes each reading what
 //!   the other writes, as lease grants do) still conflict.
-//! - [`Transaction::add`] is an upsert that adds in SQL (exact 128-bit wrapping arithmetic on the 16-byte
-//!   little-endian value, in `numeric`), not FoundationDB's conflict-free `ADD`: two overlapping
+//! - [`Transaction::add`] is an upsert that adds in SQL (exact, wrapping at 128 bits like FoundationDB's
+//!   `ADD`), not FoundationDB's conflict-free mutation: two overlapping
 //!   transactions that add to one key conflict (`could not serialize access due to concurrent update`),
 //!   and [`super::transact`] retries the later one. In a fleet the hot keys are shared budgets' spend
 //!   slots; each node commits once per `ledger.commit_interval_ms`, so a retry costs one more commit.
@@ -388,24 +393,31 @@ struct Statements {
     add: Statement,
 }
 
-const GET: &str = "SELECT v FROM tollgate_kv WHERE k = $1";
-const RANGE: &str = "SELECT k, v FROM tollgate_kv WHERE k >= $1 AND k < $2 ORDER BY k LIMIT $3";
-const SET: &str = "INSERT INTO tollgate_kv (k, v) VALUES ($1, $2) \
-                   ON CONFLICT (k) DO UPDATE SET v = EXCLUDED.v";
+const GET: &str = "SELECT v, n::text FROM tollgate_kv WHERE k = $1";
+const RANGE: &str =
+    "SELECT k, v, n::text FROM tollgate_kv WHERE k >= $1 AND k < $2 ORDER BY k LIMIT $3";
+const SET: &str = "INSERT INTO tollgate_kv (k, v, n) VALUES ($1, $2, NULL) \
+                   ON CONFLICT (k) DO UPDATE SET v = EXCLUDED.v, n = NULL";
 const CLEAR: &str = "DELETE FROM tollgate_kv WHERE k = $1";
 const CLEAR_RANGE: &str = "DELETE FROM tollgate_kv WHERE k >= $1 AND k < $2";
-/// `$2` is the delta's 16-byte encoding (the value of an absent key), `$3` the delta as an unsigned
-/// decimal (two's complement): the sum of the stored bytes (little-endian, at most 16 of them, a shorter
-/// value zero-extended as FoundationDB does) and the delta, modulo 2^128, written back as 16 bytes.
-const ADD: &str = "INSERT INTO tollgate_kv AS t (k, v) VALUES ($1, $2) \
-    ON CONFLICT (k) DO UPDATE SET v = ( \
-      SELECT decode(string_agg(lpad(to_hex(mod(div(s.n, 256::numeric ^ i), 256)::int), 2, '0'), '' \
-                               ORDER BY i), 'hex') \
-      FROM (SELECT mod((SELECT coalesce(sum(get_byte(t.v, j)::numeric * 256::numeric ^ j), 0) \
-                        FROM generate_series(0, least(length(t.v), 16) - 1) AS j) \
-                       + $3::numeric, \
-                       2::numeric ^ 128) AS n) AS s, \
-           generate_series(0, 15) AS i)";
+/// `$2` is the delta in decimal. A counter keeps its value in `n`; a key last written by `set` is read
+/// as its bytes first (little-endian, at most 16, a shorter value zero-extended as FoundationDB does).
+/// The sum wraps into the signed 128-bit range (`mod` on `numeric` is exact), as FoundationDB's `ADD`
+/// wraps its 16-byte value.
+const ADD: &str = "INSERT INTO tollgate_kv AS t (k, v, n) VALUES ($1, NULL, $2::numeric) \
+    ON CONFLICT (k) DO UPDATE SET v = NULL, n = ( \
+      SELECT mod(mod(s.x + 170141183460469231731687303715884105728, \
+                     340282366920938463463374607431768211456) \
+                 + 340282366920938463463374607431768211456, \
+                 340282366920938463463374607431768211456) \
+             - 170141183460469231731687303715884105728 \
+      FROM (SELECT round(coalesce(t.n, \
+                   (SELECT coalesce(sum(get_byte(t.v, j)::numeric * 256::numeric ^ j), 0) \
+                    FROM generate_series(0, least(length(t.v), 16) - 1) AS j))) \
+                   + EXCLUDED.n AS x) AS s)";
+/// The table, as [`PgStore::open`] creates it when it is missing.
+pub const CREATE_TABLE: &str = "CREATE TABLE IF NOT EXISTS tollgate_kv (\
+    k bytea PRIMARY KEY, v bytea, n numeric, CHECK ((v IS NULL) <> (n IS NULL)))";
 
 /// One open connection: the client, its prepared statements, and the task that drives its socket.
 struct Conn {
@@ -545,7 +557,7 @@ impl PgStore {
                     }
                     let (b, i, t) = (Type::BYTEA, Type::INT8, Type::TEXT);
                     let (one, two) = ([b.clone()], [b.clone(), b.clone()]);
-                    let (range, add) = ([b.clone(), b.clone(), i], [b.clone(), b, t]);
+                    let (range, add) = ([b.clone(), b.clone(), i], [b, t]);
                     // Pipelined: one round trip for the settings and every statement.
                     let (_, get, range, set, clear, clear_range, add) = tokio::try_join!(
                         client.batch_execute(&settings),
@@ -634,12 +646,7 @@ async fn ensure_table(client: &Client) -> Result<(), StoreError> {
     if exists {
         return Ok(());
     }
-    match client
-        .batch_execute(
-            "CREATE TABLE IF NOT EXISTS tollgate_kv (k bytea PRIMARY KEY, v bytea NOT NULL)",
-        )
-        .await
-    {
+    match client.batch_execute(CREATE_TABLE).await {
         Ok(()) => Ok(()),
         Err(e)
             if e.code() == Some(&SqlState::UNIQUE_VIOLATION)
@@ -648,8 +655,7 @@ async fn ensure_table(client: &Client) -> Result<(), StoreError> {
             Ok(())
         }
         Err(e) => Err(StoreError::Unavailable(format!(
-            "creating the table {TABLE} (or create it beforehand: CREATE TABLE {TABLE} (k bytea \
-             PRIMARY KEY, v bytea NOT NULL)): {}",
+            "creating the table {TABLE} (or create it beforehand: {CREATE_TABLE}): {}",
             describe(&e)
         ))),
     }
@@ -766,10 +772,9 @@ impl PgTransaction<'_> {
                     client.execute(&st.clear_range, &p).await.map(|_| None)
                 }),
                 Write::Add(k, delta) => {
-                    let bytes = encode_i128(*delta).to_vec();
-                    let unsigned = (*delta as u128).to_string();
+                    let delta = delta.to_string();
                     Box::pin(async move {
-                        let p: [&(dyn ToSql + Sync); 3] = [k, &bytes, &unsigned];
+                        let p: [&(dyn ToSql + Sync); 2] = [k, &delta];
                         client.execute(&st.add, &p).await.map(|_| None)
                     })
                 }
@@ -842,19 +847,39 @@ impl PgTransaction<'_> {
     }
 }
 
-fn bytes(row: &Row, i: usize) -> Result<Vec<u8>, StoreError> {
-    row.try_get::<_, Vec<u8>>(i).map_err(|e| {
-        StoreError::Corrupt(format!(
-            "{TABLE} holds a value Tollgate did not write: {}",
-            describe(&e)
-        ))
-    })
+fn corrupt(what: String) -> StoreError {
+    StoreError::Corrupt(format!(
+        "{TABLE} holds a value Tollgate did not write: {what}"
+    ))
+}
+
+fn key(row: &Row, i: usize) -> Result<Vec<u8>, StoreError> {
+    row.try_get::<_, Vec<u8>>(i)
+        .map_err(|e| corrupt(describe(&e)))
+}
+
+/// A row's value (columns `v` and `n` from `at`): its bytes, or a counter's 16-byte encoding.
+fn value(row: &Row, at: usize) -> Result<Vec<u8>, StoreError> {
+    let bytes = row
+        .try_get::<_, Option<Vec<u8>>>(at)
+        .map_err(|e| corrupt(describe(&e)))?;
+    let counter = row
+        .try_get::<_, Option<String>>(at + 1)
+        .map_err(|e| corrupt(describe(&e)))?;
+    match (bytes, counter) {
+        (Some(b), None) => Ok(b),
+        (None, Some(n)) => n
+            .parse::<i128>()
+            .map(|n| encode_i128(n).to_vec())
+            .map_err(|_| corrupt(format!("the counter {n:?} is not a 128-bit integer"))),
+        _ => Err(corrupt("a row with both or neither of v and n".to_owned())),
+    }
 }
 
 impl Transaction for PgTransaction<'_> {
     fn get(&mut self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
         let rows = self.read(Last::Get(key))?;
-        rows.first().map(|r| bytes(r, 0)).transpose()
+        rows.first().map(|r| value(r, 0)).transpose()
     }
 
     fn get_range(
@@ -876,7 +901,7 @@ impl Transaction for PgTransaction<'_> {
         };
         let rows = self.read(Last::Range(begin, end, limit))?;
         rows.iter()
-            .map(|r| Ok((bytes(r, 0)?, bytes(r, 1)?)))
+            .map(|r| Ok((key(r, 0)?, value(r, 1)?)))
             .collect()
     }
 
