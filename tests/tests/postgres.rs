@@ -434,8 +434,10 @@ fn a_gateway_and_a_control_plane_serve_from_postgres() {
 
     // The spend reaches the database within a few commit intervals.
     let deadline = Instant::now() + Duration::from_secs(10);
-    let spend_keys = "SELECT count(*) FROM tollgate_kv WHERE position('spend'::bytea in k) > 0 \
-                      AND position('token-pg-bot'::bytea in k) > 0";
+    // The query docs/fleet.md gives operators: the keys under ("tg", "spend"), counters in `n`.
+    let spend_keys = "SELECT count(*) FROM tollgate_kv \
+                      WHERE k >= '\\x02746700027370656e6400' AND k < '\\x02746700027370656e6401' \
+                      AND n > 0 AND position('token-pg-bot'::bytea in k) > 0";
     while pg.psql(spend_keys) == "0" {
         assert!(Instant::now() < deadline, "no spend in the database");
         std::thread::sleep(Duration::from_millis(50));

@@ -1065,10 +1065,18 @@ pub struct SpendRow {
 /// journal entries the store has not applied yet. Shared instances of every budget are listed, spent or
 /// not; per-member instances once they have spend.
 pub fn report(config: &tollgate_core::Config) -> Result<Vec<SpendRow>, String> {
+    let store = open_store(&config.ledger, true)?;
+    report_on(config, store.as_ref())
+}
+
+/// [`report`] on a store already open (a running process's reader: the metrics page and the control
+/// plane's live budgets read through it instead of opening the store, a PostgreSQL connection, per call).
+pub fn report_on(
+    config: &tollgate_core::Config,
+    store: &dyn Store,
+) -> Result<Vec<SpendRow>, String> {
     use tollgate_core::budget::owner::Ledger;
     use tollgate_core::budget::InstanceKey;
-    let store = open_store(&config.ledger, true)?;
-    let store = store.as_ref();
     let path = config.ledger.dir.display();
     let policy = RetryPolicy::default();
     let now = Timestamp::now();

@@ -1,5 +1,5 @@
 //! A fleet's [`Store`] on PostgreSQL, through `tokio-postgres` over rustls, selected in the configuration
-//! by `[ledger] postgres = "postgres://..."`. The other fleet store beside FoundationDB ([`super::fdb`]):
+//! by `[ledger] postgres = "postgres://..."`. The other fleet store beside FoundationDB (`super::fdb`):
 //! every gateway of a fleet commits its spend batches to one database; the key layout is the one in
 //! `docs/store.md`, the operator's guide `docs/fleet.md`.
 //!
