@@ -436,8 +436,20 @@ impl Conn {
 pub struct PgStore {
     cfg: PgConfig,
     tls: MakeRustls,
-    rt: tokio::runtime::Runtime,
+    /// Taken only by `Drop`, which shuts it down without blocking (the last handle on the store may be
+    /// dropped on an async thread, where dropping a runtime would panic).
+    rt: Option<tokio::runtime::Runtime>,
     idle: Mutex<Vec<Conn>>,
+}
+
+impl Drop for PgStore {
+    fn drop(&mut self) {
+        // The connections' tasks end with the runtime, closing their sockets.
+        self.idle().clear();
+        if let Some(rt) = self.rt.take() {
+            rt.shutdown_background();
+        }
+    }
 }
 
 impl std::fmt::Debug for PgStore {
@@ -501,7 +513,7 @@ impl PgStore {
         let store = PgStore {
             cfg: cfg.clone(),
             tls,
-            rt,
+            rt: Some(rt),
             idle: Mutex::new(Vec::new()),
         };
         let conn = store.connect(true)?;
@@ -512,6 +524,12 @@ impl PgStore {
     /// The configuration this store was opened with.
     pub fn config(&self) -> &PgConfig {
         &self.cfg
+    }
+
+    /// Runs `f` to completion on the calling thread (driving the connections' tasks meanwhile); `None`
+    /// only while the store is being dropped.
+    fn block_on<F: Future>(&self, f: F) -> Option<F::Output> {
+        self.rt.as_ref().map(|rt| rt.block_on(f))
     }
 
     fn idle(&self) -> MutexGuard<'_, Vec<Conn>> {
@@ -540,7 +558,7 @@ impl PgStore {
             "SET statement_timeout = {ms}; SET idle_in_transaction_session_timeout = {ms}; \
              SET enable_seqscan = off"
         );
-        let result = self.rt.block_on(async {
+        let result = self.block_on(async {
             tokio::time::timeout_at(deadline, async {
                 let (client, connection) = self
                     .cfg
@@ -593,8 +611,9 @@ impl PgStore {
             .await
         });
         match result {
-            Ok(r) => r.map_err(|e| self.context(e)),
-            Err(_) => Err(StoreError::Timeout),
+            Some(Ok(r)) => r.map_err(|e| self.context(e)),
+            Some(Err(_)) => Err(StoreError::Timeout),
+            None => Err(StoreError::Unavailable("the store is closed".to_owned())),
         }
     }
 
@@ -602,7 +621,7 @@ impl PgStore {
     fn take(&self) -> Result<Conn, StoreError> {
         // Let the idle connections' tasks read what the server sent meanwhile (a shutdown's FATAL, a
         // closed socket), so a connection the server already dropped is not handed out.
-        self.rt.block_on(async {
+        self.block_on(async {
             tokio::task::yield_now().await;
             tokio::task::yield_now().await;
         });
@@ -801,14 +820,14 @@ impl PgTransaction<'_> {
         let deadline = self.deadline;
         let result = self
             .store
-            .rt
             .block_on(async move { tokio::time::timeout_at(deadline, in_order(steps)).await });
         self.begun = true;
         self.pending.clear();
         match result {
-            Ok(Ok(mut out)) => Ok(out.pop().flatten().unwrap_or_default()),
-            Ok(Err((i, e))) => Err((classify(e), committing && i + 1 == n)),
-            Err(_) => Err((Failure::TimedOut, committing)),
+            Some(Ok(Ok(mut out))) => Ok(out.pop().flatten().unwrap_or_default()),
+            Some(Ok(Err((i, e)))) => Err((classify(e), committing && i + 1 == n)),
+            Some(Err(_)) => Err((Failure::TimedOut, committing)),
+            None => Err((Failure::Gone, committing)),
         }
     }
 
