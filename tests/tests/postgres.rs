@@ -69,6 +69,40 @@ fn several_stores_opening_at_once_on_an_empty_database_all_open() {
     );
 }
 
+/// A write that conflicts is found at the next read; the transaction's commit returns the conflict, and
+/// its connection goes back to the pool rolled back: the next transaction on it works at once.
+#[test]
+#[ignore = "needs PostgreSQL: run by .ci/run with TOLLGATE_PG_BIN"]
+fn a_write_conflict_found_at_a_read_is_returned_and_leaves_a_clean_connection() {
+    let pg = PgCluster::start();
+    let store = open(&pg.url(), None, Duration::from_secs(5)).unwrap();
+    let mut t1 = store.begin().unwrap();
+    assert_eq!(t1.get(b"a").unwrap(), None);
+    let mut t2 = store.begin().unwrap();
+    t2.add(b"k", 2);
+    t2.commit().unwrap();
+    // t1's add meets t2's committed row, which its snapshot does not see.
+    t1.add(b"k", 1);
+    assert_eq!(t1.get(b"b"), Err(StoreError::Conflict));
+    assert_eq!(t1.commit(), Err(StoreError::Conflict));
+    let once = RetryPolicy {
+        max_attempts: 1,
+        ..RetryPolicy::default()
+    };
+    for _ in 0..2 {
+        let v = transact(&store, &once, |t| {
+            t.add(b"k", 1);
+            t.get(b"k")
+        })
+        .unwrap();
+        assert!(v.is_some());
+    }
+    let mut t = store.begin().unwrap();
+    let v = t.get(b"k").unwrap().unwrap();
+    t.commit().unwrap();
+    assert_eq!(tollgate_core::store::decode_i128(&v).unwrap(), 4);
+}
+
 /// What a ledger commit costs on a local cluster (fsync on): a transaction of 100 adds and one set, as
 /// `store_sqlite_commit_latency` measures SQLite, 50 commits after 10 warm-up ones.
 #[test]

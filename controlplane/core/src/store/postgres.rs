@@ -726,12 +726,12 @@ async fn in_order(
     let mut out: Vec<Option<Option<Vec<Row>>>> = (0..steps.len()).map(|_| None).collect();
     std::future::poll_fn(move |cx| {
         let mut all = true;
-        for (i, step) in steps.iter_mut().enumerate() {
-            if out[i].is_some() {
+        for (i, (step, slot)) in steps.iter_mut().zip(out.iter_mut()).enumerate() {
+            if slot.is_some() {
                 continue;
             }
             match step.as_mut().poll(cx) {
-                Poll::Ready(Ok(v)) => out[i] = Some(v),
+                Poll::Ready(Ok(v)) => *slot = Some(v),
                 Poll::Ready(Err(e)) => return Poll::Ready(Err((i, e))),
                 Poll::Pending => all = false,
             }
@@ -755,7 +755,7 @@ struct PgTransaction<'s> {
     pending: Vec<Write>,
     /// The first error: every later read and the commit return it.
     failed: Option<StoreError>,
-    /// `COMMIT` ran (or was attempted).
+    /// `COMMIT` was sent: the server ends the transaction, whatever it answers.
     done: bool,
 }
 
@@ -944,14 +944,17 @@ impl Transaction for PgTransaction<'_> {
     }
 
     fn commit(mut self: Box<Self>) -> Result<(), StoreError> {
-        self.done = true;
         if let Some(e) = self.failed.take() {
+            // Not done: dropping the transaction rolls back what the server still holds open.
             return Err(e);
         }
         if !self.begun && self.pending.is_empty() {
             // Nothing was sent: there is nothing to commit.
             return Ok(());
         }
+        // Sent with the writes: the server ends the transaction whatever happens to them (a failed one
+        // turns COMMIT into a rollback).
+        self.done = true;
         match self.round_trip(Last::Commit) {
             Ok(_) => Ok(()),
             Err((f, at_commit)) => {
