@@ -135,6 +135,28 @@ fn a_ledger_sized_commit_takes_milliseconds() {
     t.commit().unwrap();
     assert_eq!(tollgate_core::store::decode_i128(&v).unwrap(), 60);
     assert!(median < Duration::from_millis(100), "median {median:?}");
+
+    // Small transactions one after another: a read-only one (a point read and COMMIT) and a write
+    // (one add and COMMIT, a WAL flush each).
+    for (what, write) in [("read (1 get)", false), ("write (1 add)", true)] {
+        let started = Instant::now();
+        let n = 300;
+        for _ in 0..n {
+            let mut t = store.begin().unwrap();
+            if write {
+                t.add(b"bench/one", 1);
+            } else {
+                t.get(b"bench/applied").unwrap();
+            }
+            t.commit().unwrap();
+        }
+        let took = started.elapsed();
+        eprintln!(
+            "postgres {what} transactions, one at a time: {:.0}/s ({:?} each)",
+            f64::from(n) / took.as_secs_f64(),
+            took / n
+        );
+    }
 }
 
 fn team() -> InstanceName {
