@@ -123,7 +123,9 @@ pub async fn admit(
             ctx.reservation = Some(r);
             ctx.cutoff_tokens = cutoff.then_some(output.saturating_mul(choices));
             // The reservation's journal line is written before the provider sees the request.
-            core.budgets.journal_durable().await;
+            core.budgets
+                .journal_durable(core.in_flight.get() <= 1)
+                .await;
             return Ok(Admitted::Yes);
         }
         Ok(Err(refusal)) => refusal,
@@ -171,7 +173,9 @@ pub async fn admit(
                     // What the client asked for, before a policy lowered it too.
                     let asked = ctx.max_tokens_lowered.map_or(output, |(asked, _)| asked);
                     ctx.max_tokens_lowered = Some((asked, affordable));
-                    core.budgets.journal_durable().await;
+                    core.budgets
+                        .journal_durable(core.in_flight.get() <= 1)
+                        .await;
                     return Ok(Admitted::Yes);
                 }
                 Ok(Err(again)) => return Err(exceeded(&again)),

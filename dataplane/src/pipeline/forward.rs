@@ -761,7 +761,9 @@ async fn settle_before_last_bytes(core: &Core, ctx: &mut RequestCtx, tap: &mut T
     ctx.meter = Some(meter);
     ctx.relayed = relayed;
     super::account::settle(core, ctx);
-    core.budgets.journal_durable().await;
+    core.budgets
+        .journal_durable(core.in_flight.get() <= 1)
+        .await;
 }
 
 /// The cost of a completed stream, as its last bytes: an SSE comment line (`: tollgate-cost=USD`), which
