@@ -96,8 +96,10 @@ pub enum Msg {
 /// The committer thread's answer to a lease ask ([`crate::spend::records::ToLedger::Lease`]).
 #[derive(Debug, Clone, Copy)]
 pub struct FleetAnswer {
-    /// `None`: the budget cannot cover what was needed (or the store failed).
+    /// `None`: the budget cannot cover what was needed (or the store failed: `failed`).
     pub grant: Option<LeaseGrant>,
+    /// The store failed during the ask (the other fields tell nothing then).
+    pub failed: bool,
     /// The fleet's committed spend in the window, and the limit (for a refusal's numbers).
     pub spent: Money,
     pub limit: Money,

@@ -74,6 +74,10 @@ const JOURNAL_SYNC: Duration = Duration::from_secs(1);
 pub struct Health {
     /// Unix milliseconds since which commits have been failing; 0 while they succeed.
     failing_since_ms: AtomicI64,
+    /// Unix milliseconds since which the ledger thread has been inside one store call (a commit or a
+    /// lease transaction); 0 between calls. A store that stalls (stopped, or locked by another process)
+    /// counts as failing from then, not only once its own timeouts and retries have run out.
+    busy_since_ms: AtomicI64,
     pub commits: AtomicU64,
     /// The ledger thread's numbers for `/metrics` (on the heap, apart from what the cores read).
     pub metrics: Box<LedgerMetrics>,
@@ -95,6 +99,11 @@ pub struct LedgerMetrics {
     pub failures: AtomicU64,
     /// Settlements recovered from earlier runs' journals.
     pub recovered: AtomicU64,
+    /// Fleet mode: lease transactions ([`fleet::acquire`]) that granted, that found the budget could
+    /// not cover the need, and that failed in the store.
+    pub lease_granted: AtomicU64,
+    pub lease_refused: AtomicU64,
+    pub lease_failed: AtomicU64,
     /// Spend entries waiting for the next commit (the journal's lead over the store).
     pub pending_entries: AtomicU64,
     /// Per [`COMMIT_US`] bucket, then `+Inf`; with the sum in microseconds.
@@ -126,12 +135,29 @@ impl Health {
         self.failing_since_ms.load(Ordering::Relaxed) != 0
     }
 
-    /// Whether the store has been failing for longer than `after`.
+    /// Whether the store has been failing, or one store call has been running, for longer than `after`.
     pub fn failing_longer_than(&self, after: Duration) -> bool {
-        let since = self.failing_since_ms.load(Ordering::Relaxed);
-        since != 0
-            && Timestamp::now().as_millisecond().saturating_sub(since)
+        let since = [
+            self.failing_since_ms.load(Ordering::Relaxed),
+            self.busy_since_ms.load(Ordering::Relaxed),
+        ]
+        .into_iter()
+        .filter(|t| *t != 0)
+        .min();
+        since.is_some_and(|since| {
+            Timestamp::now().as_millisecond().saturating_sub(since)
                 > i64::try_from(after.as_millis()).unwrap_or(i64::MAX)
+        })
+    }
+
+    /// Marks the start (`true`) or end of a store call on the ledger thread.
+    fn busy(&self, on: bool) {
+        let v = if on {
+            Timestamp::now().as_millisecond()
+        } else {
+            0
+        };
+        self.busy_since_ms.store(v, Ordering::Relaxed);
     }
 }
 
@@ -411,6 +437,7 @@ pub fn start_fleet(
                 ("node", &f.node.to_string()),
                 ("lease_ttl_ms", &f.cfg.lease_ttl_ms.to_string()),
                 ("max_skew_ms", &f.cfg.max_skew_ms.to_string()),
+                ("clock_offset_ms", &f.cfg.clock_offset_ms.to_string()),
             ],
         );
     }
@@ -783,10 +810,13 @@ impl Worker {
             .as_ref()
             .map(|f| lease_decrements(batch, &f.leases));
         let node = self.fleet.as_ref().map_or(0, |f| f.node);
-        match transact(self.store.as_ref(), &policy, |txn| match &from_leases {
+        self.health.busy(true);
+        let result = transact(self.store.as_ref(), &policy, |txn| match &from_leases {
             Some(from) => fleet::commit(txn, batch, node, from),
             None => ledger::apply_batch(txn, batch),
-        }) {
+        });
+        self.health.busy(false);
+        match result {
             Ok(_) => {
                 let us = started.elapsed().as_micros() as u64;
                 let entries = batch.spend.len() as u64;
@@ -848,7 +878,10 @@ impl Worker {
         let Some(f) = &self.fleet else {
             return;
         };
-        let now = Timestamp::now();
+        // The lease clock: the wall clock plus `ledger.clock_offset_ms` (fault injection; 0 otherwise).
+        let now = Timestamp::now()
+            .checked_add(jiff::SignedDuration::from_millis(f.cfg.clock_offset_ms))
+            .unwrap_or_else(|_| Timestamp::now());
         let limit = key.budget.amount;
         let window = if key.budget.window.is_rolling() {
             None
@@ -857,6 +890,7 @@ impl Worker {
         };
         let mut answer = FleetAnswer {
             grant: None,
+            failed: false,
             spent: limit,
             limit,
             uncommitted: 0,
@@ -884,11 +918,19 @@ impl Worker {
                 backoff: Duration::from_millis(2),
                 max_backoff: Duration::from_millis(10),
             };
-            match transact(self.store.as_ref(), &policy, |txn| {
+            self.health.busy(true);
+            let result = transact(self.store.as_ref(), &policy, |txn| {
                 let grant = fleet::acquire(txn, &w, &ask)?;
                 Ok((grant, fleet::committed(txn, &w)?))
-            }) {
+            });
+            self.health.busy(false);
+            let m = &self.health.metrics;
+            match result {
                 Ok((grant, spent)) => {
+                    match grant {
+                        Some(_) => m.lease_granted.fetch_add(1, Ordering::Relaxed),
+                        None => m.lease_refused.fetch_add(1, Ordering::Relaxed),
+                    };
                     answer.grant = grant;
                     answer.spent = Money::from_pico(spent);
                     answer.uncommitted = self.uncommitted(&w);
@@ -900,10 +942,14 @@ impl Worker {
                         }
                     }
                 }
-                Err(e) => self.logger.event(
-                    "fleet_lease_failed",
-                    &[("budget", &key.budget.name), ("error", &e.to_string())],
-                ),
+                Err(e) => {
+                    m.lease_failed.fetch_add(1, Ordering::Relaxed);
+                    answer.failed = true;
+                    self.logger.event(
+                        "fleet_lease_failed",
+                        &[("budget", &key.budget.name), ("error", &e.to_string())],
+                    );
+                }
             }
         }
         let Some(cores) = self.fleet.as_ref().and_then(|f| f.cores.as_ref()) else {

@@ -167,9 +167,22 @@ impl CoreBudgets {
         tx: crossbeam_channel::Sender<crate::spend::records::ToLedger>,
         wake: Option<std::thread::Thread>,
         ttl_ms: i64,
+        clock_offset_ms: i64,
     ) {
         self.slices = false;
-        self.fleet = Some(Fleet::new(tx, wake, ttl_ms));
+        self.fleet = Some(Fleet::new(tx, wake, ttl_ms, clock_offset_ms));
+    }
+
+    /// Fleet mode: whether the store is out of reach (a lease ask failed or went unanswered, the
+    /// ledger's commits are failing, or one store call has stalled for `ledger.fail_closed_after_ms`):
+    /// `on_store_failure = "open"` budgets are then admitted without a lease (see
+    /// [`crate::spend::leases`]), as `"closed"` ones are refused.
+    fn store_down(&self) -> bool {
+        self.fleet.as_ref().is_some_and(Fleet::unreachable)
+            || self
+                .health
+                .as_ref()
+                .is_some_and(|h| h.failing() || h.failing_longer_than(self.fail_closed_after))
     }
 
     /// Connects this core to the spend ledger: its journal, the store's health, and how long a failing
@@ -403,7 +416,8 @@ impl CoreBudgets {
         if let Some(f) = &self.fleet {
             // Fleet mode: this node's leases must cover the amount too (the local ledger's refusal,
             // when it refuses as well, carries better numbers).
-            if let Some(k) = f.short(keys, leased, now.as_millisecond()).first() {
+            let down = self.store_down();
+            if let Some(k) = f.short(keys, leased, f.now_ms(now), down).first() {
                 let local = self.ledger.borrow().refusal(keys, amount, now);
                 return Err(Box::new(local.unwrap_or_else(|| f.refusal(k, now))));
             }
@@ -418,7 +432,7 @@ impl CoreBudgets {
         drop(lender);
         drop(ledger);
         if let Some(f) = &self.fleet {
-            f.consume(self.core, res, keys, leased, now.as_millisecond());
+            f.consume(self.core, res, keys, leased, f.now_ms(now));
         }
         Ok((res, statuses))
     }
@@ -457,9 +471,9 @@ impl CoreBudgets {
             return;
         };
         let now = Timestamp::now();
-        let now_ms = now.as_millisecond();
+        let now_ms = f.now_ms(now);
         let amount_p = (*amount).max(Money::ZERO).pico();
-        let short = f.short(keys, amount_p, now_ms);
+        let short = f.short(keys, amount_p, now_ms, self.store_down());
         if short.is_empty() || self.ledger.borrow().refusal(keys, *amount, now).is_some() {
             self.answer(ask);
             return;
@@ -644,6 +658,12 @@ impl CoreBudgets {
                         || (timeout && now.duration_since(w.since).as_millis() >= i128::from(wait))
                 });
             *waiting = keep;
+            if let Some(f) = &self.fleet {
+                if ready.iter().any(|w| !w.fleet_on.is_empty()) {
+                    // A lease answer is late: the store is out of reach until one comes.
+                    f.mark_unreachable();
+                }
+            }
             ready.into_iter().map(|w| w.ask).collect()
         };
         for ask in ready {
