@@ -19,7 +19,8 @@
 //! is this node's.
 //!
 //! Fails closed: a lease ask the committer thread cannot take (its channel full), a store that fails during
-//! the ask, or no answer within 5 s ([`FLEET_WAIT_MS`]) refuses the requests the node's leases cannot cover
+//! the ask, or no answer within 5 s ([`FLEET_WAIT_MS`]; sooner once the ledger's commits fail or a store
+//! call has stalled for `ledger.fail_closed_after_ms`) refuses the requests the node's leases cannot cover
 //! (429), while requests within them keep being admitted until a quarter TTL before their expiry. The
 //! exception is a budget with `on_store_failure = "open"`: while the store is out of reach (the last ask
 //! failed or went unanswered, or the ledger's commits fail), its requests are admitted on this node's

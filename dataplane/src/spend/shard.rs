@@ -20,7 +20,7 @@
 //!
 //! Fails: an answer that cannot be delivered (the asker's mailbox full, or the asker gone) is released at
 //! once, so nothing stays held; a deferred ask whose recalled slices (200 ms, `RECALL_WAIT_MS`) or lease
-//! answer (5 s) do not come back is decided with what this core has. A core that is gone takes its shard
+//! answer (5 s, or until the store is seen failing) do not come back is decided with what this core has. A core that is gone takes its shard
 //! with it. Cost: local reservation ~0.2 us (bench `admission`); a cross-core ask ~15 us (the owner's
 //! wake-up).
 
@@ -178,11 +178,14 @@ impl CoreBudgets {
     /// `on_store_failure = "open"` budgets are then admitted without a lease (see
     /// [`crate::spend::leases`]), as `"closed"` ones are refused.
     fn store_down(&self) -> bool {
-        self.fleet.as_ref().is_some_and(Fleet::unreachable)
-            || self
-                .health
-                .as_ref()
-                .is_some_and(|h| h.failing() || h.failing_longer_than(self.fail_closed_after))
+        self.fleet.as_ref().is_some_and(Fleet::unreachable) || self.store_failing()
+    }
+
+    /// The ledger's commits are failing, or one store call has stalled for `ledger.fail_closed_after_ms`.
+    fn store_failing(&self) -> bool {
+        self.health
+            .as_ref()
+            .is_some_and(|h| h.failing() || h.failing_longer_than(self.fail_closed_after))
     }
 
     /// Connects this core to the spend ledger: its journal, the store's health, and how long a failing
@@ -638,6 +641,10 @@ impl CoreBudgets {
     /// longer than [`RECALL_WAIT_MS`]).
     pub(super) fn wake_waiting(&self, timeout: bool) {
         let now = Timestamp::now();
+        // Fleet mode: once the store is known to be out of reach, asks waiting on lease answers are
+        // decided now (open budgets admitted on the last view, closed ones refused) rather than after
+        // the full wait.
+        let down = timeout && self.fleet.is_some() && self.store_failing();
         let ready: Vec<Deferred> = {
             let lender = self.lender.borrow();
             let mut waiting = self.waiting.borrow_mut();
@@ -656,10 +663,11 @@ impl CoreBudgets {
                     };
                     (w.on.is_empty() && w.fleet_on.is_empty())
                         || (timeout && now.duration_since(w.since).as_millis() >= i128::from(wait))
+                        || (down && !w.fleet_on.is_empty())
                 });
             *waiting = keep;
             if let Some(f) = &self.fleet {
-                if ready.iter().any(|w| !w.fleet_on.is_empty()) {
+                if !down && ready.iter().any(|w| !w.fleet_on.is_empty()) {
                     // A lease answer is late: the store is out of reach until one comes.
                     f.mark_unreachable();
                 }
