@@ -14,6 +14,12 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use tollgate_core::Config;
 
+/// mimalloc instead of glibc's malloc: the data plane allocates and frees small buffers on every request,
+/// often freed on another thread (the ledger and log threads free what a core sent them), where glibc's
+/// arenas take a lock and consolidate; measured in docs/benchmarks.md ("Allocator").
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 mod admin;
 mod metrics_page;
 mod serve;

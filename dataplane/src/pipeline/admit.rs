@@ -122,6 +122,8 @@ pub async fn admit(
             ctx.budget_asks = Some(r.asks);
             ctx.reservation = Some(r);
             ctx.cutoff_tokens = cutoff.then_some(output.saturating_mul(choices));
+            // The reservation's journal line is written before the provider sees the request.
+            core.budgets.journal_durable().await;
             return Ok(Admitted::Yes);
         }
         Ok(Err(refusal)) => refusal,
@@ -169,6 +171,7 @@ pub async fn admit(
                     // What the client asked for, before a policy lowered it too.
                     let asked = ctx.max_tokens_lowered.map_or(output, |(asked, _)| asked);
                     ctx.max_tokens_lowered = Some((asked, affordable));
+                    core.budgets.journal_durable().await;
                     return Ok(Admitted::Yes);
                 }
                 Ok(Err(again)) => return Err(exceeded(&again)),

@@ -563,7 +563,7 @@ async fn relay_body(
             } else {
                 batch.push(Bytes::from(c.tail()));
             }
-            settle_before_last_bytes(core, ctx, tap);
+            settle_before_last_bytes(core, ctx, tap).await;
             flush(ctx, &mut io.wr, batch).await?;
             return Err(Stop::CutOff);
         }
@@ -587,7 +587,7 @@ async fn relay_body(
                 }
                 batch.push(Bytes::from_static(b"0\r\n\r\n"));
             }
-            settle_before_last_bytes(core, ctx, tap);
+            settle_before_last_bytes(core, ctx, tap).await;
             flush(ctx, &mut io.wr, batch).await?;
             return Ok(true);
         }
@@ -620,7 +620,7 @@ async fn relay_body(
                         batch.push_chunk(rest);
                     }
                     batch.push(Bytes::from_static(b"0\r\n\r\n"));
-                    settle_before_last_bytes(core, ctx, tap);
+                    settle_before_last_bytes(core, ctx, tap).await;
                     flush(ctx, &mut io.wr, batch).await?;
                     return Ok(false);
                 }
@@ -753,13 +753,15 @@ impl Tap {
     }
 }
 
-/// Settles the request before its last bytes go to the client (see `crate::spend::journal`: the settlement is
-/// journaled first, so a response the client saw complete is never lost to a crash).
-fn settle_before_last_bytes(core: &Core, ctx: &mut RequestCtx, tap: &mut Tap) {
+/// Settles the request before its last bytes go to the client, and waits until the settlement's journal
+/// line is written (see `crate::spend::journal`: a response the client saw complete is never lost to a
+/// crash). The wait is the core's group commit: one `write(2)` for every request settling in this tick.
+async fn settle_before_last_bytes(core: &Core, ctx: &mut RequestCtx, tap: &mut Tap) {
     let (meter, relayed) = tap.finish();
     ctx.meter = Some(meter);
     ctx.relayed = relayed;
     super::account::settle(core, ctx);
+    core.budgets.journal_durable().await;
 }
 
 /// The cost of a completed stream, as its last bytes: an SSE comment line (`: tollgate-cost=USD`), which

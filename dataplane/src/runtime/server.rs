@@ -261,10 +261,7 @@ pub fn start(
                 core.metrics = crate::obs::metrics::CoreMetrics::new(slot);
                 let core = Rc::new(core);
                 let res = if driver == "io_uring" {
-                    monoio::RuntimeBuilder::<monoio::IoUringDriver>::new()
-                        .with_entries(1024)
-                        .enable_timer()
-                        .build()
+                    uring_runtime()
                         .map(|mut rt| rt.block_on(worker_main(Rc::clone(&core), ls, inbox)))
                 } else {
                     monoio::RuntimeBuilder::<monoio::LegacyDriver>::new()
@@ -469,4 +466,26 @@ fn adopter(core: &Rc<Core>) -> crate::runtime::inbox::Adopter {
             }
         }
     })
+}
+
+/// A core's io_uring runtime. Cooperative task running (`IORING_SETUP_COOP_TASKRUN`, Linux 5.19): a
+/// completion that arrives while the core is busy waits for the core's next entry into the kernel (it
+/// enters on every turn of its loop) instead of interrupting it with an inter-processor interrupt; the
+/// profile in docs/benchmarks.md showed those interrupts and their reschedules at ~3% of a core.
+/// Older kernels refuse the flag: the ring is then built without it.
+fn uring_runtime(
+) -> std::io::Result<monoio::Runtime<monoio::time::TimeDriver<monoio::IoUringDriver>>> {
+    let mut urb = io_uring::IoUring::builder();
+    urb.setup_coop_taskrun().setup_taskrun_flag();
+    monoio::RuntimeBuilder::<monoio::IoUringDriver>::new()
+        .uring_builder(urb)
+        .with_entries(1024)
+        .enable_timer()
+        .build()
+        .or_else(|_| {
+            monoio::RuntimeBuilder::<monoio::IoUringDriver>::new()
+                .with_entries(1024)
+                .enable_timer()
+                .build()
+        })
 }

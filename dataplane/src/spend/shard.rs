@@ -196,6 +196,8 @@ impl CoreBudgets {
         health: Arc<crate::spend::committer::Health>,
         fail_closed_after: std::time::Duration,
     ) {
+        // Group commit: the requests of one scheduler tick share a write(2) (see `Journal::durable`).
+        journal.set_batched(true);
         self.journal = Some(journal);
         self.health = Some(health);
         self.fail_closed_after = fail_closed_after;
@@ -241,8 +243,8 @@ impl CoreBudgets {
         usage: Option<Box<crate::spend::records::Metered>>,
     ) {
         if let Some(j) = &self.journal {
-            let was_failing = j.failed();
-            self.journal_outcome(was_failing, j.record(keys, actual, now, closes, usage));
+            let _ = j.record(keys, actual, now, closes, usage);
+            self.report_journal();
         }
     }
 
@@ -261,32 +263,53 @@ impl CoreBudgets {
         now: Timestamp,
     ) -> Option<u64> {
         let j = self.journal.as_ref()?;
-        let was_failing = j.failed();
-        let result = j.reserve(keys, amount, now);
-        let id = result.as_ref().ok().copied().flatten();
-        self.journal_outcome(was_failing, result.map(|_| ()));
+        let id = j.reserve(keys, amount, now).ok().flatten();
+        self.report_journal();
         id
     }
 
     /// Journals that reservation `id` was released unsettled.
     pub(super) fn journal_release(&self, id: u64) {
         if let Some(j) = &self.journal {
-            let was_failing = j.failed();
-            self.journal_outcome(was_failing, j.release(id));
+            let _ = j.release(id);
+            self.report_journal();
+        }
+    }
+
+    /// Waits until this core's journal lines so far are written (group commit: see
+    /// [`crate::spend::journal::Journal::durable`]): before a request is forwarded (its reservation) and
+    /// before a response's last bytes (its settlement).
+    pub async fn journal_durable(self: &Rc<Self>) {
+        if let Some(j) = &self.journal {
+            if j.schedule_flush() {
+                // Queued behind the tasks ready now (a task waking itself would run again first).
+                let me = Rc::clone(self);
+                monoio::spawn(async move { me.flush_journal() });
+            }
+            j.durable().await;
+            self.report_journal();
+        }
+    }
+
+    /// Writes the journal lines nobody awaits (the core's tick).
+    pub fn flush_journal(&self) {
+        if let Some(j) = &self.journal {
+            let _ = j.flush();
+            self.report_journal();
         }
     }
 
     /// One event when appends start failing and one when they work again, not one per request.
-    fn journal_outcome(&self, was_failing: bool, result: std::io::Result<()>) {
-        match result {
-            Err(e) if !was_failing => self.log.event(
+    fn report_journal(&self) {
+        match self.journal.as_ref().and_then(|j| j.take_transition()) {
+            Some(Err(e)) => self.log.event(
                 "journal_failed",
-                &[("core", &self.core.to_string()), ("error", &e.to_string())],
+                &[("core", &self.core.to_string()), ("error", &e)],
             ),
-            Ok(()) if was_failing => self
+            Some(Ok(())) => self
                 .log
                 .event("journal_recovered", &[("core", &self.core.to_string())]),
-            _ => {}
+            None => {}
         }
     }
 
@@ -683,6 +706,7 @@ impl CoreBudgets {
     /// back), give back slices unused for [`crate::spend::lending::LEASE_IDLE_MS`], and stop waiting for
     /// recalls (or, in fleet mode, lease answers) that take too long.
     pub fn tick(&self) {
+        self.flush_journal();
         if !self.slices {
             if self.fleet.is_some() {
                 // Asks whose lease answer is late are decided with what this core has.
