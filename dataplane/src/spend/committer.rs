@@ -891,6 +891,7 @@ impl Worker {
         let mut answer = FleetAnswer {
             grant: None,
             failed: false,
+            out_of_reach: false,
             spent: limit,
             limit,
             uncommitted: 0,
@@ -944,7 +945,16 @@ impl Worker {
                 }
                 Err(e) => {
                     m.lease_failed.fetch_add(1, Ordering::Relaxed);
+                    // Conflicts with other nodes' grants (its retries spent) tell of a busy store, not
+                    // of one out of reach: nothing is granted, and open budgets stay on leases.
+                    let conflict = match &e {
+                        StoreError::RetryLimit { last, .. } => {
+                            matches!(last.as_ref(), StoreError::Conflict)
+                        }
+                        other => matches!(other, StoreError::Conflict),
+                    };
                     answer.failed = true;
+                    answer.out_of_reach = !conflict;
                     self.logger.event(
                         "fleet_lease_failed",
                         &[("budget", &key.budget.name), ("error", &e.to_string())],

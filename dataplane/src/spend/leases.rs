@@ -295,7 +295,7 @@ impl Fleet {
     /// what settled since the ask (counted at most twice, never missed).
     pub fn answered(&self, id: u64, key: InstanceKey, a: FleetAnswer) {
         let sent = self.asks.borrow_mut().remove(&id).map_or(0, |(_, s)| s);
-        self.unreachable.set(a.failed);
+        self.unreachable.set(a.failed && a.out_of_reach);
         let mut leases = self.leases.borrow_mut();
         let l = leases.entry(key).or_default();
         if a.failed {
@@ -391,6 +391,7 @@ mod tests {
                     expires_ms,
                 }),
                 failed: false,
+                out_of_reach: false,
                 spent: Money::from_pico(spent),
                 limit: k.budget.amount,
                 uncommitted: 0,
@@ -450,6 +451,7 @@ mod tests {
             FleetAnswer {
                 grant: None,
                 failed: true,
+                out_of_reach: true,
                 spent: k.budget.amount,
                 limit: k.budget.amount,
                 uncommitted: 0,
@@ -461,5 +463,24 @@ mod tests {
         assert!(f
             .short(std::slice::from_ref(&k), 500, f.now_ms(now), true)
             .is_empty());
+        // An ask that lost to other nodes' grants (conflicts past its retries) found the store busy, not
+        // out of reach.
+        let (f, _rx) = granted(&k, 0, 100, 1_002_000, limit - 1_000);
+        let id = f.ask(0, &k, 1, 1).unwrap();
+        f.answered(
+            id,
+            k.clone(),
+            FleetAnswer {
+                grant: None,
+                failed: true,
+                out_of_reach: false,
+                spent: k.budget.amount,
+                limit: k.budget.amount,
+                uncommitted: 0,
+                window_start: 0,
+                window_end: 0,
+            },
+        );
+        assert!(!f.unreachable());
     }
 }
