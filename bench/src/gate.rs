@@ -48,7 +48,17 @@ struct RawThresholds {
     peer_ratio_p99: Option<f64>,
     added_p50_us: f64,
     cpu_us_per_request: BTreeMap<String, f64>,
+    #[serde(default)]
+    cpu_ratio_to_best_peer: BTreeMap<String, f64>,
+    saturation: Option<RawSaturation>,
     errors: u64,
+}
+
+#[derive(Debug, Deserialize, Clone, Copy)]
+#[serde(deny_unknown_fields)]
+struct RawSaturation {
+    cpu_ratio_to_best_peer: f64,
+    throughput_ratio_to_best_peer: f64,
 }
 
 /// What to run and what to enforce.
@@ -80,8 +90,24 @@ pub struct Thresholds {
     pub peer_ratio_p99: Option<f64>,
     pub added_p50_us: f64,
     pub cpu_us_per_request: BTreeMap<String, f64>,
+    /// Per scenario: Tollgate's CPU per request at most this multiple of the better peer's (nginx or
+    /// HAProxy) in the same repeat (median over repeats of the paired ratio). Checked when a peer ran.
+    pub cpu_ratio_to_best_peer: BTreeMap<String, f64>,
+    /// The closed-loop runs ([`SATURATION`]): CPU per request and throughput against the better peer.
+    pub saturation: Option<SaturationLimits>,
     pub errors: u64,
 }
+
+/// Limits on the saturation runs, as ratios to the better peer of the same repeat.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SaturationLimits {
+    pub cpu_ratio_to_best_peer: f64,
+    /// Tollgate's requests/s at least this fraction of the better peer's.
+    pub throughput_ratio_to_best_peer: f64,
+}
+
+/// The scenario name of the closed-loop (saturation) samples; their `rate` is 0.
+pub const SATURATION: &str = "saturation";
 
 impl GateConfig {
     /// Loads `path`; with `quick`, the `[quick]` section overrides `[run]`.
@@ -120,9 +146,36 @@ impl GateConfig {
                 peer_ratio_p99: raw.thresholds.peer_ratio_p99,
                 added_p50_us: raw.thresholds.added_p50_us,
                 cpu_us_per_request: raw.thresholds.cpu_us_per_request,
+                cpu_ratio_to_best_peer: raw.thresholds.cpu_ratio_to_best_peer,
+                saturation: raw.thresholds.saturation.map(|r| SaturationLimits {
+                    cpu_ratio_to_best_peer: r.cpu_ratio_to_best_peer,
+                    throughput_ratio_to_best_peer: r.throughput_ratio_to_best_peer,
+                }),
                 errors: raw.thresholds.errors,
             },
         };
+        for (name, v) in &cfg.thresholds.cpu_ratio_to_best_peer {
+            if !(*v >= 1.0 && *v <= 100.0) {
+                return Err(err(
+                    &format!("thresholds.cpu_ratio_to_best_peer.{name}"),
+                    "must be in [1, 100]",
+                ));
+            }
+        }
+        if let Some(l) = cfg.thresholds.saturation {
+            if !(l.cpu_ratio_to_best_peer >= 1.0 && l.cpu_ratio_to_best_peer <= 100.0) {
+                return Err(err(
+                    "thresholds.saturation.cpu_ratio_to_best_peer",
+                    "must be in [1, 100]",
+                ));
+            }
+            if !(l.throughput_ratio_to_best_peer > 0.0 && l.throughput_ratio_to_best_peer <= 10.0) {
+                return Err(err(
+                    "thresholds.saturation.throughput_ratio_to_best_peer",
+                    "must be in (0, 10]",
+                ));
+            }
+        }
         if cfg.connections == 0 || cfg.connections > 4096 {
             return Err(err("run.connections", "must be between 1 and 4096"));
         }
@@ -212,10 +265,27 @@ pub struct Summary {
     /// Median over repeats of (this target's p99 / the best other proxy's p99 in the same repeat): paired
     /// within a repeat, so a stall that hits the whole machine for one repeat moves both sides of the ratio.
     pub peer_ratio_p99: Option<f64>,
+    /// Median over repeats of (this target's CPU per request / the better peer's in the same repeat).
+    pub peer_ratio_cpu: Option<f64>,
+    /// Median over repeats of (this target's achieved requests/s / the better peer's in the same repeat).
+    pub peer_ratio_rate: Option<f64>,
+    /// Median achieved requests/s (the saturation runs' throughput).
+    pub achieved_rate: f64,
     pub cpu_us_per_request: Option<f64>,
     pub cpu_us_per_event: Option<f64>,
     pub errors: u64,
     pub repeats: usize,
+}
+
+/// The other proxies' samples of `s`'s scenario, rate and repeat.
+fn peers_of<'a>(samples: &'a [Sample], s: &'a Sample) -> impl Iterator<Item = &'a Sample> + 'a {
+    samples.iter().filter(move |b| {
+        b.target != "direct"
+            && b.target != s.target
+            && b.scenario == s.scenario
+            && b.rate == s.rate
+            && b.repeat == s.repeat
+    })
 }
 
 /// Summarises samples per (scenario, rate, target), in first-seen order.
@@ -277,6 +347,28 @@ pub fn summarise(samples: &[Sample]) -> Vec<Summary> {
                         .map(|best| s.p99_us / best)
                 })
                 .collect();
+            // The better peer of the same repeat: least CPU per request, most requests/s.
+            let mut cpu_ratio: Vec<f64> = mine
+                .iter()
+                .filter(|_| target != "direct")
+                .filter_map(|s| {
+                    let best = peers_of(samples, s)
+                        .filter_map(|b| b.cpu_us_per_request.filter(|c| *c > 0.0))
+                        .min_by(|a, b| a.total_cmp(b))?;
+                    Some(s.cpu_us_per_request? / best)
+                })
+                .collect();
+            let mut rate_ratio: Vec<f64> = mine
+                .iter()
+                .filter(|_| target != "direct")
+                .filter_map(|s| {
+                    let best = peers_of(samples, s)
+                        .map(|b| b.achieved_rate)
+                        .filter(|r| *r > 0.0)
+                        .max_by(|a, b| a.total_cmp(b))?;
+                    Some(s.achieved_rate / best)
+                })
+                .collect();
             let mut cpu: Vec<f64> = mine.iter().filter_map(|s| s.cpu_us_per_request).collect();
             let mut cpu_ev: Vec<f64> = mine
                 .iter()
@@ -296,6 +388,9 @@ pub fn summarise(samples: &[Sample]) -> Vec<Summary> {
                 added_p999_us: added(&|s| s.p999_us),
                 added_ttfb_p50_us: added(&|s| s.ttfb_p50_us),
                 peer_ratio_p99: median(&mut peer_ratio),
+                peer_ratio_cpu: median(&mut cpu_ratio),
+                peer_ratio_rate: median(&mut rate_ratio),
+                achieved_rate: col(&|s| s.achieved_rate),
                 cpu_us_per_request: median(&mut cpu),
                 cpu_us_per_event: median(&mut cpu_ev),
                 errors: mine.iter().map(|s| s.errors).sum(),
@@ -319,7 +414,19 @@ pub fn verdict(summaries: &[Summary], t: &Thresholds) -> Vec<String> {
         out.push("no measurements through Tollgate".to_owned());
     }
     for s in ours {
+        if s.scenario == SATURATION {
+            saturation_verdict(s, t, &mut out);
+            continue;
+        }
         let at = format!("{} at {} req/s", s.scenario, s.rate);
+        if let (Some(r), Some(max)) = (s.peer_ratio_cpu, t.cpu_ratio_to_best_peer.get(&s.scenario))
+        {
+            if r > *max {
+                out.push(format!(
+                    "{at}: CPU per request is {r:.2}x the better peer's in the same repeat (median over repeats; limit {max}x)"
+                ));
+            }
+        }
         match s.added_p99_us {
             Some(v) if v <= t.added_p99_us => {}
             Some(v) => match (s.peer_ratio_p99, t.peer_ratio_p99) {
@@ -353,6 +460,36 @@ pub fn verdict(summaries: &[Summary], t: &Thresholds) -> Vec<String> {
     out
 }
 
+/// The saturation runs: ratios to the better peer only (a closed loop's latency is its queue, and its
+/// absolute throughput is the machine's). Without a peer there is nothing to compare: no verdict.
+fn saturation_verdict(s: &Summary, t: &Thresholds, out: &mut Vec<String>) {
+    let Some(l) = t.saturation else {
+        return;
+    };
+    if let Some(r) = s.peer_ratio_cpu {
+        if r > l.cpu_ratio_to_best_peer {
+            out.push(format!(
+                "saturation: CPU per request is {r:.2}x the better peer's in the same repeat (median over repeats; limit {}x)",
+                l.cpu_ratio_to_best_peer
+            ));
+        }
+    }
+    if let Some(r) = s.peer_ratio_rate {
+        if r < l.throughput_ratio_to_best_peer {
+            out.push(format!(
+                "saturation: {:.0} requests/s is {r:.2}x the better peer's in the same repeat (median over repeats; at least {}x)",
+                s.achieved_rate, l.throughput_ratio_to_best_peer
+            ));
+        }
+    }
+    if s.errors > t.errors {
+        out.push(format!(
+            "saturation: {} errors (allowed {})",
+            s.errors, t.errors
+        ));
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -381,8 +518,75 @@ mod tests {
             peer_ratio_p99: Some(1.5),
             added_p50_us: 1000.0,
             cpu_us_per_request: [("chat".to_owned(), 30.0)].into_iter().collect(),
+            cpu_ratio_to_best_peer: [("chat".to_owned(), 1.5)].into_iter().collect(),
+            saturation: Some(SaturationLimits {
+                cpu_ratio_to_best_peer: 1.5,
+                throughput_ratio_to_best_peer: 0.8,
+            }),
             errors: 0,
         }
+    }
+
+    /// CPU and throughput are judged against the better peer of each repeat: a machine that is slow for
+    /// everyone passes, a Tollgate 25% costlier than the limit allows fails, and no peer means no verdict.
+    #[test]
+    fn cpu_and_saturation_are_ratios_to_the_better_peer_of_the_same_repeat() {
+        let sat = |target: &str, repeat: usize, cpu: f64, rate: f64| Sample {
+            scenario: SATURATION.into(),
+            rate: 0.0,
+            achieved_rate: rate,
+            ..sample(target, repeat, 1000.0, Some(cpu))
+        };
+        let mut s = Vec::new();
+        for r in 0..3 {
+            // Every repeat slower than the last, for every target alike.
+            let k = 1.0 + r as f64;
+            s.push(sat("tollgate", r, 28.0 * k, 20_000.0 / k));
+            s.push(sat("nginx", r, 22.0 * k, 30_000.0 / k));
+            s.push(sat("haproxy", r, 20.0 * k, 24_000.0 / k));
+        }
+        let sum = summarise(&s);
+        let ours = sum.iter().find(|x| x.target == "tollgate").unwrap();
+        assert!((ours.peer_ratio_cpu.unwrap() - 1.4).abs() < 1e-9);
+        assert!((ours.peer_ratio_rate.unwrap() - 2.0 / 3.0).abs() < 1e-9);
+        let v = verdict(&sum, &thresholds());
+        assert_eq!(v.len(), 1, "{v:?}");
+        assert!(v[0].contains("0.67x the better peer"), "{v:?}");
+        // 25% more CPU per request than 1.4x: 1.75x fails the 1.5x limit.
+        let t = Thresholds {
+            saturation: Some(SaturationLimits {
+                cpu_ratio_to_best_peer: 1.5,
+                throughput_ratio_to_best_peer: 0.5,
+            }),
+            ..thresholds()
+        };
+        assert!(verdict(&sum, &t).is_empty());
+        let costlier: Vec<Sample> = s
+            .iter()
+            .map(|x| match x.target.as_str() {
+                "tollgate" => Sample {
+                    cpu_us_per_request: x.cpu_us_per_request.map(|c| c * 1.25),
+                    ..x.clone()
+                },
+                _ => x.clone(),
+            })
+            .collect();
+        let v = verdict(&summarise(&costlier), &t);
+        assert!(v[0].contains("1.75x the better peer"), "{v:?}");
+        // No peer ran: nothing to compare, nothing fails.
+        let alone: Vec<Sample> = costlier
+            .into_iter()
+            .filter(|x| x.target == "tollgate")
+            .collect();
+        assert!(verdict(&summarise(&alone), &t).is_empty());
+        // The open-loop scenarios' ratio: 2x the better peer's CPU fails chat's 1.5x.
+        let s = vec![
+            sample("direct", 0, 100.0, None),
+            sample("tollgate", 0, 150.0, Some(24.0)),
+            sample("haproxy", 0, 150.0, Some(12.0)),
+        ];
+        let v = verdict(&summarise(&s), &thresholds());
+        assert!(v[0].contains("2.00x the better peer"), "{v:?}");
     }
 
     #[test]

@@ -171,9 +171,7 @@ impl Gateway {
         opts: &BuildOptions,
         store: StoreChoice,
     ) -> Result<Gateway, StartError> {
-        let fleet = config.ledger.cluster_file.is_some()
-            || config.ledger.shared_file.is_some()
-            || matches!(store, StoreChoice::Given(_, true));
+        let fleet = config.ledger.store.is_fleet() || matches!(store, StoreChoice::Given(_, true));
         if fleet {
             // Leases are per calendar window; a rolling window has no fixed start to lease against.
             if let Some(b) = config.budgets.budgets().iter().find(|b| {

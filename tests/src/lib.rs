@@ -10,6 +10,7 @@
 
 pub mod idp;
 pub mod multinode;
+pub mod postgres;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};

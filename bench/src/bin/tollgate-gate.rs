@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use clap::Parser;
-use tollgate_bench::gate::{summarise, verdict, GateConfig, Sample, Summary};
+use tollgate_bench::gate::{summarise, verdict, GateConfig, Sample, Summary, SATURATION};
 use tollgate_loadtest::load::{self, LoadConfig, Mode, Payload};
 use tollgate_tests::{bin, service_token, Proc, TempDir};
 
@@ -446,22 +446,44 @@ scope = "everyone"
         }
     }
 
-    // Throughput ceiling: closed loop, first scenario's payload.
+    // Saturation: closed loop on the first scenario's payload, `repeats` times in rotating order like the
+    // open-loop runs, so each repeat's CPU per request and throughput are compared with the peers' of the
+    // same repeat (the gate's ratio limits).
     let mut ceilings = Vec::new();
     if let Some(sc) = cfg.scenarios.first() {
-        for t in &targets {
-            let (r, cpu) = measure(&cfg, t, &sc.payload, Mode::Closed, cfg.ceiling_s, &token)?;
-            eprintln!(
-                "  ceiling {:<8} {:>9.0} req/s{}",
-                t.name,
-                r.achieved_rate,
-                cpu.map(|c| format!("  cpu {c:.1} us/req"))
-                    .unwrap_or_default()
-            );
-            ceilings.push(serde_json::json!({
-                "target": t.name, "scenario": sc.name, "achieved_rate": r.achieved_rate,
-                "cpu_us_per_request": cpu, "errors": r.error_count(),
-            }));
+        for repeat in 0..cfg.repeats {
+            let n = targets.len();
+            for k in 0..n {
+                let t = &targets[(k + repeat) % n];
+                let (r, cpu) = measure(&cfg, t, &sc.payload, Mode::Closed, cfg.ceiling_s, &token)?;
+                eprintln!(
+                    "  saturation {:>9.0} req/s  rep {}  {:<8}{}",
+                    r.achieved_rate,
+                    repeat,
+                    t.name,
+                    cpu.map(|c| format!("  cpu {c:.1} us/req"))
+                        .unwrap_or_default()
+                );
+                ceilings.push(serde_json::json!({
+                    "target": t.name, "scenario": sc.name, "repeat": repeat, "achieved_rate": r.achieved_rate,
+                    "cpu_us_per_request": cpu, "errors": r.error_count(),
+                }));
+                samples.push(Sample {
+                    scenario: SATURATION.to_owned(),
+                    rate: 0.0,
+                    repeat,
+                    target: t.name.to_owned(),
+                    p50_us: q(&r.ttlb, 0.50),
+                    p99_us: q(&r.ttlb, 0.99),
+                    p999_us: q(&r.ttlb, 0.999),
+                    ttfb_p50_us: q(&r.ttfb, 0.50),
+                    achieved_rate: r.achieved_rate,
+                    requests: r.requests,
+                    errors: target_errors(&r),
+                    events: r.events,
+                    cpu_us_per_request: cpu,
+                });
+            }
         }
     }
 
@@ -493,36 +515,41 @@ scope = "everyone"
 
 fn print_table(s: &[Summary]) {
     println!(
-        "\n{:<8} {:>7} {:<9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>10} {:>9} {:>9} {:>9}",
+        "\n{:<10} {:>7} {:<9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>10} {:>9} {:>9} {:>9} {:>9} {:>9}",
         "scenario",
         "rate",
         "target",
+        "req/s",
         "p50 us",
         "p99 us",
         "p99.9 us",
         "+p50 us",
         "+p99 us",
         "+p99.9 us",
-        "+ttfb50",
         "cpu/req",
-        "cpu/evt"
+        "cpu/evt",
+        "cpu/peer",
+        "rps/peer"
     );
     let f = |v: Option<f64>| v.map(|x| format!("{x:.1}")).unwrap_or_else(|| "-".into());
+    let r2 = |v: Option<f64>| v.map(|x| format!("{x:.2}x")).unwrap_or_else(|| "-".into());
     for r in s {
         println!(
-            "{:<8} {:>7} {:<9} {:>9.1} {:>9.1} {:>9.1} {:>9} {:>9} {:>10} {:>9} {:>9} {:>9}",
+            "{:<10} {:>7} {:<9} {:>9.0} {:>9.1} {:>9.1} {:>9.1} {:>9} {:>9} {:>10} {:>9} {:>9} {:>9} {:>9}",
             r.scenario,
-            r.rate,
+            if r.rate > 0.0 { r.rate.to_string() } else { "closed".to_owned() },
             r.target,
+            r.achieved_rate,
             r.p50_us,
             r.p99_us,
             r.p999_us,
             f(r.added_p50_us),
             f(r.added_p99_us),
             f(r.added_p999_us),
-            f(r.added_ttfb_p50_us),
             f(r.cpu_us_per_request),
-            f(r.cpu_us_per_event)
+            f(r.cpu_us_per_event),
+            r2(r.peer_ratio_cpu),
+            r2(r.peer_ratio_rate)
         );
     }
 }

@@ -173,6 +173,14 @@ pub struct RawLedger {
     /// An SQLite file shared by the gateways of one machine (each keeps its own `dir` for journals):
     /// fleet mode through one embedded store, without FoundationDB. Relative to the config file.
     pub shared_file: Option<PathBuf>,
+    /// A PostgreSQL database (`postgres://user:password@host:port/database?sslmode=verify-full`): keep
+    /// spend there (a fleet) instead of `ledger.sqlite`. See `store::postgres`.
+    pub postgres: Option<String>,
+    /// PEM certificates trusted for `ledger.postgres` with `sslmode=verify-full` (or `verify-ca`),
+    /// instead of the public web roots. Relative to the config file.
+    pub postgres_ca_file: Option<PathBuf>,
+    /// The bound on opening a PostgreSQL connection and on each transaction, in ms (default 5000).
+    pub postgres_timeout_ms: Option<u64>,
     /// Fleet mode: this node's id in the store's budget leases (default: random per start).
     pub node_id: Option<u64>,
     /// Fleet mode: how many nodes share the store, a hint for lease sizing (default 4).
@@ -189,19 +197,62 @@ pub struct RawLedger {
 /// `[ledger]`, resolved.
 #[derive(Debug, Clone)]
 pub struct LedgerConfig {
-    /// The journals (`journal/`) and, without `cluster_file`, the SQLite store (`ledger.sqlite`).
+    /// The journals (`journal/`), the lock, and with [`StoreLocation::Embedded`] the SQLite store
+    /// (`ledger.sqlite`).
     pub dir: PathBuf,
     pub commit_interval: Duration,
     pub fail_closed_after: Duration,
-    /// The store to use: `Some` selects FoundationDB through this cluster file
-    /// (`store::fdb::FdbStore::open`, feature `fdb`; validation refuses it on a binary built without
-    /// the feature), `None` the embedded SQLite store in `dir`. Whoever opens the ledger's store picks
-    /// it from here.
-    pub cluster_file: Option<PathBuf>,
-    /// `Some`: the SQLite store is this file, shared with other gateways on the machine (fleet mode).
-    pub shared_file: Option<PathBuf>,
+    /// The spend store: whoever opens the ledger's store picks it from here.
+    pub store: StoreLocation,
     /// Fleet mode's budget leases (see `docs/fleet.md`); used only when the store is shared.
     pub fleet: FleetConfig,
+}
+
+/// Where spend is kept: `[ledger]`'s `cluster_file`, `shared_file` and `postgres` (at most one of them)
+/// resolved.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreLocation {
+    /// `ledger.sqlite` in `ledger.dir`: this gateway's alone.
+    Embedded,
+    /// `ledger.shared_file`: an SQLite file shared with other gateways on the machine (fleet mode).
+    SharedFile(PathBuf),
+    /// `ledger.cluster_file`: a FoundationDB cluster (`store::fdb::FdbStore::open`, feature `fdb`;
+    /// validation refuses it on a binary built without the feature). Fleet mode.
+    Foundation(PathBuf),
+    /// `ledger.postgres`: a PostgreSQL database ([`crate::store::postgres::PgStore`]). Fleet mode.
+    Postgres(Box<crate::store::postgres::PgConfig>),
+}
+
+impl StoreLocation {
+    /// Whether other gateways share the store: fleet mode, where budget limits hold across them through
+    /// leases.
+    pub fn is_fleet(&self) -> bool {
+        !matches!(self, StoreLocation::Embedded)
+    }
+
+    /// The FoundationDB cluster file, if that is the store.
+    pub fn cluster_file(&self) -> Option<&Path> {
+        match self {
+            StoreLocation::Foundation(p) => Some(p),
+            _ => None,
+        }
+    }
+
+    /// The shared SQLite file, if that is the store.
+    pub fn shared_file(&self) -> Option<&Path> {
+        match self {
+            StoreLocation::SharedFile(p) => Some(p),
+            _ => None,
+        }
+    }
+
+    /// The PostgreSQL database, if that is the store.
+    pub fn postgres(&self) -> Option<&crate::store::postgres::PgConfig> {
+        match self {
+            StoreLocation::Postgres(c) => Some(c),
+            _ => None,
+        }
+    }
 }
 
 /// `[ledger]`'s fleet settings, resolved.
@@ -979,6 +1030,64 @@ impl Config {
                 "cannot be combined with ledger.cluster_file: the spend store is one or the other",
             );
         }
+        for (other, set) in [
+            ("ledger.cluster_file", raw.ledger.cluster_file.is_some()),
+            ("ledger.shared_file", raw.ledger.shared_file.is_some()),
+        ] {
+            if set && raw.ledger.postgres.is_some() {
+                is.push(
+                    "ledger.postgres",
+                    format!("cannot be combined with {other}: the spend store is one or the other"),
+                );
+            }
+        }
+        let postgres_timeout_ms = raw.ledger.postgres_timeout_ms.unwrap_or(5_000);
+        if !(100..=600_000).contains(&postgres_timeout_ms) {
+            is.push(
+                "ledger.postgres_timeout_ms",
+                format!("{postgres_timeout_ms} is outside 100..=600000"),
+            );
+        }
+        let postgres_ca_file =
+            raw.ledger
+                .postgres_ca_file
+                .map(|f| if f.is_relative() { base.join(f) } else { f });
+        if raw.ledger.postgres.is_none() {
+            for (field, set) in [
+                ("ledger.postgres_ca_file", postgres_ca_file.is_some()),
+                (
+                    "ledger.postgres_timeout_ms",
+                    raw.ledger.postgres_timeout_ms.is_some(),
+                ),
+            ] {
+                if set {
+                    is.push(field, "is used only with ledger.postgres, which is not set");
+                }
+            }
+        }
+        let postgres = raw.ledger.postgres.as_deref().and_then(|url| {
+            let parsed = crate::store::postgres::PgConfig::parse(
+                url,
+                postgres_ca_file.clone(),
+                Duration::from_millis(postgres_timeout_ms),
+            );
+            let checked = parsed.and_then(|c| c.roots().map(|_| c).map_err(|e| e.to_string()));
+            match checked {
+                Ok(c) => Some(c),
+                Err(e) if e.starts_with("ledger.postgres_ca_file") => {
+                    let reason = e
+                        .trim_start_matches("ledger.postgres_ca_file")
+                        .trim_start()
+                        .to_owned();
+                    is.push("ledger.postgres_ca_file", reason);
+                    None
+                }
+                Err(e) => {
+                    is.push("ledger.postgres", e);
+                    None
+                }
+            }
+        });
         if raw.ledger.node_id.is_some_and(|n| n > i64::MAX as u64) {
             is.push(
                 "ledger.node_id",
@@ -1024,22 +1133,15 @@ impl Config {
                 max_skew_ms: max_skew_ms.min(3_600_000) as i64,
                 clock_offset_ms: clock_offset_ms.clamp(-MAX_CLOCK_OFFSET_MS, MAX_CLOCK_OFFSET_MS),
             },
-            cluster_file: raw.ledger.cluster_file.map(|f| {
-                if f.is_relative() {
-                    base.join(f)
-                } else {
-                    f
+            store: {
+                let resolve = |f: PathBuf| if f.is_relative() { base.join(f) } else { f };
+                match (raw.ledger.cluster_file, raw.ledger.shared_file, postgres) {
+                    (Some(f), _, _) => StoreLocation::Foundation(resolve(f)),
+                    (None, Some(f), _) => StoreLocation::SharedFile(resolve(f)),
+                    (None, None, Some(c)) => StoreLocation::Postgres(Box::new(c)),
+                    (None, None, None) => StoreLocation::Embedded,
                 }
-            }),
-            shared_file: raw.ledger.shared_file.map(
-                |f| {
-                    if f.is_relative() {
-                        base.join(f)
-                    } else {
-                        f
-                    }
-                },
-            ),
+            },
             dir: match raw.ledger.dir {
                 Some(d) if d.is_relative() => base.join(d),
                 Some(d) => d,
@@ -1237,12 +1339,13 @@ mod tests {
     #[test]
     fn ledger_cluster_file_selects_foundationdb_only_when_built_with_it() {
         let c = parse(MIN).unwrap();
-        assert_eq!(c.ledger.cluster_file, None);
+        assert_eq!(c.ledger.store, StoreLocation::Embedded);
+        assert!(!c.ledger.store.is_fleet());
         let text = format!("{MIN}\n[ledger]\ncluster_file = \"fdb.cluster\"\n");
         let got = Config::parse(Path::new("/etc/tollgate/t.toml"), &text);
         if cfg!(feature = "fdb") {
             assert_eq!(
-                got.unwrap().ledger.cluster_file.as_deref(),
+                got.unwrap().ledger.store.cluster_file(),
                 Some(Path::new("/etc/tollgate/fdb.cluster"))
             );
         } else {
@@ -1287,6 +1390,73 @@ mod tests {
             ],
             "{err}"
         );
+    }
+
+    #[test]
+    fn ledger_postgres_selects_postgresql_and_is_validated_by_name_without_the_password() {
+        let c = parse(&format!(
+            "{MIN}\n[ledger]\npostgres = \"postgres://tg:s3cret@db:5433/spend?sslmode=require\"\n\
+             postgres_timeout_ms = 1500\n"
+        ))
+        .unwrap();
+        let pg = c.ledger.store.postgres().unwrap();
+        assert!(c.ledger.store.is_fleet());
+        assert_eq!(pg.target(), "postgres://tg@db:5433/spend");
+        assert_eq!(pg.timeout, Duration::from_millis(1500));
+        assert!(!format!("{:?}", c.ledger).contains("s3cret"));
+        let c = parse(&format!(
+            "{MIN}\n[ledger]\npostgres = \"postgres://tg@db/spend\"\n"
+        ))
+        .unwrap();
+        assert_eq!(
+            c.ledger.store.postgres().unwrap().timeout,
+            Duration::from_secs(5)
+        );
+        let cases = [
+            (
+                "postgres = \"mysql://tg:s3cret@db/x\"",
+                vec!["ledger.postgres"],
+            ),
+            (
+                "postgres = \"postgres://tg:s3cret@db:port/x\"",
+                vec!["ledger.postgres"],
+            ),
+            (
+                "postgres = \"postgres://tg:s3cret@db/x\"\nshared_file = \"s.sqlite\"",
+                vec!["ledger.postgres"],
+            ),
+            (
+                "postgres = \"postgres://tg:s3cret@db/x?sslmode=verify-full\"\n\
+                 postgres_ca_file = \"/nonexistent/ca.pem\"",
+                vec!["ledger.postgres_ca_file"],
+            ),
+            (
+                "postgres = \"postgres://tg:s3cret@db/x\"\npostgres_timeout_ms = 5",
+                vec!["ledger.postgres_timeout_ms"],
+            ),
+            (
+                "postgres_ca_file = \"ca.pem\"\npostgres_timeout_ms = 100",
+                vec!["ledger.postgres_ca_file", "ledger.postgres_timeout_ms"],
+            ),
+        ];
+        for (text, want) in cases {
+            let err = parse(&format!("{MIN}\n[ledger]\n{text}\n")).unwrap_err();
+            let fields: Vec<&str> = err.issues.iter().map(|i| i.field.as_str()).collect();
+            assert_eq!(fields, want, "{text}: {err}");
+            assert!(!err.to_string().contains("s3cret"), "{text}: {err}");
+        }
+        // With a cluster file too: named, whether or not this build has FoundationDB.
+        let err = parse(&format!(
+            "{MIN}\n[ledger]\npostgres = \"postgres://tg:s3cret@db/x\"\ncluster_file = \"f\"\n"
+        ))
+        .unwrap_err();
+        assert!(
+            err.issues
+                .iter()
+                .any(|i| i.field == "ledger.postgres" && i.reason.contains("ledger.cluster_file")),
+            "{err}"
+        );
+        assert!(!err.to_string().contains("s3cret"), "{err}");
     }
 
     #[test]

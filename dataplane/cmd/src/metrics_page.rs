@@ -131,7 +131,7 @@ impl Collector for Process {
 fn budget_rows(path: &Path, store: &dyn Store) -> Option<Vec<SpendRow>> {
     let snap = catalog::read(store).ok()?;
     let config = Validator::new(path).ok()?.config(&snap).ok()?;
-    tollgate_dataplane::spend::committer::report(&config).ok()
+    tollgate_dataplane::spend::committer::report_on(&config, store).ok()
 }
 
 /// The whole page: build info, budgets, and the data plane's families when `gateway` is given.

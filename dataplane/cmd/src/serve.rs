@@ -292,6 +292,7 @@ pub fn serve(path: &Path, listen: Vec<String>, workers: Option<usize>) -> anyhow
 pub struct GatewayHooks {
     pub tx: crossbeam_channel::Sender<Trigger>,
     pub path: PathBuf,
+    /// Read only (the live budgets, the metrics page): `committer::open_reader`'s store.
     pub store: Arc<dyn Store>,
     /// The gateway whose data plane `/metrics` reads; `None` for the control plane alone.
     pub gateway: Option<Arc<Gateway>>,
@@ -321,7 +322,7 @@ impl tollgate_controlplane::Hooks for GatewayHooks {
 pub fn live_budgets(path: &Path, store: &dyn Store) -> Option<serde_json::Value> {
     let snap = catalog::read(store).ok()?;
     let config = Validator::new(path).ok()?.config(&snap).ok()?;
-    let rows = tollgate_dataplane::spend::committer::report(&config).ok()?;
+    let rows = tollgate_dataplane::spend::committer::report_on(&config, store).ok()?;
     let mut out = serde_json::Map::new();
     for b in config.budgets.budgets() {
         let mine: Vec<_> = rows.iter().filter(|r| r.budget == *b.name).collect();
@@ -361,10 +362,14 @@ pub fn controlplane(path: &Path, listen: Option<String>) -> anyhow::Result<()> {
     let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT])
         .context("installing signal handlers")?;
     let (tx, _rx) = crossbeam_channel::unbounded::<Trigger>();
+    // The live budgets and the metrics page only read: for SQLite through a read-only connection, which
+    // takes no write lock from the gateways; for PostgreSQL and FoundationDB the store itself.
+    let reader = tollgate_dataplane::spend::committer::open_reader(&file.ledger, &store)
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
     let hooks = Arc::new(GatewayHooks {
         tx,
         path: path.to_owned(),
-        store: Arc::clone(&store),
+        store: reader,
         gateway: None,
     });
     let h = tollgate_controlplane::start(

@@ -175,6 +175,15 @@ impl CoreLog {
 
 /// Current UTC time as RFC 3339 with milliseconds, from the system clock (log lines only).
 pub fn now_rfc3339() -> String {
+    let mut b = [0u8; 24];
+    now_rfc3339_into(&mut b);
+    // ASCII digits and separators only.
+    String::from_utf8_lossy(&b).into_owned()
+}
+
+/// [`now_rfc3339`] written into a fixed buffer: the access log calls it for every request, and the
+/// formatter's width and padding machinery cost more than the clock read.
+pub fn now_rfc3339_into(out: &mut [u8; 24]) {
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap_or_default();
@@ -182,12 +191,30 @@ pub fn now_rfc3339() -> String {
     let ms = now.subsec_millis();
     let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
     let (y, m, d) = civil_from_days(days);
-    format!(
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{ms:03}Z",
-        rem / 3600,
-        (rem % 3600) / 60,
-        rem % 60
-    )
+    let mut put = |at: usize, width: usize, mut v: u64| {
+        for i in (at..at + width).rev() {
+            out[i] = b'0' + (v % 10) as u8;
+            v /= 10;
+        }
+    };
+    put(0, 4, y.clamp(0, 9999) as u64);
+    put(5, 2, u64::from(m));
+    put(8, 2, u64::from(d));
+    put(11, 2, (rem / 3600) as u64);
+    put(14, 2, ((rem % 3600) / 60) as u64);
+    put(17, 2, (rem % 60) as u64);
+    put(20, 3, u64::from(ms));
+    for (i, c) in [
+        (4, b'-'),
+        (7, b'-'),
+        (10, b'T'),
+        (13, b':'),
+        (16, b':'),
+        (19, b'.'),
+        (23, b'Z'),
+    ] {
+        out[i] = c;
+    }
 }
 
 /// Howard Hinnant's days-to-civil algorithm (proleptic Gregorian).
@@ -219,6 +246,21 @@ mod tests {
         assert_eq!(civil_from_days(0), (1970, 1, 1));
         assert_eq!(civil_from_days(20_454), (2026, 1, 1));
         assert_eq!(civil_from_days(19_782), (2024, 2, 29));
+    }
+
+    #[test]
+    fn timestamps_are_rfc3339_with_milliseconds_and_now() {
+        let before = jiff::Timestamp::now();
+        let ts = now_rfc3339();
+        let after = jiff::Timestamp::now();
+        assert_eq!(ts.len(), 24, "{ts}");
+        assert!(ts.ends_with('Z') && ts.as_bytes()[10] == b'T', "{ts}");
+        let parsed: jiff::Timestamp = ts.parse().unwrap();
+        // Millisecond precision: truncated, never ahead of the clock.
+        assert!(
+            parsed >= before - jiff::SignedDuration::from_millis(1) && parsed <= after,
+            "{ts}"
+        );
     }
 
     #[test]

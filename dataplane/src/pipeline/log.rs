@@ -13,7 +13,7 @@
 
 use super::ctx::{Core, RequestCtx};
 use crate::error::Error;
-use crate::obs::accesslog::{json_str, now_rfc3339};
+use crate::obs::accesslog::{json_str, now_rfc3339_into};
 
 fn field_str(out: &mut Vec<u8>, name: &str, v: &str) {
     out.extend_from_slice(b",\"");
@@ -44,7 +44,11 @@ pub fn access(core: &Core, ctx: &RequestCtx) {
     let total = quanta::Instant::now().duration_since(ctx.start);
     core.log.line(|out| {
         out.extend_from_slice(b"{\"ts\":");
-        json_str(out, &now_rfc3339());
+        let mut ts = [0u8; 24];
+        now_rfc3339_into(&mut ts);
+        out.push(b'"');
+        out.extend_from_slice(&ts);
+        out.push(b'"');
         field_str(out, "event", "request");
         field_str(out, "request_id", &ctx.id);
         field_num(out, "core", core.id as u64);
@@ -150,7 +154,11 @@ pub fn parse_failure(core: &Core, e: &Error) {
     }
     core.log.line(|out| {
         out.extend_from_slice(b"{\"ts\":");
-        json_str(out, &now_rfc3339());
+        let mut ts = [0u8; 24];
+        now_rfc3339_into(&mut ts);
+        out.push(b'"');
+        out.extend_from_slice(&ts);
+        out.push(b'"');
         field_str(out, "event", "request_rejected");
         field_num(out, "core", core.id as u64);
         field_num(out, "status", u64::from(e.status()));

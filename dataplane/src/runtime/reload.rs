@@ -57,8 +57,36 @@ pub const RESTART_REQUIRED: &[StartOnly] = &[
     start_only!("ledger.dir", ledger.dir),
     start_only!("ledger.commit_interval_ms", ledger.commit_interval),
     start_only!("ledger.fail_closed_after_ms", ledger.fail_closed_after),
-    start_only!("ledger.cluster_file", ledger.cluster_file),
-    start_only!("ledger.shared_file", ledger.shared_file),
+    StartOnly {
+        name: "ledger.cluster_file",
+        changed: |old, new| old.ledger.store.cluster_file() != new.ledger.store.cluster_file(),
+    },
+    StartOnly {
+        name: "ledger.shared_file",
+        changed: |old, new| old.ledger.store.shared_file() != new.ledger.store.shared_file(),
+    },
+    StartOnly {
+        name: "ledger.postgres",
+        // The URL as written, password included.
+        changed: |old, new| match (old.ledger.store.postgres(), new.ledger.store.postgres()) {
+            (Some(o), Some(n)) => !o.same_url(n),
+            (o, n) => o.is_some() != n.is_some(),
+        },
+    },
+    StartOnly {
+        name: "ledger.postgres_ca_file",
+        changed: |old, new| match (old.ledger.store.postgres(), new.ledger.store.postgres()) {
+            (Some(o), Some(n)) => o.ca_file != n.ca_file,
+            _ => false,
+        },
+    },
+    StartOnly {
+        name: "ledger.postgres_timeout_ms",
+        changed: |old, new| match (old.ledger.store.postgres(), new.ledger.store.postgres()) {
+            (Some(o), Some(n)) => o.timeout != n.timeout,
+            _ => false,
+        },
+    },
     start_only!("ledger.node_id", ledger.fleet.node_id),
     start_only!("ledger.fleet_nodes", ledger.fleet.nodes),
     start_only!("ledger.lease_ttl_ms", ledger.fleet.lease_ttl_ms),
@@ -132,6 +160,7 @@ provider = "openai"
         ("ledger.commit_interval_ms", "[ledger]\ncommit_interval_ms = 77\n"),
         ("ledger.fail_closed_after_ms", "[ledger]\nfail_closed_after_ms = 7777\n"),
         ("ledger.shared_file", "[ledger]\nshared_file = \"/tmp/tg-fleet.sqlite\"\n"),
+        ("ledger.postgres", "[ledger]\npostgres = \"postgres://tg:pw@db/spend\"\n"),
         ("ledger.node_id", "[ledger]\nnode_id = 7\n"),
         ("ledger.fleet_nodes", "[ledger]\nfleet_nodes = 7\n"),
         ("ledger.lease_ttl_ms", "[ledger]\nlease_ttl_ms = 7777\n"),
@@ -170,6 +199,20 @@ provider = "openai"
     }
 
     #[test]
+    fn the_postgres_settings_changed_alone_are_reported_by_their_own_names() {
+        let pg = "[ledger]\npostgres = \"postgres://tg:pw@db/spend\"\n";
+        let base = config(pg);
+        let timeout = config(&format!("{pg}postgres_timeout_ms = 777\n"));
+        assert_eq!(
+            restart_required(&base, &timeout),
+            vec!["ledger.postgres_timeout_ms"]
+        );
+        // Only the password changed: still a restart (the running pool logged in with the old one).
+        let password = config("[ledger]\npostgres = \"postgres://tg:other@db/spend\"\n");
+        assert_eq!(restart_required(&base, &password), vec!["ledger.postgres"]);
+    }
+
+    #[test]
     fn every_table_entry_is_tested() {
         let tested: Vec<&str> = ONE_CHANGE.iter().map(|(n, _)| *n).collect();
         let untested: Vec<&str> = RESTART_REQUIRED
@@ -179,6 +222,9 @@ provider = "openai"
             // Selecting FoundationDB needs a binary built with the `fdb` feature; its check is a plain
             // comparison of the parsed path, exercised under that feature.
             .filter(|n| *n != "ledger.cluster_file" || cfg!(feature = "fdb"))
+            // Changed beside ledger.postgres: tested below (the CA file in tests/tests/postgres.rs,
+            // which can make a certificate for it).
+            .filter(|n| !["ledger.postgres_timeout_ms", "ledger.postgres_ca_file"].contains(n))
             .collect();
         assert!(
             untested.is_empty(),

@@ -44,7 +44,7 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{Receiver, Sender};
 use jiff::Timestamp;
 use tollgate_core::budget::InstanceKey;
-use tollgate_core::config::{FleetConfig, LedgerConfig};
+use tollgate_core::config::{FleetConfig, LedgerConfig, StoreLocation};
 use tollgate_core::store::consumption::{self as usage, Seen, UsageCounts};
 use tollgate_core::store::fleet::{self, Ask, WindowRef};
 use tollgate_core::store::keys::UsageDims;
@@ -234,28 +234,24 @@ pub fn start_opened(
     cfg: &LedgerConfig,
     logger: &Logger,
 ) -> Result<Started, String> {
-    // A shared store (FoundationDB) is fleet mode: budget limits hold across the nodes through leases.
-    let mut started = start_fleet(
-        Box::new(opened.store),
-        cfg,
-        logger,
-        cfg.cluster_file.is_some() || cfg.shared_file.is_some(),
-    )?;
+    // A shared store (FoundationDB, PostgreSQL, a shared SQLite file) is fleet mode: budget limits hold
+    // across the nodes through leases.
+    let mut started = start_fleet(Box::new(opened.store), cfg, logger, cfg.store.is_fleet())?;
     started.handle.lock = Some(opened.lock);
     Ok(started)
 }
 
 /// The configured store for a process that is not a gateway (`tollgate controlplane serve`): no ledger
-/// lock, no journals; SQLite lets several processes share one file, FoundationDB several clients.
+/// lock, no journals; SQLite lets several processes share one file, FoundationDB and PostgreSQL several
+/// clients.
 pub fn open_shared(cfg: &LedgerConfig) -> Result<std::sync::Arc<dyn Store>, String> {
-    if cfg.cluster_file.is_none() {
-        let path = cfg
-            .shared_file
-            .clone()
-            .unwrap_or_else(|| cfg.dir.join("ledger.sqlite"));
-        if let Some(parent) = path.parent() {
-            std::fs::create_dir_all(parent).map_err(|e| format!("{}: {e}", parent.display()))?;
-        }
+    let file = match &cfg.store {
+        StoreLocation::Embedded => Some(cfg.dir.join("ledger.sqlite")),
+        StoreLocation::SharedFile(f) => Some(f.clone()),
+        StoreLocation::Foundation(_) | StoreLocation::Postgres(_) => None,
+    };
+    if let Some(parent) = file.as_deref().and_then(Path::parent) {
+        std::fs::create_dir_all(parent).map_err(|e| format!("{}: {e}", parent.display()))?;
     }
     let store = open_store(cfg, false)?;
     ledger::check_schema(store.as_ref(), &RetryPolicy::default())
@@ -265,15 +261,20 @@ pub fn open_shared(cfg: &LedgerConfig) -> Result<std::sync::Arc<dyn Store>, Stri
 
 /// A reader of the configured store that never waits on its writers: for SQLite a second, read-only
 /// connection (WAL readers take no lock, so a poll never holds up the ledger thread's commits nor waits
-/// behind another process's write lock); for FoundationDB `shared` itself.
+/// behind another process's write lock); for FoundationDB and PostgreSQL `shared` itself (their
+/// transactions run side by side; PostgreSQL's on their own pooled connections).
 pub fn open_reader(
     cfg: &LedgerConfig,
     shared: &std::sync::Arc<dyn Store>,
 ) -> Result<std::sync::Arc<dyn Store>, String> {
-    if cfg.cluster_file.is_some() {
-        return Ok(std::sync::Arc::clone(shared));
+    match &cfg.store {
+        StoreLocation::Foundation(_) | StoreLocation::Postgres(_) => {
+            Ok(std::sync::Arc::clone(shared))
+        }
+        StoreLocation::Embedded | StoreLocation::SharedFile(_) => {
+            open_store(cfg, true).map(std::sync::Arc::from)
+        }
     }
-    open_store(cfg, true).map(std::sync::Arc::from)
 }
 
 /// Takes the ledger directory's lock (one gateway per directory) and opens the configured store.
@@ -302,27 +303,35 @@ pub fn open(cfg: &LedgerConfig) -> Result<Opened, String> {
 }
 
 /// The configured spend store: FoundationDB when `ledger.cluster_file` is set (binaries built with the
-/// `fdb` feature; config loading refuses the field otherwise), else SQLite in `ledger.dir`.
+/// `fdb` feature; config loading refuses the field otherwise), PostgreSQL when `ledger.postgres` is, else
+/// SQLite (`ledger.shared_file`, or `ledger.sqlite` in `ledger.dir`). `read_only` opens SQLite read-only;
+/// the other stores have no such mode (their callers only read).
 fn open_store(cfg: &LedgerConfig, read_only: bool) -> Result<Box<dyn Store>, String> {
-    if let Some(cluster_file) = &cfg.cluster_file {
-        #[cfg(feature = "fdb")]
-        {
-            use tollgate_core::store::fdb::{FdbOptions, FdbStore};
-            let _ = read_only;
-            return FdbStore::open(cluster_file, FdbOptions::default())
-                .map(|s| Box::new(s) as Box<dyn Store>)
-                .map_err(|e| format!("the FoundationDB cluster {}: {e}", cluster_file.display()));
+    let path = match &cfg.store {
+        StoreLocation::Foundation(cluster_file) => {
+            #[cfg(feature = "fdb")]
+            {
+                use tollgate_core::store::fdb::{FdbOptions, FdbStore};
+                return FdbStore::open(cluster_file, FdbOptions::default())
+                    .map(|s| Box::new(s) as Box<dyn Store>)
+                    .map_err(|e| {
+                        format!("the FoundationDB cluster {}: {e}", cluster_file.display())
+                    });
+            }
+            #[cfg(not(feature = "fdb"))]
+            return Err(format!(
+                "ledger.cluster_file {}: this binary was built without FoundationDB support (build with --features fdb)",
+                cluster_file.display()
+            ));
         }
-        #[cfg(not(feature = "fdb"))]
-        return Err(format!(
-            "ledger.cluster_file {}: this binary was built without FoundationDB support (build with --features fdb)",
-            cluster_file.display()
-        ));
-    }
-    let path = cfg
-        .shared_file
-        .clone()
-        .unwrap_or_else(|| cfg.dir.join("ledger.sqlite"));
+        StoreLocation::Postgres(pg) => {
+            return tollgate_core::store::postgres::PgStore::open(pg)
+                .map(|s| Box::new(s) as Box<dyn Store>)
+                .map_err(|e| format!("the PostgreSQL spend store {}: {e}", pg.target()));
+        }
+        StoreLocation::SharedFile(f) => f.clone(),
+        StoreLocation::Embedded => cfg.dir.join("ledger.sqlite"),
+    };
     let opened = if read_only {
         if !path.exists() {
             return Err(format!(
@@ -1112,10 +1121,18 @@ pub struct SpendRow {
 /// journal entries the store has not applied yet. Shared instances of every budget are listed, spent or
 /// not; per-member instances once they have spend.
 pub fn report(config: &tollgate_core::Config) -> Result<Vec<SpendRow>, String> {
+    let store = open_store(&config.ledger, true)?;
+    report_on(config, store.as_ref())
+}
+
+/// [`report`] on a store already open (a running process's reader: the metrics page and the control
+/// plane's live budgets read through it instead of opening the store, a PostgreSQL connection, per call).
+pub fn report_on(
+    config: &tollgate_core::Config,
+    store: &dyn Store,
+) -> Result<Vec<SpendRow>, String> {
     use tollgate_core::budget::owner::Ledger;
     use tollgate_core::budget::InstanceKey;
-    let store = open_store(&config.ledger, true)?;
-    let store = store.as_ref();
     let path = config.ledger.dir.display();
     let policy = RetryPolicy::default();
     let now = Timestamp::now();
@@ -1245,8 +1262,7 @@ mod tests {
             dir: dir.clone(),
             commit_interval: Duration::from_millis(10),
             fail_closed_after: Duration::from_secs(30),
-            cluster_file: None,
-            shared_file: None,
+            store: StoreLocation::Embedded,
             fleet: Default::default(),
         };
         let (log, writer) = Logger::start().unwrap();

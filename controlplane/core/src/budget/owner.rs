@@ -202,7 +202,7 @@ impl InstanceState {
                 }
             }
             _ => {
-                let p = calendar_period(w, now);
+                let p = self.calendar_period(now);
                 let spent = if self.period == Some(p) {
                     self.spent
                 } else {
@@ -217,11 +217,21 @@ impl InstanceState {
         }
     }
 
+    /// The calendar window containing `now`: the one already held when `now` is inside it (calendar windows
+    /// partition time, so it is the same window), computed in the budget's time zone otherwise (a
+    /// time-zone conversion, which costs more than the rest of a reservation; it ran several times per
+    /// request before).
+    fn calendar_period(&self, now: Timestamp) -> (Timestamp, Timestamp) {
+        match self.period {
+            Some(p) if p.0 <= now && now < p.1 => p,
+            _ => calendar_period(&self.key.budget.window, now),
+        }
+    }
+
     /// Brings the window state to `now`: rolls a calendar window, drops rolling buckets and history that
     /// have left.
     fn sync(&mut self, now: Timestamp) {
-        let w = self.key.budget.window.clone();
-        match w.rolling_range(now) {
+        match self.key.budget.window.rolling_range(now) {
             Some((lo, _)) => {
                 while let Some((&i, _)) = self.buckets.first_key_value() {
                     if i >= lo {
@@ -235,7 +245,7 @@ impl InstanceState {
                 }
             }
             None => {
-                let p = calendar_period(&w, now);
+                let p = self.calendar_period(now);
                 if self.period != Some(p) || self.refire {
                     self.spent = self.history_sum(p);
                     self.period = Some(p);

@@ -2,9 +2,19 @@
 //! store, SQLite, and FoundationDB later), so that code written against the trait means the same on all.
 //!
 //! Owns: [`run`] (what every store must do, including two threads incrementing one key through
-//! [`transact`]), [`run_overlapping`] (two transactions open at once on one thread: snapshot reads and
-//! conflict detection; SQLite's single connection serializes transactions and cannot run these) and
-//! [`run_faults`] (the in-memory store's injected faults against the retry loop). Each check writes only
+//! [`transact`]), [`run_overlapping`] and [`run_serializable`] (two transactions open at once on one
+//! thread: snapshot reads and conflict detection; SQLite's single connection serializes transactions and
+//! cannot run these) and [`run_faults`] (the in-memory store's injected faults against the retry loop).
+//!
+//! Two conflict semantics are checked, each by name. [`run_overlapping`]: FoundationDB's optimistic check
+//! (and [`MemStore`]'s): a transaction conflicts when a key or range it read was written by a
+//! transaction that committed after it began, and `add` never conflicts. [`run_serializable`]:
+//! PostgreSQL's serializable snapshot isolation, which conflicts only when no serial order explains the
+//! committed transactions (so a read that a later commit overwrote may commit, ordered first; and it may
+//! conflict anyway, since PostgreSQL tracks reads by index page), and under which two overlapping
+//! transactions that add to one key conflict, the retry loop counting both. Both sets check what the
+//! fleet relies on: write skew (each transaction reads what the other writes, as two nodes' lease grants
+//! do) never commits twice. Each check writes only
 //! under its own tuple prefix `("conformance", check)`, which it clears first, so a store holding other
 //! data can be checked.
 //!
@@ -53,12 +63,35 @@ pub fn run(store: &dyn Store) -> Check {
 /// Runs the checks that hold two transactions open at once on one thread. A store that serializes its
 /// transactions (one at a time, as [`super::sqlite::SqliteStore`] does) is trivially serializable and
 /// cannot run them: it would wait on itself.
+/// These are FoundationDB's optimistic semantics (see the module docs); a store with serializable
+/// snapshot isolation runs [`run_serializable`] instead.
 pub fn run_overlapping(store: &dyn Store) -> Check {
-    let checks: [StoreCheck; 4] = [
+    let checks: [StoreCheck; 6] = [
         ("snapshot", snapshot),
         ("read_conflict", read_conflict),
         ("range_conflict", range_conflict),
         ("add_no_conflict", add_no_conflict),
+        ("write_skew", write_skew),
+        ("range_write_skew", range_write_skew),
+    ];
+    for (name, check) in checks {
+        run_one(store, name, check)?;
+    }
+    Ok(())
+}
+
+/// Runs the checks of two transactions open at once for a store with serializable snapshot isolation
+/// (PostgreSQL): the differences from [`run_overlapping`] are `stale_read` (a read overwritten by a later
+/// commit may commit, if its outcome is the serial order reader first) and `add_conflict` (overlapping
+/// adds to one key conflict; [`transact`] retries and both count), in place of `read_conflict`,
+/// `range_conflict` and `add_no_conflict`.
+pub fn run_serializable(store: &dyn Store) -> Check {
+    let checks: [StoreCheck; 5] = [
+        ("snapshot", snapshot),
+        ("stale_read", stale_read),
+        ("add_conflict", add_conflict),
+        ("write_skew", write_skew),
+        ("range_write_skew", range_write_skew),
     ];
     for (name, check) in checks {
         run_one(store, name, check)?;
@@ -587,6 +620,113 @@ fn add_no_conflict(store: &dyn Store, keys: &Keys) -> Check {
     t2.add(&keys.k(1), 2);
     t2.commit().ctx("commit t2")?;
     t1.commit().ctx("add does not conflict with another add")?;
+    expect_eq("both adds count", read_counter(store, &keys.k(1))?, 3)
+}
+
+/// Exactly one of two commits conflicted, and the other applied.
+fn one_of_two(first: Result<(), StoreError>, second: Result<(), StoreError>) -> Check {
+    match (&first, &second) {
+        (Ok(()), Err(StoreError::Conflict)) | (Err(StoreError::Conflict), Ok(())) => Ok(()),
+        _ => Err(format!(
+            "exactly one of the two commits must conflict: got {first:?} then {second:?}"
+        )),
+    }
+}
+
+/// Write skew: each transaction reads the key the other writes. Both committing would leave both keys
+/// off, which no serial order gives (each would have seen the other's write).
+fn write_skew(store: &dyn Store, keys: &Keys) -> Check {
+    set_committed(store, &[(&keys.k(1), b"on"), (&keys.k(2), b"on")])?;
+    let mut t1 = store.begin().ctx("begin t1")?;
+    let mut t2 = store.begin().ctx("begin t2")?;
+    expect_eq(
+        "t1 reads k2",
+        t1.get(&keys.k(2)).ctx("t1 get")?,
+        Some(v("on")),
+    )?;
+    expect_eq(
+        "t2 reads k1",
+        t2.get(&keys.k(1)).ctx("t2 get")?,
+        Some(v("on")),
+    )?;
+    t1.set(&keys.k(1), b"off");
+    t2.set(&keys.k(2), b"off");
+    let (first, second) = (t1.commit(), t2.commit());
+    one_of_two(first, second)?;
+    let offs = read_all(store, keys)?
+        .iter()
+        .filter(|(_, value)| value == b"off")
+        .count();
+    expect_eq("keys turned off", offs, 1)
+}
+
+/// Two transactions read one range and each inserts a key into it (two nodes granting leases on one
+/// budget, each counting the other's lease as absent): the second to commit conflicts.
+fn range_write_skew(store: &dyn Store, keys: &Keys) -> Check {
+    let mut t1 = store.begin().ctx("begin t1")?;
+    let mut t2 = store.begin().ctx("begin t2")?;
+    expect_eq(
+        "t1 reads an empty range",
+        t1.get_range(&keys.k(10), &keys.k(20), 0)
+            .ctx("t1 get_range")?,
+        vec![],
+    )?;
+    expect_eq(
+        "t2 reads an empty range",
+        t2.get_range(&keys.k(10), &keys.k(20), 0)
+            .ctx("t2 get_range")?,
+        vec![],
+    )?;
+    t1.set(&keys.k(11), b"t1");
+    t2.set(&keys.k(12), b"t2");
+    let (first, second) = (t1.commit(), t2.commit());
+    one_of_two(first, second)?;
+    expect_eq("one insert applied", read_all(store, keys)?.len(), 1)
+}
+
+/// Serializable snapshot isolation: t1 reads k1, t2 writes k1 and commits, t1 writes k2. t1 may commit
+/// (ordered before t2: it read k1 as it was before t2) or conflict; either way the outcome is serial.
+fn stale_read(store: &dyn Store, keys: &Keys) -> Check {
+    let mut t1 = store.begin().ctx("begin t1")?;
+    expect_eq("t1 reads k1", t1.get(&keys.k(1)).ctx("t1 get")?, None)?;
+    set_committed(store, &[(&keys.k(1), b"t2")])?;
+    t1.set(&keys.k(2), b"t1");
+    match t1.commit() {
+        Ok(()) => expect_eq(
+            "t1 committed, ordered before t2",
+            read_all(store, keys)?,
+            vec![(keys.k(1), v("t2")), (keys.k(2), v("t1"))],
+        ),
+        Err(StoreError::Conflict) => expect_eq(
+            "a conflicted commit applies nothing",
+            read(store, &keys.k(2))?,
+            None,
+        ),
+        Err(e) => Err(format!("t1's commit: {e}")),
+    }
+}
+
+/// Serializable snapshot isolation: overlapping adds to one key conflict (unlike FoundationDB's `ADD`,
+/// see [`add_no_conflict`]); the retry loop runs the later one again and both count.
+fn add_conflict(store: &dyn Store, keys: &Keys) -> Check {
+    let mut t1 = store.begin().ctx("begin t1")?;
+    // A read starts t1's snapshot before t2 commits.
+    t1.get(&keys.k(2)).ctx("t1 get")?;
+    t1.add(&keys.k(1), 1);
+    let mut t2 = store.begin().ctx("begin t2")?;
+    t2.add(&keys.k(1), 2);
+    t2.commit().ctx("commit t2")?;
+    expect_eq(
+        "an add overlapping another add to the same key",
+        t1.commit(),
+        Err(StoreError::Conflict),
+    )?;
+    transact(store, &patient(), |t| {
+        t.get(&keys.k(2))?;
+        t.add(&keys.k(1), 1);
+        Ok(())
+    })
+    .ctx("transact retries the add")?;
     expect_eq("both adds count", read_counter(store, &keys.k(1))?, 3)
 }
 

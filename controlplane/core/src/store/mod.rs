@@ -7,9 +7,9 @@
 //! a retry can fix), [`transact`] (FoundationDB's `run` loop: retry with capped backoff up to a limit).
 //! Implementations: [`sqlite::SqliteStore`] (the embedded default: one file, crash-safe, readable by other
 //! processes while the gateway writes) and [`mem::MemStore`] (in memory with FoundationDB's conflict
-//! semantics and injectable faults, for tests and the fleet simulation), and, with the `fdb` cargo feature,
-//! `fdb::FdbStore` (a FoundationDB cluster, for a fleet). [`conformance`] runs the same checks against any
-//! implementation.
+//! semantics and injectable faults, for tests and the fleet simulation), [`postgres::PgStore`] (a PostgreSQL
+//! database, for a fleet) and, with the `fdb` cargo feature, `fdb::FdbStore` (a FoundationDB cluster, for a
+//! fleet). [`conformance`] runs the same checks against any implementation.
 //!
 //! Values written by [`Transaction::add`] are 16-byte little-endian two's-complement integers (pico-USD
 //! amounts are `i128`); [`decode_i128`] reads them.
@@ -27,6 +27,7 @@ pub mod ledger;
 pub mod mem;
 
 pub mod consumption;
+pub mod postgres;
 pub mod sqlite;
 pub mod tuple;
 
@@ -96,7 +97,9 @@ pub trait Transaction {
     fn clear_range(&mut self, begin: &[u8], end: &[u8]);
 
     /// Adds `delta` to the 16-byte little-endian integer at `key` (absent counts as 0), wrapping like
-    /// FoundationDB's atomic ADD. Does not make the transaction conflict with other writers of `key`.
+    /// FoundationDB's atomic ADD. On FoundationDB (and [`mem::MemStore`]) it does not make the transaction
+    /// conflict with other writers of `key`; on PostgreSQL ([`postgres`]) two overlapping transactions
+    /// that add to one key conflict, and [`transact`] retries one of them.
     fn add(&mut self, key: &[u8], delta: i128);
 
     /// Applies the writes, all or none.
@@ -105,7 +108,7 @@ pub trait Transaction {
 
 /// An ordered key-value store with transactions.
 pub trait Store: Send + Sync {
-    /// `sqlite`, `memory`, `foundationdb`: for logs and errors.
+    /// `sqlite`, `memory`, `foundationdb`, `postgres`: for logs and errors.
     fn kind(&self) -> &'static str;
 
     /// Starts a transaction.
