@@ -5,9 +5,10 @@
 //! directory (their journals replay), and the test reads the shared store directly and through the
 //! control plane's spend endpoints.
 //!
-//! The spend store is a parameter ([`FleetStore`]): today the SQLite file the gateways of one machine
-//! share (`[ledger] shared_file`); a fleet on another store is one more variant with its `[ledger]` line
-//! and its opener.
+//! The spend store is a parameter ([`FleetStore`]): a throwaway PostgreSQL cluster
+//! ([`crate::postgres::PgCluster`], `[ledger] postgres`), or the SQLite file the gateways of one machine
+//! share (`[ledger] shared_file`). [`FleetStore::stall`] makes either stop answering for a while (SIGSTOP
+//! of every PostgreSQL process; SQLite's write lock held by this process).
 //!
 //! Costs are deterministic: the mock bills `x-mock-input-tokens` input tokens and `min(16, max_tokens)`
 //! output tokens, and gpt-4o-mini is 150,000 pico-USD per input token and 600,000 per output token
@@ -35,21 +36,36 @@ pub fn cost(input: u64, max_tokens: u64) -> i128 {
 }
 
 /// The spend store the fleet shares.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub enum FleetStore {
+    /// A throwaway PostgreSQL cluster (`[ledger] postgres`), stopped when the last clone goes.
+    Postgres(std::sync::Arc<crate::postgres::PgCluster>),
     /// One SQLite file, shared by every process on this machine (`[ledger] shared_file`).
     SharedSqlite(PathBuf),
 }
 
+/// `ledger.postgres_timeout_ms` of the fleet's nodes and of the test's own connections.
+pub const PG_TIMEOUT: Duration = Duration::from_secs(5);
+
 impl FleetStore {
+    /// A new throwaway PostgreSQL cluster (the fleet's directory is not used).
+    pub fn postgres(_dir: &Path) -> FleetStore {
+        FleetStore::Postgres(std::sync::Arc::new(crate::postgres::PgCluster::start()))
+    }
+
     /// A new shared SQLite file in `dir`.
     pub fn sqlite_in(dir: &Path) -> FleetStore {
         FleetStore::SharedSqlite(dir.join("fleet.sqlite"))
     }
 
-    /// The `[ledger]` line that points a process at this store.
+    /// The `[ledger]` lines that point a process at this store.
     pub fn ledger_line(&self) -> String {
         match self {
+            FleetStore::Postgres(pg) => format!(
+                "postgres = \"{}\"\npostgres_timeout_ms = {}",
+                pg.url(),
+                PG_TIMEOUT.as_millis()
+            ),
             FleetStore::SharedSqlite(p) => format!("shared_file = \"{}\"", p.display()),
         }
     }
@@ -57,15 +73,38 @@ impl FleetStore {
     /// The store, opened by the test for reading beside the running processes (for SQLite a read-only
     /// connection: it never takes the write lock the nodes commit under).
     pub fn open(&self) -> Box<dyn Store> {
+        use tollgate_core::store::postgres::{PgConfig, PgStore};
         match self {
+            FleetStore::Postgres(pg) => Box::new(
+                PgStore::open(&PgConfig::parse(&pg.url(), None, PG_TIMEOUT).unwrap()).unwrap(),
+            ),
             FleetStore::SharedSqlite(p) => {
                 Box::new(tollgate_core::store::sqlite::SqliteStore::open_read_only(p).unwrap())
             }
         }
     }
 
+    /// Makes the store stop answering for `d`, then lets it go on (returns after): PostgreSQL's
+    /// processes are SIGSTOPped (connections stay open, nothing answers), SQLite's write lock is held by
+    /// this process (every commit and lease transaction of the nodes waits on it).
+    pub fn stall(&self, d: Duration) {
+        match self {
+            FleetStore::Postgres(pg) => {
+                pg.pause();
+                std::thread::sleep(d);
+                pg.resume();
+            }
+            FleetStore::SharedSqlite(p) => {
+                let blocker = tollgate_core::store::sqlite::SqliteStore::open(p).unwrap();
+                let _txn = Store::begin(&blocker).unwrap();
+                std::thread::sleep(d);
+            }
+        }
+    }
+
     pub fn kind(&self) -> &'static str {
         match self {
+            FleetStore::Postgres(_) => "PostgreSQL",
             FleetStore::SharedSqlite(_) => "SQLite (shared file)",
         }
     }
@@ -138,7 +177,6 @@ fn start_serve(config: &Path) -> Proc {
 
 /// A running fleet; every process is killed on drop.
 pub struct Fleet {
-    pub store: FleetStore,
     pub mock: Proc,
     pub nodes: Vec<Node>,
     pub control: Option<Proc>,
@@ -149,6 +187,8 @@ pub struct Fleet {
     /// The control plane's admin token (role admin).
     pub admin_token: String,
     _dir: TempDir,
+    /// Last: dropped after every process is gone.
+    pub store: FleetStore,
 }
 
 impl Fleet {

@@ -28,9 +28,14 @@ use std::time::{Duration, Instant};
 
 use tollgate_tests::multinode::*;
 
-/// The store every scenario runs on.
+/// The store every scenario runs on: a throwaway PostgreSQL cluster (`tollgate_tests::postgres`; set
+/// `TOLLGATE_PG_BIN` where PostgreSQL is not in Debian's place), or with `TOLLGATE_FLEET_STORE=sqlite`
+/// one SQLite file shared by the processes.
 fn store() -> impl FnOnce(&Path) -> FleetStore {
-    FleetStore::sqlite_in
+    match std::env::var("TOLLGATE_FLEET_STORE").as_deref() {
+        Ok("sqlite") => FleetStore::sqlite_in,
+        _ => FleetStore::postgres,
+    }
 }
 
 /// A day budget named `name` of `usd` on `scope` lines (`scope = ...`, `group = ...`), plus `extra`.
@@ -302,7 +307,6 @@ fn a_stalled_store_closes_closed_budgets_and_open_ones_keep_serving() {
             ..FleetOptions::default()
         },
     );
-    let FleetStore::SharedSqlite(db) = &f.store;
     let (stall_at, stall_for, stop_at) = (
         Duration::from_millis(1_500),
         Duration::from_millis(7_000),
@@ -327,12 +331,8 @@ fn a_stalled_store_closes_closed_budgets_and_open_ones_keep_serving() {
         let closed = s.spawn(|| run(&f.tokens[0]));
         let open = s.spawn(|| run(&f.tokens[1]));
         std::thread::sleep(stall_at.saturating_sub(began.elapsed()));
-        // Another process's write lock: every commit and lease transaction of the nodes waits on it.
-        let blocker = tollgate_core::store::sqlite::SqliteStore::open(db).unwrap();
-        {
-            let _txn = tollgate_core::store::Store::begin(&blocker).unwrap();
-            std::thread::sleep(resume_at.saturating_sub(began.elapsed()));
-        }
+        // Every commit and lease transaction of the nodes waits on the store meanwhile.
+        f.store.stall(resume_at.saturating_sub(began.elapsed()));
         (closed.join().unwrap(), open.join().unwrap())
     });
     let during = |o: &&Outcome| {
@@ -478,6 +478,7 @@ fn measure_the_fleet() {
     let cells: Vec<(usize, bool)> = vec![(50, false), (50, true), (200, false), (200, true)];
     let name = |burst: usize, stream: bool| format!("b{burst}{}", if stream { "s" } else { "j" });
     let mut rows = Vec::new();
+    let mut kind = "";
     for nodes in [1usize, 3] {
         // One budget per cell (scope: its team), each affording half its burst at the actual cost.
         let budgets: String = cells
@@ -502,6 +503,7 @@ fn measure_the_fleet() {
                 ..FleetOptions::default()
             },
         );
+        kind = f.store.kind();
         for (i, (b, s)) in cells.iter().enumerate() {
             let limit = c * *b as i128 / 2;
             let out = burst(&f.addrs(), &f.tokens[i], *b, *s, input, max_tokens);
@@ -509,7 +511,7 @@ fn measure_the_fleet() {
             rows.push((nodes, *b, *s, ok, refused, spent, limit));
         }
     }
-    println!("\nBudget overshoot (store: {}; every request with max_tokens; limit = half the burst at its actual cost):\n", FleetStore::sqlite_in(Path::new("/")).kind());
+    println!("\nBudget overshoot (store: {}; every request with max_tokens; limit = half the burst at its actual cost):\n", kind);
     println!("| nodes | burst | body | admitted | refused | spend / limit | overshoot |");
     println!("|---|---|---|---|---|---|---|");
     for (nodes, b, s, ok, refused, spent, limit) in &rows {
