@@ -303,6 +303,23 @@ impl Fleet {
         }
     }
 
+    /// Every node's log lines of the JSON event `event` (for a failure's message).
+    pub fn events(&self, event: &str) -> Vec<String> {
+        let tag = format!("\"event\":\"{event}\"");
+        self.nodes
+            .iter()
+            .enumerate()
+            .flat_map(|(i, n)| {
+                n.proc
+                    .output()
+                    .lines()
+                    .filter(|l| l.contains(&tag))
+                    .map(|l| format!("node {i}: {l}"))
+                    .collect::<Vec<_>>()
+            })
+            .collect()
+    }
+
     /// Node `i`'s `/metrics` page.
     pub fn metrics(&self, i: usize) -> String {
         request(

@@ -335,6 +335,13 @@ fn a_stalled_store_closes_closed_budgets_and_open_ones_keep_serving() {
         f.store.stall(resume_at.saturating_sub(began.elapsed()));
         (closed.join().unwrap(), open.join().unwrap())
     });
+    // What the nodes logged about the store, for a failure's message.
+    let diag = || {
+        let mut lines = f.events("ledger_store_failing");
+        lines.extend(f.events("ledger_store_recovered"));
+        lines.extend(f.events("fleet_lease_failed").into_iter().take(20));
+        lines.join("\n")
+    };
     let during = |o: &&Outcome| {
         o.at > stall_at + Duration::from_millis(1_500) && o.at + o.latency < resume_at
     };
@@ -343,16 +350,22 @@ fn a_stalled_store_closes_closed_budgets_and_open_ones_keep_serving() {
     for (name, out) in [("closed", &closed), ("open", &open)] {
         assert!(
             out.iter().filter(before).all(|o| o.complete),
-            "{name}: before the stall every request is served"
+            "{name}: before the stall every request is served: {:?}\n{}",
+            out.iter()
+                .filter(before)
+                .filter(|o| !o.complete)
+                .collect::<Vec<_>>(),
+            diag()
         );
         let n = out.iter().filter(after).count();
         assert!(
             n > 5 && out.iter().filter(after).all(|o| o.complete),
-            "{name}: after the stall every request is served again: {:?}",
+            "{name}: after the stall every request is served again: {:?}\n{}",
             out.iter()
                 .filter(after)
                 .filter(|o| !o.complete)
-                .collect::<Vec<_>>()
+                .collect::<Vec<_>>(),
+            diag()
         );
     }
     let closed_during: Vec<&Outcome> = closed.iter().filter(during).collect();
@@ -361,17 +374,23 @@ fn a_stalled_store_closes_closed_budgets_and_open_ones_keep_serving() {
         closed_during
             .iter()
             .all(|o| o.status == 503 || o.status == 429),
-        "the closed budget refuses while the store is stalled: {closed_during:?}"
+        "the closed budget refuses while the store is stalled: {:?}\n{}",
+        closed_during
+            .iter()
+            .filter(|o| o.status != 503 && o.status != 429)
+            .collect::<Vec<_>>(),
+        diag()
     );
     let open_during: Vec<&Outcome> = open.iter().filter(during).collect();
     assert!(open_during.len() > 5);
     assert!(
         open_during.iter().all(|o| o.complete),
-        "the open budget serves while the store is stalled: {:?}",
+        "the open budget serves while the store is stalled: {:?}\n{}",
         open_during
             .iter()
             .filter(|o| !o.complete)
-            .collect::<Vec<_>>()
+            .collect::<Vec<_>>(),
+        diag()
     );
     // Everything settled reaches the store.
     for (name, out) in [("closed", &closed), ("open", &open)] {

@@ -22,7 +22,8 @@
 //! Fleet mode ([`start_fleet`] with `fleet`: the store is shared with other gateways, see
 //! `docs/fleet.md`): the thread also answers the cores' lease asks ([`ToLedger::Lease`]) with
 //! [`tollgate_core::store::fleet::acquire`] on the instance's current calendar window (one transaction,
-//! three quick attempts; a failure grants nothing) and replies on the asking core's mailbox
+//! up to eight quick attempts on conflicts with other nodes' grants, three on other errors; a failure
+//! grants nothing) and replies on the asking core's mailbox
 //! ([`crate::runtime::inbox::Msg::FleetLease`], with this node's spend in that window not yet committed), commits
 //! its batches with [`tollgate_core::store::fleet::commit`] (the spend also leaves this node's lease of the
 //! window it falls in, in the same transaction, recomputed per attempt), and at shutdown, after the last
@@ -655,6 +656,17 @@ struct Stats {
     recovered: u64,
 }
 
+/// How many times a lease transaction that conflicted with other nodes' is run before the ask fails.
+const LEASE_CONFLICT_ATTEMPTS: u32 = 8;
+
+/// Whether a store error is a conflict with another transaction (after [`transact`]'s retries too).
+fn conflict(e: &StoreError) -> bool {
+    match e {
+        StoreError::RetryLimit { last, .. } => conflict(last),
+        other => matches!(other, StoreError::Conflict),
+    }
+}
+
 /// A random node id: this start's, when `ledger.node_id` is not set.
 fn random_node_id() -> u64 {
     use std::hash::{BuildHasher, Hasher};
@@ -807,6 +819,7 @@ impl Worker {
             return;
         };
         let started = Instant::now();
+        let started_ms = Timestamp::now().as_millisecond();
         let policy = RetryPolicy {
             max_attempts: 3,
             ..RetryPolicy::default()
@@ -848,11 +861,11 @@ impl Worker {
             Err(e) => {
                 self.stats.failures += 1;
                 self.health.metrics.failures.fetch_add(1, Ordering::Relaxed);
-                let now = Timestamp::now().as_millisecond();
+                // Failing since this call began (it stalled, then gave up), not since it gave up.
                 if self
                     .health
                     .failing_since_ms
-                    .compare_exchange(0, now, Ordering::Relaxed, Ordering::Relaxed)
+                    .compare_exchange(0, started_ms, Ordering::Relaxed, Ordering::Relaxed)
                     .is_ok()
                 {
                     self.logger.event(
@@ -923,16 +936,31 @@ impl Worker {
                 ttl_ms: f.cfg.lease_ttl_ms,
                 max_skew_ms: f.cfg.max_skew_ms,
             };
-            let policy = RetryPolicy {
-                max_attempts: 3,
-                backoff: Duration::from_millis(2),
-                max_backoff: Duration::from_millis(10),
+            // Other nodes' grants on the same instance conflict with this one (serializable stores):
+            // those are retried up to LEASE_CONFLICT_ATTEMPTS times, quickly; any other error (the store
+            // out of reach) up to 3, so that a down store holds the thread for few timeouts.
+            let once = RetryPolicy {
+                max_attempts: 1,
+                ..RetryPolicy::default()
             };
+            let mut wait = Duration::from_millis(2);
+            let mut attempt = 0;
             self.health.busy(true);
-            let result = transact(self.store.as_ref(), &policy, |txn| {
-                let grant = fleet::acquire(txn, &w, &ask)?;
-                Ok((grant, fleet::committed(txn, &w)?))
-            });
+            let result = loop {
+                attempt += 1;
+                let r = transact(self.store.as_ref(), &once, |txn| {
+                    let grant = fleet::acquire(txn, &w, &ask)?;
+                    Ok((grant, fleet::committed(txn, &w)?))
+                });
+                match &r {
+                    Err(e) if conflict(e) && attempt < LEASE_CONFLICT_ATTEMPTS => {}
+                    Err(e) if !conflict(e) && e.is_retryable() && attempt < 3 => {}
+                    _ => break r,
+                }
+                // The backoff (a core's wake-up only shortens it).
+                std::thread::park_timeout(wait);
+                wait = (wait * 2).min(Duration::from_millis(20));
+            };
             self.health.busy(false);
             let m = &self.health.metrics;
             match result {
@@ -956,14 +984,8 @@ impl Worker {
                     m.lease_failed.fetch_add(1, Ordering::Relaxed);
                     // Conflicts with other nodes' grants (its retries spent) tell of a busy store, not
                     // of one out of reach: nothing is granted, and open budgets stay on leases.
-                    let conflict = match &e {
-                        StoreError::RetryLimit { last, .. } => {
-                            matches!(last.as_ref(), StoreError::Conflict)
-                        }
-                        other => matches!(other, StoreError::Conflict),
-                    };
                     answer.failed = true;
-                    answer.out_of_reach = !conflict;
+                    answer.out_of_reach = !conflict(&e);
                     self.logger.event(
                         "fleet_lease_failed",
                         &[("budget", &key.budget.name), ("error", &e.to_string())],
