@@ -249,6 +249,7 @@ impl Gateway {
                 history: Arc::new(ledger.history),
                 fail_closed_after: config.ledger.fail_closed_after,
                 fleet_ttl_ms: fleet.then_some(config.ledger.fleet.lease_ttl_ms),
+                fleet_clock_offset_ms: config.ledger.fleet.clock_offset_ms,
                 ledger_thread: ledger.handle.waker(),
             },
         )?;
@@ -395,6 +396,11 @@ impl Gateway {
                 recovered: m.recovered.load(Relaxed),
                 pending_entries: m.pending_entries.load(Relaxed),
                 store_failing: h.failing(),
+                lease_transactions: [
+                    m.lease_granted.load(Relaxed),
+                    m.lease_refused.load(Relaxed),
+                    m.lease_failed.load(Relaxed),
+                ],
                 commit_us: m.commit_us.iter().map(|c| c.load(Relaxed)).collect(),
                 commit_us_sum: m.commit_us_sum.load(Relaxed),
                 batch: m.batch.iter().map(|c| c.load(Relaxed)).collect(),

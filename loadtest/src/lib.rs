@@ -25,7 +25,9 @@
 //!   re-serialised ([`RecordedRequest::body_bytes`] has them byte for byte).
 //!   In real-API mode a record also carries
 //!   `"billed":{"input_tokens":..,"output_tokens":..,"choices":..}`, the usage
-//!   the mock billed ([`RecordedRequest::billed`]).
+//!   the mock billed ([`RecordedRequest::billed`]). The `x-mock-recorded-total`
+//!   response header counts every request recorded since start, those pushed
+//!   out of the 64 included (a test's count of what reached the provider).
 //!   `DELETE /_mock/requests` clears the record.
 //! * Anything else: `404` in the OpenAI error shape.
 //!

@@ -294,7 +294,17 @@ async fn handle(
     }
     if path == "/_mock/requests" {
         return Ok(match parts.method {
-            Method::GET => json(StatusCode::OK, wire::to_json(&state.recorded())),
+            Method::GET => {
+                // How many were recorded in all (older ones pushed out of the 64 included).
+                let total = state.next_record.load(Ordering::Relaxed);
+                let mut r = json(StatusCode::OK, wire::to_json(&state.recorded()));
+                r.headers_mut().insert(
+                    "x-mock-recorded-total",
+                    HeaderValue::from_str(&total.to_string())
+                        .unwrap_or(HeaderValue::from_static("0")),
+                );
+                r
+            }
             Method::DELETE => {
                 state.clear_recorded();
                 response(

@@ -9,6 +9,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 pub mod idp;
+pub mod multinode;
 pub mod postgres;
 
 use std::io::{BufRead, BufReader, Read, Write};

@@ -189,6 +189,9 @@ pub struct RawLedger {
     pub lease_ttl_ms: Option<u64>,
     /// Fleet mode: the most the nodes' clocks disagree, in ms (default 1000).
     pub max_skew_ms: Option<u64>,
+    /// Fleet mode, fault injection for tests: added to this node's wall clock wherever it reads time
+    /// for budget leases (ms, may be negative; default 0). Simulates a skewed clock.
+    pub clock_offset_ms: Option<i64>,
 }
 
 /// `[ledger]`, resolved.
@@ -260,7 +263,13 @@ pub struct FleetConfig {
     pub nodes: u64,
     pub lease_ttl_ms: i64,
     pub max_skew_ms: i64,
+    /// Added to the wall clock wherever this node reads time for leases (fault injection; 0 in
+    /// production).
+    pub clock_offset_ms: i64,
 }
+
+/// The most `ledger.clock_offset_ms` may shift a node's lease clock, either way (one hour).
+pub const MAX_CLOCK_OFFSET_MS: i64 = 3_600_000;
 
 impl Default for FleetConfig {
     fn default() -> FleetConfig {
@@ -269,6 +278,7 @@ impl Default for FleetConfig {
             nodes: 4,
             lease_ttl_ms: 10_000,
             max_skew_ms: 1_000,
+            clock_offset_ms: 0,
         }
     }
 }
@@ -1105,12 +1115,23 @@ impl Config {
                 format!("{max_skew_ms} is outside 0..=3600000"),
             );
         }
+        let clock_offset_ms = raw.ledger.clock_offset_ms.unwrap_or(0);
+        if !(-MAX_CLOCK_OFFSET_MS..=MAX_CLOCK_OFFSET_MS).contains(&clock_offset_ms) {
+            is.push(
+                "ledger.clock_offset_ms",
+                format!(
+                    "{clock_offset_ms} is outside -{MAX_CLOCK_OFFSET_MS}..={MAX_CLOCK_OFFSET_MS} \
+                     (a fault-injection setting for tests: leave it unset in production)"
+                ),
+            );
+        }
         let ledger = LedgerConfig {
             fleet: FleetConfig {
                 node_id: raw.ledger.node_id,
                 nodes: fleet_nodes,
                 lease_ttl_ms: lease_ttl_ms.min(3_600_000) as i64,
                 max_skew_ms: max_skew_ms.min(3_600_000) as i64,
+                clock_offset_ms: clock_offset_ms.clamp(-MAX_CLOCK_OFFSET_MS, MAX_CLOCK_OFFSET_MS),
             },
             store: {
                 let resolve = |f: PathBuf| if f.is_relative() { base.join(f) } else { f };
@@ -1341,7 +1362,7 @@ mod tests {
         let c = parse(MIN).unwrap();
         assert_eq!(c.ledger.fleet, FleetConfig::default());
         let c = parse(&format!(
-            "{MIN}\n[ledger]\nnode_id = 7\nfleet_nodes = 3\nlease_ttl_ms = 2000\nmax_skew_ms = 0\n"
+            "{MIN}\n[ledger]\nnode_id = 7\nfleet_nodes = 3\nlease_ttl_ms = 2000\nmax_skew_ms = 0\nclock_offset_ms = -250\n"
         ))
         .unwrap();
         assert_eq!(
@@ -1351,10 +1372,11 @@ mod tests {
                 nodes: 3,
                 lease_ttl_ms: 2000,
                 max_skew_ms: 0,
+                clock_offset_ms: -250,
             }
         );
         let err = parse(&format!(
-            "{MIN}\n[ledger]\nfleet_nodes = 0\nlease_ttl_ms = 5\nmax_skew_ms = 4000000\n"
+            "{MIN}\n[ledger]\nfleet_nodes = 0\nlease_ttl_ms = 5\nmax_skew_ms = 4000000\nclock_offset_ms = -3600001\n"
         ))
         .unwrap_err();
         let fields: Vec<&str> = err.issues.iter().map(|i| i.field.as_str()).collect();
@@ -1363,7 +1385,8 @@ mod tests {
             [
                 "ledger.fleet_nodes",
                 "ledger.lease_ttl_ms",
-                "ledger.max_skew_ms"
+                "ledger.max_skew_ms",
+                "ledger.clock_offset_ms"
             ],
             "{err}"
         );

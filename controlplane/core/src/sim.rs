@@ -613,3 +613,57 @@ fn lease_and_transaction_rates_of_a_node_at_10k_requests_per_second() {
     let spent = transact(&store, &policy(), |txn| committed(txn, &w)).unwrap();
     assert_eq!(spent + unbatched, settled_total);
 }
+
+/// A lease below zero (its node committed more than it held: an open budget's spend while the store was
+/// out of reach, or spend settled after the lease was reclaimed) starts again from zero at the node's
+/// next grant: that spend is already in the committed total, so nothing is counted twice and the
+/// rest of the budget stays leasable.
+#[test]
+fn a_lease_below_zero_starts_again_from_zero() {
+    let store = MemStore::new();
+    let w = WindowRef {
+        instance: InstanceName {
+            budget: "org".into(),
+            member: String::new(),
+        },
+        start: 0,
+        end: 1_000_000_000,
+        limit: 1_000,
+    };
+    let ask = |node: u64, need: i128| Ask {
+        node,
+        need,
+        want: 0,
+        nodes: 2,
+        now_ms: 1_000,
+        ttl_ms: TTL_MS,
+        max_skew_ms: MAX_SKEW_MS,
+    };
+    let g = transact(&store, &policy(), |txn| acquire(txn, &w, &ask(1, 100)))
+        .unwrap()
+        .unwrap();
+    assert_eq!(g.total, 100);
+    let mut batch = Batch::default();
+    batch.add(
+        "n1",
+        1,
+        w.instance.clone(),
+        crate::pricing::money::Money::from_pico(300),
+        jiff::Timestamp::from_second(1).unwrap(),
+    );
+    let from = [(w.clone(), 300)];
+    transact(&store, &policy(), |txn| commit(txn, &batch, 1, &from)).unwrap();
+    let left = transact(&store, &policy(), |txn| leases(txn, &w)).unwrap();
+    assert_eq!(left[0].1, -200);
+    let g = transact(&store, &policy(), |txn| acquire(txn, &w, &ask(1, 50)))
+        .unwrap()
+        .unwrap();
+    assert_eq!((g.total, g.added), (50, 50));
+    let left = transact(&store, &policy(), |txn| leases(txn, &w)).unwrap();
+    assert_eq!(left[0].1, 50);
+    // The rest: 1,000 - 300 spent - 50 leased.
+    let g = transact(&store, &policy(), |txn| acquire(txn, &w, &ask(2, 650))).unwrap();
+    assert_eq!(g.map(|g| g.total), Some(650));
+    let none = transact(&store, &policy(), |txn| acquire(txn, &w, &ask(2, 1))).unwrap();
+    assert_eq!(none, None);
+}

@@ -29,6 +29,8 @@ pub struct LedgerView {
     pub recovered: u64,
     pub pending_entries: u64,
     pub store_failing: bool,
+    /// Fleet mode's lease transactions: granted, refused (the budget could not cover the need), failed.
+    pub lease_transactions: [u64; 3],
     /// Commit time: per [`COMMIT_US`] bucket then `+Inf`, sum in microseconds.
     pub commit_us: Vec<u64>,
     pub commit_us_sum: u64,
@@ -329,6 +331,15 @@ impl Collector for GatewayMetrics {
                 "tollgate_ledger_recovered",
                 "Settlements read back from journal files (a gap in a core's sequence, or an earlier run's)",
                 [(none.clone(), l.recovered)],
+            )?;
+            f.counter_u64(
+                "tollgate_fleet_lease_transactions",
+                "Fleet mode: budget lease transactions this node ran against the shared store, by result: granted, refused (the budget could not cover the need), failed (the store failed); 0 outside fleet mode",
+                [
+                    (vec![("result", "granted".to_owned())], l.lease_transactions[0]),
+                    (vec![("result", "refused".to_owned())], l.lease_transactions[1]),
+                    (vec![("result", "failed".to_owned())], l.lease_transactions[2]),
+                ],
             )?;
             f.gauge(
                 "tollgate_ledger_store_failing",

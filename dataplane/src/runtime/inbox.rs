@@ -96,8 +96,13 @@ pub enum Msg {
 /// The committer thread's answer to a lease ask ([`crate::spend::records::ToLedger::Lease`]).
 #[derive(Debug, Clone, Copy)]
 pub struct FleetAnswer {
-    /// `None`: the budget cannot cover what was needed (or the store failed).
+    /// `None`: the budget cannot cover what was needed (or the store failed: `failed`).
     pub grant: Option<LeaseGrant>,
+    /// The ask failed in the store (the other fields tell nothing then).
+    pub failed: bool,
+    /// ... because the store is out of reach (not merely busy: conflicts with other nodes' grants that
+    /// outlasted the retries are not).
+    pub out_of_reach: bool,
     /// The fleet's committed spend in the window, and the limit (for a refusal's numbers).
     pub spent: Money,
     pub limit: Money,

@@ -149,6 +149,8 @@ pub struct Spend {
     pub fail_closed_after: Duration,
     /// Fleet mode: the budget leases' TTL (ms); `None` outside fleet mode.
     pub fleet_ttl_ms: Option<i64>,
+    /// Fleet mode: `ledger.clock_offset_ms`, added to the wall clock for lease decisions.
+    pub fleet_clock_offset_ms: i64,
     /// The ledger thread, woken when a request waits on a lease answer.
     pub ledger_thread: Option<std::thread::Thread>,
 }
@@ -234,7 +236,12 @@ pub fn start(
                     spend.fail_closed_after,
                 );
                 if let Some(ttl) = spend.fleet_ttl_ms {
-                    budgets.set_fleet(spend.tx.clone(), spend.ledger_thread.clone(), ttl);
+                    budgets.set_fleet(
+                        spend.tx.clone(),
+                        spend.ledger_thread.clone(),
+                        ttl,
+                        spend.fleet_clock_offset_ms,
+                    );
                 }
                 budgets.preload(&budget_set, &spend.history);
                 let budgets = Rc::new(budgets);

@@ -22,7 +22,8 @@
 //! Fleet mode ([`start_fleet`] with `fleet`: the store is shared with other gateways, see
 //! `docs/fleet.md`): the thread also answers the cores' lease asks ([`ToLedger::Lease`]) with
 //! [`tollgate_core::store::fleet::acquire`] on the instance's current calendar window (one transaction,
-//! three quick attempts; a failure grants nothing) and replies on the asking core's mailbox
+//! up to eight quick attempts on conflicts with other nodes' grants, three on other errors; a failure
+//! grants nothing) and replies on the asking core's mailbox
 //! ([`crate::runtime::inbox::Msg::FleetLease`], with this node's spend in that window not yet committed), commits
 //! its batches with [`tollgate_core::store::fleet::commit`] (the spend also leaves this node's lease of the
 //! window it falls in, in the same transaction, recomputed per attempt), and at shutdown, after the last
@@ -74,6 +75,10 @@ const JOURNAL_SYNC: Duration = Duration::from_secs(1);
 pub struct Health {
     /// Unix milliseconds since which commits have been failing; 0 while they succeed.
     failing_since_ms: AtomicI64,
+    /// Unix milliseconds since which the ledger thread has been inside one store call (a commit or a
+    /// lease transaction); 0 between calls. A store that stalls (stopped, or locked by another process)
+    /// counts as failing from then, not only once its own timeouts and retries have run out.
+    busy_since_ms: AtomicI64,
     pub commits: AtomicU64,
     /// The ledger thread's numbers for `/metrics` (on the heap, apart from what the cores read).
     pub metrics: Box<LedgerMetrics>,
@@ -95,6 +100,11 @@ pub struct LedgerMetrics {
     pub failures: AtomicU64,
     /// Settlements recovered from earlier runs' journals.
     pub recovered: AtomicU64,
+    /// Fleet mode: lease transactions ([`fleet::acquire`]) that granted, that found the budget could
+    /// not cover the need, and that failed in the store.
+    pub lease_granted: AtomicU64,
+    pub lease_refused: AtomicU64,
+    pub lease_failed: AtomicU64,
     /// Spend entries waiting for the next commit (the journal's lead over the store).
     pub pending_entries: AtomicU64,
     /// Per [`COMMIT_US`] bucket, then `+Inf`; with the sum in microseconds.
@@ -126,12 +136,29 @@ impl Health {
         self.failing_since_ms.load(Ordering::Relaxed) != 0
     }
 
-    /// Whether the store has been failing for longer than `after`.
+    /// Whether the store has been failing, or one store call has been running, for longer than `after`.
     pub fn failing_longer_than(&self, after: Duration) -> bool {
-        let since = self.failing_since_ms.load(Ordering::Relaxed);
-        since != 0
-            && Timestamp::now().as_millisecond().saturating_sub(since)
+        let since = [
+            self.failing_since_ms.load(Ordering::Relaxed),
+            self.busy_since_ms.load(Ordering::Relaxed),
+        ]
+        .into_iter()
+        .filter(|t| *t != 0)
+        .min();
+        since.is_some_and(|since| {
+            Timestamp::now().as_millisecond().saturating_sub(since)
                 > i64::try_from(after.as_millis()).unwrap_or(i64::MAX)
+        })
+    }
+
+    /// Marks the start (`true`) or end of a store call on the ledger thread.
+    fn busy(&self, on: bool) {
+        let v = if on {
+            Timestamp::now().as_millisecond()
+        } else {
+            0
+        };
+        self.busy_since_ms.store(v, Ordering::Relaxed);
     }
 }
 
@@ -420,6 +447,7 @@ pub fn start_fleet(
                 ("node", &f.node.to_string()),
                 ("lease_ttl_ms", &f.cfg.lease_ttl_ms.to_string()),
                 ("max_skew_ms", &f.cfg.max_skew_ms.to_string()),
+                ("clock_offset_ms", &f.cfg.clock_offset_ms.to_string()),
             ],
         );
     }
@@ -628,6 +656,17 @@ struct Stats {
     recovered: u64,
 }
 
+/// How many times a lease transaction that conflicted with other nodes' is run before the ask fails.
+const LEASE_CONFLICT_ATTEMPTS: u32 = 8;
+
+/// Whether a store error is a conflict with another transaction (after [`transact`]'s retries too).
+fn conflict(e: &StoreError) -> bool {
+    match e {
+        StoreError::RetryLimit { last, .. } => conflict(last),
+        other => matches!(other, StoreError::Conflict),
+    }
+}
+
 /// A random node id: this start's, when `ledger.node_id` is not set.
 fn random_node_id() -> u64 {
     use std::hash::{BuildHasher, Hasher};
@@ -780,6 +819,7 @@ impl Worker {
             return;
         };
         let started = Instant::now();
+        let started_ms = Timestamp::now().as_millisecond();
         let policy = RetryPolicy {
             max_attempts: 3,
             ..RetryPolicy::default()
@@ -792,10 +832,13 @@ impl Worker {
             .as_ref()
             .map(|f| lease_decrements(batch, &f.leases));
         let node = self.fleet.as_ref().map_or(0, |f| f.node);
-        match transact(self.store.as_ref(), &policy, |txn| match &from_leases {
+        self.health.busy(true);
+        let result = transact(self.store.as_ref(), &policy, |txn| match &from_leases {
             Some(from) => fleet::commit(txn, batch, node, from),
             None => ledger::apply_batch(txn, batch),
-        }) {
+        });
+        self.health.busy(false);
+        match result {
             Ok(_) => {
                 let us = started.elapsed().as_micros() as u64;
                 let entries = batch.spend.len() as u64;
@@ -818,11 +861,11 @@ impl Worker {
             Err(e) => {
                 self.stats.failures += 1;
                 self.health.metrics.failures.fetch_add(1, Ordering::Relaxed);
-                let now = Timestamp::now().as_millisecond();
+                // Failing since this call began (it stalled, then gave up), not since it gave up.
                 if self
                     .health
                     .failing_since_ms
-                    .compare_exchange(0, now, Ordering::Relaxed, Ordering::Relaxed)
+                    .compare_exchange(0, started_ms, Ordering::Relaxed, Ordering::Relaxed)
                     .is_ok()
                 {
                     self.logger.event(
@@ -857,7 +900,10 @@ impl Worker {
         let Some(f) = &self.fleet else {
             return;
         };
-        let now = Timestamp::now();
+        // The lease clock: the wall clock plus `ledger.clock_offset_ms` (fault injection; 0 otherwise).
+        let now = Timestamp::now()
+            .checked_add(jiff::SignedDuration::from_millis(f.cfg.clock_offset_ms))
+            .unwrap_or_else(|_| Timestamp::now());
         let limit = key.budget.amount;
         let window = if key.budget.window.is_rolling() {
             None
@@ -866,6 +912,8 @@ impl Worker {
         };
         let mut answer = FleetAnswer {
             grant: None,
+            failed: false,
+            out_of_reach: false,
             spent: limit,
             limit,
             uncommitted: 0,
@@ -888,16 +936,39 @@ impl Worker {
                 ttl_ms: f.cfg.lease_ttl_ms,
                 max_skew_ms: f.cfg.max_skew_ms,
             };
-            let policy = RetryPolicy {
-                max_attempts: 3,
-                backoff: Duration::from_millis(2),
-                max_backoff: Duration::from_millis(10),
+            // Other nodes' grants on the same instance conflict with this one (serializable stores):
+            // those are retried up to LEASE_CONFLICT_ATTEMPTS times, quickly; any other error (the store
+            // out of reach) up to 3, so that a down store holds the thread for few timeouts.
+            let once = RetryPolicy {
+                max_attempts: 1,
+                ..RetryPolicy::default()
             };
-            match transact(self.store.as_ref(), &policy, |txn| {
-                let grant = fleet::acquire(txn, &w, &ask)?;
-                Ok((grant, fleet::committed(txn, &w)?))
-            }) {
+            let mut wait = Duration::from_millis(2);
+            let mut attempt = 0;
+            self.health.busy(true);
+            let result = loop {
+                attempt += 1;
+                let r = transact(self.store.as_ref(), &once, |txn| {
+                    let grant = fleet::acquire(txn, &w, &ask)?;
+                    Ok((grant, fleet::committed(txn, &w)?))
+                });
+                match &r {
+                    Err(e) if conflict(e) && attempt < LEASE_CONFLICT_ATTEMPTS => {}
+                    Err(e) if !conflict(e) && e.is_retryable() && attempt < 3 => {}
+                    _ => break r,
+                }
+                // The backoff (a core's wake-up only shortens it).
+                std::thread::park_timeout(wait);
+                wait = (wait * 2).min(Duration::from_millis(20));
+            };
+            self.health.busy(false);
+            let m = &self.health.metrics;
+            match result {
                 Ok((grant, spent)) => {
+                    match grant {
+                        Some(_) => m.lease_granted.fetch_add(1, Ordering::Relaxed),
+                        None => m.lease_refused.fetch_add(1, Ordering::Relaxed),
+                    };
                     answer.grant = grant;
                     answer.spent = Money::from_pico(spent);
                     answer.uncommitted = self.uncommitted(&w);
@@ -909,10 +980,17 @@ impl Worker {
                         }
                     }
                 }
-                Err(e) => self.logger.event(
-                    "fleet_lease_failed",
-                    &[("budget", &key.budget.name), ("error", &e.to_string())],
-                ),
+                Err(e) => {
+                    m.lease_failed.fetch_add(1, Ordering::Relaxed);
+                    // Conflicts with other nodes' grants (its retries spent) tell of a busy store, not
+                    // of one out of reach: nothing is granted, and open budgets stay on leases.
+                    answer.failed = true;
+                    answer.out_of_reach = !conflict(&e);
+                    self.logger.event(
+                        "fleet_lease_failed",
+                        &[("budget", &key.budget.name), ("error", &e.to_string())],
+                    );
+                }
             }
         }
         let Some(cores) = self.fleet.as_ref().and_then(|f| f.cores.as_ref()) else {

@@ -20,7 +20,7 @@
 //!
 //! Fails: an answer that cannot be delivered (the asker's mailbox full, or the asker gone) is released at
 //! once, so nothing stays held; a deferred ask whose recalled slices (200 ms, `RECALL_WAIT_MS`) or lease
-//! answer (5 s) do not come back is decided with what this core has. A core that is gone takes its shard
+//! answer (5 s, or until the store is seen failing) do not come back is decided with what this core has. A core that is gone takes its shard
 //! with it. Cost: local reservation ~0.2 us (bench `admission`); a cross-core ask ~15 us (the owner's
 //! wake-up).
 
@@ -167,9 +167,25 @@ impl CoreBudgets {
         tx: crossbeam_channel::Sender<crate::spend::records::ToLedger>,
         wake: Option<std::thread::Thread>,
         ttl_ms: i64,
+        clock_offset_ms: i64,
     ) {
         self.slices = false;
-        self.fleet = Some(Fleet::new(tx, wake, ttl_ms));
+        self.fleet = Some(Fleet::new(tx, wake, ttl_ms, clock_offset_ms));
+    }
+
+    /// Fleet mode: whether the store is out of reach (a lease ask failed or went unanswered, the
+    /// ledger's commits are failing, or one store call has stalled for `ledger.fail_closed_after_ms`):
+    /// `on_store_failure = "open"` budgets are then admitted without a lease (see
+    /// [`crate::spend::leases`]), as `"closed"` ones are refused.
+    fn store_down(&self) -> bool {
+        self.fleet.as_ref().is_some_and(Fleet::unreachable) || self.store_failing()
+    }
+
+    /// The ledger's commits are failing, or one store call has stalled for `ledger.fail_closed_after_ms`.
+    fn store_failing(&self) -> bool {
+        self.health
+            .as_ref()
+            .is_some_and(|h| h.failing() || h.failing_longer_than(self.fail_closed_after))
     }
 
     /// Connects this core to the spend ledger: its journal, the store's health, and how long a failing
@@ -433,7 +449,8 @@ impl CoreBudgets {
         if let Some(f) = &self.fleet {
             // Fleet mode: this node's leases must cover the amount too (the local ledger's refusal,
             // when it refuses as well, carries better numbers).
-            if let Some(k) = f.short(keys, leased, now.as_millisecond()).first() {
+            let down = self.store_down();
+            if let Some(k) = f.short(keys, leased, f.now_ms(now), down).first() {
                 let local = self.ledger.borrow().refusal(keys, amount, now);
                 return Err(Box::new(local.unwrap_or_else(|| f.refusal(k, now))));
             }
@@ -448,7 +465,7 @@ impl CoreBudgets {
         drop(lender);
         drop(ledger);
         if let Some(f) = &self.fleet {
-            f.consume(self.core, res, keys, leased, now.as_millisecond());
+            f.consume(self.core, res, keys, leased, f.now_ms(now));
         }
         Ok((res, statuses))
     }
@@ -487,9 +504,9 @@ impl CoreBudgets {
             return;
         };
         let now = Timestamp::now();
-        let now_ms = now.as_millisecond();
+        let now_ms = f.now_ms(now);
         let amount_p = (*amount).max(Money::ZERO).pico();
-        let short = f.short(keys, amount_p, now_ms);
+        let short = f.short(keys, amount_p, now_ms, self.store_down());
         if short.is_empty() || self.ledger.borrow().refusal(keys, *amount, now).is_some() {
             self.answer(ask);
             return;
@@ -654,6 +671,10 @@ impl CoreBudgets {
     /// longer than [`RECALL_WAIT_MS`]).
     pub(super) fn wake_waiting(&self, timeout: bool) {
         let now = Timestamp::now();
+        // Fleet mode: once the store is known to be out of reach, asks waiting on lease answers are
+        // decided now (open budgets admitted on the last view, closed ones refused) rather than after
+        // the full wait.
+        let down = timeout && self.fleet.is_some() && self.store_failing();
         let ready: Vec<Deferred> = {
             let lender = self.lender.borrow();
             let mut waiting = self.waiting.borrow_mut();
@@ -672,8 +693,15 @@ impl CoreBudgets {
                     };
                     (w.on.is_empty() && w.fleet_on.is_empty())
                         || (timeout && now.duration_since(w.since).as_millis() >= i128::from(wait))
+                        || (down && !w.fleet_on.is_empty())
                 });
             *waiting = keep;
+            if let Some(f) = &self.fleet {
+                if !down && ready.iter().any(|w| !w.fleet_on.is_empty()) {
+                    // A lease answer is late: the store is out of reach until one comes.
+                    f.mark_unreachable();
+                }
+            }
             ready.into_iter().map(|w| w.ask).collect()
         };
         for ask in ready {

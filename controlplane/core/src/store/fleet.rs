@@ -164,10 +164,13 @@ pub fn acquire(
     let extra = ask.want.max(0).min(cap).min(available - need);
     let added = need + extra;
     let expires_ms = ask.now_ms.saturating_add(ask.ttl_ms);
-    txn.add(&lease_key(w, ask.node), added);
+    // A lease below zero (this node committed more than it held: spend admitted while the store was out
+    // of reach on an `on_store_failure = "open"` budget, or settled after its lease was reclaimed) starts
+    // again from zero: that spend is in `spent` already, so carrying the debt would count it twice.
+    txn.add(&lease_key(w, ask.node), added.saturating_sub(mine.min(0)));
     txn.set(&exp_key(w, ask.node), &expires_ms.to_le_bytes());
     Ok(Some(LeaseGrant {
-        total: mine.saturating_add(added),
+        total: mine.max(0).saturating_add(added),
         added,
         expires_ms,
     }))
