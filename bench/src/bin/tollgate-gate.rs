@@ -249,6 +249,34 @@ fn target_errors(r: &load::LoadReport) -> u64 {
         .sum()
 }
 
+/// One load run's figures (`rate` 0: a closed-loop run).
+fn sample(
+    scenario: &str,
+    rate: f64,
+    repeat: usize,
+    t: &Target,
+    r: &load::LoadReport,
+    cpu: Option<f64>,
+) -> Sample {
+    Sample {
+        scenario: scenario.to_owned(),
+        rate,
+        repeat,
+        target: t.name.to_owned(),
+        p50_us: q(&r.ttlb, 0.50),
+        p99_us: q(&r.ttlb, 0.99),
+        p999_us: q(&r.ttlb, 0.999),
+        ttfb_p50_us: q(&r.ttfb, 0.50),
+        achieved_rate: r.achieved_rate,
+        requests: r.requests,
+        // `unsent` is the load generator falling behind (a stalled machine), not the target failing; every
+        // other kind (connect, reset, timeout, status) is the target's.
+        errors: target_errors(r),
+        events: r.events,
+        cpu_us_per_request: cpu,
+    }
+}
+
 fn q(h: &hdrhistogram::Histogram<u64>, p: f64) -> f64 {
     h.value_at_quantile(p) as f64 / 1000.0
 }
@@ -411,23 +439,7 @@ scope = "everyone"
                         cfg.duration_s,
                         &token,
                     )?;
-                    let s = Sample {
-                        scenario: sc.name.clone(),
-                        rate,
-                        repeat,
-                        target: t.name.to_owned(),
-                        p50_us: q(&r.ttlb, 0.50),
-                        p99_us: q(&r.ttlb, 0.99),
-                        p999_us: q(&r.ttlb, 0.999),
-                        ttfb_p50_us: q(&r.ttfb, 0.50),
-                        achieved_rate: r.achieved_rate,
-                        requests: r.requests,
-                        // `unsent` is the load generator falling behind (a stalled machine), not the target
-                        // failing; every other kind (connect, reset, timeout, status) is the target's.
-                        errors: target_errors(&r),
-                        events: r.events,
-                        cpu_us_per_request: cpu,
-                    };
+                    let s = sample(&sc.name, rate, repeat, t, &r, cpu);
                     eprintln!(
                         "  {:<7} {:>6} req/s  rep {}  {:<8} p50 {:>8.1} us  p99 {:>8.1} us  p99.9 {:>8.1} us{}{}",
                         s.scenario,
@@ -468,21 +480,7 @@ scope = "everyone"
                     "target": t.name, "scenario": sc.name, "repeat": repeat, "achieved_rate": r.achieved_rate,
                     "cpu_us_per_request": cpu, "errors": r.error_count(),
                 }));
-                samples.push(Sample {
-                    scenario: SATURATION.to_owned(),
-                    rate: 0.0,
-                    repeat,
-                    target: t.name.to_owned(),
-                    p50_us: q(&r.ttlb, 0.50),
-                    p99_us: q(&r.ttlb, 0.99),
-                    p999_us: q(&r.ttlb, 0.999),
-                    ttfb_p50_us: q(&r.ttfb, 0.50),
-                    achieved_rate: r.achieved_rate,
-                    requests: r.requests,
-                    errors: target_errors(&r),
-                    events: r.events,
-                    cpu_us_per_request: cpu,
-                });
+                samples.push(sample(SATURATION, 0.0, repeat, t, &r, cpu));
             }
         }
     }
