@@ -28,6 +28,16 @@ use std::time::{Duration, Instant};
 
 use tollgate_tests::multinode::*;
 
+/// The scenarios are timed (leases of 1-2 s, a 7 s stall): they run one at a time, whatever the test
+/// runner's threads, so that four fleets do not share the machine's cores at once.
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
+    ONE_AT_A_TIME
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 /// The store every scenario runs on: a throwaway PostgreSQL cluster (`tollgate_tests::postgres`; set
 /// `TOLLGATE_PG_BIN` where PostgreSQL is not in Debian's place), or with `TOLLGATE_FLEET_STORE=sqlite`
 /// one SQLite file shared by the processes.
@@ -93,6 +103,7 @@ fn check_burst(f: &Fleet, budget: &str, limit: i128, out: &[Outcome]) -> (usize,
 #[test]
 #[ignore = "starts a fleet of processes (run by .ci/run, or with --ignored)"]
 fn a_burst_of_200_over_three_processes_stays_within_the_budget() {
+    let _serial = one_at_a_time();
     let limit = pico("0.0005");
     let f = Fleet::start(
         store(),
@@ -138,6 +149,7 @@ fn a_burst_of_200_over_three_processes_stays_within_the_budget() {
 #[test]
 #[ignore = "starts a fleet of processes (run by .ci/run, or with --ignored)"]
 fn a_node_killed_under_load_loses_nothing_and_counts_nothing_twice() {
+    let _serial = one_at_a_time();
     let (ttl, skew) = (2_000u64, 500u64);
     let mut f = Fleet::start(
         store(),
@@ -152,7 +164,7 @@ fn a_node_killed_under_load_loses_nothing_and_counts_nothing_twice() {
     let addrs = RwLock::new(f.addrs());
     let victim = 1usize;
     let kill_at = Duration::from_millis(1_500);
-    let (restart_at, stop_at) = (Duration::from_millis(6_500), Duration::from_millis(8_500));
+    let (restart_at, stop_at) = (Duration::from_millis(6_500), Duration::from_millis(9_500));
     let began = Instant::now();
     let stop = |at: Duration| at >= stop_at;
     let token = f.token.clone();
@@ -207,8 +219,18 @@ fn a_node_killed_under_load_loses_nothing_and_counts_nothing_twice() {
     let others: Vec<&Outcome> = out.iter().filter(|o| o.node != victim).collect();
     assert!(
         others.iter().all(|o| o.complete),
-        "{:?}",
-        others.iter().filter(|o| !o.complete).collect::<Vec<_>>()
+        "{:?}\n{}",
+        others.iter().filter(|o| !o.complete).collect::<Vec<_>>(),
+        [
+            "fleet_lease_failed",
+            "ledger_store_failing",
+            "ledger_store_recovered"
+        ]
+        .iter()
+        .flat_map(|e| f.events(e))
+        .take(30)
+        .collect::<Vec<_>>()
+        .join("\n")
     );
     assert!(
         others
@@ -292,6 +314,7 @@ fn a_node_killed_under_load_loses_nothing_and_counts_nothing_twice() {
 #[test]
 #[ignore = "starts a fleet of processes (run by .ci/run, or with --ignored)"]
 fn a_stalled_store_closes_closed_budgets_and_open_ones_keep_serving() {
+    let _serial = one_at_a_time();
     let f = Fleet::start(
         store(),
         &FleetOptions {
@@ -429,6 +452,7 @@ fn a_stalled_store_closes_closed_budgets_and_open_ones_keep_serving() {
 #[test]
 #[ignore = "starts a fleet of processes (run by .ci/run, or with --ignored)"]
 fn a_skewed_clock_within_max_skew_does_not_overshoot() {
+    let _serial = one_at_a_time();
     let (ttl, skew) = (1_000u64, 500u64);
     for offset in [450i64, -450] {
         let limit = pico("0.0003");
@@ -492,6 +516,7 @@ fn a_skewed_clock_within_max_skew_does_not_overshoot() {
 #[test]
 #[ignore = "a measurement (minutes): cargo test -p tollgate-tests --test fleet_processes -- --ignored measure --nocapture"]
 fn measure_the_fleet() {
+    let _serial = one_at_a_time();
     let (input, max_tokens) = (10u64, 8u64);
     let c = cost(input, max_tokens);
     let cells: Vec<(usize, bool)> = vec![(50, false), (50, true), (200, false), (200, true)];
