@@ -25,8 +25,8 @@
 //! lose what the ledger thread has not yet `fsync`ed (at most one second: it syncs the journals once a
 //! second). Group commit: on a core, appends only buffer their line; the first waiter of a batch spawns
 //! a flush task, which the runtime queues behind the tasks already ready, so every line they append joins
-//! one `write(2)`; lines nobody awaits (releases, requests whose client left) go with the next batch or
-//! the core's 50 ms tick. A settlement reaches the ledger thread only after its line is written: the
+//! one `write(2)` (a request alone on its core writes at once: nothing could join it); lines nobody
+//! awaits (releases, requests whose client left) go with the next batch or the core's 50 ms tick. A settlement reaches the ledger thread only after its line is written: the
 //! store never holds spend that a crash could leave without its line (replay would charge the
 //! reservation again).
 //! Sources: each core of each process run writes its own source (`{run}-c{core}`), in files rotated every
@@ -1057,6 +1057,33 @@ mod tests {
         assert!(
             matches!(rx.try_recv(), Ok(ToLedger::Settled(r)) if r.amount == Money::from_pico(5))
         );
+        // The change is reported once (the core logs `journal_failed` from it).
+        assert!(matches!(j.take_transition(), Some(Err(e)) if !e.is_empty()));
+        assert_eq!(j.take_transition(), None);
+
+        // Group commit: the failed batch's waiter still resolves, the settlement is still handed off, and
+        // the journal stays failed without a second report.
+        j.set_batched(true);
+        j.record(
+            std::slice::from_ref(&key),
+            Money::from_pico(6),
+            now,
+            None,
+            None,
+        )
+        .unwrap();
+        let mut wait = Box::pin(j.durable());
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        assert!(std::future::Future::poll(wait.as_mut(), &mut cx).is_pending());
+        assert!(j.flush().is_err());
+        assert!(std::future::Future::poll(wait.as_mut(), &mut cx).is_ready());
+        assert!(j.failed());
+        assert_eq!(j.take_transition(), None);
+        assert!(
+            matches!(rx.try_recv(), Ok(ToLedger::Settled(r)) if r.amount == Money::from_pico(6))
+        );
+        j.set_batched(false);
+
         // The path becomes a directory: appends work again.
         std::fs::remove_file(&blocked).unwrap();
         std::fs::create_dir_all(&blocked).unwrap();
@@ -1069,10 +1096,11 @@ mod tests {
         )
         .unwrap();
         assert!(!j.failed());
+        assert_eq!(j.take_transition(), Some(Ok(())));
         let files = list(&blocked).unwrap();
         let recs = read_file(&files["run-c0"][0].1).unwrap();
         assert_eq!(recs.len(), 1);
-        assert_eq!(recs[0].seq, 2);
+        assert_eq!(recs[0].seq, 3);
         std::fs::remove_dir_all(&base).unwrap();
     }
 }
